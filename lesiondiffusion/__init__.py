@@ -1,0 +1,6 @@
+"""LesionDiffusion-MONAI: shared core used by every bundle (labels, reports, transforms, data, I/O)."""
+
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+
+__version__ = "0.1.0"
+__all__ = ["InputError", "LesionDiffusionError", "__version__"]
