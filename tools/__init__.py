@@ -1,0 +1,1 @@
+"""The ``lesiondiffusion`` command line: chains the bundles and wraps the shared tools."""

@@ -1,0 +1,104 @@
+"""``lesiondiffusion``: the user's entry point (fire). Each method is one sub-command.
+
+Errors the user can fix are printed as one line on stderr with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import fire
+
+from lesiondiffusion.errors import LesionDiffusionError
+
+logger = logging.getLogger("lesiondiffusion")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_SOURCE = REPO_ROOT.parent / "shared" / "data" / "demo"
+
+
+class Commands:
+    """Text-controlled lesion synthesis in 3D CT (MONAI bundles). Run a command with --help."""
+
+    def validate(
+        self,
+        datalist: str | None = None,
+        image_list: str | None = None,
+        label_list: str | None = None,
+        type_list: str | None = None,
+        seg_list: str | None = None,
+    ) -> None:
+        """Check a dataset (datalist JSON, or the four list files); prints every problem, exits 1 if any."""
+        from lesiondiffusion.dataset import load_cases, validate_cases
+
+        cases = load_cases(datalist, image_list, label_list, type_list, seg_list)
+        problems = validate_cases(cases)
+        print(format_validation_table(cases, problems))
+        if problems:
+            raise SystemExit(1)
+
+    def convert(self, datalist: str, lists_dir: str, to: str = "datalist") -> None:
+        """Convert list files in ``lists_dir`` to a datalist (``--to datalist``) or back (``--to lists``)."""
+        from lesiondiffusion.dataset import datalist_to_lists, lists_to_datalist
+
+        if to == "datalist":
+            print(lists_to_datalist(lists_dir, datalist))
+        elif to == "lists":
+            for path in datalist_to_lists(datalist, lists_dir):
+                print(path)
+        else:
+            raise LesionDiffusionError(f"--to must be 'datalist' or 'lists', not {to!r}")
+
+    def phantom(self, organ_seg: str, out: str, seed: int = 0, version: str = "v1") -> None:
+        """Make a CT phantom (int16 HU) from a TotalSegmentator organ map, with the map's geometry."""
+        from lesiondiffusion.phantom import make_phantom_file
+
+        print(make_phantom_file(organ_seg, out, seed=seed, version=version))
+
+    def demo(self, out: str = "demo_output", src: str = str(DEMO_SOURCE), seed: int = 0) -> None:
+        """Build the demo cases (phantom CT + real label, organ map and report) and validate them."""
+        from lesiondiffusion.dataset import read_datalist, validate_cases
+        from lesiondiffusion.demo import build_demo_cases
+
+        if not Path(src).is_dir():
+            raise LesionDiffusionError(f"{src}: demo data folder not found (pass --src DIR)")
+        folder = build_demo_cases(Path(src), Path(out), seed=seed)
+        datalist = folder / "datalist.json"
+        cases = [c for split in read_datalist(datalist).values() for c in split]
+        problems = validate_cases(cases)
+        print(format_validation_table(cases, problems))
+        print(f"demo cases: {folder / 'cases'}")
+        print(f"datalist:   {datalist}")
+        print("the synthesis chain is not built yet: this demo builds and validates the demo dataset only")
+        if problems:
+            raise SystemExit(1)
+
+
+def format_validation_table(cases, problems) -> str:
+    """A plain-text table: one row per case, then one line per problem."""
+    by_case: dict[int, list] = {}
+    for p in problems:
+        by_case.setdefault(p.case, []).append(p)
+    rows = [("#", "image", "status")]
+    rows += [(str(i), str(c.image), "ok" if i not in by_case else f"{len(by_case[i])} problem(s)") for i, c in enumerate(cases)]
+    widths = [max(len(r[j]) for r in rows) for j in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines += [f"  [{p.case}] {p}" for p in problems]
+    lines.append(f"{len(cases)} case(s), {len(problems)} problem(s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fire.Fire(Commands, command=argv, name="lesiondiffusion")
+    except LesionDiffusionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
