@@ -1,0 +1,313 @@
+"""The 3D VQ-GAN autoencoder (MONAI ``VQVAE``): presets, weights loading and the encode/decode API.
+
+Intensities are the [0, 1] map of :mod:`lesiondiffusion.transforms`. Any spatial size works: inputs are
+padded at their far end (edge values repeated) up to a multiple of the downsampling factor and the
+padding is cropped away after decoding, so no voxel is ever dropped. Latent voxel ``i`` covers input
+voxels ``[i * f, (i + 1) * f)`` along each axis (``f`` = :func:`downsample_factor`).
+
+The latent LINet diffuses in
+----------------------------
+:func:`encode` returns the *quantised* codebook embedding (``VQVAE.encode_stage_2_inputs``), shape
+``[B, embedding_dim, *ceil(S / f)]``, rescaled to [-1, 1] by the range of the codebook entries in use
+(the original LesionDiffusion's convention: the codebook's min/max). The scale depends only on the
+weights, so training and sampling agree. :func:`decode` undoes the scale, snaps the latent to the
+nearest codes (``VQVAE.decode_stage_2_outputs``) and decodes: a sampled latent decodes exactly like
+an encoded one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from math import ceil, prod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import VQVAE, PatchDiscriminator
+from torch import nn
+
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+
+logger = logging.getLogger(__name__)
+
+# VQVAE keyword arguments, PatchDiscriminator keyword arguments and training crop size per preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The original's sizes (SPEC 4.3): 96 channels, one x2 downsampling, codebook 2048 x 4, 128^3 crops.
+    "paper": {
+        "vqvae": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": (96, 96),
+            "num_res_layers": 4,
+            "num_res_channels": (96, 96),
+            "downsample_parameters": ((2, 4, 1, 1), (1, 3, 1, 1)),
+            "upsample_parameters": ((1, 3, 1, 1, 0), (2, 4, 1, 1, 0)),
+            "num_embeddings": 2048,
+            "embedding_dim": 4,
+            "commitment_cost": 0.25,
+            "decay": 0.99,
+        },
+        "discriminator": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": 64,
+            "num_layers_d": 3,
+        },
+        "crop_size": (128, 128, 128),
+    },
+    # Small enough to train a few hundred iterations on a 2-core CPU: x4 downsampling, 64^3 crops.
+    "cpu": {
+        "vqvae": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": (32, 64),
+            "num_res_layers": 1,
+            "num_res_channels": (32, 64),
+            "downsample_parameters": ((2, 4, 1, 1), (2, 4, 1, 1)),
+            "upsample_parameters": ((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
+            "num_embeddings": 512,
+            "embedding_dim": 4,
+            "commitment_cost": 0.25,
+            "decay": 0.9,
+        },
+        "discriminator": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": 16,
+            "num_layers_d": 2,
+        },
+        "crop_size": (64, 64, 64),
+    },
+}
+
+WEIGHTS_KEY = "autoencoder"  # the autoencoder's entry in a training checkpoint
+
+
+def preset_config(preset: str) -> dict[str, Any]:
+    """A deep copy of ``PRESETS[preset]``; an unknown name is a one-line error listing the known ones."""
+    if preset not in PRESETS:
+        raise LesionDiffusionError(f"unknown VQ-GAN preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[preset])
+
+
+def build_vqvae(preset: str = "cpu", **overrides: Any) -> VQVAE:
+    """A new MONAI ``VQVAE`` with the preset's arguments, any of them replaced by ``overrides``."""
+    kwargs = preset_config(preset)["vqvae"]
+    kwargs.update(overrides)
+    return VQVAE(**kwargs)
+
+
+def build_discriminator(preset: str = "cpu", **overrides: Any) -> PatchDiscriminator:
+    """A new MONAI ``PatchDiscriminator`` with the preset's arguments (``overrides`` replace them)."""
+    kwargs = preset_config(preset)["discriminator"]
+    kwargs.update(overrides)
+    return PatchDiscriminator(**kwargs)
+
+
+def _unwrap(net: nn.Module) -> VQVAE:
+    """The VQVAE inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or ``net`` itself)."""
+    return net.module if isinstance(getattr(net, "module", None), nn.Module) else net  # type: ignore[return-value]
+
+
+def downsample_factor(net_or_preset: nn.Module | str) -> int:
+    """The VQVAE's total downsampling factor (product of its encoder strides), e.g. 4 for ``cpu``."""
+    if isinstance(net_or_preset, str):
+        params = preset_config(net_or_preset)["vqvae"]["downsample_parameters"]
+        strides = [p[0] for p in params]
+    else:
+        strides = []
+        for m in _unwrap(net_or_preset).encoder.modules():
+            if isinstance(m, nn.Conv3d | nn.Conv2d):
+                strides.append(int(m.stride[0]))
+    return int(prod(strides))
+
+
+def latent_shape(spatial_shape: Sequence[int], factor: int) -> tuple[int, ...]:
+    """Spatial latent shape for an input of ``spatial_shape``: ``ceil(s / factor)`` (inputs are padded)."""
+    return tuple(ceil(int(s) / factor) for s in spatial_shape)
+
+
+def latent_range(net: nn.Module) -> tuple[float, float]:
+    """(min, max) over the codebook entries in use: the range :func:`encode` maps to [-1, 1].
+
+    Entries never selected during training keep their random initialisation shrunk by the EMA
+    update (or blown up, early on), so they are left out; an untrained codebook uses all entries.
+    """
+    quantizer = _unwrap(net).quantizer.quantizer
+    codes = quantizer.embedding.weight.detach()
+    used = quantizer.ema_cluster_size > 0
+    if bool(used.any()):
+        codes = codes[used]
+    lo, hi = float(codes.min()), float(codes.max())
+    if hi - lo < 1e-8:  # a single code in use: any unit scale keeps the map invertible
+        lo, hi = lo - 1.0, hi + 1.0
+    return lo, hi
+
+
+@contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[VQVAE]:
+    """Run with the network in eval mode (no EMA codebook updates), restoring its mode afterwards."""
+    vq = _unwrap(net)
+    was_training = vq.training
+    vq.eval()
+    try:
+        with torch.no_grad():
+            yield vq
+    finally:
+        vq.train(was_training)
+
+
+def _pad_to_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pad the spatial dims of ``[B, C, *S]`` at their far end up to multiples of ``factor`` (edge values)."""
+    spatial = x.shape[2:]
+    extra = [(-int(s)) % factor for s in spatial]
+    if not any(extra):
+        return x
+    pad: list[int] = []
+    for e in reversed(extra):  # F.pad lists the last dim first
+        pad += [0, e]
+    return F.pad(x, pad, mode="replicate")
+
+
+def _check_input(x: torch.Tensor, what: str = "input") -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise LesionDiffusionError(f"autoencoder {what} must be a [B, C, *spatial] tensor with 2 or 3 spatial dims, got {shape}")
+
+
+def encode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Encode ``x`` (``[B, 1, *S]``, intensities in [0, 1], any ``S``) to the scaled quantised latent.
+
+    Returns ``[B, embedding_dim, *latent_shape(S, f)]`` in [-1, 1] (see the module docstring).
+    Deterministic: the network runs in eval mode under ``torch.no_grad``.
+    """
+    _check_input(x)
+    with _eval_mode(net) as vq:
+        x = x.to(next(vq.parameters()).device, torch.float32)
+        e = vq.encode_stage_2_inputs(_pad_to_factor(x, downsample_factor(vq)))
+        lo, hi = latent_range(vq)
+        return (e - lo) / (hi - lo) * 2.0 - 1.0
+
+
+def decode(net: nn.Module, z: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Decode a latent from :func:`encode` (or a sampled one) back to ``[B, 1, *spatial_shape]``.
+
+    ``z`` must have the latent shape of ``spatial_shape``; the padding added by :func:`encode` is
+    cropped away. The latent is snapped to the nearest codebook entries before decoding.
+    """
+    _check_input(z, "latent")
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    with _eval_mode(net) as vq:
+        f = downsample_factor(vq)
+        expected = latent_shape(spatial_shape, f)
+        if tuple(z.shape[2:]) != expected:
+            raise LesionDiffusionError(
+                f"latent of spatial shape {tuple(z.shape[2:])} does not match an image of shape {spatial_shape} "
+                f"(expected {expected} for downsampling x{f})"
+            )
+        lo, hi = latent_range(vq)
+        e = (z.to(next(vq.parameters()).device, torch.float32) + 1.0) / 2.0 * (hi - lo) + lo
+        out = vq.decode_stage_2_outputs(e)
+        return out[(..., *(slice(0, s) for s in spatial_shape))]
+
+
+def reconstruct(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Encode and decode ``x`` in one go (pads, reconstructs, crops back to ``x``'s shape)."""
+    return decode(net, encode(net, x), x.shape[2:])
+
+
+class Reconstructor(nn.Module):
+    """``forward(x)`` = :func:`reconstruct`: lets MONAI inferers and evaluators use the autoencoder.
+
+    The wrapped network is shared, not copied (its weights follow training).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reconstruct(self.net, x)
+
+
+def reconstruct_tiled(
+    net: nn.Module,
+    volume: torch.Tensor,
+    roi_size: Sequence[int] | int,
+    overlap: float = 0.25,
+    sw_batch_size: int = 1,
+    mode: str = "gaussian",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Reconstruct a whole volume ``[B, 1, *S]`` tile by tile (MONAI sliding window, blended overlap).
+
+    Memory is bounded by the tile size, not the volume; the output is on ``volume``'s device with
+    ``volume``'s exact shape. Volumes smaller than a tile are padded by the sliding window and cropped back.
+    """
+    _check_input(volume, "volume")
+    vq = _unwrap(net)
+    device = next(vq.parameters()).device
+    out = sliding_window_inference(
+        volume.float(),
+        roi_size=roi_size,
+        sw_batch_size=sw_batch_size,
+        predictor=Reconstructor(vq),
+        overlap=overlap,
+        mode=mode,
+        padding_mode="replicate",
+        sw_device=device,
+        device=volume.device,
+        progress=progress,
+    )
+    return torch.as_tensor(out)
+
+
+def load_weights(net: nn.Module, weights: str | Path, key: str = "autoencoder_weights") -> nn.Module:
+    """Load local weights into ``net`` (``torch.load(weights_only=True)``).
+
+    Accepts a plain state dict or a training checkpoint holding it under ``"autoencoder"``. A missing
+    file or a mismatch with the network's architecture is one :class:`InputError` naming the file and
+    the setting ``key`` to fix.
+    """
+    path = Path(weights) if weights else None
+    if path is None or not path.is_file():
+        raise InputError(weights or None, f"VQ-GAN weights not found; set {key} to a trained autoencoder's model.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or not a weights-only pickle
+        raise InputError(path, f"unreadable weights ({type(e).__name__}: {e})") from None
+    if isinstance(state, Mapping) and isinstance(state.get(WEIGHTS_KEY), Mapping):
+        state = state[WEIGHTS_KEY]
+    if not isinstance(state, Mapping):
+        raise InputError(path, "not a state dict")
+    target = _unwrap(net)
+    own = target.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        raise InputError(
+            path,
+            f"weights do not fit this network ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} differently shaped tensors); check {key} and the preset it was trained with",
+        )
+    target.load_state_dict(state)
+    return net
+
+
+def load_vqvae(
+    weights: str | Path, preset: str = "cpu", device: str | torch.device = "cpu", key: str = "autoencoder_weights", **overrides: Any
+) -> VQVAE:
+    """Build the preset's VQVAE, load ``weights`` (local file only) and return it in eval mode on ``device``."""
+    net = build_vqvae(preset, **overrides)
+    load_weights(net, weights, key)
+    return net.to(device).eval()
