@@ -1,0 +1,219 @@
+"""Paste an inpainted patch back into the ORIGINAL CT, on the input's own grid.
+
+The networks work on the standardised grid (RAS, 1 mm). Their output, a decoded crop around the
+lesion, is brought back to the user's scan like this:
+
+1. the *zone* is the lesion mask on the input grid dilated by ``margin_mm`` (a physical distance, so
+   anisotropic spacing and any orientation give the same neighbourhood);
+2. a blend weight is 1 up to ``margin_mm - feather_mm`` from the lesion, then falls along a cosine
+   ramp to exactly 0 at ``margin_mm``;
+3. the crop is resampled (MONAI ``SpatialResample``, trilinear) at the input voxels of the zone's
+   bounding box only, through the two affines: the original voxels themselves are never resampled;
+4. ``out = original + w * (patch - original)`` is written only where ``w > 0``, in the input's stored
+   dtype (and NIfTI scaling), so every voxel farther than the margin keeps its exact stored bits.
+
+Only the zone's bounding box is ever processed, so the memory needed does not grow with the scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import SpatialResample
+from scipy import ndimage
+
+from lesiondiffusion.errors import InputError
+from lesiondiffusion.io import PathLike, atomic_path, load_nifti
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[slice, slice, slice]
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Physical size of a voxel along each array axis (column norms of the affine)."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def zone_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> Box | None:
+    """Bounding box of ``mask`` grown by ``margin_mm`` (per-axis voxel count), clipped to the array.
+
+    None when the mask is empty.
+    """
+    idx = np.nonzero(mask)
+    if idx[0].size == 0:
+        return None
+    box = []
+    for axis, (coords, sp) in enumerate(zip(idx, spacing)):
+        grow = int(math.ceil(margin_mm / float(sp))) + 1
+        box.append(slice(max(int(coords.min()) - grow, 0), min(int(coords.max()) + grow + 1, mask.shape[axis])))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def feather_weights(mask: np.ndarray, spacing: Sequence[float], margin_mm: float, feather_mm: float) -> np.ndarray:
+    """Blend weight in [0, 1] for every voxel of ``mask``'s array (pass a box around the lesion).
+
+    1 on the lesion and up to ``margin_mm - feather_mm`` from it, a cosine ramp down to exactly 0 at
+    ``margin_mm``, 0 beyond. Distances are Euclidean, in mm, from voxel centre to nearest lesion voxel.
+    """
+    if margin_mm < 0 or feather_mm < 0 or feather_mm > margin_mm:
+        raise ValueError(f"need 0 <= feather_mm <= margin_mm, got margin {margin_mm}, feather {feather_mm}")
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=np.float32)
+    dist = ndimage.distance_transform_edt(~mask, sampling=[float(s) for s in spacing])
+    inner = margin_mm - feather_mm
+    w = np.zeros(mask.shape, dtype=np.float64)
+    w[dist <= inner] = 1.0
+    if feather_mm > 0:
+        ramp = (dist > inner) & (dist < margin_mm)
+        w[ramp] = 0.5 * (1.0 + np.cos(np.pi * (dist[ramp] - inner) / feather_mm))
+    # a vanishing tail weight would still flip the last bit of float voxels at the boundary
+    w[(dist >= margin_mm) | (w < 1e-6)] = 0.0
+    w[mask] = 1.0
+    return w.astype(np.float32)
+
+
+def outside_margin(mask: np.ndarray, affine: np.ndarray, margin_mm: float) -> np.ndarray:
+    """Voxels farther than ``margin_mm`` from the lesion ``mask``: those a paste must leave bit-identical."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.ones(mask.shape, dtype=bool)
+    dist = ndimage.distance_transform_edt(~mask, sampling=voxel_spacing(affine).tolist())
+    return dist >= margin_mm
+
+
+def box_affine(affine: np.ndarray, box: Box) -> np.ndarray:
+    """Affine of the sub-array ``array[box]`` (its first voxel becomes the origin)."""
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start or 0 for s in box]
+    return np.asarray(affine, dtype=np.float64) @ shift
+
+
+def resample_patch(
+    patch: np.ndarray, patch_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear samples of ``patch`` at the voxel centres of the grid (``dst_affine``, ``dst_shape``).
+
+    Returns the values and a boolean array, True where the voxel centre lies inside the patch's
+    voxel-centre extent (elsewhere the value is only a border extrapolation and must not be used).
+    """
+    src = MetaTensor(torch.as_tensor(np.asarray(patch, dtype=np.float32))[None], affine=torch.as_tensor(patch_affine))
+    out = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
+        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=tuple(int(s) for s in dst_shape)
+    )
+    values = np.asarray(out.detach().cpu().numpy()[0], dtype=np.float64)
+    # where each destination voxel centre falls in the patch's voxel coordinates
+    to_patch = np.linalg.inv(np.asarray(patch_affine, dtype=np.float64)) @ np.asarray(dst_affine, dtype=np.float64)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in dst_shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    coords = grid @ to_patch[:3, :3].T + to_patch[:3, 3]
+    eps = 1e-4
+    inside = np.all((coords >= -eps) & (coords <= np.asarray(patch.shape) - 1 + eps), axis=1)
+    return values, inside.reshape(tuple(dst_shape))
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A NIfTI scan as stored: raw voxels (on-disk dtype) and the scaling that turns them into HU."""
+
+    raw: np.ndarray
+    slope: float
+    inter: float
+    image: nib.Nifti1Image
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.image.affine, dtype=np.float64)
+
+    def to_hu(self, box: Box | None = None) -> np.ndarray:
+        """Scaled values (HU) of the whole array or of ``box``, as float64."""
+        raw = self.raw if box is None else self.raw[box]
+        return raw.astype(np.float64) * self.slope + self.inter
+
+    def from_hu(self, hu: np.ndarray) -> np.ndarray:
+        """HU -> stored values of the raw dtype (rounded and clipped for integer dtypes)."""
+        stored = (np.asarray(hu, dtype=np.float64) - self.inter) / self.slope
+        dtype = self.raw.dtype
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            return np.clip(np.rint(stored), info.min, info.max).astype(dtype)
+        if dtype == np.bool_:
+            return stored > 0.5
+        return stored.astype(dtype)
+
+
+def read_stored(path: PathLike) -> StoredImage:
+    """Read a 3D NIfTI scan keeping its stored dtype and scaling (never modified)."""
+    img = load_nifti(path, ndim=3)
+    try:
+        proxy = img.dataobj
+        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    except Exception as e:
+        raise InputError(path, f"unreadable NIfTI voxels ({type(e).__name__}: {e})") from None
+    raw = raw.reshape(raw.shape[:3])
+    slope = getattr(proxy, "slope", 1.0)
+    inter = getattr(proxy, "inter", 0.0)
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return StoredImage(raw, slope, inter, img)  # type: ignore[arg-type]
+
+
+def save_like(path: PathLike, raw: np.ndarray, reference: StoredImage) -> Path:
+    """Write ``raw`` atomically with the reference's header: same affine, qform/sform, dtype, scaling."""
+    if raw.shape != reference.raw.shape or raw.dtype != reference.raw.dtype:
+        raise ValueError(f"shape/dtype {raw.shape}/{raw.dtype} differ from the reference's")
+    hdr = reference.image.header.copy()
+    img = nib.Nifti1Image(raw, None, header=hdr)
+    img.set_data_dtype(raw.dtype)
+    img.header.set_slope_inter(reference.slope, reference.inter)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def paste(
+    original: StoredImage,
+    lesion_mask: np.ndarray,
+    patch_hu: np.ndarray,
+    patch_affine: np.ndarray,
+    margin_mm: float = 3.0,
+    feather_mm: float = 2.0,
+    raw: np.ndarray | None = None,
+) -> np.ndarray:
+    """Blend ``patch_hu`` (HU on its own grid ``patch_affine``) into the original's stored voxels.
+
+    Writes into ``raw`` (default: a copy of ``original.raw``, so several lesions can be pasted in turn)
+    only inside the lesion dilated by ``margin_mm`` with a ``feather_mm`` cosine feather, and returns it.
+    Zone voxels outside the patch's extent are left untouched (with a warning).
+    """
+    out = original.raw.copy() if raw is None else raw
+    mask = np.asarray(lesion_mask, dtype=bool)
+    if mask.shape != out.shape:
+        raise ValueError(f"lesion mask shape {mask.shape} differs from the image's {out.shape}")
+    spacing = voxel_spacing(original.affine)
+    box = zone_box(mask, spacing, margin_mm)
+    if box is None:
+        logger.warning("empty lesion mask: nothing pasted")
+        return out
+    weights = feather_weights(mask[box], spacing, margin_mm, feather_mm).astype(np.float64)
+    shape = weights.shape
+    values, inside = resample_patch(patch_hu, patch_affine, box_affine(original.affine, box), shape)
+    uncovered = (weights > 0) & ~inside
+    if uncovered.any():
+        logger.warning("%d zone voxels lie outside the inpainted crop and are left unchanged", int(uncovered.sum()))
+        weights[uncovered] = 0.0
+    write = weights > 0
+    current = out[box].astype(np.float64) * original.slope + original.inter
+    blended = current[write] + weights[write] * (values[write] - current[write])
+    sub = out[box]
+    sub[write] = original.from_hu(blended)
+    out[box] = sub
+    return out
