@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "in_channels": 1,
             "out_channels": 1,
             "channels": (96, 96),
-            "num_res_layers": 4,
+            "num_res_layers": 3,
             "num_res_channels": (96, 96),
             "downsample_parameters": ((2, 4, 1, 1), (1, 3, 1, 1)),
             "upsample_parameters": ((1, 3, 1, 1, 0), (2, 4, 1, 1, 0)),
