@@ -1,0 +1,811 @@
+"""Lesion reports: generated for a synthesis request (offline), or extracted from a labelled CT.
+
+Two directions, one vocabulary (:mod:`lesiondiffusion.vocabulary`):
+
+- **Generation** (preprocess inference). A request holds at least ``organ type`` and ``lesion type``
+  (``{"organ type": "liver", "lesion type": "cyst"}``) plus any report field the user wants fixed. A
+  provider proposes every field (:class:`OfflineReportProvider` here; an OpenAI-compatible one lives in
+  the preprocess bundle's ``scripts/llm.py``), then :func:`complete_report` merges: the user's fields
+  win, the cavity is made consistent with the organ, and the size is bounded by the organ's box.
+- **Extraction** (preprocess train, and the evaluation of synthetic lesions). :func:`extract_report`
+  measures a lesion in a CT (HU), its label map (0/1/2) and organ map: arrays in, report out. Every
+  threshold is a named constant below, with the reason for its value.
+
+Sizes are in voxels of the standardised 1 mm grid unless a ``spacing`` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
+
+from lesiondiffusion import vocabulary as V
+from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.labels import DEFAULT_VERSION, HOLLOW_ORGANS, UnknownOrganError, label_table
+from lesiondiffusion.report import LesionReport, format_ct_value, format_size, parse_ct_value
+
+logger = logging.getLogger(__name__)
+
+# Request keys that are not report fields.
+ORGAN_TYPE = "organ type"
+LESION_TYPE = "lesion type"
+# Extra attribute written by extract_report (free text, not read by the networks).
+SIZE_MM = "size in mm"
+
+ENHANCED = "enhanced CT,"
+NON_CONTRAST = "non-contrast CT,"
+
+# ---- extraction thresholds -------------------------------------------------------------------------
+# Density: the lesion's mean HU against the organ's parenchyma (median HU of the organ away from its
+# rim and from the lesion). Within +-ISO_HU the lesion is isodense: differences under ~10 HU are not
+# visible at abdominal window settings and are within real CT's noise of a small region.
+ISO_HU = 10.0
+# A hypodense lesion this dark or darker (water is 0 HU, simple cysts 0-20 HU) and homogeneous is
+# fluid-like.
+FLUID_MAX_HU = 20.0
+# Mixed density: at least this fraction of the (smoothed) lesion is darker than the organ by more than
+# ISO_HU and at least this fraction brighter by more than ISO_HU.
+MIXED_MIN_FRACTION = 0.25
+# Hollow organs have no parenchyma and variable contents (urine, bile, gas, food); their lesions are
+# described against the wall, i.e. enhanced soft tissue. The wall is too thin to measure reliably at
+# 1 mm, so a typical value is used.
+HOLLOW_REFERENCE_HU = 40.0
+# Lung lesions are described against soft tissue: a solid mass is above this, ground glass between
+# GROUND_GLASS_MIN_HU and it.
+LUNG_SOLID_MIN_HU = -100.0
+GROUND_GLASS_MIN_HU = -800.0
+# Calcific density (stones, calculi) starts well above any enhanced soft tissue.
+CALCIFIC_MIN_HU = 300.0
+# The organ reference excludes its outer rim (partial volume with fat) and a margin around the lesion.
+ORGAN_RIM_MM = 2.0
+LESION_MARGIN_MM = 3.0
+MIN_REFERENCE_VOXELS = 50
+# Homogeneity: standard deviation of the lesion's HU after a light smoothing inside the lesion (so
+# voxel noise, ~10-20 HU in real CT, does not count as structure). Real homogeneous lesions (cysts)
+# stay under ~10 HU after smoothing; necrotic or mixed tumours exceed 15-20 HU.
+SMOOTH_SIGMA_MM = 1.0
+HOMOGENEOUS_MAX_STD_HU = 12.0
+# "presence of increased/decreased density areas": this fraction of the smoothed lesion lies more than
+# AREA_DELTA_HU above/below the lesion's median.
+AREA_DELTA_HU = 20.0
+AREA_MIN_FRACTION = 0.10
+# Shape. Solidity (volume / convex-hull volume) and elongation (longest / shortest principal axis).
+# A voxelised sphere or ellipsoid has solidity ~0.9; lobulated or infiltrative lesions fall below.
+ROUND_MIN_SOLIDITY = 0.85
+ROUND_MAX_ELONGATION = 2.0
+PUNCTATE_MAX_MM = 10.0  # equivalent-sphere diameter of a punctate / nodular lesion
+# Cavity. Hollow organ: the lesion's box centre deeper than HOLLOW_WALL_MM inside the organ (lesion
+# included) is in the lumen, else in the wall: the rule the placement uses (~5 voxels of erosion).
+# Solid organ: the lesion is within the organ when this fraction of its one-voxel outer shell is organ.
+HOLLOW_WALL_MM = 5.0
+WITHIN_MIN_SHELL_FRACTION = 0.90
+# Relationship: "close relationship with adjacent organs" when this fraction of the lesion's outer
+# shell (ADJACENT_SHELL_MM thick) is another organ of the map.
+ADJACENT_SHELL_MM = 2.0
+ADJACENT_MIN_FRACTION = 0.05
+# Surface: the HU step from the lesion (2-4 mm inside) to the organ around it (2-4 mm outside). With
+# a step smaller than MARGIN_MIN_CONTRAST_HU the boundary cannot be seen (ill-defined). Otherwise the
+# margin is well-defined when at least SHARP_MIN_FRACTION of the step lies between the two voxel layers
+# that touch the boundary. On a 1 mm grid an ideal edge blurred by a Gaussian of sigma 0.6 / 1.0 / 1.5 /
+# 2 mm gives ~0.54 / 0.32 / 0.24 / 0.20, so 0.3 accepts edges blurred up to ~1.1 mm (a CT's own
+# resolution) and calls wider transition zones ill-defined.
+MARGIN_MIN_CONTRAST_HU = 10.0
+SHARP_MIN_FRACTION = 0.3
+PROFILE_FAR_MM = (2.0, 4.0)
+# Enhancement: blood in the aorta is ~40-50 HU without contrast and >150 HU in arterial/portal phases.
+ENHANCED_MIN_AORTA_HU = 120.0
+
+# ---- generation: typical organ HU and lesion kinds -------------------------------------------------
+# Typical mean HU of each organ in a contrast-enhanced (portal venous) CT: the reference the offline
+# provider places a lesion's CT value against when the scan's own organ HU is not given.
+TYPICAL_ORGAN_HU: dict[str, float] = {
+    "liver": 100.0,
+    "spleen": 110.0,
+    "kidney": 160.0,
+    "pancreas": 90.0,
+    "adrenal gland": 50.0,
+    "lung": -850.0,
+    "prostate": 45.0,
+    "thyroid gland": 110.0,
+}
+DEFAULT_ORGAN_HU = 60.0
+# A generated lesion is at most this fraction of the organ's box along each axis.
+MAX_ORGAN_FRACTION = 0.6
+
+
+@dataclass(frozen=True)
+class LesionKind:
+    """Priors for one kind of lesion: weighted classes per field, CT-value offsets and size (mm)."""
+
+    name: str
+    keywords: tuple[str, ...]
+    density: Mapping[str, float]
+    heterogeneous: float  # probability of "heterogeneous"
+    round_like: float  # probability of a round-like (vs irregular) shape
+    well_defined: float  # probability of a well-defined margin
+    close_relationship: float
+    lumen: float  # hollow organs: probability of "within the lumen" (vs wall thickening)
+    within: float  # solid organs: probability of "within the parenchymal organ" (vs protruding)
+    size_mm: tuple[float, float]
+    features: Mapping[str, float] = None  # type: ignore[assignment]
+
+
+_HYPO, _ISO, _HYPER = "hypodense lesion", "isodense lesion", "hyperdense lesion"
+_MIXED, _FLUID = "mixed-density lesion", "hypoattenuating fluid-like lesion"
+_RING = "ring enhancement"
+_GGO, _SOLID_MASS = "low-density ground-glass opacity", "isodense soft tissue mass"
+_INC, _DEC = "presence of increased density areas", "presence of decreased density areas"
+
+LESION_KINDS: tuple[LesionKind, ...] = (
+    LesionKind("cyst", ("cyst", "cystic", "pseudocyst"), {_FLUID: 1.0}, 0.0, 0.9, 1.0, 0.0, 0.8, 0.7, (8, 40)),
+    LesionKind("stone", ("stone", "calculus", "calculi", "lith", "calcification"), {_HYPER: 1.0}, 0.0, 0.8, 1.0, 0.0, 1.0, 0.9, (3, 12), {"stone": 1.0}),
+    LesionKind("polyp", ("polyp", "papilloma"), {_ISO: 0.7, _HYPER: 0.3}, 0.1, 0.8, 0.8, 0.0, 1.0, 0.6, (5, 20)),
+    LesionKind("hemangioma", ("hemangioma", "haemangioma", "angioma"), {_HYPER: 0.6, _HYPO: 0.4}, 0.3, 0.8, 0.9, 0.0, 0.5, 0.8, (10, 40)),
+    LesionKind("abscess", ("abscess", "infection", "collection"), {_RING: 0.5, _HYPO: 0.5}, 0.7, 0.5, 0.3, 0.3, 0.5, 0.7, (20, 60), {_DEC: 0.5}),
+    LesionKind("nodule", ("nodule", "nodular", "granuloma"), {_ISO: 0.5, _HYPO: 0.3, _HYPER: 0.2}, 0.1, 0.8, 0.7, 0.1, 0.5, 0.8, (5, 15)),
+    LesionKind(
+        "tumour",
+        ("cancer", "carcinoma", "tumor", "tumour", "malignan", "neoplasm", "mass", "metasta", "lymphoma", "sarcoma",
+         "hcc", "adenoma"),
+        {_HYPO: 0.55, _ISO: 0.2, _MIXED: 0.15, _HYPER: 0.1},
+        0.6, 0.35, 0.35, 0.3, 0.4, 0.6, (15, 60), {_INC: 0.2, _DEC: 0.4, "spiculated margins": 0.1},
+    ),
+)
+HOLLOW_TUMOUR_DENSITY = {_ISO: 0.6, _HYPO: 0.2, _HYPER: 0.2}
+GENERIC_KIND = LesionKind("generic", (), {_HYPO: 0.5, _ISO: 0.3, _HYPER: 0.2}, 0.4, 0.5, 0.5, 0.2, 0.5, 0.7, (10, 40))
+
+# CT value relative to the organ reference, per density class: (low, high) offsets in HU.
+DENSITY_OFFSET_HU: dict[str, tuple[float, float]] = {
+    _HYPO: (-50.0, -20.0),
+    _ISO: (-6.0, 6.0),
+    _HYPER: (20.0, 60.0),
+    _MIXED: (-15.0, 5.0),
+    _RING: (-40.0, -20.0),
+}
+# Absolute CT values (HU) for classes defined by their own attenuation.
+DENSITY_ABSOLUTE_HU: dict[str, tuple[float, float]] = {
+    _FLUID: (0.0, 18.0),
+    _GGO: (-700.0, -400.0),
+    _SOLID_MASS: (20.0, 50.0),
+    "stone": (350.0, 800.0),
+}
+
+
+def lesion_kind(lesion_type: str) -> LesionKind:
+    """The :class:`LesionKind` whose keyword occurs in ``lesion_type`` (generic when none does)."""
+    text = " ".join(re.split(r"[\s_\-,]+", str(lesion_type).lower()))
+    for kind in LESION_KINDS:
+        if any(k in text for k in kind.keywords):
+            return kind
+    return GENERIC_KIND
+
+
+def organ_group(organ_name: str) -> str:
+    """The group word an organ belongs to for reporting ("kidney left" -> "kidney")."""
+    name = organ_name.lower()
+    for group in ("kidney", "lung", "adrenal gland"):
+        if group in name:
+            return group
+    return name
+
+
+def is_hollow_name(organ_name: str) -> bool:
+    """True for organs with a lumen (SPEC 4.1 hollow-organ rules)."""
+    return organ_name.lower() in HOLLOW_ORGANS
+
+
+def allowed_cavities(organ_name: str) -> tuple[str, str]:
+    """The two cavity classes an organ admits: lumen/wall for hollow organs, within/protruding else."""
+    return (V.CAVITY_LUMEN, V.CAVITY_WALL) if is_hollow_name(organ_name) else (V.CAVITY_WITHIN, V.CAVITY_PROTRUDING)
+
+
+def typical_organ_hu(organ_name: str) -> float:
+    """Reference HU of an organ for generation: wall soft tissue for hollow organs, else a typical value."""
+    if is_hollow_name(organ_name):
+        return HOLLOW_REFERENCE_HU
+    return TYPICAL_ORGAN_HU.get(organ_group(organ_name), DEFAULT_ORGAN_HU)
+
+
+def margin_text(organ_name: str, well_defined: bool) -> str:
+    """The surface class for a well-/ill-defined margin in the organ's own words."""
+    group = organ_group(organ_name)
+    if group == "kidney":
+        return "clear boundary with the renal parenchyma" if well_defined else "unclear boundary with the renal parenchyma"
+    if group == "esophagus" and not well_defined:
+        return "poorly defined boundary with normal esophageal tissue"
+    if is_hollow_name(organ_name) and group != "gallbladder":
+        return "clear serosal surface" if well_defined else "serosal surface irregularity"
+    return "well-defined margin" if well_defined else "ill-defined margin"
+
+
+# ---- sizes -----------------------------------------------------------------------------------------
+_NUM = r"\d+(?:\.\d+)?"
+_PIXEL_RE = re.compile(rf"^\[\[\s*({_NUM})[\s,]+({_NUM})[\s,]+({_NUM})\s*\]\]\s*(?:pixels?|voxels?)?\s*,?$", re.I)
+_METRIC_RE = re.compile(rf"^({_NUM})(?:\s*(?:mm|cm))?(?:\s*[x×*,]\s*({_NUM})(?:\s*(?:mm|cm))?\s*[x×*,]\s*({_NUM}))?\s*(mm|cm)\s*,?$", re.I)
+
+
+def parse_lesion_size(text: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[int, int, int]:
+    """A size given as ``"[[a b c]] pixel"`` (voxels), ``"25 mm"``, ``"25x20x18 mm"`` or in cm -> voxels.
+
+    Millimetres are converted with ``spacing`` (voxel size in mm per axis). Anything else is a one-line
+    :class:`LesionDiffusionError` saying which forms are accepted.
+    """
+    s = " ".join(str(text).split()).strip()
+    m = _PIXEL_RE.match(s)
+    if m:
+        size = tuple(float(v) for v in m.groups())
+    else:
+        m = _METRIC_RE.match(s)
+        if not m:
+            raise LesionDiffusionError(
+                f"cannot read the lesion size {text!r}: use '[[a b c]] pixel', '25 mm' or '25x20x18 mm'"
+            )
+        a, b, c, unit = m.groups()
+        mm = [float(a)] * 3 if b is None else [float(a), float(b), float(c)]
+        scale = 10.0 if unit.lower() == "cm" else 1.0
+        size = tuple(v * scale / float(sp) for v, sp in zip(mm, spacing))
+    if any(v <= 0 for v in size):
+        raise LesionDiffusionError(f"lesion size {text!r} must be positive along every axis")
+    return tuple(max(1, int(round(v))) for v in size)  # type: ignore[return-value]
+
+
+def bound_size(size: Sequence[int], organ_box_size: Sequence[int]) -> tuple[int, int, int]:
+    """``size`` clipped to the organ's box along each axis (never below one voxel)."""
+    return tuple(int(max(1, min(int(s), int(o)))) for s, o in zip(size, organ_box_size))  # type: ignore[return-value]
+
+
+# ---- generation --------------------------------------------------------------------------------------
+def _choice(rng: np.random.Generator, weights: Mapping[str, float]) -> str:
+    names = list(weights)
+    p = np.asarray([weights[n] for n in names], dtype=np.float64)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def _given(request: Mapping[str, str], name: str) -> str | None:
+    value = request.get(name)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _given_classes(request: Mapping[str, str], name: str) -> list[str]:
+    value = _given(request, name)
+    return V.parse_classes(name, value)[0] if value else []
+
+
+class OfflineReportProvider:
+    """Proposes every report field from the vocabulary, consistent with the organ and lesion type.
+
+    No network and no model: a table of lesion kinds (:data:`LESION_KINDS`: cyst, stone, polyp,
+    hemangioma, abscess, nodule, tumour, generic) gives weighted classes per field; fields the request
+    already has condition the rest (a user-given density sets the CT value, a cavity sets the shape).
+    """
+
+    name = "offline"
+
+    def propose(
+        self,
+        request: Mapping[str, str],
+        organ_name: str,
+        rng: np.random.Generator,
+        *,
+        organ_box_size: Sequence[int] | None = None,
+        organ_reference_hu: float | None = None,
+    ) -> dict[str, str]:
+        """Every report field (the request's own values included) as the original's strings.
+
+        ``organ_box_size`` (voxels, 1 mm grid) bounds the size; ``organ_reference_hu`` (the organ's HU
+        measured in the scan, see :func:`organ_reference_hu`) anchors the CT value, else a typical value.
+        """
+        organ = str(organ_name).lower()
+        kind = lesion_kind(request.get(LESION_TYPE, ""))
+        hollow = is_hollow_name(organ)
+        group = organ_group(organ)
+        out: dict[str, str] = {}
+
+        # cavity first: the shape depends on it
+        lumen, wall = V.CAVITY_LUMEN, V.CAVITY_WALL
+        cav = _given_classes(request, V.CAVITY)
+        if cav and cav[0] in allowed_cavities(organ):
+            cavity = cav[0]
+        elif hollow:
+            cavity = lumen if rng.random() < kind.lumen else wall
+        else:
+            cavity = V.CAVITY_WITHIN if rng.random() < kind.within else V.CAVITY_PROTRUDING
+        out[V.CAVITY] = cavity
+
+        round_like = rng.random() < kind.round_like
+        if cavity == wall:
+            shape = ["irregular wall thickening"] + (["luminal narrowing"] if group in ("esophagus", "colon") and rng.random() < 0.5 else [])
+        elif cavity == lumen:
+            shape = ["round-like" if round_like else "irregular", "protrusion into the lumen"]
+        elif kind.name == "cyst" and rng.random() < 0.3:
+            shape = ["cystic"]
+        elif kind.name in ("nodule", "stone") and rng.random() < 0.5:
+            shape = ["punctate"]
+        else:
+            shape = ["round-like" if round_like else "irregular"]
+        out[V.SHAPE] = V.format_classes(shape)
+
+        density = _given_classes(request, V.DENSITY)
+        if not density:
+            if group == "lung":
+                weights = {_GGO: 0.5, _SOLID_MASS: 0.5} if kind.name in ("tumour", "nodule", "generic") else kind.density
+            elif hollow and kind.name in ("tumour", "generic"):
+                weights = HOLLOW_TUMOUR_DENSITY  # wall tumours enhance about like the wall
+            else:
+                weights = kind.density
+            density = [_choice(rng, weights)]
+        out[V.DENSITY] = V.format_classes(density)
+
+        variations = _given_classes(request, V.DENSITY_VARIATIONS)
+        if not variations:
+            hetero = density[0] == _MIXED or rng.random() < kind.heterogeneous
+            variations = ["heterogeneous" if hetero and density[0] != _FLUID else "homogeneous"]
+        out[V.DENSITY_VARIATIONS] = V.format_classes(variations)
+
+        features = _given_classes(request, V.SPECIFIC)
+        if not features and _given(request, V.SPECIFIC) is None:
+            for feature, p in (kind.features or {}).items():
+                if rng.random() < p:
+                    features.append(feature)
+            if variations == ["heterogeneous"] and not any(f in (_INC, _DEC) for f in features):
+                features += [_DEC] if rng.random() < 0.5 else [_INC, _DEC]
+            if group == "pancreas" and kind.name == "cyst" and rng.random() < 0.5:
+                features.append("retention of pancreatic fluid")
+        out[V.SPECIFIC] = V.format_classes(features)
+
+        ref = organ_reference_hu if organ_reference_hu is not None else typical_organ_hu(organ)
+        hu = parse_ct_value(_given(request, V.CT_VALUE) or "")
+        if hu is None:
+            hu = _sample_ct_value(density[0], "stone" in features, ref, rng)
+        out[V.CT_VALUE] = format_ct_value(hu)
+
+        well = rng.random() < kind.well_defined
+        out[V.SURFACE] = margin_text(organ, well) + ","
+        close = rng.random() < kind.close_relationship
+        out[V.RELATIONSHIP] = (
+            "close relationship with adjacent organs," if close else "no close relationship with surrounding organs,"
+        )
+        out[V.ENHANCEMENT] = ENHANCED
+        out[V.SIZE] = format_size(_sample_size(kind, round_like, organ_box_size, rng))
+        # the request's own values are the proposal for the fields it has
+        for name in V.REPORT_FIELDS + V.OPTIONAL_FIELDS:
+            if _given(request, name) is not None and name not in (V.SIZE, V.CT_VALUE):
+                out[name] = request[name]
+        return out
+
+
+def _sample_ct_value(density: str, stone: bool, reference_hu: float, rng: np.random.Generator) -> float:
+    if stone:
+        lo, hi = DENSITY_ABSOLUTE_HU["stone"]
+        return round(float(rng.uniform(lo, hi)))
+    if density in DENSITY_ABSOLUTE_HU:
+        lo, hi = DENSITY_ABSOLUTE_HU[density]
+        return round(float(rng.uniform(lo, hi)))
+    lo, hi = DENSITY_OFFSET_HU.get(density, DENSITY_OFFSET_HU[_HYPO])
+    return round(reference_hu + float(rng.uniform(lo, hi)))
+
+
+def _sample_size(
+    kind: LesionKind, round_like: bool, organ_box_size: Sequence[int] | None, rng: np.random.Generator
+) -> tuple[int, int, int]:
+    lo, hi = kind.size_mm
+    if organ_box_size is not None:
+        cap = max(1.0, MAX_ORGAN_FRACTION * float(min(organ_box_size)))
+        hi = min(hi, cap)
+        lo = min(lo, hi)
+    diameter = float(rng.uniform(lo, hi))
+    spread = 0.15 if round_like else 0.35
+    size = [max(1, int(round(diameter * rng.uniform(1 - spread, 1 + spread)))) for _ in range(3)]
+    if organ_box_size is not None:
+        size = [min(s, max(1, int(MAX_ORGAN_FRACTION * o))) for s, o in zip(size, organ_box_size)]
+    return tuple(size)  # type: ignore[return-value]
+
+
+def complete_report(
+    request: Mapping[str, str],
+    organ_id: int,
+    organ_box_size: Sequence[int],
+    proposed: Mapping[str, str],
+    rng: np.random.Generator,
+    *,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    version: str = DEFAULT_VERSION,
+) -> LesionReport:
+    """The full report of one requested lesion: the user's fields win over the proposed ones.
+
+    Every field is filled (a field the proposal lacks is sampled offline), ``lesion location`` is the
+    organ id, the cavity is one the organ admits (a user-given cavity the organ does not admit is an
+    error), and the size is in voxels (a user size may be in mm, see :func:`parse_lesion_size`) and
+    never exceeds ``organ_box_size``. The returned report has the box size but no centre yet.
+    """
+    organ_name = label_table(version).name(organ_id)
+    fields = [n for n in V.REPORT_FIELDS + V.OPTIONAL_FIELDS if n != V.LOCATION]
+    missing = [n for n in fields if not isinstance(proposed.get(n), str) and _given(request, n) is None]
+    fallback: Mapping[str, str] = {}
+    if missing:
+        logger.info("proposal lacks %s; sampling them offline", ", ".join(missing))
+        fallback = OfflineReportProvider().propose(request, organ_name, rng, organ_box_size=organ_box_size)
+
+    def pick(name: str) -> str:
+        value = _given(request, name)
+        if value is not None:
+            return value.strip()
+        value = proposed.get(name)
+        return value.strip() if isinstance(value, str) else fallback[name]
+
+    attrs = {name: str(int(organ_id)) if name == V.LOCATION else pick(name) for name in V.REPORT_FIELDS}
+
+    allowed = allowed_cavities(organ_name)
+    user_cavity = _given(request, V.CAVITY)
+    if user_cavity is not None:
+        found = V.parse_classes(V.CAVITY, user_cavity)[0]
+        if not found or found[0] not in allowed:
+            raise LesionDiffusionError(
+                f"cavity {user_cavity!r} does not fit the {organ_name} (organ {organ_id}); use one of: {', '.join(allowed)}"
+            )
+        cavity = found[0]
+    else:
+        found = V.parse_classes(V.CAVITY, pick(V.CAVITY))[0]
+        cavity = found[0] if found and found[0] in allowed else allowed[int(rng.integers(2))]
+    attrs[V.CAVITY] = cavity
+
+    size_text = attrs[V.SIZE]
+    try:
+        size = parse_lesion_size(size_text, spacing)
+    except LesionDiffusionError:
+        if _given(request, V.SIZE) is not None:
+            raise
+        logger.warning("proposed size %r is unreadable; sampling one", size_text)
+        size = _sample_size(lesion_kind(request.get(LESION_TYPE, "")), True, organ_box_size, rng)
+    bounded = bound_size(size, organ_box_size)
+    if bounded != tuple(size):
+        logger.warning("lesion size %s exceeds the %s box %s; using %s", tuple(size), organ_name, tuple(organ_box_size), bounded)
+    attrs[V.SIZE] = format_size(bounded)
+
+    hu = parse_ct_value(attrs[V.CT_VALUE]) if "HU" in attrs[V.CT_VALUE].upper() else _plain_number(attrs[V.CT_VALUE])
+    if hu is None:
+        if _given(request, V.CT_VALUE) is not None:
+            raise LesionDiffusionError(f"cannot read the CT value {attrs[V.CT_VALUE]!r}: give a number of HU, e.g. '40 HU'")
+        hu = parse_ct_value(fallback[V.CT_VALUE]) if fallback else _sample_ct_value(_HYPO, False, typical_organ_hu(organ_name), rng)
+    attrs[V.CT_VALUE] = format_ct_value(hu)
+
+    note = str(request.get(LESION_TYPE, "")).strip()
+    return LesionReport(int(organ_id), attrs, None, bounded, summary=attrs[V.SHAPE], note=note)
+
+
+def _plain_number(text: str) -> float | None:
+    m = re.fullmatch(r"\s*([-+]?\d+(?:\.\d+)?)\s*,?\s*", text or "")
+    return float(m.group(1)) if m else None
+
+
+# ---- extraction --------------------------------------------------------------------------------------
+def _edt(mask: np.ndarray, spacing: Sequence[float], border_outside: bool = True) -> np.ndarray:
+    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside it (0 outside).
+
+    ``border_outside``: the image border counts as outside (an organ cut by it is no deeper there);
+    else only real outside voxels count (for distances to a region such as the lesion).
+    """
+    if not mask.any():
+        return np.zeros(mask.shape, np.float32)
+    if not border_outside:
+        if mask.all():
+            return np.full(mask.shape, np.inf, np.float32)
+        return ndi.distance_transform_edt(mask, sampling=spacing).astype(np.float32)
+    padded = np.pad(mask, 1)
+    return ndi.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1].astype(np.float32)
+
+
+def _crop_box(mask: np.ndarray, margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def infer_organ_id(label: np.ndarray, organ_seg: np.ndarray) -> int:
+    """The organ a lesion lies in: the organ-map label most common under label 1, else under the lesion."""
+    seg = np.rint(organ_seg).astype(np.int64)
+    lab = np.rint(label).astype(np.int64)
+    for region in (lab == 1, lab == 2, ndi.binary_dilation(lab == 2, iterations=2)):
+        ids = seg[region & (seg > 0)]
+        if ids.size:
+            return int(np.bincount(ids).argmax())
+    raise LesionDiffusionError("cannot tell the lesion's organ: the organ map has no label under the label map's organ or lesion")
+
+
+def organ_reference_hu(
+    image_hu: np.ndarray, organ: np.ndarray, spacing: Sequence[float], exclude: np.ndarray | None = None
+) -> float | None:
+    """Median HU of an organ's parenchyma: away from its rim and from ``exclude`` (e.g. the lesion).
+
+    None when the organ has no voxels left at all.
+    """
+    organ = organ.astype(bool)
+    if exclude is not None and exclude.any():
+        near = _edt(~exclude, spacing, border_outside=False) <= LESION_MARGIN_MM
+        organ_free = organ & ~near
+    else:
+        organ_free = organ
+    core = organ_free & (_edt(organ, spacing) > ORGAN_RIM_MM)
+    for region in (core, organ_free, organ & ~(exclude if exclude is not None else False)):
+        if np.count_nonzero(region) >= MIN_REFERENCE_VOXELS:
+            return float(np.median(image_hu[region]))
+    region = organ & ~(exclude if exclude is not None else np.zeros_like(organ))
+    return float(np.median(image_hu[region])) if region.any() else None
+
+
+def _smoothed_inside(image_hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Gaussian smoothing restricted to ``mask`` (normalised convolution); values at ``mask`` voxels."""
+    sigma = [SMOOTH_SIGMA_MM / float(s) for s in spacing]
+    m = mask.astype(np.float32)
+    num = ndi.gaussian_filter(image_hu.astype(np.float32) * m, sigma, truncate=3.0)
+    den = ndi.gaussian_filter(m, sigma, truncate=3.0)
+    return (num[mask] / np.maximum(den[mask], 1e-6)).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class LesionMeasurements:
+    """The numbers behind an extracted report (all in HU, mm or fractions)."""
+
+    organ_id: int
+    centre: tuple[int, int, int]
+    size: tuple[int, int, int]
+    size_mm: tuple[float, float, float]
+    volume_mm3: float
+    mean_hu: float
+    reference_hu: float | None
+    smoothed_std_hu: float
+    increased_fraction: float
+    decreased_fraction: float
+    below_organ_fraction: float
+    above_organ_fraction: float
+    solidity: float
+    elongation: float
+    equivalent_diameter_mm: float
+    centre_depth_mm: float
+    organ_shell_fraction: float
+    adjacent_fraction: float
+    edge_contrast_hu: float
+    edge_sharpness: float
+    aorta_hu: float | None
+
+
+def _shape_metrics(lesion: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
+    """(solidity, elongation) of a binary mask in physical space."""
+    pts = np.argwhere(lesion).astype(np.float64) * np.asarray(spacing, dtype=np.float64)
+    if len(pts) < 4:
+        return 1.0, 1.0
+    cov = np.cov(pts.T)
+    eig = np.sort(np.clip(np.linalg.eigvalsh(cov), 1e-9, None))
+    elongation = float(np.sqrt(eig[-1] / eig[0]))
+    # the hull of the voxels' corners, so that a full box has solidity 1
+    corners = np.array([[i, j, k] for i in (-0.5, 0.5) for j in (-0.5, 0.5) for k in (-0.5, 0.5)]) * np.asarray(spacing)
+    surface = lesion & ~ndi.binary_erosion(lesion)
+    spts = np.argwhere(surface).astype(np.float64) * np.asarray(spacing, dtype=np.float64)
+    hull_pts = (spts[:, None, :] + corners[None]).reshape(-1, 3)
+    try:
+        hull = ConvexHull(hull_pts)
+    except QhullError:  # flat lesions (one voxel thick)
+        return 1.0, elongation
+    volume = float(lesion.sum()) * float(np.prod(spacing))
+    return min(1.0, volume / float(hull.volume)), elongation
+
+
+def _edge_profile(
+    image_hu: np.ndarray, lesion: np.ndarray, organ: np.ndarray, spacing: Sequence[float]
+) -> tuple[float, float]:
+    """(contrast, sharpness): the HU step from the lesion to the organ around it, and its share within +-1 mm.
+
+    The outside profile is taken in the organ (the margin is the lesion-parenchyma interface); where
+    the lesion has too little organ around it (it protrudes), all outside voxels count.
+    """
+    inside = _edt(lesion, spacing, border_outside=False)  # >0 in the lesion
+    outside = _edt(~lesion, spacing, border_outside=False)  # >0 outside
+    near, far = 1.0, PROFILE_FAR_MM
+    around = organ if np.count_nonzero(organ & (outside <= far[1])) >= MIN_REFERENCE_VOXELS else ~lesion
+    # inside the lesion, only the part facing that tissue (not the part facing fat or another organ)
+    facing = _edt(~around, spacing, border_outside=False)
+    inner_far = lesion & (inside > far[0]) & (inside <= far[1]) & (facing <= far[1] + near)
+    outer_far = around & (outside > far[0]) & (outside <= far[1])
+    inner_near = lesion & (inside <= near) & (facing <= 2 * near)
+    outer_near = around & (outside <= near)
+    if not (inner_near.any() and outer_near.any() and outer_far.any()):
+        return 0.0, 0.0
+    if not inner_far.any():  # a lesion thinner than 4 mm: its deepest voxels stand for the inside
+        inner_far = lesion & (inside >= inside[lesion].max())
+    a, b = float(image_hu[inner_far].mean()), float(image_hu[outer_far].mean())
+    c, d = float(image_hu[inner_near].mean()), float(image_hu[outer_near].mean())
+    contrast = a - b
+    if abs(contrast) < 1e-6:
+        return 0.0, 0.0
+    return contrast, float(np.clip((c - d) / contrast, 0.0, 1.0))
+
+
+def measure_lesion(
+    image_hu: np.ndarray,
+    label: np.ndarray,
+    organ_seg: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    organ_id: int | None = None,
+    version: str = DEFAULT_VERSION,
+) -> LesionMeasurements:
+    """Measure the lesion (label 2) of a case; arrays must share one grid with voxel size ``spacing``."""
+    image = np.asarray(image_hu, dtype=np.float32)
+    lab = np.rint(np.asarray(label)).astype(np.int16)
+    seg = np.rint(np.asarray(organ_seg)).astype(np.int32)
+    if not (image.shape == lab.shape == seg.shape) or image.ndim != 3:
+        raise LesionDiffusionError(
+            f"image {image.shape}, label {lab.shape} and organ map {seg.shape} must be 3D arrays of one shape"
+        )
+    spacing = tuple(float(s) for s in spacing)
+    lesion_full = lab == 2
+    if not lesion_full.any():
+        raise LesionDiffusionError("the label map has no lesion voxels (label 2)")
+    if organ_id is None:
+        organ_id = infer_organ_id(lab, seg)
+    table = label_table(version)
+    table.name(organ_id)  # unknown ids are an error naming the table
+
+    # box in voxels: centre = min corner + size // 2, so [centre - size // 2, +size) is the bounding box
+    idx = np.argwhere(lesion_full)
+    lo, hi = idx.min(0), idx.max(0)
+    size = tuple(int(v) for v in hi - lo + 1)
+    centre = tuple(int(v) for v in lo + np.asarray(size) // 2)
+
+    # work on a crop around the lesion: everything measured lies within a few cm of it
+    margin = int(np.ceil(max(20.0, HOLLOW_WALL_MM * 4) / min(spacing)))
+    crop = _crop_box(lesion_full, margin, lab.shape)
+    img, les, sg, lb = image[crop], lesion_full[crop], seg[crop], lab[crop]
+    organ_with = (sg == organ_id) | (lb >= 1)
+    organ = organ_with & ~les
+
+    mean_hu = float(image[lesion_full].mean())
+    organ_name = table.name(organ_id)
+    hollow = organ_name in HOLLOW_ORGANS
+    # the parenchyma reference comes from the whole organ, not just the crop
+    whole_organ = ((seg == organ_id) | (lab == 1)) & ~lesion_full
+    reference = HOLLOW_REFERENCE_HU if hollow else organ_reference_hu(image, whole_organ, spacing, exclude=lesion_full)
+
+    smooth = _smoothed_inside(img, les, spacing)
+    median = float(np.median(smooth))
+    ref = reference if reference is not None else median
+    n_vox = float(les.sum())
+    volume = n_vox * float(np.prod(spacing))
+    solidity, elongation = _shape_metrics(les[_crop_box(les, 1, les.shape)], spacing)
+    depth = _edt(organ_with | les, spacing)
+    c_local = tuple(int(c - s.start) for c, s in zip(centre, crop))
+    shell = ndi.binary_dilation(les) & ~les
+    adj_shell = (_edt(~les, spacing, border_outside=False) <= ADJACENT_SHELL_MM) & ~les
+    others = (sg > 0) & (sg != organ_id) & ~(lb >= 1)
+    contrast, sharpness = _edge_profile(img, les, organ, spacing)
+    aorta_hu = None
+    try:
+        aorta = seg == table.id("aorta")
+        if aorta.any():
+            core = aorta & (_edt(aorta, spacing) > 1.5)
+            aorta_hu = float(np.median(image[core if core.any() else aorta]))
+    except UnknownOrganError:
+        pass
+    return LesionMeasurements(
+        organ_id=int(organ_id),
+        centre=centre,  # type: ignore[arg-type]
+        size=size,  # type: ignore[arg-type]
+        size_mm=tuple(round(s * sp, 1) for s, sp in zip(size, spacing)),  # type: ignore[arg-type]
+        volume_mm3=volume,
+        mean_hu=mean_hu,
+        reference_hu=reference,
+        smoothed_std_hu=float(smooth.std()),
+        increased_fraction=float(np.mean(smooth > median + AREA_DELTA_HU)),
+        decreased_fraction=float(np.mean(smooth < median - AREA_DELTA_HU)),
+        below_organ_fraction=float(np.mean(smooth < ref - ISO_HU)),
+        above_organ_fraction=float(np.mean(smooth > ref + ISO_HU)),
+        solidity=solidity,
+        elongation=elongation,
+        equivalent_diameter_mm=float((6.0 * volume / np.pi) ** (1.0 / 3.0)),
+        centre_depth_mm=float(depth[c_local]),
+        organ_shell_fraction=float(organ_with[shell].mean()) if shell.any() else 1.0,
+        adjacent_fraction=float(others[adj_shell].mean()) if adj_shell.any() else 0.0,
+        edge_contrast_hu=contrast,
+        edge_sharpness=sharpness,
+        aorta_hu=aorta_hu,
+    )
+
+
+def density_class(m: LesionMeasurements, organ_name: str, homogeneous: bool) -> str:
+    """The density class of measured lesion ``m`` relative to its organ (thresholds above)."""
+    if organ_group(organ_name) == "lung":
+        if m.mean_hu >= LUNG_SOLID_MIN_HU:
+            return _SOLID_MASS
+        return _GGO if m.mean_hu >= GROUND_GLASS_MIN_HU else _ISO
+    ref = m.reference_hu if m.reference_hu is not None else m.mean_hu
+    delta = m.mean_hu - ref
+    if m.below_organ_fraction >= MIXED_MIN_FRACTION and m.above_organ_fraction >= MIXED_MIN_FRACTION:
+        return _MIXED
+    if delta < -ISO_HU:
+        return _FLUID if m.mean_hu <= FLUID_MAX_HU and homogeneous else _HYPO
+    if delta > ISO_HU:
+        return _HYPER
+    return _ISO
+
+
+def report_from_measurements(m: LesionMeasurements, version: str = DEFAULT_VERSION) -> LesionReport:
+    """The report of a measured lesion, in the original's wording."""
+    organ_name = label_table(version).name(m.organ_id)
+    hollow = organ_name in HOLLOW_ORGANS
+    homogeneous = m.smoothed_std_hu <= HOMOGENEOUS_MAX_STD_HU
+
+    if hollow:
+        cavity = V.CAVITY_LUMEN if m.centre_depth_mm > HOLLOW_WALL_MM else V.CAVITY_WALL
+    else:
+        cavity = V.CAVITY_WITHIN if m.organ_shell_fraction >= WITHIN_MIN_SHELL_FRACTION else V.CAVITY_PROTRUDING
+    round_like = m.solidity >= ROUND_MIN_SOLIDITY and m.elongation <= ROUND_MAX_ELONGATION
+    if cavity == V.CAVITY_WALL:
+        shape = ["irregular wall thickening"]
+    elif m.equivalent_diameter_mm <= PUNCTATE_MAX_MM:
+        shape = ["punctate"]
+    else:
+        shape = ["round-like" if round_like else "irregular"]
+    if cavity == V.CAVITY_LUMEN:
+        shape.append("protrusion into the lumen")
+
+    features = []
+    if m.increased_fraction >= AREA_MIN_FRACTION:
+        features.append(_INC)
+    if m.decreased_fraction >= AREA_MIN_FRACTION:
+        features.append(_DEC)
+    if m.mean_hu >= CALCIFIC_MIN_HU:
+        features.append("stone")
+
+    visible = abs(m.edge_contrast_hu) >= MARGIN_MIN_CONTRAST_HU
+    well_defined = visible and m.edge_sharpness >= SHARP_MIN_FRACTION
+    if m.aorta_hu is None:
+        enhancement = ""  # no aorta in the map: the phase cannot be told
+    else:
+        enhancement = ENHANCED if m.aorta_hu >= ENHANCED_MIN_AORTA_HU else NON_CONTRAST
+
+    attrs = {
+        V.ENHANCEMENT: enhancement,
+        V.LOCATION: str(m.organ_id),
+        V.SHAPE: V.format_classes(shape),
+        V.SIZE: format_size(m.size),
+        V.DENSITY: V.format_classes([density_class(m, organ_name, homogeneous)]),
+        V.DENSITY_VARIATIONS: "homogeneous," if homogeneous else "heterogeneous,",
+        V.CT_VALUE: format_ct_value(m.mean_hu),
+        V.SURFACE: margin_text(organ_name, well_defined) + ",",
+        V.RELATIONSHIP: "close relationship with adjacent organs,"
+        if m.adjacent_fraction >= ADJACENT_MIN_FRACTION
+        else "no close relationship with surrounding organs,",
+        V.SPECIFIC: V.format_classes(features),
+        V.CAVITY: cavity,
+        SIZE_MM: " x ".join(f"{v:g}" for v in m.size_mm) + " mm",
+    }
+    return LesionReport(m.organ_id, attrs, m.centre, m.size, summary=attrs[V.SHAPE], note="")
+
+
+def extract_report(
+    image_hu: np.ndarray,
+    label: np.ndarray,
+    organ_seg: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    organ_id: int | None = None,
+    *,
+    version: str = DEFAULT_VERSION,
+) -> LesionReport:
+    """The report a labelled case would have had, measured from its CT (SPEC 4.1, train side).
+
+    ``image_hu`` (HU), ``label`` (0 background, 1 organ, 2 lesion) and ``organ_seg`` (TotalSegmentator
+    ``version`` numbering) share one grid of voxel size ``spacing`` (mm). ``organ_id`` defaults to the
+    organ-map label under the label's organ. Size: the lesion's bounding box in voxels (and
+    ``size in mm``); CT value: mean HU; density: against the organ's parenchyma; homogeneity: spread of
+    the smoothed HU; shape: solidity and elongation; cavity: the hollow/solid placement rules;
+    relationship: contact with other organs; surface: sharpness of the HU step at the boundary;
+    enhancement: aortic HU (empty when the map has no aorta). Pure: arrays in, report out.
+    """
+    m = measure_lesion(image_hu, label, organ_seg, spacing, organ_id, version)
+    return report_from_measurements(m, version)
