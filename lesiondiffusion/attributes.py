@@ -12,6 +12,11 @@ Two directions, one vocabulary (:mod:`lesiondiffusion.vocabulary`):
   threshold is a named constant below, with the reason for its value.
 
 Sizes are in voxels of the standardised 1 mm grid unless a ``spacing`` is given.
+
+Axis order. Arrays, ``organ_box_size`` and :class:`LesionMeasurements` use the array (NIfTI voxel)
+axes. A report's box (``LesionReport.centre``/``size``, element 3 of ``type.json``) and its ``size``
+text follow the original's files, which list the axes in SimpleITK order, i.e. reversed
+(:data:`lesiondiffusion.demo.REPORT_BOX_AXES`). :func:`array_box` and :func:`with_array_box` convert.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from lesiondiffusion import vocabulary as V
+from lesiondiffusion.demo import REPORT_BOX_AXES
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import DEFAULT_VERSION, HOLLOW_ORGANS, UnknownOrganError, label_table
 from lesiondiffusion.report import LesionReport, format_ct_value, format_size, parse_ct_value
@@ -224,22 +230,53 @@ def margin_text(organ_name: str, well_defined: bool) -> str:
     return "well-defined margin" if well_defined else "ill-defined margin"
 
 
-# ---- sizes -----------------------------------------------------------------------------------------
+# ---- sizes and axis order -----------------------------------------------------------------------------
+def to_report_axes(values: Sequence[int]) -> tuple[int, int, int]:
+    """Array-axis triple -> the report's axis order (element ``a`` is array axis ``REPORT_BOX_AXES[a]``)."""
+    return tuple(int(values[axis]) for axis in REPORT_BOX_AXES)  # type: ignore[return-value]
+
+
+def from_report_axes(values: Sequence[int]) -> tuple[int, int, int]:
+    """Report-order triple -> array axes (inverse of :func:`to_report_axes`)."""
+    out = [0, 0, 0]
+    for a, axis in enumerate(REPORT_BOX_AXES):
+        out[axis] = int(values[a])
+    return tuple(out)  # type: ignore[return-value]
+
+
+def array_box(report: LesionReport) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
+    """``(centre, size)`` of a report's box in array axes (None where the report has none)."""
+    size = report.size_voxels
+    return (
+        None if report.centre is None else from_report_axes(report.centre),
+        None if size is None else from_report_axes(size),
+    )
+
+
+def with_array_box(report: LesionReport, centre: Sequence[int], size: Sequence[int]) -> LesionReport:
+    """``report`` with its box (and ``size`` text) set from a centre and size in array axes."""
+    attrs = dict(report.attributes)
+    attrs[V.SIZE] = format_size(to_report_axes(size))
+    return replace(report, attributes=attrs, centre=to_report_axes(centre), size=to_report_axes(size))
+
+
 _NUM = r"\d+(?:\.\d+)?"
 _PIXEL_RE = re.compile(rf"^\[\[\s*({_NUM})[\s,]+({_NUM})[\s,]+({_NUM})\s*\]\]\s*(?:pixels?|voxels?)?\s*,?$", re.I)
 _METRIC_RE = re.compile(rf"^({_NUM})(?:\s*(?:mm|cm))?(?:\s*[x×*,]\s*({_NUM})(?:\s*(?:mm|cm))?\s*[x×*,]\s*({_NUM}))?\s*(mm|cm)\s*,?$", re.I)
 
 
 def parse_lesion_size(text: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[int, int, int]:
-    """A size given as ``"[[a b c]] pixel"`` (voxels), ``"25 mm"``, ``"25x20x18 mm"`` or in cm -> voxels.
+    """A size given as ``"[[a b c]] pixel"``, ``"25 mm"``, ``"25x20x18 mm"`` or in cm -> voxels, array axes.
 
-    Millimetres are converted with ``spacing`` (voxel size in mm per axis). Anything else is a one-line
-    :class:`LesionDiffusionError` saying which forms are accepted.
+    ``[[a b c]] pixel`` is the report's own form, in the report's axis order (reversed array axes);
+    ``a x b x c mm`` lists the array axes (x, y, z on the standardised RAS grid) and is converted with
+    ``spacing`` (mm per array axis). Anything else is a one-line :class:`LesionDiffusionError`.
     """
     s = " ".join(str(text).split()).strip()
     m = _PIXEL_RE.match(s)
     if m:
-        size = tuple(float(v) for v in m.groups())
+        in_report_order = [float(v) for v in m.groups()]
+        size = tuple(in_report_order[REPORT_BOX_AXES.index(axis)] for axis in range(3))
     else:
         m = _METRIC_RE.match(s)
         if not m:
@@ -372,7 +409,7 @@ class OfflineReportProvider:
             "close relationship with adjacent organs," if close else "no close relationship with surrounding organs,"
         )
         out[V.ENHANCEMENT] = ENHANCED
-        out[V.SIZE] = format_size(_sample_size(kind, round_like, organ_box_size, rng))
+        out[V.SIZE] = format_size(to_report_axes(_sample_size(kind, round_like, organ_box_size, rng)))
         # the request's own values are the proposal for the fields it has
         for name in V.REPORT_FIELDS + V.OPTIONAL_FIELDS:
             if _given(request, name) is not None and name not in (V.SIZE, V.CT_VALUE):
@@ -422,7 +459,8 @@ def complete_report(
     Every field is filled (a field the proposal lacks is sampled offline), ``lesion location`` is the
     organ id, the cavity is one the organ admits (a user-given cavity the organ does not admit is an
     error), and the size is in voxels (a user size may be in mm, see :func:`parse_lesion_size`) and
-    never exceeds ``organ_box_size``. The returned report has the box size but no centre yet.
+    never exceeds ``organ_box_size`` (array axes, like ``spacing``). The returned report has the box
+    size (report axis order: use :func:`array_box` / :func:`with_array_box`) but no centre yet.
     """
     organ_name = label_table(version).name(organ_id)
     fields = [n for n in V.REPORT_FIELDS + V.OPTIONAL_FIELDS if n != V.LOCATION]
@@ -466,7 +504,7 @@ def complete_report(
     bounded = bound_size(size, organ_box_size)
     if bounded != tuple(size):
         logger.warning("lesion size %s exceeds the %s box %s; using %s", tuple(size), organ_name, tuple(organ_box_size), bounded)
-    attrs[V.SIZE] = format_size(bounded)
+    attrs[V.SIZE] = format_size(to_report_axes(bounded))
 
     hu = parse_ct_value(attrs[V.CT_VALUE]) if "HU" in attrs[V.CT_VALUE].upper() else _plain_number(attrs[V.CT_VALUE])
     if hu is None:
@@ -476,7 +514,7 @@ def complete_report(
     attrs[V.CT_VALUE] = format_ct_value(hu)
 
     note = str(request.get(LESION_TYPE, "")).strip()
-    return LesionReport(int(organ_id), attrs, None, bounded, summary=attrs[V.SHAPE], note=note)
+    return LesionReport(int(organ_id), attrs, None, to_report_axes(bounded), summary=attrs[V.SHAPE], note=note)
 
 
 def _plain_number(text: str) -> float | None:
@@ -551,7 +589,7 @@ def _smoothed_inside(image_hu: np.ndarray, mask: np.ndarray, spacing: Sequence[f
 
 @dataclass(frozen=True)
 class LesionMeasurements:
-    """The numbers behind an extracted report (all in HU, mm or fractions)."""
+    """The numbers behind an extracted report (HU, mm or fractions; ``centre``/``size`` in array axes)."""
 
     organ_id: int
     centre: tuple[int, int, int]
@@ -773,7 +811,7 @@ def report_from_measurements(m: LesionMeasurements, version: str = DEFAULT_VERSI
         V.ENHANCEMENT: enhancement,
         V.LOCATION: str(m.organ_id),
         V.SHAPE: V.format_classes(shape),
-        V.SIZE: format_size(m.size),
+        V.SIZE: format_size(to_report_axes(m.size)),
         V.DENSITY: V.format_classes([density_class(m, organ_name, homogeneous)]),
         V.DENSITY_VARIATIONS: "homogeneous," if homogeneous else "heterogeneous,",
         V.CT_VALUE: format_ct_value(m.mean_hu),
@@ -783,9 +821,10 @@ def report_from_measurements(m: LesionMeasurements, version: str = DEFAULT_VERSI
         else "no close relationship with surrounding organs,",
         V.SPECIFIC: V.format_classes(features),
         V.CAVITY: cavity,
-        SIZE_MM: " x ".join(f"{v:g}" for v in m.size_mm) + " mm",
+        SIZE_MM: " x ".join(f"{m.size_mm[axis]:g}" for axis in REPORT_BOX_AXES) + " mm",
     }
-    return LesionReport(m.organ_id, attrs, m.centre, m.size, summary=attrs[V.SHAPE], note="")
+    box = to_report_axes(m.centre), to_report_axes(m.size)
+    return LesionReport(m.organ_id, attrs, *box, summary=attrs[V.SHAPE], note="")
 
 
 def extract_report(
@@ -802,7 +841,7 @@ def extract_report(
     ``image_hu`` (HU), ``label`` (0 background, 1 organ, 2 lesion) and ``organ_seg`` (TotalSegmentator
     ``version`` numbering) share one grid of voxel size ``spacing`` (mm). ``organ_id`` defaults to the
     organ-map label under the label's organ. Size: the lesion's bounding box in voxels (and
-    ``size in mm``); CT value: mean HU; density: against the organ's parenchyma; homogeneity: spread of
+    ``size in mm``), in the report's axis order like the box (see the module notes); CT value: mean HU; density: against the organ's parenchyma; homogeneity: spread of
     the smoothed HU; shape: solidity and elongation; cavity: the hollow/solid placement rules;
     relationship: contact with other organs; surface: sharpness of the HU step at the boundary;
     enhancement: aortic HU (empty when the map has no aorta). Pure: arrays in, report out.
