@@ -218,6 +218,14 @@ def typical_organ_hu(organ_name: str) -> float:
     return TYPICAL_ORGAN_HU.get(organ_group(organ_name), DEFAULT_ORGAN_HU)
 
 
+def density_reference_hu(organ_name: str, measured_hu: float | None = None) -> float:
+    """The HU a lesion's density class is judged against: the organ's measured parenchyma when given,
+    except for hollow organs, whose contents are no reference (:data:`HOLLOW_REFERENCE_HU`)."""
+    if is_hollow_name(organ_name) or measured_hu is None:
+        return typical_organ_hu(organ_name)
+    return float(measured_hu)
+
+
 def margin_text(organ_name: str, well_defined: bool) -> str:
     """The surface class for a well-/ill-defined margin in the organ's own words."""
     group = organ_group(organ_name)
@@ -396,7 +404,7 @@ class OfflineReportProvider:
                 features.append("retention of pancreatic fluid")
         out[V.SPECIFIC] = V.format_classes(features)
 
-        ref = organ_reference_hu if organ_reference_hu is not None else typical_organ_hu(organ)
+        ref = density_reference_hu(organ, organ_reference_hu)
         hu = parse_ct_value(_given(request, V.CT_VALUE) or "")
         if hu is None:
             hu = _sample_ct_value(density[0], "stone" in features, ref, rng)
@@ -708,7 +716,8 @@ def measure_lesion(
     hollow = organ_name in HOLLOW_ORGANS
     # the parenchyma reference comes from the whole organ, not just the crop
     whole_organ = ((seg == organ_id) | (lab == 1)) & ~lesion_full
-    reference = HOLLOW_REFERENCE_HU if hollow else organ_reference_hu(image, whole_organ, spacing, exclude=lesion_full)
+    measured = None if hollow else organ_reference_hu(image, whole_organ, spacing, exclude=lesion_full)
+    reference = density_reference_hu(organ_name, measured)  # a typical value when the organ has no voxel left
 
     smooth = _smoothed_inside(img, les, spacing)
     median = float(np.median(smooth))

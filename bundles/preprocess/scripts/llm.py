@@ -27,9 +27,9 @@ from lesiondiffusion.attributes import (
     ORGAN_TYPE,
     OfflineReportProvider,
     allowed_cavities,
+    density_reference_hu,
     margin_text,
     to_report_axes,
-    typical_organ_hu,
 )
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.report import format_ct_value, format_size
@@ -210,7 +210,7 @@ class OpenAIReportProvider:
         """Every report field, as :meth:`OfflineReportProvider.propose`, asked of the endpoint."""
         import openai
 
-        reference = organ_reference_hu if organ_reference_hu is not None else typical_organ_hu(organ_name)
+        reference = density_reference_hu(organ_name, organ_reference_hu)
         schema = response_schema(organ_name, organ_box_size)
         messages = self.messages(request, organ_name, organ_box_size, reference)
         seed = int(rng.integers(0, 2**31 - 1))
