@@ -75,6 +75,35 @@ class Commands:
         if problems:
             raise SystemExit(1)
 
+    def preprocess(
+        self,
+        image: str | None = None,
+        attributes: str | None = None,
+        out: str | None = None,
+        organ_seg: str | None = None,
+        image_list: str | None = None,
+        attributes_list: str | None = None,
+        organ_seg_list: str | None = None,
+        seed: int = 0,
+        num_lesions: int = 1,
+        report_provider: str = "offline",
+        overwrite: bool = False,
+        **overrides,
+    ) -> None:
+        """Prepare CTs for synthesis (standardised CT, organ map, report, lesion boxes, manifest in --out).
+
+        One CT: --image CT --attributes '{"organ type": "liver", "lesion type": "cyst"}' [--organ_seg SEG].
+        Batch: --image_list FILE --attributes_list FILE [--organ_seg_list FILE]. Any other key of the
+        preprocess bundle's inference.json can be set too (e.g. --totalseg_fast true). Prints the manifest.
+        """
+        from lesiondiffusion_tools.preprocess import run_preprocess
+
+        print(run_preprocess(
+            image=image, attributes=attributes, out=out, organ_seg=organ_seg, image_list=image_list,
+            attributes_list=attributes_list, organ_seg_list=organ_seg_list, seed=seed, num_lesions=num_lesions,
+            report_provider=report_provider, overwrite=overwrite, **overrides,
+        ))  # fmt: skip
+
 
 def format_validation_table(cases, problems) -> str:
     """A plain-text table: one row per case, then one line per problem."""
