@@ -1,0 +1,1 @@
+"""Code of the preprocess bundle (inputs, organ segmentation, the inference loop, report providers)."""

@@ -1,0 +1,235 @@
+"""Prepare new scans for synthesis (SPEC 4.1, inference side): the loop behind ``configs/inference.json``.
+
+Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
+
+- ``image.nii.gz``: the CT on the standardised grid (RAS, 1 mm; HU) from the config's MONAI
+  ``standardise`` chain, and ``geometry.json``: the input's grid, to write results back onto it;
+- ``organ_seg.nii.gz``: the organ map on that grid, v1 numbering (``scripts.segment``);
+- ``lesion_<k>.json`` for each of ``num_lesions`` lesions: the full report (``type.json`` format, user
+  attributes win over generated ones) whose box (element 3) was placed by the organ-aware rules of
+  :mod:`lesiondiffusion.placement`;
+
+and ``<output_dir>/manifest.json`` (:mod:`lesiondiffusion.manifest`) listing every case in input order.
+
+The output folder appears only when the run succeeds (it is built beside it and renamed into place).
+A case that fails in a batch is reported, kept in the manifest with its error, and skipped; the run
+fails (no output) only when no case succeeds or the inputs as a whole are malformed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lesiondiffusion.attributes import array_box, complete_report, organ_reference_hu, with_array_box
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.geometry import cast_to, record_geometry, write_geometry
+from lesiondiffusion.io import atomic_dir, load_nifti, save_nifti
+from lesiondiffusion.labels import is_hollow
+from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
+from lesiondiffusion.placement import DEFAULT_EROSION, Box, bounding_box, place_box
+from lesiondiffusion.report import Report, write_report
+from lesiondiffusion.vocabulary import CAVITY
+
+from scripts.inputs import CaseRequest, read_requests
+from scripts.segment import OrganSegmenter
+
+logger = logging.getLogger(__name__)
+
+IMAGE_NAME = "image.nii.gz"
+ORGAN_SEG_NAME = "organ_seg.nii.gz"
+GEOMETRY_NAME = "geometry.json"
+
+
+class PreprocessRunner:
+    """Runs every case of a request list and writes the output folder (see the module docstring)."""
+
+    def __init__(
+        self,
+        output_dir: str | None,
+        standardise: Callable[[dict[str, Any]], dict[str, Any]],
+        segmenter: OrganSegmenter,
+        provider: Any,
+        image: str | None = None,
+        image_list: str | None = None,
+        attributes: Any = None,
+        attributes_list: str | None = None,
+        organ_seg: str | None = None,
+        organ_seg_list: str | None = None,
+        seed: int = 0,
+        num_lesions: int = 1,
+        erosion: float = DEFAULT_EROSION,
+        axcodes: str = "RAS",
+        pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+        overwrite: bool = False,
+        exit_on_error: bool = True,
+    ) -> None:
+        self.output_dir = output_dir
+        self.standardise, self.segmenter, self.provider = standardise, segmenter, provider
+        self.inputs = dict(
+            image=image, image_list=image_list, attributes=attributes, attributes_list=attributes_list,
+            organ_seg=organ_seg, organ_seg_list=organ_seg_list,
+        )
+        self.seed, self.num_lesions, self.erosion = int(seed), int(num_lesions), float(erosion)
+        self.axcodes, self.pixdim = axcodes, tuple(float(p) for p in pixdim)
+        self.overwrite, self.exit_on_error = bool(overwrite), bool(exit_on_error)
+
+    # ---- entry point ---------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Prepare every case; returns the manifest path. A user error is one line on stderr + exit 1."""
+        try:
+            return self._run()
+        except LesionDiffusionError as e:
+            if not self.exit_on_error:
+                raise
+            logger.debug("preprocess failed", exc_info=True)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    def _run(self) -> Path:
+        if not self.output_dir:
+            raise LesionDiffusionError("set output_dir (--output_dir DIR)")
+        if self.num_lesions < 1:
+            raise LesionDiffusionError(f"num_lesions must be at least 1, got {self.num_lesions}")
+        out = Path(str(self.output_dir)).expanduser().absolute()
+        requests = read_requests(**self.inputs)
+        self._check_output(out, requests)
+
+        entries: list[CaseEntry] = []
+        errors: list[str] = []
+        # everything is written into a sibling folder that becomes ``out`` only at the end
+        with atomic_dir(out, overwrite=True) as tmp:
+            for request in tqdm(requests, desc="preprocess", unit="case", disable=None):
+                name = f"case_{request.index:03d}"
+                try:
+                    with atomic_dir(tmp / name) as folder:
+                        entry = self._prepare(request, name, folder)
+                    entries.append(_moved(entry, folder, tmp / name))
+                    logger.info("%s: %s -> %s (%d lesion(s))", name, request.image, out / name, len(entry.lesions))
+                except Exception as e:  # one bad case never stops the others
+                    message = _one_line(e)
+                    if not isinstance(e, LesionDiffusionError):
+                        logger.debug("%s failed", name, exc_info=True)
+                    errors.append(message)
+                    if len(requests) > 1:
+                        logger.error("%s skipped: %s", name, message)
+                    entries.append(CaseEntry(name, source_image=request.image.absolute()).failed(message))
+            if len(errors) == len(requests):
+                raise LesionDiffusionError(errors[0] if len(errors) == 1 else f"all {len(errors)} cases failed; first: {errors[0]}")
+            write_manifest(tmp / MANIFEST_NAME, Manifest(tuple(entries)))
+        ok = len(requests) - len(errors)
+        logger.info("%d of %d case(s) prepared in %s; manifest %s", ok, len(requests), out, out / MANIFEST_NAME)
+        if errors:
+            logger.warning("%d case(s) failed and are marked \"error\" in the manifest", len(errors))
+        return out / MANIFEST_NAME
+
+    def _check_output(self, out: Path, requests: list[CaseRequest]) -> None:
+        if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not self.overwrite:
+            raise InputError(out, "output folder already exists and is not empty (set overwrite true to replace it)")
+        for request in requests:
+            for path in (request.image, request.organ_seg):
+                if path is not None and (out == path.absolute() or out in path.absolute().parents):
+                    raise InputError(path, f"input lies inside the output folder {out}; inputs are never replaced")
+
+    # ---- one case ------------------------------------------------------------------------------------
+    def _prepare(self, request: CaseRequest, name: str, folder: Path) -> CaseEntry:
+        image_path = request.image
+        header = load_nifti(image_path, ndim=3)  # unreadable or 4D: one-line error before MONAI sees it
+        if request.organ_seg is not None:
+            seg_header = load_nifti(request.organ_seg, ndim=3)
+            if seg_header.shape[:3] != header.shape[:3]:
+                raise InputError(request.organ_seg, f"organ map shape {seg_header.shape[:3]} differs from the image's {header.shape[:3]}")
+            if not np.allclose(seg_header.affine, header.affine, atol=1e-3):
+                raise InputError(request.organ_seg, f"organ map affine differs from the image's ({image_path})")
+
+        data = {"image": str(image_path)}
+        if request.organ_seg is not None:
+            data["organ_seg"] = str(request.organ_seg)
+        try:
+            std = self.standardise(data)
+        except Exception as e:  # truncated gzip and other decoding errors surface only here
+            cause = e.__cause__ or e
+            raise InputError(image_path, f"cannot be read or standardised ({type(cause).__name__}: {_one_line(cause)})") from None
+        image = std["image"]
+        affine = np.asarray(image.affine, dtype=np.float64)
+        hu = image[0].detach().cpu().numpy().astype(np.float32)
+        given = std["organ_seg"][0].detach().cpu().numpy() if "organ_seg" in std else None
+        seg, seg_source = self.segmenter(hu, affine, given, image_path, request.organ_seg)
+
+        organ = seg == request.organ_id
+        if not organ.any():
+            where = request.organ_seg if seg_source == "given" else image_path
+            found = ", ".join(str(i) for i in np.unique(seg)[1:8]) or "none"
+            raise InputError(
+                where,
+                f"organ {request.organ_name!r} (TotalSegmentator v1 label {request.organ_id}) is absent from the organ segmentation (labels present: {found})",
+            )
+        lesions = self._lesions(request, hu, organ, folder)
+
+        dtype = np.int16 if np.issubdtype(header.get_data_dtype(), np.integer) else np.float32
+        save_nifti(folder / IMAGE_NAME, cast_to(hu, dtype), affine)
+        save_nifti(folder / ORGAN_SEG_NAME, seg.astype(np.uint8), affine)
+        geometry = record_geometry(image_path, affine, hu.shape, axcodes=self.axcodes, pixdim=self.pixdim)
+        write_geometry(folder / GEOMETRY_NAME, geometry)
+        return CaseEntry(
+            name,
+            source_image=image_path.absolute(),
+            geometry=folder / GEOMETRY_NAME,
+            image=folder / IMAGE_NAME,
+            organ_seg=folder / ORGAN_SEG_NAME,
+            lesions=tuple(lesions),
+            extra={"organ_seg_source": seg_source, "request": request.attributes},
+        )
+
+    def _lesions(self, request: CaseRequest, hu: np.ndarray, organ: np.ndarray, folder: Path) -> list[LesionEntry]:
+        """Report + box for each lesion, seeded per case (same seed and inputs, same boxes)."""
+        rng = np.random.default_rng([self.seed, request.index])
+        organ_box = bounding_box(organ).size
+        reference = organ_reference_hu(hu, organ, (1.0, 1.0, 1.0))
+        hollow = is_hollow(request.organ_id)
+        boxes: list[Box] = []
+        entries = []
+        for k in range(self.num_lesions):
+            proposed = self.provider.propose(
+                request.attributes, request.organ_name, rng, organ_box_size=organ_box, organ_reference_hu=reference
+            )
+            report = complete_report(request.attributes, request.organ_id, organ_box, proposed, rng)
+            cavity = report.attributes[CAVITY]
+            _, size = array_box(report)
+            box = place_box(organ, cavity, size, rng, hollow, avoid=boxes, erosion=self.erosion)
+            boxes.append(box)
+            report = with_array_box(report, box.centre, box.size)
+            path = folder / f"lesion_{k}.json"
+            write_report(path, Report((report,)))
+            entries.append(LesionEntry(request.organ_id, cavity, path, box))
+        return entries
+
+
+def _moved(entry: CaseEntry, old: Path, new: Path) -> CaseEntry:
+    """The entry with paths under ``old`` (the case's temporary folder) re-rooted at ``new``."""
+
+    def move(p: Path | None) -> Path | None:
+        return None if p is None or old not in p.parents else new / p.relative_to(old)
+
+    lesions = tuple(LesionEntry(l.organ_id, l.cavity, move(l.report), l.box, l.extra) for l in entry.lesions)  # type: ignore[arg-type]
+    return CaseEntry(
+        entry.case,
+        entry.status,
+        source_image=entry.source_image,
+        geometry=move(entry.geometry),
+        image=move(entry.image),
+        organ_seg=move(entry.organ_seg),
+        lesions=lesions,
+        extra=entry.extra,
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__

@@ -1,0 +1,176 @@
+"""Organ segmentation of the standardised CT: TotalSegmentator, or the user's own organ map.
+
+TotalSegmentator is an optional extra (``pip install '.[totalseg]'``). It is used only when it is
+installed *and* its weights for the chosen task are already on this machine: nothing is downloaded
+(its weights folder is ``$TOTALSEG_WEIGHTS_PATH``, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
+``~/.totalsegmentator/nnunet/results``, as TotalSegmentator itself resolves it). It runs on the
+standardised image, so its labels share the standardised grid (the original segmented with the
+pre-resampling affine).
+
+Which map a case gets: the user's ``organ_seg`` when given (unless ``prefer_totalseg``), else
+TotalSegmentator when available, else the user's map, else one error naming both options. Every map
+comes out in TotalSegmentator v1 numbering, which reports and the networks use: v2 maps (TotalSegmentator
+2.x, or a user map declared ``v2``) are converted with :func:`lesiondiffusion.labels.convert_ids`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.labels import VERSIONS, convert_ids, label_table
+
+logger = logging.getLogger(__name__)
+
+# nnU-Net datasets TotalSegmentator 2.x loads per task and mode (folders ``Dataset<id>_*`` in its weights dir).
+TASK_WEIGHTS: dict[str, dict[bool, tuple[int, ...]]] = {
+    "total": {False: (291, 292, 293, 294, 295), True: (297,)},
+    "total_mr": {False: (850, 851), True: (852,)},
+}
+INSTALL_HINT = "pip install '.[totalseg]'"
+
+
+def totalseg_weights_dir() -> Path:
+    """Where TotalSegmentator keeps its weights (same resolution order as TotalSegmentator)."""
+    if os.environ.get("TOTALSEG_WEIGHTS_PATH"):
+        return Path(os.environ["TOTALSEG_WEIGHTS_PATH"])
+    if os.environ.get("TOTALSEG_HOME_DIR"):
+        return Path(os.environ["TOTALSEG_HOME_DIR"]) / "nnunet" / "results"
+    home = Path("/tmp") if str(Path.home()) == "/" else Path.home()
+    return home / ".totalsegmentator" / "nnunet" / "results"
+
+
+def totalseg_device(device: Any = "auto") -> str:
+    """TotalSegmentator's device string ("gpu", "gpu:1", "cpu", "mps") for a torch device or "auto"."""
+    if device is None or str(device) == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda":
+        return "gpu" if dev.index is None else f"gpu:{dev.index}"
+    return dev.type
+
+
+class TotalSegmentatorAdapter:
+    """TotalSegmentator's Python API on a standardised image; returns a v1-numbered organ map."""
+
+    def __init__(self, task: str = "total", fast: bool = False, device: Any = "auto", numbering: str = "v2") -> None:
+        if task not in TASK_WEIGHTS:
+            raise LesionDiffusionError(f"unknown TotalSegmentator task {task!r}; use one of: {', '.join(TASK_WEIGHTS)}")
+        if numbering not in VERSIONS:
+            raise LesionDiffusionError(f"unknown TotalSegmentator numbering {numbering!r}; use one of: {', '.join(VERSIONS)}")
+        self.task, self.fast, self.device, self.numbering = task, bool(fast), device, numbering
+
+    def unavailable_reason(self) -> str | None:
+        """None when TotalSegmentator can run offline now; else why not (one line)."""
+        if importlib.util.find_spec("totalsegmentator") is None:
+            return f"TotalSegmentator is not installed ({INSTALL_HINT})"
+        folder = totalseg_weights_dir()
+        missing = [i for i in TASK_WEIGHTS[self.task][self.fast] if not any(folder.glob(f"Dataset{i}_*"))]
+        if missing:
+            mode = " --fast" if self.fast else ""
+            names = ", ".join(f"Dataset{i}_*" for i in missing)
+            return f"TotalSegmentator weights for task {self.task}{mode} are not in {folder} ({names}; set TOTALSEG_HOME_DIR or TOTALSEG_WEIGHTS_PATH)"
+        return None
+
+    def __call__(self, image: nib.Nifti1Image) -> np.ndarray:
+        """Segment ``image`` (HU, standardised grid); the organ map on the same grid, v1 ids, uint8."""
+        from totalsegmentator.python_api import totalsegmentator  # optional extra: imported only when used
+
+        device = totalseg_device(self.device)
+        logger.info("TotalSegmentator: task %s%s on %s", self.task, " (fast)" if self.fast else "", device)
+        result = totalsegmentator(image, None, ml=True, task=self.task, fast=self.fast, device=device, quiet=True)
+        return self._labels(result, image)
+
+    def _labels(self, result: Any, image: nib.Nifti1Image) -> np.ndarray:
+        """Check TotalSegmentator's output image against its input and convert it to v1 ids."""
+        if not hasattr(result, "dataobj") or not hasattr(result, "affine"):
+            raise LesionDiffusionError(f"TotalSegmentator returned {type(result).__name__}, not a NIfTI image")
+        data = np.asanyarray(result.dataobj)
+        if data.shape[:3] != image.shape[:3] or data.ndim != 3:
+            raise LesionDiffusionError(f"TotalSegmentator returned shape {data.shape}, expected the input's {image.shape[:3]}")
+        if not np.allclose(result.affine, image.affine, atol=1e-3):
+            raise LesionDiffusionError("TotalSegmentator returned a different affine than its input's")
+        return to_v1(data, self._numbering(), source="TotalSegmentator output")
+
+    def _numbering(self) -> str | dict[int, int]:
+        if self.task == "total":
+            return self.numbering
+        # other tasks have their own class list: map it onto v1 by organ name
+        from totalsegmentator.map_to_binary import class_map
+
+        table = label_table("v1")
+        lut = {}
+        for i, name in class_map[self.task].items():
+            try:
+                lut[int(i)] = table.id(name)
+            except LesionDiffusionError:
+                continue
+        return lut
+
+
+def to_v1(data: np.ndarray, numbering: str | dict[int, int], source: str | Path = "organ map") -> np.ndarray:
+    """An organ map in ``numbering`` ("v1", "v2" or an id -> v1 id dict) as v1 ids, uint8.
+
+    Labels with no v1 counterpart become background (and are counted in the log).
+    """
+    ids = np.rint(np.asarray(data, dtype=np.float32)).astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() > 10_000):
+        raise InputError(source, f"organ map labels must be small non-negative integers, got {ids.min()}..{ids.max()}")
+    if numbering == "v1":
+        known = set(label_table("v1").names) | {0}
+        unknown = sorted(set(np.unique(ids).tolist()) - known)
+        if unknown:
+            raise InputError(source, f"labels {unknown[:5]} are not TotalSegmentator v1 ids (is it a v2 map? set organ_seg_version v2)")
+        return ids.astype(np.uint8)
+    mapping = convert_ids("v2", "v1") if numbering == "v2" else dict(numbering)
+    lut = np.zeros(max(int(ids.max(initial=0)), max(mapping, default=0)) + 1, dtype=np.uint8)
+    for src, dst in mapping.items():
+        lut[int(src)] = int(dst)
+    out = lut[ids]
+    dropped = int(((ids > 0) & (out == 0)).sum())
+    if dropped:
+        logger.info("%s: %d voxels carry labels without a v1 counterpart; set to background", source, dropped)
+    return out
+
+
+class OrganSegmenter:
+    """Chooses the organ map of each case: the user's, TotalSegmentator's, or a clear error."""
+
+    def __init__(
+        self,
+        totalseg: TotalSegmentatorAdapter | None = None,
+        given_version: str = "v1",
+        prefer_totalseg: bool = False,
+    ) -> None:
+        if given_version not in VERSIONS:
+            raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSIONS)}, not {given_version!r}")
+        self.totalseg, self.given_version, self.prefer_totalseg = totalseg, given_version, bool(prefer_totalseg)
+
+    def __call__(
+        self, image: np.ndarray, affine: np.ndarray, given: np.ndarray | None, image_path: Path, given_path: Path | None
+    ) -> tuple[np.ndarray, str]:
+        """The v1 organ map on the standardised grid and its source ("given" or "totalsegmentator").
+
+        ``image`` is the standardised CT (HU, 3D) with its ``affine``; ``given`` the user's map already
+        resampled onto the same grid (nearest neighbour), or None.
+        """
+        reason = self.totalseg.unavailable_reason() if self.totalseg is not None else "TotalSegmentator is disabled"
+        use_totalseg = reason is None and (given is None or self.prefer_totalseg)
+        if use_totalseg:
+            assert self.totalseg is not None
+            ct = nib.Nifti1Image(np.asarray(image, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+            return self.totalseg(ct), "totalsegmentator"
+        if given is not None:
+            return to_v1(given, self.given_version, source=given_path or "organ_seg"), "given"
+        raise InputError(
+            image_path,
+            f"no organ segmentation: give one (organ_seg / --organ_seg, or organ_seg_list) or make TotalSegmentator available offline: {reason}",
+        )
