@@ -1,0 +1,185 @@
+"""LMNet inference: one lesion mask per box of a preprocess manifest, written as label maps (0/1/2).
+
+For each lesion: a window of ``crop`` voxels at the working ``spacing`` (mm) centred on the box is cut
+from the standardised organ map; the network samples the mask from noise conditioned on the lesion's
+report; the field is brought back to the 1 mm grid (trilinear) and post-processed (threshold sweep
+towards the expected volume, largest component, minimum size, retries with new seeds) inside the
+allowed region of its cavity rule, minus the lesions already drawn (no overlap). The label map is
+written on the standardised grid and on the input's own grid, and the manifest gains ``label`` and
+``label_original`` per case. A case whose lesion cannot be drawn is marked failed; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from torch import nn
+from tqdm import tqdm
+
+from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
+from lesiondiffusion.diffusion import DiffusionSampler
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.geometry import read_geometry, save_on_input_grid
+from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
+from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
+from lesiondiffusion.placement import Box, PlacementError, allowed_region, box_mask
+
+from .postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, select_mask
+from .transforms import ORGAN_SCALE, crop_window, working_size
+
+logger = logging.getLogger(__name__)
+
+LABEL_NAME = "label.nii.gz"
+LABEL_ORIGINAL_NAME = "label_original.nii.gz"
+
+
+@dataclass
+class LesionMaskSynthesiser:
+    """Draws lesion masks with a trained LMNet.
+
+    Args:
+        network: the trained :class:`~lesiondiffusion.diffusion.ConditionedDiffusionModel` (eval mode).
+        sampler: DDIM or rectified-flow sampler (steps, guidance scale).
+        crop: the network's input size in working voxels.
+        spacing: working voxel size in mm (the standardised grid is 1 mm).
+        seed: base seed; lesion ``j`` of case ``i``, attempt ``k`` uses a seed derived from all four.
+        retries: extra sampling attempts when post-processing finds no acceptable mask.
+        min_voxels, min_fraction: a mask needs at least ``max(min_voxels, min_fraction * expected)`` voxels.
+        fill: expected lesion volume as a fraction of its box (an inscribed ellipsoid: pi / 6).
+        gap: voxels kept free around lesions already drawn, so two lesions never touch.
+    """
+
+    network: nn.Module
+    sampler: DiffusionSampler
+    crop: Sequence[int]
+    spacing: float = 1.0
+    seed: int = 0
+    retries: int = 3
+    min_voxels: int = 8
+    min_fraction: float = 0.1
+    fill: float = ELLIPSOID_FILL
+    gap: int = 1
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    device: torch.device | str = "cpu"
+    spec: ConditionSpec = field(init=False)
+
+    def __post_init__(self) -> None:
+        encoder = getattr(self.network, "encoder", None)
+        self.spec = encoder.spec if encoder is not None else ConditionSpec()
+        self.crop = tuple(int(c) for c in self.crop)
+        self.window = working_size(self.crop, self.spacing)
+
+    def condition(self, lesion: LesionEntry) -> torch.Tensor:
+        """The lesion's condition tensor ``[1, n, width]`` from its report file."""
+        attributes = lesion_attributes(lesion.report, lesion.organ_id)
+        return self.spec.encode(attributes, lesion.report)[None]
+
+    def _to_working(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.as_tensor(array, dtype=torch.float32)[None, None]
+        return t if tuple(self.window) == self.crop else F.interpolate(t, size=self.crop, mode="nearest")
+
+    def draw(
+        self, organ_seg: np.ndarray, lesion: LesionEntry, occupied: np.ndarray, seed: int
+    ) -> np.ndarray:
+        """One lesion's boolean mask on the standardised grid (shape of ``organ_seg``)."""
+        box: Box = lesion.box
+        organ = organ_seg == lesion.organ_id
+        if not organ.any():
+            raise LesionDiffusionError(f"organ {lesion.organ_id} is absent from the organ map")
+        try:
+            allowed = allowed_region(organ, lesion.cavity, box)
+        except PlacementError as e:
+            raise LesionDiffusionError(str(e)) from None
+        if occupied.any():
+            allowed &= ~ndi.binary_dilation(occupied, iterations=self.gap) if self.gap else ~occupied
+        src, dst = crop_window(box.centre, self.window, organ_seg.shape)
+
+        def window(array: np.ndarray, dtype: type) -> np.ndarray:
+            out = np.zeros(self.window, dtype=dtype)
+            out[dst] = array[src]
+            return out
+
+        allowed_w = window(allowed, bool)
+        if not allowed_w.any():
+            raise LesionDiffusionError(f"the box {box.centre}/{box.size} leaves no room for the lesion (cavity rule, other lesions)")
+        extra = torch.cat(
+            [
+                self._to_working(window(organ_seg, np.float32) / ORGAN_SCALE),
+                self._to_working(window(organ, np.float32)),
+                self._to_working(window(box_mask(organ_seg.shape, box), np.float32)),
+            ],
+            dim=1,
+        )
+        condition = self.condition(lesion)
+        expected = float(np.prod(box.size)) * self.fill
+        expected = min(expected, float(allowed_w.sum()))
+        min_size = max(self.min_voxels, int(self.min_fraction * expected))
+        for attempt in range(self.retries + 1):
+            sample = self.sampler(self.network, (1, 1, *self.crop), condition=condition, extra=extra, seed=seed + 7919 * attempt, device=self.device)
+            up = sample.float().cpu()
+            if tuple(self.window) != self.crop:
+                up = F.interpolate(up, size=self.window, mode="trilinear", align_corners=False)
+            mask = select_mask(up[0, 0].numpy(), allowed_w, expected, min_size, self.thresholds)
+            if mask is not None:
+                out = np.zeros(organ_seg.shape, dtype=bool)
+                out[src] = mask[dst]
+                return out
+            logger.info("lesion in organ %d: no mask of >= %d voxels on attempt %d", lesion.organ_id, min_size, attempt + 1)
+        raise LesionDiffusionError(f"no lesion mask of at least {min_size} voxels after {self.retries + 1} attempts (organ {lesion.organ_id})")
+
+    def label_map(self, case: CaseEntry, case_index: int) -> tuple[np.ndarray, nib.Nifti1Image]:
+        """The case's label map (uint8: 1 target organs, 2 lesions) on the standardised grid, and its image."""
+        organ_seg, img = read_nifti_array(case.organ_seg, dtype=np.int32)
+        label = np.zeros(organ_seg.shape, dtype=np.uint8)
+        for lesion in case.lesions:
+            label[organ_seg == lesion.organ_id] = 1
+        occupied = np.zeros(organ_seg.shape, dtype=bool)
+        for j, lesion in enumerate(case.lesions):
+            mask = self.draw(organ_seg, lesion, occupied, seed=self.seed + 1_000_003 * case_index + 10_007 * j)
+            occupied |= mask
+        label[occupied] = 2
+        return label, img
+
+
+def run_manifest(
+    manifest: PathLike,
+    synthesiser: LesionMaskSynthesiser,
+    output_dir: PathLike | None = None,
+) -> Path:
+    """Draw every case's lesions and write labels + the extended manifest into ``output_dir``.
+
+    ``output_dir`` defaults to the manifest's folder (the manifest is then extended in place, atomically).
+    Returns the path of the written manifest.
+    """
+    manifest = Path(manifest)
+    data = read_manifest(manifest)
+    out_dir = Path(output_dir) if output_dir else manifest.parent
+    cases = list(data.cases)
+    for i, case in enumerate(tqdm(cases, desc="LMNet cases", disable=len(cases) < 2)):
+        if not case.ok:
+            continue
+        if not case.lesions:
+            cases[i] = case.failed("no lesion box to draw")
+            continue
+        try:
+            label, img = synthesiser.label_map(case, i)
+            geometry = read_geometry(case.geometry)
+            if tuple(geometry.standard_shape) != label.shape:
+                raise InputError(case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}")
+            folder = out_dir / case.case
+            std = save_nifti(folder / LABEL_NAME, label, img.affine, dtype=np.uint8)
+            original = save_on_input_grid(folder / LABEL_ORIGINAL_NAME, label, geometry, mode="nearest", dtype=np.uint8)
+            cases[i] = replace(case, label=std, label_original=original, synthetic_image=None)
+            logger.info("%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == 2).sum()))
+        except LesionDiffusionError as e:
+            logger.error("%s: %s", case.case, e)
+            cases[i] = case.failed(str(e))
+    return write_manifest(out_dir / MANIFEST_NAME, replace(data, cases=tuple(cases)))

@@ -1,0 +1,46 @@
+"""From a sampled lesion field to one clean lesion mask (SPEC 4.2 post-processing)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(-0.9, 0.9, 19), 2))
+ELLIPSOID_FILL = math.pi / 6  # volume of an ellipsoid inscribed in its box, as a fraction of the box
+
+
+def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The largest face-connected component of ``mask`` and its size (empty mask: all False, 0)."""
+    labels, n = ndi.label(mask)
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool), 0
+    sizes = np.bincount(labels.ravel())[1:]
+    best = int(sizes.argmax())
+    return labels == best + 1, int(sizes[best])
+
+
+def select_mask(
+    field: np.ndarray,
+    allowed: np.ndarray,
+    target_volume: float,
+    min_voxels: int = 8,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> np.ndarray | None:
+    """Threshold sweep: the largest component (inside ``allowed``) whose volume is closest to ``target_volume``.
+
+    ``field`` is the sampled mask in [-1, 1]; each threshold keeps ``field > t`` within ``allowed`` and
+    its largest component; components smaller than ``min_voxels`` never win. None when nothing qualifies.
+    """
+    allowed = np.asarray(allowed, dtype=bool)
+    best, best_err = None, math.inf
+    for t in thresholds:
+        comp, size = largest_component((field > t) & allowed)
+        if size < min_voxels:
+            continue
+        err = abs(size - target_volume)
+        if err < best_err:
+            best, best_err = comp, err
+    return best
