@@ -37,8 +37,8 @@ from lesiondiffusion.placement import DEFAULT_EROSION, Box, bounding_box, place_
 from lesiondiffusion.report import Report, write_report
 from lesiondiffusion.vocabulary import CAVITY
 
-from scripts.inputs import CaseRequest, read_requests
-from scripts.segment import OrganSegmenter
+from .inputs import CaseRequest, read_requests
+from .segment import OrganSegmenter
 
 logger = logging.getLogger(__name__)
 
