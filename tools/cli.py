@@ -64,7 +64,7 @@ class Commands:
 
         if not Path(src).is_dir():
             raise LesionDiffusionError(f"{src}: demo data folder not found (pass --src DIR)")
-        folder = build_demo_cases(Path(src), Path(out), seed=seed)
+        folder = build_demo_cases(Path(src), Path(out), seed=seed, overwrite=True)
         datalist = folder / "datalist.json"
         cases = [c for split in read_datalist(datalist).values() for c in split]
         problems = validate_cases(cases)
