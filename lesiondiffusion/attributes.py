@@ -48,8 +48,9 @@ ENHANCED = "enhanced CT,"
 NON_CONTRAST = "non-contrast CT,"
 
 # ---- extraction thresholds -------------------------------------------------------------------------
-# Density: the lesion's mean HU against the organ's parenchyma (median HU of the organ away from its
-# rim and from the lesion). Within +-ISO_HU the lesion is isodense: differences under ~10 HU are not
+# Density: the lesion's core HU (median after smoothing inside the lesion, so partial volume at its
+# rim does not count) against the organ's parenchyma (median HU of the organ away from its rim and
+# from the lesion). Within +-ISO_HU the lesion is isodense: differences under ~10 HU are not
 # visible at abdominal window settings and are within real CT's noise of a small region.
 ISO_HU = 10.0
 # A hypodense lesion this dark or darker (water is 0 HU, simple cysts 0-20 HU) and homogeneous is
@@ -78,13 +79,16 @@ MIN_REFERENCE_VOXELS = 50
 SMOOTH_SIGMA_MM = 1.0
 HOMOGENEOUS_MAX_STD_HU = 12.0
 # "presence of increased/decreased density areas": this fraction of the smoothed lesion lies more than
-# AREA_DELTA_HU above/below the lesion's median.
+# AREA_DELTA_HU above/below the lesion's median. Smoothed voxel noise almost never gets that far (well
+# under 1%), while a lesion with +-25 HU blobs has 8-20% on each side.
 AREA_DELTA_HU = 20.0
-AREA_MIN_FRACTION = 0.10
-# Shape. Solidity (volume / convex-hull volume) and elongation (longest / shortest principal axis).
-# A voxelised sphere or ellipsoid has solidity ~0.9; lobulated or infiltrative lesions fall below.
-ROUND_MIN_SOLIDITY = 0.85
-ROUND_MAX_ELONGATION = 2.0
+AREA_MIN_FRACTION = 0.05
+# Shape. Digital solidity (voxels / voxel centres inside the convex hull: 1 for any convex shape) and
+# elongation (longest / shortest principal axis). Lobulated or infiltrative lesions have solidity well
+# under 0.9 (two touching balls: 0.87; the demo liver tumour: 0.85, the demo bladder tumour: 0.97); an
+# ovoid up to about 2:1 still reads as round-like.
+ROUND_MIN_SOLIDITY = 0.9
+ROUND_MAX_ELONGATION = 2.2
 PUNCTATE_MAX_MM = 10.0  # equivalent-sphere diameter of a punctate / nodular lesion
 # Cavity. Hollow organ: the lesion's box centre deeper than HOLLOW_WALL_MM inside the organ (lesion
 # included) is in the lumen, else in the wall: the rule the placement uses (~5 voxels of erosion).
@@ -175,8 +179,11 @@ DENSITY_OFFSET_HU: dict[str, tuple[float, float]] = {
     _RING: (-40.0, -20.0),
 }
 # Absolute CT values (HU) for classes defined by their own attenuation.
+# Generated values keep this distance from the fluid threshold, so that what is written reads back as
+# its class after partial volume and noise.
+FLUID_MARGIN_HU = 5.0
 DENSITY_ABSOLUTE_HU: dict[str, tuple[float, float]] = {
-    _FLUID: (0.0, 18.0),
+    _FLUID: (0.0, FLUID_MAX_HU - FLUID_MARGIN_HU),
     _GGO: (-700.0, -400.0),
     _SOLID_MASS: (20.0, 50.0),
     "stone": (350.0, 800.0),
@@ -204,6 +211,21 @@ def organ_group(organ_name: str) -> str:
 def is_hollow_name(organ_name: str) -> bool:
     """True for organs with a lumen (SPEC 4.1 hollow-organ rules)."""
     return organ_name.lower() in HOLLOW_ORGANS
+
+
+_CAVITY_WORDS = (("lumen", V.CAVITY_LUMEN), ("wall", V.CAVITY_WALL), ("protrud", V.CAVITY_PROTRUDING),
+                 ("exophytic", V.CAVITY_PROTRUDING), ("within", V.CAVITY_WITHIN), ("parenchym", V.CAVITY_WITHIN),
+                 ("intra", V.CAVITY_WITHIN))
+
+
+def parse_cavity(text: str) -> str | None:
+    """The cavity class of a free text: a vocabulary class, else by key word ("lumen", "wall",
+    "protruding", "within"); None when nothing matches."""
+    found = V.parse_classes(V.CAVITY, text or "")[0]
+    if found:
+        return found[0]
+    low = str(text or "").lower()
+    return next((cls for word, cls in _CAVITY_WORDS if word in low), None)
 
 
 def allowed_cavities(organ_name: str) -> tuple[str, str]:
@@ -354,9 +376,9 @@ class OfflineReportProvider:
 
         # cavity first: the shape depends on it
         lumen, wall = V.CAVITY_LUMEN, V.CAVITY_WALL
-        cav = _given_classes(request, V.CAVITY)
-        if cav and cav[0] in allowed_cavities(organ):
-            cavity = cav[0]
+        cav = parse_cavity(_given(request, V.CAVITY) or "")
+        if cav in allowed_cavities(organ):
+            cavity = cav
         elif hollow:
             cavity = lumen if rng.random() < kind.lumen else wall
         else:
@@ -432,8 +454,11 @@ def _sample_ct_value(density: str, stone: bool, reference_hu: float, rng: np.ran
     if density in DENSITY_ABSOLUTE_HU:
         lo, hi = DENSITY_ABSOLUTE_HU[density]
         return round(float(rng.uniform(lo, hi)))
-    lo, hi = DENSITY_OFFSET_HU.get(density, DENSITY_OFFSET_HU[_HYPO])
-    return round(reference_hu + float(rng.uniform(lo, hi)))
+    lo, hi = (reference_hu + d for d in DENSITY_OFFSET_HU.get(density, DENSITY_OFFSET_HU[_HYPO]))
+    if density == _HYPO:  # darker than the organ but not as dark as fluid
+        lo = max(lo, FLUID_MAX_HU + FLUID_MARGIN_HU)
+        hi = max(hi, lo)
+    return round(float(rng.uniform(lo, hi)))
 
 
 def _sample_size(
@@ -490,15 +515,14 @@ def complete_report(
     allowed = allowed_cavities(organ_name)
     user_cavity = _given(request, V.CAVITY)
     if user_cavity is not None:
-        found = V.parse_classes(V.CAVITY, user_cavity)[0]
-        if not found or found[0] not in allowed:
+        cavity = parse_cavity(user_cavity)  # type: ignore[assignment]
+        if cavity not in allowed:
             raise LesionDiffusionError(
                 f"cavity {user_cavity!r} does not fit the {organ_name} (organ {organ_id}); use one of: {', '.join(allowed)}"
             )
-        cavity = found[0]
     else:
-        found = V.parse_classes(V.CAVITY, pick(V.CAVITY))[0]
-        cavity = found[0] if found and found[0] in allowed else allowed[int(rng.integers(2))]
+        proposed_cavity = parse_cavity(pick(V.CAVITY))
+        cavity = proposed_cavity if proposed_cavity in allowed else allowed[int(rng.integers(2))]
     attrs[V.CAVITY] = cavity
 
     size_text = attrs[V.SIZE]
@@ -605,6 +629,7 @@ class LesionMeasurements:
     size_mm: tuple[float, float, float]
     volume_mm3: float
     mean_hu: float
+    core_hu: float
     reference_hu: float | None
     smoothed_std_hu: float
     increased_fraction: float
@@ -623,24 +648,30 @@ class LesionMeasurements:
 
 
 def _shape_metrics(lesion: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
-    """(solidity, elongation) of a binary mask in physical space."""
-    pts = np.argwhere(lesion).astype(np.float64) * np.asarray(spacing, dtype=np.float64)
+    """(solidity, elongation) of a binary mask in physical space.
+
+    Solidity is digital: the lesion's voxel count over the count of voxel centres inside the convex
+    hull of its voxel centres (1 for any convex shape, whatever its size). Elongation is the ratio of
+    the longest to the shortest principal axis.
+    """
+    sp = np.asarray(spacing, dtype=np.float64)
+    pts = np.argwhere(lesion).astype(np.float64) * sp
     if len(pts) < 4:
         return 1.0, 1.0
-    cov = np.cov(pts.T)
-    eig = np.sort(np.clip(np.linalg.eigvalsh(cov), 1e-9, None))
+    eig = np.sort(np.clip(np.linalg.eigvalsh(np.cov(pts.T)), 1e-9, None))
     elongation = float(np.sqrt(eig[-1] / eig[0]))
-    # the hull of the voxels' corners, so that a full box has solidity 1
-    corners = np.array([[i, j, k] for i in (-0.5, 0.5) for j in (-0.5, 0.5) for k in (-0.5, 0.5)]) * np.asarray(spacing)
-    surface = lesion & ~ndi.binary_erosion(lesion)
-    spts = np.argwhere(surface).astype(np.float64) * np.asarray(spacing, dtype=np.float64)
-    hull_pts = (spts[:, None, :] + corners[None]).reshape(-1, 3)
+    surface = np.argwhere(lesion & ~ndi.binary_erosion(lesion)).astype(np.float64) * sp
     try:
-        hull = ConvexHull(hull_pts)
-    except QhullError:  # flat lesions (one voxel thick)
+        hull = ConvexHull(surface)
+    except QhullError:  # flat lesions (one voxel thick) are their own hull
         return 1.0, elongation
-    volume = float(lesion.sum()) * float(np.prod(spacing))
-    return min(1.0, volume / float(hull.volume)), elongation
+    normals, offsets = hull.equations[:, :3], hull.equations[:, 3]
+    grid = np.argwhere(np.ones(lesion.shape, bool)).astype(np.float64) * sp
+    inside = 0
+    for start in range(0, len(grid), 16384):  # half-space test in chunks: bounded memory
+        block = grid[start : start + 16384]
+        inside += int(np.count_nonzero(np.all(block @ normals.T + offsets <= 1e-6, axis=1)))
+    return min(1.0, float(len(pts)) / max(inside, 1)), elongation
 
 
 def _edge_profile(
@@ -746,6 +777,7 @@ def measure_lesion(
         size_mm=tuple(round(s * sp, 1) for s, sp in zip(size, spacing)),  # type: ignore[arg-type]
         volume_mm3=volume,
         mean_hu=mean_hu,
+        core_hu=median,
         reference_hu=reference,
         smoothed_std_hu=float(smooth.std()),
         increased_fraction=float(np.mean(smooth > median + AREA_DELTA_HU)),
@@ -767,15 +799,16 @@ def measure_lesion(
 def density_class(m: LesionMeasurements, organ_name: str, homogeneous: bool) -> str:
     """The density class of measured lesion ``m`` relative to its organ (thresholds above)."""
     if organ_group(organ_name) == "lung":
-        if m.mean_hu >= LUNG_SOLID_MIN_HU:
+        if m.core_hu >= LUNG_SOLID_MIN_HU:
             return _SOLID_MASS
-        return _GGO if m.mean_hu >= GROUND_GLASS_MIN_HU else _ISO
-    ref = m.reference_hu if m.reference_hu is not None else m.mean_hu
-    delta = m.mean_hu - ref
+        return _GGO if m.core_hu >= GROUND_GLASS_MIN_HU else _ISO
+    # the median of the smoothed lesion: partial volume at the rim does not pull it toward the organ
+    ref = m.reference_hu if m.reference_hu is not None else m.core_hu
+    delta = m.core_hu - ref
     if m.below_organ_fraction >= MIXED_MIN_FRACTION and m.above_organ_fraction >= MIXED_MIN_FRACTION:
         return _MIXED
     if delta < -ISO_HU:
-        return _FLUID if m.mean_hu <= FLUID_MAX_HU and homogeneous else _HYPO
+        return _FLUID if m.core_hu <= FLUID_MAX_HU and homogeneous else _HYPO
     if delta > ISO_HU:
         return _HYPER
     return _ISO
@@ -806,7 +839,7 @@ def report_from_measurements(m: LesionMeasurements, version: str = DEFAULT_VERSI
         features.append(_INC)
     if m.decreased_fraction >= AREA_MIN_FRACTION:
         features.append(_DEC)
-    if m.mean_hu >= CALCIFIC_MIN_HU:
+    if m.core_hu >= CALCIFIC_MIN_HU:
         features.append("stone")
 
     visible = abs(m.edge_contrast_hu) >= MARGIN_MIN_CONTRAST_HU
