@@ -8,6 +8,7 @@ the liver case resliced to 0.8 x 0.8 x 2.5 mm in (P, I, L) axis order.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,15 +25,21 @@ from monai.transforms import LoadImage, SpatialResample
 from scipy import ndimage as ndi
 
 from lesiondiffusion.attributes import array_box
+from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
 from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.placement import Box
 from lesiondiffusion.report import read_report
 from lesiondiffusion.vocabulary import CAVITY_LUMEN, CAVITY_PROTRUDING, CAVITY_WALL, CAVITY_WITHIN
 
-pytestmark = pytest.mark.slow
-
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
+
+# loaded by path under its own name: two bundles' ``scripts`` packages must not meet in one process
+_spec = importlib.util.spec_from_file_location("preprocess_inputs", BUNDLE / "scripts" / "inputs.py")
+inputs_module = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = inputs_module  # dataclasses look their module up there
+_spec.loader.exec_module(inputs_module)
+read_requests = inputs_module.read_requests
 LIVER = {"organ type": "liver", "lesion type": "cyst", "cavity": CAVITY_PROTRUDING, "density": "hyperdense lesion,"}
 BLADDER_WALL = {"organ type": "bladder", "lesion type": "tumor", "cavity": CAVITY_WALL}
 BLADDER_LUMEN = {"organ type": "Urinary_Bladder", "lesion type": "polyp", "cavity": CAVITY_LUMEN}
@@ -226,10 +233,12 @@ def check_case(entry, request: dict, organ_id: int, num_lesions: int) -> np.ndar
     return seg
 
 
+@pytest.mark.slow
 def test_inputs_are_never_modified(runs):
     assert runs["inputs_unchanged"].returncode == 0
 
 
+@pytest.mark.slow
 def test_demo_batch_with_its_organ_maps(runs, inputs):
     run = ok(runs["demo"])
     manifest = read_manifest(run.out / "manifest.json")
@@ -249,6 +258,7 @@ def test_demo_batch_with_its_organ_maps(runs, inputs):
         assert np.array_equal(to_input_grid(image, geometry, mode="linear"), src_image)
 
 
+@pytest.mark.slow
 def test_anisotropic_reoriented_scan(runs, inputs):
     run = ok(runs["aniso"])
     (entry,) = read_manifest(run.out / "manifest.json").cases
@@ -273,6 +283,7 @@ def test_anisotropic_reoriented_scan(runs, inputs):
     assert dice > 0.97
 
 
+@pytest.mark.slow
 def test_cli_single_case_is_reproducible_and_seeded(runs, inputs):
     a, b = ok(runs["cli_a"]), ok(runs["cli_b"])
     assert a.stdout.strip().splitlines()[-1] == str(a.out / "manifest.json")  # the command prints the manifest
@@ -287,6 +298,7 @@ def test_cli_single_case_is_reproducible_and_seeded(runs, inputs):
     assert other.cases[0].lesions[0].box.centre != ma.cases[0].lesions[0].box.centre
 
 
+@pytest.mark.slow
 def test_batch_reports_and_skips_a_bad_case_keeping_the_order(runs, inputs):
     run = ok(runs["batch"])
     manifest = read_manifest(run.out / "manifest.json")
@@ -301,6 +313,7 @@ def test_batch_reports_and_skips_a_bad_case_keeping_the_order(runs, inputs):
     assert sorted(p.name for p in run.out.iterdir()) == ["case_000", "case_002", "manifest.json"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, expected",
     [
@@ -322,3 +335,62 @@ def test_bad_input_is_one_line_exit_1_and_no_output(runs, name, expected):
     assert "Traceback" not in run.stdout
     assert not run.out.exists()
     assert not [p for p in run.out.parent.iterdir() if p.name.startswith(f".{name}")]  # no temporary leftovers
+
+
+# ---- request reading (in process) ------------------------------------------------------------------
+def test_single_request_forms(tmp_path):
+    one = read_requests(image="ct.nii.gz", attributes='{"organ type": "bladder", "lesion type": "polyp"}')
+    (request,) = one
+    assert request.organ_id == 104 and request.organ_name == "urinary bladder" and request.organ_seg is None
+    assert request.attributes == {"organ type": "bladder", "lesion type": "polyp"}
+    as_dict = read_requests(image="ct.nii.gz", organ_seg="seg.nii.gz", attributes={"organ type": "Liver", "lesion type": "cyst", "size": 25})
+    assert as_dict[0].organ_id == 5 and as_dict[0].attributes["size"] == "25" and as_dict[0].organ_seg == Path("seg.nii.gz")
+    pretty = tmp_path / "attrs.json"
+    pretty.write_text(json.dumps(LIVER, indent=2))
+    assert read_requests(image="ct.nii.gz", attributes=str(pretty))[0].attributes == LIVER
+    line = write_lines(tmp_path / "attrs.txt", [json.dumps(BLADDER_WALL)])
+    assert read_requests(image="ct.nii.gz", attributes=str(line))[0].attributes == BLADDER_WALL
+    assert read_requests(image="ct.nii.gz", attributes_list=str(line))[0].organ_id == 104
+
+
+def test_batch_requests_resolve_list_paths_and_share_one_attribute_object(tmp_path):
+    (tmp_path / "lists").mkdir()
+    images = write_lines(tmp_path / "lists" / "images.txt", ["a.nii.gz", "/abs/b.nii.gz"])
+    segs = write_lines(tmp_path / "lists" / "segs.txt", ["sa.nii.gz", "sb.nii.gz"])
+    requests = read_requests(image_list=str(images), organ_seg_list=str(segs), attributes=json.dumps(LIVER))
+    assert [r.image for r in requests] == [tmp_path / "lists" / "a.nii.gz", Path("/abs/b.nii.gz")]
+    assert [r.organ_seg for r in requests] == [tmp_path / "lists" / "sa.nii.gz", tmp_path / "lists" / "sb.nii.gz"]
+    assert [r.index for r in requests] == [0, 1] and all(r.attributes == LIVER for r in requests)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({}, "give either image"),
+        ({"image": "a", "image_list": "b", "attributes": "{}"}, "give either image"),
+        ({"image": "a"}, "give attributes"),
+        ({"image": "a", "attributes": json.dumps(LIVER), "attributes_list": "x"}, "not both"),
+        ({"image": "a", "attributes": json.dumps(LIVER), "organ_seg_list": "x"}, "organ_seg_list goes with image_list"),
+        ({"image": "a", "attributes": '{"organ type": "liver"}'}, "attributes: attributes need 'lesion type'"),
+        ({"image": "a", "attributes": '{"organ type": "liver", "lesion type": ["x"]}'}, "attribute 'lesion type' must be text"),
+        ({"image": "a", "attributes": "[1, 2]"}, "neither a JSON object nor an existing file"),
+        ({"image": "a", "attributes": '{"organ type": "kidney", "lesion type": "cyst"}'}, "ambiguous"),
+    ],
+)
+def test_malformed_requests_are_one_line_errors(kwargs, error):
+    with pytest.raises(LesionDiffusionError, match=error) as err:
+        read_requests(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_list_problems_name_the_file_and_line(tmp_path):
+    images = write_lines(tmp_path / "images.txt", ["a.nii.gz", "b.nii.gz"])
+    gap = write_lines(tmp_path / "gap.txt", [json.dumps(LIVER), "", json.dumps(LIVER)])
+    with pytest.raises(InputError, match="gap.txt:2: empty line inside the list"):
+        read_requests(image_list=str(images), attributes_list=str(gap))
+    organ = write_lines(tmp_path / "organ.txt", [json.dumps(LIVER), json.dumps({**LIVER, "organ type": "spleeen"})])
+    with pytest.raises(InputError, match="organ.txt:2: unknown organ name 'spleeen'.*close matches: spleen"):
+        read_requests(image_list=str(images), attributes_list=str(organ))
+    segs = write_lines(tmp_path / "segs.txt", ["s.nii.gz"])
+    with pytest.raises(InputError, match="segs.txt: has 1 lines but .*images.txt has 2"):
+        read_requests(image_list=str(images), organ_seg_list=str(segs), attributes=json.dumps(LIVER))
