@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -143,7 +143,7 @@ class LesionKind:
     lumen: float  # hollow organs: probability of "within the lumen" (vs wall thickening)
     within: float  # solid organs: probability of "within the parenchymal organ" (vs protruding)
     size_mm: tuple[float, float]
-    features: Mapping[str, float] = None  # type: ignore[assignment]
+    features: Mapping[str, float] = field(default_factory=dict)
 
 
 _HYPO, _ISO, _HYPER = "hypodense lesion", "isodense lesion", "hyperdense lesion"
@@ -417,7 +417,7 @@ class OfflineReportProvider:
 
         features = _given_classes(request, V.SPECIFIC)
         if not features and _given(request, V.SPECIFIC) is None:
-            for feature, p in (kind.features or {}).items():
+            for feature, p in kind.features.items():
                 if rng.random() < p:
                     features.append(feature)
             if variations == ["heterogeneous"] and not any(f in (_INC, _DEC) for f in features):
