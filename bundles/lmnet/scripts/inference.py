@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
-from lesiondiffusion.diffusion import DiffusionSampler
+from lesiondiffusion.diffusion import DiffusionSampler, load_weights
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, save_on_input_grid
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
@@ -46,7 +46,8 @@ class LesionMaskSynthesiser:
     """Draws lesion masks with a trained LMNet.
 
     Args:
-        network: the trained :class:`~lesiondiffusion.diffusion.ConditionedDiffusionModel` (eval mode).
+        network: a :class:`~lesiondiffusion.diffusion.ConditionedDiffusionModel`.
+        checkpoint: trained weights loaded into ``network`` (EMA weights preferred); None keeps its weights.
         sampler: DDIM or rectified-flow sampler (steps, guidance scale).
         crop: the network's input size in working voxels.
         spacing: working voxel size in mm (the standardised grid is 1 mm).
@@ -60,6 +61,7 @@ class LesionMaskSynthesiser:
     network: nn.Module
     sampler: DiffusionSampler
     crop: Sequence[int]
+    checkpoint: PathLike | None = None
     spacing: float = 1.0
     seed: int = 0
     retries: int = 3
@@ -72,6 +74,9 @@ class LesionMaskSynthesiser:
     spec: ConditionSpec = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            load_weights(self.network, self.checkpoint, setting="checkpoint")
+        self.network.eval()
         encoder = getattr(self.network, "encoder", None)
         self.spec = encoder.spec if encoder is not None else ConditionSpec()
         self.crop = tuple(int(c) for c in self.crop)
@@ -159,6 +164,8 @@ def run_manifest(
     ``output_dir`` defaults to the manifest's folder (the manifest is then extended in place, atomically).
     Returns the path of the written manifest.
     """
+    if not manifest:
+        raise LesionDiffusionError("set manifest to the preprocess bundle's manifest.json (--manifest FILE)")
     manifest = Path(manifest)
     data = read_manifest(manifest)
     out_dir = Path(output_dir) if output_dir else manifest.parent
