@@ -23,6 +23,17 @@ def _root_error(exc: BaseException | None) -> LesionDiffusionError | None:
     return None
 
 
+def flag(value: object) -> bool:
+    """A boolean setting given as JSON or on the command line (``--resume false`` arrives as a string)."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("false", "no", "off", "0", "none", "null", ""):
+            return False
+        if value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        raise LesionDiffusionError(f"expected true or false, got {value!r}")
+    return bool(value)
+
+
 def one_line_errors() -> None:
     """Print input errors as one line (``error: file: problem``) instead of a traceback; exit status 1.
 

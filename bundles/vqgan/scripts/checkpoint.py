@@ -57,9 +57,11 @@ class SaveLastCheckpoint:
         logger.info("saved %s at iteration %d", self.path, engine.state.iteration)
 
 
-def resume_path(path: str | Path, resume: bool) -> str | None:
+def resume_path(path: str | Path, resume: bool | str) -> str | None:
     """``path`` when resuming is asked for and the checkpoint exists, else ``None`` (a fresh start)."""
-    if resume and Path(path).is_file():
+    from . import flag
+
+    if flag(resume) and Path(path).is_file():
         logger.info("resuming from %s", path)
         return str(path)
     return None

@@ -91,10 +91,11 @@ class VQGANTrainer(SupervisedTrainer):
         engine.network.train()
         engine.discriminator.train()
         terms: dict[str, torch.Tensor] = {}
+        autocast = torch.autocast(torch.device(engine.state.device).type, enabled=engine.amp, **engine.amp_kwargs)
 
         # autoencoder step
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+        with autocast:
             recon, quant_loss = engine.network(images)
             terms["recon_loss"] = engine.loss_function(recon.float(), images)
             terms["quant_loss"] = quant_loss.float()
@@ -110,7 +111,7 @@ class VQGANTrainer(SupervisedTrainer):
         # discriminator step
         if adversarial:
             engine.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            with torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+            with autocast:
                 fake = engine.adv_loss(engine._logits(recon.detach()), target_is_real=False, for_discriminator=True)
                 real = engine.adv_loss(engine._logits(images), target_is_real=True, for_discriminator=True)
                 terms["d_loss"] = 0.5 * (fake + real)
