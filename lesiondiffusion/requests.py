@@ -1,0 +1,106 @@
+"""Synthesis requests: which lesion to write into which CT, as one JSON file.
+
+A requests file lists one request per case::
+
+    {"requests": [
+        {"case": "liver_0001", "image": "images/liver_0001.nii.gz", "organ_seg": "segs/liver_0001.nii.gz",
+         "attributes": {"organ type": "liver", "lesion type": "cyst", "density": "hypodense"}},
+        ...
+    ]}
+
+``organ_seg`` is optional (without it the preprocess stage segments the CT). Relative paths are relative
+to the file's folder. ``lesiondiffusion synthesize --requests FILE`` runs every request and writes
+``<out>/<case>/``; ``lesiondiffusion evaluate --requests FILE`` checks those outputs against the requests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lesiondiffusion.errors import InputError
+from lesiondiffusion.io import PathLike, read_json, write_json
+
+REQUIRED_ATTRIBUTES = ("organ type", "lesion type")
+_CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    """One case: the CT to write into, the lesion's attributes, and optionally the CT's organ map."""
+
+    case: str
+    image: Path
+    attributes: dict[str, str]
+    organ_seg: Path | None = None
+
+    def to_json(self, base: Path) -> dict[str, Any]:
+        """The entry as written, paths relative to ``base``."""
+        obj: dict[str, Any] = {"case": self.case, "image": _relative(self.image, base)}
+        if self.organ_seg is not None:
+            obj["organ_seg"] = _relative(self.organ_seg, base)
+        obj["attributes"] = dict(self.attributes)
+        return obj
+
+
+def _relative(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
+
+
+def write_requests(path: PathLike, requests: Sequence[SynthesisRequest]) -> Path:
+    """Write ``requests`` to ``path`` atomically, paths relative to its folder."""
+    path = Path(path)
+    return write_json(path, {"requests": [r.to_json(path.parent) for r in requests]})
+
+
+def read_requests(path: PathLike) -> list[SynthesisRequest]:
+    """Read and check a requests file; each problem is an :class:`InputError` naming the file and entry."""
+    path = Path(path)
+    obj = read_json(path)
+    if not isinstance(obj, dict) or not isinstance(obj.get("requests"), list):
+        raise InputError(path, 'not a requests file: expected a JSON object with a "requests" list')
+    if not obj["requests"]:
+        raise InputError(path, "the requests list is empty")
+    base = path.parent
+    out = [_read_entry(path, base, i, entry) for i, entry in enumerate(obj["requests"])]
+    seen: set[str] = set()
+    for i, request in enumerate(out):
+        if request.case in seen:
+            raise InputError(path, f"requests[{i}]: case name {request.case!r} is used twice")
+        seen.add(request.case)
+    return out
+
+
+def _read_entry(path: Path, base: Path, index: int, entry: Any) -> SynthesisRequest:
+    def bad(problem: str) -> InputError:
+        return InputError(path, f"requests[{index}]: {problem}")
+
+    if not isinstance(entry, dict):
+        raise bad("not a JSON object")
+    case = entry.get("case")
+    if not isinstance(case, str) or not _CASE_NAME.match(case):
+        raise bad(f"'case' must be a folder-safe name (letters, digits, '.', '_', '-'), got {case!r}")
+    paths: dict[str, Path | None] = {}
+    for key, required in (("image", True), ("organ_seg", False)):
+        value = entry.get(key)
+        if value is None and not required:
+            paths[key] = None
+            continue
+        if not isinstance(value, str) or not value:
+            raise bad(f"{key!r} must be a path")
+        p = Path(value).expanduser()
+        paths[key] = p if p.is_absolute() else base / p
+    attributes = entry.get("attributes")
+    if not isinstance(attributes, dict):
+        raise bad("'attributes' must be a JSON object")
+    if any(not isinstance(v, (str, int, float)) or isinstance(v, bool) for v in attributes.values()):
+        raise bad("every attribute value must be text")
+    attributes = {str(k): str(v) for k, v in attributes.items()}
+    missing = [k for k in REQUIRED_ATTRIBUTES if not attributes.get(k, "").strip()]
+    if missing:
+        raise bad(f"attributes need {' and '.join(repr(k) for k in missing)}")
+    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"])  # type: ignore[arg-type]
