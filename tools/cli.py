@@ -75,6 +75,22 @@ class Commands:
         if problems:
             raise SystemExit(1)
 
+    def make_dataset(
+        self,
+        n: int,
+        out: str,
+        seed: int = 0,
+        requests: bool = False,
+        src: str = str(DEMO_SOURCE),
+        val_fraction: float = 0.2,
+        overwrite: bool = False,
+    ) -> None:
+        """Phantom CTs with lesions of known attributes from the demo organ maps (training set + datalist),
+        or with --requests held-out synthesis requests (lesion-free CTs, organ maps, requests.json)."""
+        from lesiondiffusion_tools.make_dataset import run_make_dataset
+
+        print(run_make_dataset(n, out, seed=seed, requests=requests, src=src, val_fraction=val_fraction, overwrite=overwrite))
+
     def preprocess(
         self,
         image: str | None = None,

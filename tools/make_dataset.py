@@ -1,0 +1,39 @@
+"""``lesiondiffusion make-dataset``: phantom CTs with lesions of known attributes, for training or evaluation.
+
+Training mode writes ``cases/<case>/`` (image, label, organ map, ``type.json``), the four list files per
+split and ``datalist.json``; ``--requests`` writes held-out synthesis requests instead (lesion-free
+phantoms, their organ maps and ``requests.json``, three requests per image differing only in density).
+The demo organ maps (``../shared/data/demo`` beside the repository, or ``--src``) are the only input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lesiondiffusion.errors import LesionDiffusionError
+
+DEMO_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
+
+
+def run_make_dataset(
+    n: int,
+    out: str,
+    seed: int = 0,
+    requests: bool = False,
+    src: str | None = None,
+    val_fraction: float = 0.2,
+    overwrite: bool = False,
+) -> Path:
+    """Build the dataset (or the requests with ``requests=True``) into ``out``; returns the file to use next."""
+    from lesiondiffusion.phantom_dataset import build_dataset, build_requests
+
+    source = Path(src) if src is not None else DEMO_SOURCE
+    if not source.is_dir():
+        raise LesionDiffusionError(f"{source}: demo data folder not found (pass --src DIR)")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise LesionDiffusionError(f"--n must be a whole number of cases, got {n!r}")
+    if requests:
+        folder = build_requests(source, Path(out), int(n), seed=int(seed), overwrite=bool(overwrite))
+        return folder / "requests.json"
+    folder = build_dataset(source, Path(out), int(n), seed=int(seed), val_fraction=float(val_fraction), overwrite=bool(overwrite))
+    return folder / "datalist.json"
