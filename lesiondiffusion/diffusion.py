@@ -238,19 +238,21 @@ class LastCheckpointSaver:
 
     The file is replaced only once fully written, so a run killed at any moment leaves the previous
     checkpoint intact; ``CheckpointLoader(load_path=..., load_dict=same keys)`` resumes from it.
+    A single module instead of a dict is saved as its plain state dict (a ``model.pt`` weights file).
     Training-loop helper (not diffusion-specific): kept tiny on purpose.
     """
 
     def __init__(
         self,
         save_dir: str | os.PathLike[str],
-        save_dict: Mapping[str, Any],
+        save_dict: Mapping[str, Any] | nn.Module,
         interval: int = 1,
         epoch_level: bool = True,
         filename: str = "checkpoint_last.pt",
     ) -> None:
         self.path = Path(save_dir) / filename
-        self.save_dict = dict(save_dict)
+        self.module = save_dict if isinstance(save_dict, nn.Module) else None
+        self.save_dict = {} if self.module is not None else dict(save_dict)
         self.interval = interval
         self.epoch_level = epoch_level
 
@@ -261,7 +263,13 @@ class LastCheckpointSaver:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        state = {k: (v.module if isinstance(v, nn.parallel.DistributedDataParallel) else v).state_dict() for k, v in self.save_dict.items()}
+        def unwrap(v: Any) -> Any:
+            return v.module if isinstance(v, nn.parallel.DistributedDataParallel) else v
+
+        if self.module is not None:
+            state = unwrap(self.module).state_dict()
+        else:
+            state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
         logger.debug("saved %s at iteration %d", self.path, engine.state.iteration)
@@ -284,7 +292,7 @@ def load_weights(
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise InputError(p, f"weights file not found; set {setting} to a trained checkpoint")
+        raise InputError(p, f"weights file not found; set {setting} to a trained model.pt (each training run writes <output_dir>/model.pt)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types

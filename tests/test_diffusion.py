@@ -265,6 +265,7 @@ def test_trainer_ema_checkpoint_and_load_weights(tmp_path):
     )
     objects = {"network": model, "optimizer": optimizer, "trainer": trainer, "ema": ema.ema_model}
     LastCheckpointSaver(tmp_path, objects).attach(trainer)
+    LastCheckpointSaver(tmp_path, ema.ema_model, interval=3, epoch_level=False, filename="model.pt").attach(trainer)
     before = [p.detach().clone() for p in model.parameters()]
     trainer.run()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -275,6 +276,10 @@ def test_trainer_ema_checkpoint_and_load_weights(tmp_path):
     load_weights(fresh, tmp_path / "checkpoint_last.pt")  # prefers the EMA weights
     for a, b in zip(fresh.state_dict().values(), ema.ema_model.state_dict().values()):
         assert torch.equal(a, b)
+    plain = torch.load(tmp_path / "model.pt", weights_only=True)  # the weights file inference takes
+    assert list(plain) == list(ema.ema_model.state_dict())
+    fresh = load_weights(tiny_model(), tmp_path / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ema.ema_model.state_dict().values()))
     ddp_style = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"network": ddp_style}, tmp_path / "ddp.pt")
     load_weights(fresh, tmp_path / "ddp.pt", key="network")
@@ -300,3 +305,8 @@ def test_last_checkpoint_is_replaced_atomically(tmp_path):
     engine.run([0, 1, 2], max_epochs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt"]
     assert torch.equal(torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["network"]["weight"], model.weight)
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = model  # a wrapped network is saved as the bare network's state dict
+    LastCheckpointSaver(tmp_path, ddp, filename="model.pt")(engine)
+    assert list(torch.load(tmp_path / "model.pt", weights_only=True)) == ["weight", "bias"]

@@ -47,7 +47,9 @@ class LesionMaskSynthesiser:
 
     Args:
         network: a :class:`~lesiondiffusion.diffusion.ConditionedDiffusionModel`.
-        checkpoint: trained weights loaded into ``network`` (EMA weights preferred); None keeps its weights.
+        weights: trained weights loaded into ``network``: the ``model.pt`` a training run leaves (a plain
+            state dict of the EMA network; a full checkpoint's EMA weights are also accepted). None keeps
+            the network's own weights.
         sampler: DDIM or rectified-flow sampler (steps, guidance scale).
         crop: the network's input size in working voxels.
         spacing: working voxel size in mm (the standardised grid is 1 mm).
@@ -61,7 +63,7 @@ class LesionMaskSynthesiser:
     network: nn.Module
     sampler: DiffusionSampler
     crop: Sequence[int]
-    checkpoint: PathLike | None = None
+    weights: PathLike | None = None
     spacing: float = 1.0
     seed: int = 0
     retries: int = 3
@@ -74,8 +76,14 @@ class LesionMaskSynthesiser:
     spec: ConditionSpec = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.checkpoint is not None:
-            load_weights(self.network, self.checkpoint, setting="checkpoint")
+        if self.weights is not None:
+            if not Path(self.weights).expanduser().is_file():
+                raise InputError(
+                    self.weights,
+                    "LMNet weights not found; pass --weights <training output_dir>/model.pt "
+                    "(or put trained weights at bundles/lmnet/models/model.pt)",
+                )
+            load_weights(self.network, self.weights, setting="weights")
         self.network.eval()
         encoder = getattr(self.network, "encoder", None)
         self.spec = encoder.spec if encoder is not None else ConditionSpec()

@@ -1,0 +1,126 @@
+"""LMNet bundle code (post-processing, crops, training inputs), loaded under its own package name.
+
+Two bundles' ``scripts`` packages share a name, so this module imports the LMNet one as ``lmnet_scripts``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from scipy import ndimage as ndi
+
+from lesiondiffusion.errors import InputError
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "bundles" / "lmnet" / "scripts"
+
+
+def load_lmnet_scripts():
+    """The LMNet bundle's ``scripts`` package as ``lmnet_scripts`` (with its submodules)."""
+    name = "lmnet_scripts"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / "__init__.py", submodule_search_locations=[str(SCRIPTS)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+S = load_lmnet_scripts()
+
+
+def blob(shape, centre, radius):
+    """A smooth field in [-1, 1]: 1 at ``centre``, 0 at ``radius``, negative beyond."""
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    d = np.linalg.norm(grid - np.asarray(centre), axis=-1)
+    return np.clip(1 - d / radius, -1, 1)
+
+
+def test_threshold_sweep_picks_the_volume_closest_to_the_target():
+    field = blob((24, 24, 24), (12, 12, 12), 8.0)
+    allowed = np.ones(field.shape, bool)
+    for target in (50, 400, 1500):
+        mask = S.postprocess.select_mask(field, allowed, target)
+        errors = [abs(S.postprocess.largest_component(field > t)[1] - target) for t in S.postprocess.DEFAULT_THRESHOLDS]
+        assert abs(int(mask.sum()) - target) == min(errors)
+
+
+def test_selected_mask_is_one_component_inside_the_allowed_region():
+    field = np.maximum(blob((24, 24, 24), (6, 12, 12), 5.0), blob((24, 24, 24), (18, 12, 12), 3.0))
+    allowed = np.zeros(field.shape, bool)
+    allowed[:, :, :14] = True
+    mask = S.postprocess.select_mask(field, allowed, target_volume=300)
+    assert mask is not None and not (mask & ~allowed).any()
+    assert ndi.label(mask)[1] == 1
+    assert mask[6, 12, 10] and not mask[18, 12, 12]  # the larger blob wins
+    assert S.postprocess.select_mask(field, np.zeros_like(allowed), 100) is None
+    assert S.postprocess.select_mask(field, allowed, 100, min_voxels=10_000) is None
+
+
+def test_crop_window_pads_outside_the_array():
+    array = torch.arange(6 * 5 * 4, dtype=torch.float32).reshape(1, 6, 5, 4)
+    out = S.transforms.crop_array(array, centre=(0, 2, 3), size=(4, 4, 4), fill=-1)
+    assert out.shape == (1, 4, 4, 4)
+    assert torch.equal(out[0, 2:, :, :3], array[0, :2, 0:4, 1:4])  # window starts at (-2, 0, 1)
+    assert (out[0, :2] == -1).all() and (out[0, :, :, 3] == -1).all()
+    src, dst = S.transforms.crop_window((100, 2, 2), (4, 4, 4), (6, 5, 4))  # fully outside on one axis
+    assert src[0].stop - src[0].start == 0 and dst[0].stop - dst[0].start == 0
+
+
+def test_lesion_inputs_from_label_and_organ_map():
+    label = torch.zeros(1, 20, 20, 20)
+    label[0, 4:16, 4:16, 4:16] = 1
+    label[0, 6:9, 7:12, 5:7] = 2
+    label[0, 10, 10, 10] = 2  # a second lesion voxel widens the box
+    seg = torch.zeros_like(label)
+    seg[0, 4:16, 4:16, 4:16] = 5
+    out = S.transforms.LesionInputsd(box_weight=100.0)({"label": MetaTensor(label), "organ_seg": MetaTensor(seg)})
+    assert out["organ_id"] == 5
+    assert torch.equal(out["lesion"], (label == 2).float())
+    assert torch.equal(out["organ_mask"], (label >= 1).float())
+    box = torch.zeros_like(label)
+    box[0, 6:11, 7:12, 5:11] = 1
+    assert torch.equal(out["box"], box)
+    assert torch.equal(out["weight"], 1 + 99 * box)
+    assert torch.allclose(out["organ_channel"], seg / 104)
+    cropped = S.transforms.CropAroundBoxd(["box", "lesion"], spatial_size=(8, 8, 8))(out)
+    assert cropped["box"].shape == (1, 8, 8, 8) and cropped["box"].sum() == box.sum()
+    empty = MetaTensor(torch.zeros_like(label), meta={"filename_or_obj": "/data/case/label.nii.gz"})
+    with pytest.raises(InputError, match="label.nii.gz: the label map has no lesion voxels"):
+        S.transforms.LesionInputsd()({"label": empty, "organ_seg": MetaTensor(seg)})
+
+
+def test_user_errors_found_behind_wrapping_errors():
+    from lesiondiffusion.errors import LesionDiffusionError
+
+    try:
+        try:
+            raise InputError("x.json", "bad")
+        except InputError as e:
+            raise RuntimeError("Failed to instantiate") from e
+    except RuntimeError as wrapped:
+        assert isinstance(S.common.user_error(wrapped), LesionDiffusionError)
+    assert S.common.user_error(ValueError("other")) is None
+
+
+def test_split_datalist(tmp_path):
+    import json
+
+    for i in range(4):
+        for key in ("label", "organ_seg"):
+            (tmp_path / f"{key}{i}.nii.gz").write_text("")
+        (tmp_path / f"r{i}.json").write_text("{}")
+    cases = [{"image": f"label{i}.nii.gz", "label": f"label{i}.nii.gz", "report": f"r{i}.json", "organ_seg": f"organ_seg{i}.nii.gz"} for i in range(4)]
+    (tmp_path / "dl.json").write_text(json.dumps({"training": cases}))
+    train, val = S.data.split_datalist(tmp_path / "dl.json", val_fraction=0.25)
+    assert len(train) == 3 and len(val) == 1 and val[0]["label"] == str(tmp_path / "label3.nii.gz")
+    assert S.data.split_datalist(tmp_path / "dl.json")[1] == []
+    (tmp_path / "bad.json").write_text(json.dumps({"training": [{"image": "label0.nii.gz"}]}))
+    with pytest.raises(InputError, match="bad.json: entry training\\[0\\] lacks label, report, organ_seg"):
+        S.data.split_datalist(tmp_path / "bad.json")
