@@ -1,0 +1,49 @@
+"""Running one bundle config in its own process (``lesiondiffusion_tools.bundle_runner``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion_tools.bundle_runner import STAGES, BundleRunError, bundle_command, bundle_root, run_bundle
+
+
+def test_every_stage_has_a_bundle_and_unknown_stages_are_refused():
+    for stage in STAGES:
+        assert (bundle_root(stage) / "configs" / "metadata.json").is_file()
+    with pytest.raises(LesionDiffusionError, match="unknown stage 'lmnt'"):
+        bundle_root("lmnt")
+
+
+def test_missing_config_is_named_before_anything_runs():
+    with pytest.raises(LesionDiffusionError, match="bundle config.s. not found: nowhere.json"):
+        run_bundle("preprocess", {}, configs=("inference.json", "nowhere.json"))
+
+
+def test_several_configs_travel_as_one_json_list(tmp_path):
+    root = bundle_root("vqgan")
+    cmd = bundle_command(root, ("train.json", "multi_gpu_train.json"), tmp_path / "args.json")
+    assert cmd[:4] == [sys.executable, "-m", "monai.bundle", "run"]
+    assert json.loads(cmd[cmd.index("--config_file") + 1]) == [str(root / "configs" / "train.json"), str(root / "configs" / "multi_gpu_train.json")]
+    assert cmd[cmd.index("--args_file") + 1] == str(tmp_path / "args.json")
+    single = bundle_command(root, ("inference.json",), tmp_path / "args.json")
+    assert single[single.index("--config_file") + 1] == str(root / "configs" / "inference.json")
+
+
+def test_a_failing_bundle_raises_its_one_line_error_with_the_exit_status(tmp_path):
+    # the path has a space and a quote: it must reach the bundle verbatim through the args file
+    missing = tmp_path / "no such 'scan'.nii.gz"
+    out = tmp_path / "out"
+    with pytest.raises(BundleRunError) as info:
+        run_bundle(
+            "preprocess",
+            {"image": str(missing), "attributes": {"organ type": "liver", "lesion type": "cyst"}, "output_dir": str(out), "organ_seg": None},
+            capture=True,
+        )
+    assert info.value.returncode == 1
+    message = str(info.value)
+    assert message.startswith("error: ") and str(missing) in message and "\n" not in message
+    assert not out.exists()

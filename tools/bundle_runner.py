@@ -1,0 +1,94 @@
+"""Run one bundle config in its own Python process (``python -m monai.bundle run``).
+
+Each bundle imports its own ``scripts`` package; two bundles' ``scripts`` share that module name, so
+every bundle runs in a child process. Overrides travel in a temporary ``--args_file`` (JSON), so paths
+and JSON values reach the bundle verbatim. A bundle reports its own errors as one line on stderr; a
+failed run raises :class:`BundleRunError` carrying that line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lesiondiffusion.errors import LesionDiffusionError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
+STAGES = ("preprocess", "vqgan", "lmnet", "linet")
+
+
+class BundleRunError(LesionDiffusionError):
+    """A bundle run ended with a non-zero exit status; the message is the bundle's last error line."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def bundle_root(stage: str) -> Path:
+    """The folder of a stage's bundle."""
+    if stage not in STAGES:
+        raise LesionDiffusionError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
+    return BUNDLES_DIR / stage
+
+
+def bundle_command(root: Path, configs: Sequence[str], args_file: Path) -> list[str]:
+    """The ``python -m monai.bundle run`` command line for ``configs`` (names under ``configs/``)."""
+    files = [str(root / "configs" / c) for c in configs]
+    return [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--bundle_root", str(root),
+        "--config_file", files[0] if len(files) == 1 else json.dumps(files),
+        "--meta_file", str(root / "configs" / "metadata.json"),
+        "--logging_file", str(root / "configs" / "logging.conf"),
+        "--args_file", str(args_file),
+    ]  # fmt: skip
+
+
+def bundle_env(root: Path) -> dict[str, str]:
+    """The child's environment: the bundle root first on the import path, library warnings quiet."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_bundle(
+    stage: str,
+    overrides: dict[str, Any],
+    configs: Sequence[str] = ("inference.json",),
+    capture: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run ``configs`` of the ``stage`` bundle with ``overrides``; raise :class:`BundleRunError` on failure.
+
+    With ``capture`` the child's stderr is collected (its last line becomes the error message);
+    otherwise the child writes straight to this process's terminal.
+    """
+    root = bundle_root(stage)
+    missing = [c for c in configs if not (root / "configs" / c).is_file()]
+    if missing:
+        raise LesionDiffusionError(f"{root}: bundle config(s) not found: {', '.join(missing)}")
+    with tempfile.TemporaryDirectory(prefix=f"lesiondiffusion-{stage}-") as tmp:
+        args_file = Path(tmp) / "overrides.json"
+        args_file.write_text(json.dumps({k: v for k, v in overrides.items() if v is not None}), encoding="utf-8")
+        cmd = bundle_command(root, configs, args_file)
+        logger.debug("running %s", " ".join(cmd))
+        proc = subprocess.run(
+            cmd, cwd=root, env=bundle_env(root), text=True,
+            stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        lines = [line for line in (proc.stderr or "").splitlines() if line.strip()]
+        message = lines[-1] if lines else f"the {stage} bundle failed (exit status {proc.returncode})"
+        raise BundleRunError(message, proc.returncode)
+    return proc
