@@ -29,13 +29,13 @@ CONFIGS = BUNDLE / "configs"
 SCHEMA = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"
 BIN = Path(sys.executable).parent
 
-# a tiny network on 32^3 crops of the 2 mm demo cases: seconds per run on a 2-core CPU
+# a tiny network on 24^3 crops of the 2 mm demo cases: seconds per run on a 2-core CPU
 TINY_NET = ["--network_def#channels", "[8,16]", "--network_def#num_res_channels", "[8,16]"]
 TINY_TRAIN = [
     *TINY_NET,
     "--discriminator_def#channels", "8",
     "--spacing", "[2,2,2]",
-    "--crop_size", "[32,32,32]",
+    "--crop_size", "[24,24,24]",
     "--num_workers", "0",
     "--val_fraction", "0.5",
 ]
@@ -98,12 +98,15 @@ def test_training_loss_falls_with_adversarial_warm_up(tiny_demo: Path, tmp_path:
     assert all("d_loss" not in log[i] and "g_adv_loss" not in log[i] for i in range(1, 17))
     assert all("d_loss" in log[i] and "g_adv_loss" in log[i] for i in range(17, 25))
     assert re.search(r"val_psnr: [\d.]+ val_ssim: [-\d.]+", proc.stdout)
-    # best model (plain state dict) and last checkpoint (everything needed to resume)
-    model = ae.load_vqvae(out / "model.pt", "cpu", channels=(8, 16), num_res_channels=(8, 16))
-    assert isinstance(model, torch.nn.Module)
+    # final weights (model.pt, plain state dict), best by validation PSNR, and the last checkpoint
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert set(ckpt) == {"autoencoder", "discriminator", "optimizer", "d_optimizer", "trainer"}
     assert ckpt["trainer"]["iteration"] == 24
+    final = torch.load(out / "model.pt", weights_only=True)
+    assert set(final) == set(ckpt["autoencoder"]) and all(torch.equal(final[k], ckpt["autoencoder"][k]) for k in final)
+    for name in ("model.pt", "model_best.pt"):
+        model = ae.load_vqvae(out / name, "cpu", channels=(8, 16), num_res_channels=(8, 16))
+        assert isinstance(model, torch.nn.Module)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -112,14 +115,14 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_demo: Path, tmp_p
     out = tmp_path / "run"
     cmd = bundle_cmd(
         ["train.json"], "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), *TINY_TRAIN,
-        "--iter_num", "10", "--max_epochs", "2", "--save_every", "4", "--adv_start", "2", "--progress", "false",
+        "--iter_num", "6", "--max_epochs", "2", "--save_every", "3", "--adv_start", "2", "--progress", "false",
         "--log_every", "1",
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:
-            if "checkpoint_last.pt at iteration 4" in line:
+            if "checkpoint_last.pt at iteration 3" in line:
                 proc.kill()  # SIGKILL: no handler runs, nothing is flushed
                 break
     finally:
@@ -127,17 +130,17 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_demo: Path, tmp_p
         proc.wait(60)
     saved = torch.load(out / "checkpoint_last.pt", weights_only=True)
     done = saved["trainer"]["iteration"]
-    assert 4 <= done < 20
+    assert 3 <= done < 12
 
     resumed = run_bundle(cmd, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restored all variables from {out / 'checkpoint_last.pt'}" in resumed.stdout
-    assert sorted(loss_log(resumed.stdout)) == list(range(done + 1, 21))  # the iteration count goes on
+    assert sorted(loss_log(resumed.stdout)) == list(range(done + 1, 13))  # the iteration count goes on
     final = torch.load(out / "checkpoint_last.pt", weights_only=True)
-    assert final["trainer"]["iteration"] == 20
+    assert final["trainer"]["iteration"] == 12
     # the optimisers were restored too: Adam counted every step of both runs
-    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {20.0}
-    assert {float(s["step"]) for s in final["d_optimizer"]["state"].values()} == {18.0}  # from iteration 3 on
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {12.0}
+    assert {float(s["step"]) for s in final["d_optimizer"]["state"].values()} == {10.0}  # from iteration 3 on
 
 
 @pytest.mark.slow
@@ -181,7 +184,7 @@ def test_inference_reconstructs_an_odd_sized_ct_tile_by_tile(tmp_path: Path) -> 
     out = tmp_path / "out"
     cmd = bundle_cmd(
         ["inference.json"], "--image", str(ct), "--weights", str(tmp_path / "model.pt"), "--output_dir", str(out),
-        *TINY_NET, "--roi_size", "[32,32,32]", "--ssim_slab", "8",
+        *TINY_NET, "--roi_size", "[48,48,48]", "--ssim_slab", "8",
     )
     proc = run_bundle(cmd, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """The last training checkpoint: written atomically so a run killed at any moment resumes from it.
 
-MONAI's ``CheckpointSaver`` writes the best model (``model.pt``); for periodic saves it deletes the
+MONAI's ``CheckpointSaver`` writes the best model (``model_best.pt``); for periodic saves it deletes the
 previous file before writing the next, non-atomically, so a kill in between loses the checkpoint.
 This handler writes ``checkpoint_last.pt`` through a temporary file and a rename instead; resuming
 uses MONAI's ``CheckpointLoader``.
