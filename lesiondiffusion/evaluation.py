@@ -1,0 +1,770 @@
+"""Measuring synthesis outputs against their requests (``lesiondiffusion evaluate``).
+
+Input: a synthesis output folder (``<pred>/<case>/{image,label,organ_seg}.nii.gz, report.json,
+provenance.json``, see :mod:`lesiondiffusion_tools.synthesize`) and the requests file that produced it
+(:mod:`lesiondiffusion.requests`). Per case, on the input CT's own grid:
+
+- **mask**: the fraction of lesion voxels (label 2) inside the allowed region (the requested organ in
+  ``organ_seg.nii.gz``; for a lesion whose report cavity is *protruding*, the organ dilated by the
+  lesion's requested radius, i.e. half its largest requested extent); the number of 26-connected
+  components against the number of lesions; the label-2 volume (mm^3) against the ellipsoid of the
+  report's ``size`` (``[[a b c]] pixel`` on the standardised 1 mm grid, i.e. mm), as a relative error;
+- **appearance**: the lesion measured as a report would be (:func:`lesiondiffusion.attributes.measure_lesion`):
+  core HU minus the organ's parenchyma (sign and magnitude), the density class that gives
+  (:func:`~lesiondiffusion.attributes.density_class`) against the requested one, and homogeneity
+  (smoothed spread) against the requested one;
+- **preservation**: every voxel at least ``margin_mm`` (the run's ``parameters.margin_mm``) from the
+  lesion must hold the input CT's stored value bit for bit; the blend zone (within the margin, outside
+  the lesion) is scored by its PSNR in HU against the input.
+
+Across cases: rates and accuracies, per-class density accuracy, median volume error, and *density
+ordering*: requests that share image and seed and whose attributes differ only in ``density`` form a
+group, and each pair of them with different classes among hypo-, iso- and hyperdense must have its
+measured mean lesion HU in that order.
+
+A requested case without a folder (failed synthesis) is listed as missing; a folder whose files are
+absent, unreadable or off the input's grid is listed as invalid with a one-line reason. Problems with
+what the user gives (the requests file, an input CT) are :class:`~lesiondiffusion.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from lesiondiffusion import attributes as A
+from lesiondiffusion import vocabulary as V
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, write_json, write_text
+from lesiondiffusion.labels import label_table
+from lesiondiffusion.report import LesionReport, Report
+from lesiondiffusion.requests import SynthesisRequest, read_requests
+
+logger = logging.getLogger(__name__)
+
+CASE_FILES = ("image.nii.gz", "label.nii.gz", "organ_seg.nii.gz", "report.json", "provenance.json")
+REPORT_FILES = ("evaluation.json", "evaluation.md", "contact_sheet.png")
+# The synthesis default, used when a provenance file does not record its margin.
+DEFAULT_MARGIN_MM = 3.0
+# PSNR peak: the HU range the networks see ([-1000, 1000] HU, the intensity map's ends), so that scores
+# compare across scans whatever their own range.
+PSNR_RANGE_HU = 2000.0
+# Density classes in the order their mean HU must follow (density ordering).
+ORDERED_DENSITIES = ("hypodense lesion", "isodense lesion", "hyperdense lesion")
+# Expected sign of (lesion core HU - organ reference) beyond +-ISO_HU, per requested class.
+_DIRECTION = {
+    "hypodense lesion": -1,
+    "hypoattenuating fluid-like lesion": -1,
+    "ring enhancement": -1,
+    "isodense lesion": 0,
+    "hyperdense lesion": 1,
+}
+# Short words users write that the vocabulary's synonym table does not list ("hypodense").
+_DENSITY_WORDS = (("fluid", "hypoattenuating fluid-like lesion"), ("mixed", "mixed-density lesion"),
+                  ("hypo", "hypodense lesion"), ("low", "hypodense lesion"), ("iso", "isodense lesion"),
+                  ("hyper", "hyperdense lesion"), ("high", "hyperdense lesion"))  # fmt: skip
+# What the shipped weights must reach on held-out requests: (summary key, comparison, threshold).
+TARGETS: dict[str, tuple[str, str, float]] = {
+    "masks inside the allowed region": ("inside_rate", ">=", 1.0),
+    "voxels beyond the margin unchanged": ("preserved_rate", ">=", 1.0),
+    "density-class accuracy": ("density_accuracy", ">=", 0.9),
+    "median size error": ("median_volume_error", "<=", 0.3),
+    "density ordering": ("density_ordering", ">=", 0.9),
+}
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+LUNG_WINDOW = (-1200.0, 300.0)
+LESION_RGB = (255, 60, 60)
+MAX_LISTED_VOXELS = 5
+
+
+class CaseError(LesionDiffusionError):
+    """A case folder that cannot be evaluated (file missing, unreadable, off the input's grid)."""
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoredVolume:
+    """A NIfTI volume as stored: raw voxels, their scaling to HU, and the affine."""
+
+    raw: np.ndarray
+    slope: float
+    inter: float
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along each array axis."""
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+    def hu(self, index: Any = ...) -> np.ndarray:
+        """Scaled values (float32), of ``raw[index]``."""
+        return self.raw[index].astype(np.float32) * np.float32(self.slope) + np.float32(self.inter)
+
+    def values(self) -> np.ndarray:
+        """HU for the measurements: the raw array itself when the scaling is the identity (no copy)."""
+        return self.raw if (self.slope, self.inter) == (1.0, 0.0) else self.hu()
+
+
+def read_volume(path: PathLike) -> StoredVolume:
+    """Read a 3D NIfTI keeping its stored values (no scaling applied); problems are an :class:`InputError`.
+
+    nibabel only, on purpose: evaluating needs neither torch nor MONAI.
+    """
+    img = load_nifti(path, ndim=3)
+    proxy = img.dataobj
+    try:
+        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    except Exception as e:  # corrupt gzip streams and the like
+        raise InputError(path, f"unreadable NIfTI voxels ({type(e).__name__}: {e})") from None
+    raw = raw.reshape(raw.shape[:3])
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return StoredVolume(raw, slope, inter, np.asarray(img.affine, dtype=np.float64))
+
+
+def _labels(volume: StoredVolume) -> np.ndarray:
+    arr = volume.raw if (volume.slope, volume.inter) == (1.0, 0.0) else volume.hu()
+    return arr if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
+
+
+def read_case_reports(path: PathLike) -> list[LesionReport]:
+    """The lesion reports of ``report.json``: one ``type.json`` dict, or a list of them (several lesions)."""
+    obj = read_json(path)
+    items = obj if isinstance(obj, list) else [obj]
+    if not items:
+        raise InputError(path, "empty list of reports")
+    return [lesion for item in items for lesion in Report.from_json(item, path).lesions]
+
+
+def _case_file(reader: Any, path: Path) -> Any:
+    """``reader(path)`` for a file of a case folder: its problems make the case invalid, not the run."""
+    try:
+        return reader(path)
+    except InputError as e:
+        raise CaseError(str(e)) from None
+
+
+# ---- requested values ---------------------------------------------------------------------------------
+def density_of(text: str | None) -> str | None:
+    """The density class a text names: a vocabulary class, else by key word ("hypodense" -> hypodense lesion)."""
+    if not text or not str(text).strip():
+        return None
+    found = V.parse_classes(V.DENSITY, text)[0]
+    if found:
+        return found[0]
+    low = str(text).lower()
+    return next((cls for word, cls in _DENSITY_WORDS if word in low), None)
+
+
+def homogeneity_of(text: str | None) -> str | None:
+    """"homogeneous" / "heterogeneous" from a density-variations text, None when it names neither."""
+    found = V.parse_classes(V.DENSITY_VARIATIONS, text or "")[0]
+    if found:
+        return found[0]
+    low = str(text or "").lower()
+    return "heterogeneous" if "hetero" in low else "homogeneous" if "homo" in low else None
+
+
+def requested_size_mm(report: LesionReport) -> tuple[float, float, float] | None:
+    """The report's lesion extent in mm per array axis (its ``size`` is in voxels of the 1 mm grid)."""
+    try:
+        return tuple(float(v) for v in A.parse_lesion_size(report.attributes.get(V.SIZE, "")))  # type: ignore[return-value]
+    except LesionDiffusionError:
+        size = report.size
+        return None if size is None else tuple(float(v) for v in A.from_report_axes(size))  # type: ignore[return-value]
+
+
+def ellipsoid_volume_mm3(size_mm: Sequence[float]) -> float:
+    """Volume of the ellipsoid with these three diameters."""
+    return math.pi / 6.0 * float(np.prod([float(s) for s in size_mm]))
+
+
+# ---- measurements -------------------------------------------------------------------------------------
+def _grow(mask: np.ndarray, spacing: Sequence[float], mm: float) -> tuple[slice, ...]:
+    """``mask``'s bounding box grown by ``mm`` (+1 voxel), clipped to the array."""
+    box = []
+    for axis, sp in enumerate(spacing):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        grow = int(math.ceil(mm / float(sp))) + 1
+        box.append(slice(max(int(hit[0]) - grow, 0), min(int(hit[-1]) + grow + 1, mask.shape[axis])))
+    return tuple(box)
+
+
+def inside_fraction(lesion: np.ndarray, organ: np.ndarray, spacing: Sequence[float], dilate_mm: float = 0.0) -> float:
+    """Fraction of ``lesion`` voxels within ``dilate_mm`` of ``organ`` (0: inside the organ itself)."""
+    n = int(np.count_nonzero(lesion))
+    if n == 0:
+        return 0.0
+    if dilate_mm <= 0:
+        return float(np.count_nonzero(lesion & organ)) / n
+    # only distances from lesion voxels are needed; an organ voxel within reach lies in this crop
+    box = _grow(lesion, spacing, dilate_mm)
+    sub_organ = organ[box]
+    if not sub_organ.any():
+        return 0.0
+    dist = ndi.distance_transform_edt(~sub_organ, sampling=[float(s) for s in spacing])
+    return float(np.count_nonzero(dist[lesion[box]] <= dilate_mm + 1e-6)) / n
+
+
+def _bitwise_changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """True where two arrays' stored values differ (bit patterns when the dtypes agree)."""
+    if a.dtype == b.dtype and a.dtype.kind in "fc":
+        view = np.dtype(f"u{a.dtype.itemsize}")
+        return a.view(view) != b.view(view)
+    return a != b
+
+
+@dataclass
+class Preservation:
+    """Voxels beyond the margin (count, changed, examples) and the blend zone's agreement with the input."""
+
+    margin_mm: float
+    far_voxels: int
+    far_changed: int
+    examples: list[list[int]]
+    zone_voxels: int
+    zone_rmse_hu: float | None
+    zone_psnr_db: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "margin_mm": self.margin_mm,
+            "far_voxels": self.far_voxels,
+            "far_changed": self.far_changed,
+            "preserved_fraction": 1.0 - self.far_changed / self.far_voxels if self.far_voxels else 1.0,
+            "preserved": self.far_changed == 0,
+            "changed_far_voxels": self.examples,
+            "blend_zone_voxels": self.zone_voxels,
+            "blend_zone_rmse_hu": self.zone_rmse_hu,
+            "blend_zone_psnr_db": self.zone_psnr_db,
+        }
+
+
+def preservation(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, margin_mm: float) -> Preservation:
+    """Compare ``after`` with ``before`` (same shape) beyond ``margin_mm`` of ``lesion`` and in the blend zone.
+
+    Far: Euclidean distance (mm, voxel centres) to the nearest lesion voxel >= ``margin_mm``, where the
+    paste-back's weight is exactly 0. Blend zone: closer than that, outside the lesion.
+    """
+    changed = _bitwise_changed(before.raw, after.raw)
+    total = changed.size
+    if not lesion.any():
+        near = np.zeros((0,), bool)
+        zone_voxels, rmse, psnr = 0, None, None
+    else:
+        box = _grow(lesion, before.spacing, margin_mm)
+        dist = ndi.distance_transform_edt(~lesion[box], sampling=list(before.spacing))
+        near = dist < margin_mm
+        zone = near & ~lesion[box]
+        zone_voxels = int(np.count_nonzero(zone))
+        rmse = psnr = None
+        if zone_voxels:
+            diff = after.hu(box)[zone].astype(np.float64) - before.hu(box)[zone].astype(np.float64)
+            rmse = float(np.sqrt(np.mean(diff**2)))
+            psnr = None if rmse == 0 else float(20.0 * np.log10(PSNR_RANGE_HU / rmse))
+        changed[box] &= ~near  # what is left is changed beyond the margin
+    far_changed = int(np.count_nonzero(changed))
+    examples: list[list[int]] = []
+    if far_changed:
+        for i in range(changed.shape[0]):  # slice by slice: never a coordinate list of the whole scan
+            if changed[i].any():
+                examples += [[i, *map(int, jk)] for jk in np.argwhere(changed[i])[: MAX_LISTED_VOXELS - len(examples)]]
+                if len(examples) >= MAX_LISTED_VOXELS:
+                    break
+    return Preservation(float(margin_mm), int(total - np.count_nonzero(near)), far_changed, examples, zone_voxels, rmse, psnr)
+
+
+# ---- one case -----------------------------------------------------------------------------------------
+def _check_grid(path: Path, vol: StoredVolume, ref: StoredVolume, problems: list[str], stored: bool) -> bool:
+    """Shape must match the input CT's (else the case is invalid); affine, dtype and scaling differences
+    are listed in ``problems``. True when there were none."""
+    name, before = path.name, len(problems)
+    if vol.raw.shape != ref.raw.shape:
+        raise CaseError(f"{path}: shape {tuple(vol.raw.shape)} differs from the input CT's {tuple(ref.raw.shape)}")
+    if not np.allclose(vol.affine, ref.affine, atol=1e-4):
+        problems.append(f"{name}: affine differs from the input CT's")
+    if stored and vol.raw.dtype != ref.raw.dtype:
+        problems.append(f"{name}: stored dtype {vol.raw.dtype} differs from the input CT's {ref.raw.dtype}")
+    if stored and not np.allclose((vol.slope, vol.inter), (ref.slope, ref.inter)):
+        problems.append(f"{name}: scaling {vol.slope:g}/{vol.inter:g} differs from the input CT's {ref.slope:g}/{ref.inter:g}")
+    return len(problems) == before
+
+
+def _margin(provenance: dict[str, Any], override: float | None, problems: list[str]) -> float:
+    if override is not None:
+        return float(override)
+    value = (provenance.get("parameters") or {}).get("margin_mm")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    problems.append(f"provenance.json records no margin_mm; {DEFAULT_MARGIN_MM:g} mm assumed")
+    return DEFAULT_MARGIN_MM
+
+
+def _appearance(
+    volume: StoredVolume, label: np.ndarray, seg: np.ndarray, organ_id: int, request: SynthesisRequest,
+    report: LesionReport, problems: list[str],
+) -> dict[str, Any]:
+    requested = density_of(request.attributes.get(V.DENSITY))
+    source = "request" if requested else "report"
+    requested = requested or density_of(report.attributes.get(V.DENSITY))
+    wanted_homogeneity = homogeneity_of(request.attributes.get(V.DENSITY_VARIATIONS)) or homogeneity_of(
+        report.attributes.get(V.DENSITY_VARIATIONS)
+    )
+    try:
+        m = A.measure_lesion(volume.values(), label, seg, volume.spacing, organ_id)
+    except LesionDiffusionError as e:
+        problems.append(f"lesion not measurable: {e}")
+        return {"requested_density": requested, "density_source": source, "requested_homogeneity": wanted_homogeneity}
+    organ_name = label_table().name(organ_id)
+    homogeneous = m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU
+    measured = A.density_class(m, organ_name, homogeneous)
+    delta = None if m.reference_hu is None else m.core_hu - m.reference_hu
+    expected = _DIRECTION.get(requested or "")
+    direction = None if delta is None else (1 if delta > A.ISO_HU else -1 if delta < -A.ISO_HU else 0)
+    ct_value = report.mean_hu
+    homogeneity = "homogeneous" if homogeneous else "heterogeneous"
+    return {
+        "requested_density": requested,
+        "density_source": source,
+        "measured_density": measured,
+        "density_match": None if requested is None else measured == requested,
+        "direction_match": None if expected is None or direction is None else direction == expected,
+        "lesion_mean_hu": m.mean_hu,
+        "lesion_core_hu": m.core_hu,
+        "organ_reference_hu": m.reference_hu,
+        "delta_hu": delta,
+        "requested_ct_value_hu": ct_value,
+        "ct_value_error_hu": None if ct_value is None else m.mean_hu - ct_value,
+        "requested_homogeneity": wanted_homogeneity,
+        "measured_homogeneity": homogeneity,
+        "smoothed_std_hu": m.smoothed_std_hu,
+        "homogeneity_match": None if wanted_homogeneity is None else homogeneity == wanted_homogeneity,
+    }
+
+
+def evaluate_case(
+    request: SynthesisRequest, folder: Path, margin_mm: float | None = None, tile: int = 160
+) -> tuple[dict[str, Any], Image.Image | None]:
+    """Measure one case folder against its request; returns its record and its contact-sheet tile.
+
+    Raises :class:`CaseError` when the folder cannot be evaluated and :class:`InputError` when the
+    request's own CT cannot be read.
+    """
+    for name in CASE_FILES:
+        if not (folder / name).is_file():
+            raise CaseError(f"{folder / name}: file not found")
+    problems: list[str] = []
+    provenance = _case_file(read_json, folder / "provenance.json")
+    if not isinstance(provenance, dict):
+        raise CaseError(f"{folder / 'provenance.json'}: not a JSON object")
+    reports = _case_file(read_case_reports, folder / "report.json")
+    before = read_volume(request.image)  # the user's own input: a problem here stops the run
+    after = _case_file(read_volume, folder / "image.nii.gz")
+    grid_ok = _check_grid(folder / "image.nii.gz", after, before, problems, stored=True)
+    label_vol, seg_vol = _case_file(read_volume, folder / "label.nii.gz"), _case_file(read_volume, folder / "organ_seg.nii.gz")
+    _check_grid(folder / "label.nii.gz", label_vol, before, problems, stored=False)
+    _check_grid(folder / "organ_seg.nii.gz", seg_vol, before, problems, stored=False)
+    label, seg = _labels(label_vol), _labels(seg_vol)
+    recorded = (provenance.get("request") or {}).get("image")
+    if recorded and Path(recorded).resolve() != request.image.resolve():
+        problems.append(f"provenance.json names another input CT ({recorded})")
+    spacing = before.spacing
+    voxel_mm3 = float(np.prod(spacing))
+
+    table = label_table()
+    organ_text = request.attributes[A.ORGAN_TYPE]
+    try:
+        organ_ids = table.ids(organ_text)
+    except LesionDiffusionError as e:
+        raise CaseError(f"organ type {organ_text!r}: {e}") from None
+    organ_id = reports[0].organ_id
+    if organ_id not in organ_ids:
+        problems.append(f"report.json places the lesion in organ {organ_id}, not the requested {organ_text!r} {list(organ_ids)}")
+        organ_id = organ_ids[0]
+
+    lesion = label == 2
+    n_lesion = int(np.count_nonzero(lesion))
+    cavities = [A.parse_cavity(r.attributes.get(V.CAVITY, "")) for r in reports]
+    sizes = [requested_size_mm(r) for r in reports]
+    protruding = [max(s) / 2.0 for c, s in zip(cavities, sizes) if c == V.CAVITY_PROTRUDING and s]
+    dilate = max(protruding, default=0.0)
+    organ = np.isin(seg, organ_ids)
+    requested_volume = sum(ellipsoid_volume_mm3(s) for s in sizes if s) if all(sizes) else None
+    volume = n_lesion * voxel_mm3
+    components = int(ndi.label(lesion, structure=np.ones((3, 3, 3), bool))[1]) if n_lesion else 0
+    if not n_lesion:
+        problems.append("label.nii.gz has no lesion voxels (label 2)")
+    mask = {
+        "lesion_voxels": n_lesion,
+        "volume_mm3": volume,
+        "allowed_region": f"organ dilated by {dilate:g} mm (protruding)" if dilate else "organ",
+        "inside_fraction": inside_fraction(lesion, organ, spacing, dilate) if n_lesion else None,
+        "lesions": len(reports),
+        "components": components,
+        "connected": n_lesion > 0 and components == len(reports),
+        "cavity": cavities,
+        "requested_size_mm": [list(s) if s else None for s in sizes],
+        "requested_volume_mm3": requested_volume,
+        "volume_error": None if not requested_volume or not n_lesion else (volume - requested_volume) / requested_volume,
+    }
+    appearance = _appearance(after, label, seg, organ_id, request, reports[0], problems) if n_lesion else {}
+    kept = preservation(before, after, lesion, _margin(provenance, margin_mm, problems)).to_json()
+    # stored values can only be bit-identical in the input's own dtype, scaling and grid
+    kept["grid_matches"] = grid_ok
+    kept["preserved"] = kept["preserved"] and grid_ok
+    seed = (provenance.get("parameters") or {}).get("seed")
+    record = {
+        "case": request.case,
+        "status": "ok",
+        "organ": table.name(organ_id),
+        "organ_id": int(organ_id),
+        "seed": seed,
+        "mask": mask,
+        "appearance": appearance,
+        "preservation": kept,
+        "problems": problems,
+    }
+    window = LUNG_WINDOW if A.organ_group(table.name(organ_id)) == "lung" else SOFT_TISSUE_WINDOW
+    return record, case_tile(before, after, lesion, window, tile)
+
+
+# ---- across cases -------------------------------------------------------------------------------------
+def density_ordering(requests: Sequence[SynthesisRequest], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Groups of requests that share image and seed and differ only in density; pairs in HU order.
+
+    Only cases whose request itself names hypo-, iso- or hyperdense and that were measured take part. A
+    pair of different classes is ordered when the darker class has the lower measured mean lesion HU.
+    """
+    groups: dict[tuple, list[tuple[int, str, float]]] = {}
+    for r in requests:
+        rec = records.get(r.case)
+        density = density_of(r.attributes.get(V.DENSITY))
+        hu = (rec or {}).get("appearance", {}).get("lesion_mean_hu")
+        if rec is None or density not in ORDERED_DENSITIES or hu is None:
+            continue
+        rest = tuple(sorted((k, v) for k, v in r.attributes.items() if k != V.DENSITY))
+        key = (str(r.image.resolve()), str(rec.get("seed")), rest)
+        groups.setdefault(key, []).append((ORDERED_DENSITIES.index(density), r.case, float(hu)))
+    details, pairs, ordered = [], 0, 0
+    for members in groups.values():
+        group_pairs = group_ordered = 0
+        for i, (rank_a, _, hu_a) in enumerate(members):
+            for rank_b, _, hu_b in members[i + 1 :]:
+                if rank_a == rank_b:
+                    continue
+                group_pairs += 1
+                group_ordered += (hu_a < hu_b) == (rank_a < rank_b) and hu_a != hu_b
+        if group_pairs:
+            details.append({
+                "cases": {case: {"density": ORDERED_DENSITIES[rank], "mean_hu": hu} for rank, case, hu in members},
+                "pairs": group_pairs,
+                "ordered_pairs": group_ordered,
+            })  # fmt: skip
+            pairs += group_pairs
+            ordered += group_ordered
+    return {"groups": len(details), "pairs": pairs, "ordered_pairs": ordered, "fraction": ordered / pairs if pairs else None, "details": details}
+
+
+def _rate(values: Iterable[bool | None]) -> tuple[float | None, int]:
+    known = [bool(v) for v in values if v is not None]
+    return (sum(known) / len(known) if known else None), len(known)
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def totals(records: Sequence[dict[str, Any]], missing: list[dict], invalid: list[dict], ordering: dict[str, Any]) -> dict[str, Any]:
+    """Rates, accuracies and medians over the evaluated cases (see the module notes)."""
+    masks = [r["mask"] for r in records]
+    looks = [r["appearance"] for r in records]
+    kept = [r["preservation"] for r in records]
+    inside = [m["inside_fraction"] for m in masks]
+    per_class: dict[str, dict[str, Any]] = {}
+    for a in looks:
+        if a.get("density_match") is None:
+            continue
+        c = per_class.setdefault(a["requested_density"], {"cases": 0, "correct": 0})
+        c["cases"] += 1
+        c["correct"] += int(a["density_match"])
+    for c in per_class.values():
+        c["accuracy"] = c["correct"] / c["cases"]
+    density_accuracy, density_cases = _rate(a.get("density_match") for a in looks)
+    direction_accuracy, _ = _rate(a.get("direction_match") for a in looks)
+    homogeneity_accuracy, homogeneity_cases = _rate(a.get("homogeneity_match") for a in looks)
+    n = len(records)
+    out = {
+        "requested": n + len(missing) + len(invalid),
+        "evaluated": n,
+        "missing": len(missing),
+        "invalid": len(invalid),
+        "inside_rate": sum(1 for v in inside if v is not None and v >= 1.0) / n if n else None,
+        "mean_inside_fraction": statistics.fmean(v or 0.0 for v in inside) if n else None,
+        "min_inside_fraction": min((v or 0.0 for v in inside), default=None),
+        "connected_rate": sum(bool(m["connected"]) for m in masks) / n if n else None,
+        "median_volume_error": _median(None if m["volume_error"] is None else abs(m["volume_error"]) for m in masks),
+        "density_accuracy": density_accuracy,
+        "density_cases": density_cases,
+        "density_per_class": dict(sorted(per_class.items())),
+        "direction_accuracy": direction_accuracy,
+        "homogeneity_accuracy": homogeneity_accuracy,
+        "homogeneity_cases": homogeneity_cases,
+        "median_abs_ct_value_error_hu": _median(None if a.get("ct_value_error_hu") is None else abs(a["ct_value_error_hu"]) for a in looks),
+        "preserved_rate": sum(bool(k["preserved"]) for k in kept) / n if n else None,
+        "far_voxels_changed": sum(k["far_changed"] for k in kept),
+        "grid_match_rate": sum(bool(k["grid_matches"]) for k in kept) / n if n else None,
+        "min_preserved_fraction": min((k["preserved_fraction"] for k in kept), default=None),
+        "median_blend_zone_psnr_db": _median(k["blend_zone_psnr_db"] for k in kept),
+        "density_ordering": ordering["fraction"],
+        "density_ordering_pairs": ordering["pairs"],
+    }
+    out["targets"] = {}
+    for name, (key, op, threshold) in TARGETS.items():
+        value = out[key]
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        out["targets"][name] = {"value": value, "target": f"{op} {threshold:g}", "met": met}
+    return out
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100.0 * v:.{digits}f}%"
+
+
+def _num(v: float | None, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _short(density: str | None) -> str:
+    return "-" if not density else density.replace(" lesion", "").replace("hypoattenuating ", "")
+
+
+def _yes(v: bool | None) -> str:
+    return "-" if v is None else "yes" if v else "**no**"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: a row per case, totals, targets, missing/invalid cases, density groups."""
+    t = report["totals"]
+    lines = [
+        "# Synthesis evaluation", "",
+        f"Outputs: `{report['pred']}`  ", f"Requests: `{report['requests']}`", "",
+        "## Cases", "",
+        "| case | organ | inside | components | volume error | density requested -> measured (lesion - organ HU) | density ok "
+        "| homogeneity requested -> measured | far voxels changed | preserved | blend-zone PSNR (dB) | problems |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for c in report["cases"]:
+        if c["status"] != "ok":
+            lines.append(f"| {c['case']} | {c['status']}: {c.get('error', '')} |" + " |" * 10)
+            continue
+        m, a, p = c["mask"], c["appearance"], c["preservation"]
+        psnr = "inf" if p["blend_zone_rmse_hu"] == 0 else _num(p["blend_zone_psnr_db"])
+        error = "-" if m["volume_error"] is None else f"{100 * m['volume_error']:+.1f}%"
+        lines.append(
+            f"| {c['case']} | {c['organ']} | {_pct(m['inside_fraction'])} | {m['components']}/{m['lesions']} "
+            f"| {error} "
+            f"| {_short(a.get('requested_density'))} -> {_short(a.get('measured_density'))} ({_num(a.get('delta_hu'), '+.1f')}) "
+            f"| {_yes(a.get('density_match'))} | {a.get('requested_homogeneity') or '-'} -> {a.get('measured_homogeneity') or '-'} "
+            f"| {p['far_changed']} of {p['far_voxels']} | {_pct(p['preserved_fraction'], 4)} | {psnr} | {'; '.join(c['problems'])} |"
+        )
+    lines += [
+        "", "## Totals", "", "| measure | value |", "| --- | --- |",
+        f"| cases requested / evaluated / missing / invalid | {t['requested']} / {t['evaluated']} / {t['missing']} / {t['invalid']} |",
+        f"| masks fully inside the allowed region | {_pct(t['inside_rate'])} (mean fraction {_pct(t['mean_inside_fraction'])}, min {_pct(t['min_inside_fraction'])}) |",
+        f"| one 26-connected component per lesion | {_pct(t['connected_rate'])} |",
+        f"| median size (volume) error | {_pct(t['median_volume_error'])} |",
+        f"| density-class accuracy | {_pct(t['density_accuracy'])} of {t['density_cases']} |",
+        f"| density direction (sign beyond +-{A.ISO_HU:g} HU) accuracy | {_pct(t['direction_accuracy'])} |",
+        f"| homogeneity accuracy | {_pct(t['homogeneity_accuracy'])} of {t['homogeneity_cases']} |",
+        f"| median CT-value error | {_num(t['median_abs_ct_value_error_hu'])} HU |",
+        f"| cases with every voxel beyond the margin unchanged | {_pct(t['preserved_rate'])} ({t['far_voxels_changed']} voxel(s) changed in all) |",
+        f"| synthetic CT on the input's grid, dtype and scaling | {_pct(t['grid_match_rate'])} |",
+        f"| median blend-zone PSNR (peak {PSNR_RANGE_HU:g} HU) | {_num(t['median_blend_zone_psnr_db'])} dB |",
+        f"| density ordering (hypo < iso < hyper mean HU) | {_pct(t['density_ordering'])} of {t['density_ordering_pairs']} pairs |",
+        "", "### Density accuracy per requested class", "", "| class | cases | correct | accuracy |", "| --- | --- | --- | --- |",
+    ]  # fmt: skip
+    for cls, c in t["density_per_class"].items():
+        lines.append(f"| {cls} | {c['cases']} | {c['correct']} | {_pct(c['accuracy'])} |")
+    lines += ["", "### Targets", "", "| target | value | required | met |", "| --- | --- | --- | --- |"]
+    for name, g in t["targets"].items():
+        op, threshold = TARGETS[name][1:]
+        lines.append(f"| {name} | {_pct(g['value'])} | {op} {_pct(threshold, 0)} | {_yes(g['met'])} |")
+    unmeasured = [c for c in report["cases"] if c["status"] != "ok"]
+    if unmeasured:
+        lines += ["", "## Cases not evaluated", ""]
+        lines += [f"- `{c['case']}` ({c['status']}): {c.get('error', '')}" for c in unmeasured]
+    ordering = report["density_ordering"]
+    if ordering["details"]:
+        lines += ["", "## Density groups (same image, seed and attributes but density)", ""]
+        for g in ordering["details"]:
+            members = ", ".join(f"{case} {_short(v['density'])} {v['mean_hu']:.1f} HU" for case, v in g["cases"].items())
+            lines.append(f"- {members}: {g['ordered_pairs']} of {g['pairs']} pairs ordered")
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: case counts and the headline figures."""
+    t = report["totals"]
+    return (
+        f"evaluated {t['evaluated']}/{t['requested']} case(s) ({t['missing']} missing, {t['invalid']} invalid): "
+        f"inside {_pct(t['inside_rate'])}, connected {_pct(t['connected_rate'])}, preserved {_pct(t['preserved_rate'])}, "
+        f"density {_pct(t['density_accuracy'])}, homogeneity {_pct(t['homogeneity_accuracy'])}, "
+        f"median size error {_pct(t['median_volume_error'])}, density order {_pct(t['density_ordering'])} of "
+        f"{t['density_ordering_pairs']} pair(s)"
+    )
+
+
+# ---- contact sheet ------------------------------------------------------------------------------------
+def _axial(volume: np.ndarray, affine: np.ndarray, z: int | None) -> tuple[np.ndarray, tuple[float, float], int]:
+    """The axial plane of ``volume`` (RAS, anterior up) at RAS index ``z`` (None: the middle)."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(volume, ornt)  # flips and transposes: a view, no copy
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))[ornt[:, 0].astype(int)]
+    z = ras.shape[2] // 2 if z is None else z
+    return np.flipud(ras[:, :, z].T), (float(zooms[1]), float(zooms[0])), z
+
+
+def _panel(gray: np.ndarray, pixel: tuple[float, float], mask: np.ndarray | None, size: int) -> Image.Image:
+    rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
+    if mask is not None:
+        rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.asarray(LESION_RGB, np.float32)
+    img = Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    h_mm, w_mm = gray.shape[0] * pixel[0], gray.shape[1] * pixel[1]
+    scale = size / max(h_mm, w_mm)
+    img = img.resize((max(1, round(w_mm * scale)), max(1, round(h_mm * scale))), Image.Resampling.BILINEAR)
+    tile = Image.new("RGB", (size, size))
+    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return tile
+
+
+def case_tile(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, window: Sequence[float], size: int = 160) -> Image.Image:
+    """Before | after | lesion overlay on the axial slice through the lesion's centre (square pixels, RAS)."""
+    ornt = nib.orientations.io_orientation(before.affine)
+    ras_mask = nib.orientations.apply_orientation(lesion, ornt)
+    per_z = ras_mask.sum(axis=(0, 1))
+    z = int(round(float(np.average(np.arange(per_z.size), weights=per_z)))) if per_z.any() else None
+    lo, hi = window
+    panels = []
+    mask, _, z = _axial(lesion, before.affine, z)
+    for volume, overlay in ((before, None), (after, None), (after, mask)):
+        raw, pixel, _ = _axial(volume.raw, before.affine, z)
+        hu = raw.astype(np.float32) * volume.slope + volume.inter
+        gray = (np.clip((hu - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+        panels.append(_panel(gray, pixel, overlay, size))
+    out = Image.new("RGB", (3 * size, size))
+    for i, p in enumerate(panels):
+        out.paste(p, (i * size, 0))
+    return out
+
+
+def contact_sheet(tiles: Sequence[tuple[str, str, Image.Image | None]], size: int = 160, columns: int = 2) -> Image.Image:
+    """Tiles ``(case, caption, image)`` in a grid, each captioned; a case without an image is a grey tile."""
+    head = 16
+    cols = max(1, min(columns, len(tiles)))
+    rows = max(1, math.ceil(len(tiles) / cols))
+    sheet = Image.new("RGB", (cols * 3 * size, rows * (size + head)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for i, (case, caption, image) in enumerate(tiles):
+        x, y = (i % cols) * 3 * size, (i // cols) * (size + head)
+        draw.text((x + 4, y + 2), f"{case}: {caption}"[: 3 * size // 6], fill=(235, 235, 235))
+        if image is None:
+            draw.rectangle((x + 1, y + head, x + 3 * size - 2, y + head + size - 2), fill=(70, 70, 70))
+        else:
+            sheet.paste(image, (x, y + head))
+    return sheet
+
+
+# ---- the whole run ------------------------------------------------------------------------------------
+def _failure_reasons(pred: Path) -> dict[str, str]:
+    """Why cases failed, from the synthesis run's ``summary.json`` when there is a readable one."""
+    path = pred / "summary.json"
+    if not path.is_file():
+        return {}
+    try:
+        cases = read_json(path).get("cases", [])
+        return {c["case"]: f"failed in {c.get('stage', '?')}: {c.get('error', '')}" for c in cases if c.get("status") == "error"}
+    except (InputError, AttributeError, KeyError, TypeError):
+        logger.warning("%s: not a synthesis summary; failure reasons are not shown", path)
+        return {}
+
+
+def _caption(record: dict[str, Any]) -> str:
+    m, a, p = record["mask"], record["appearance"], record["preservation"]
+    return (f"inside {_pct(m['inside_fraction'], 0)}, {_short(a.get('requested_density'))}->"
+            f"{_short(a.get('measured_density'))}, far changed {p['far_changed']}")  # fmt: skip
+
+
+def evaluate_outputs(
+    pred: PathLike, requests: PathLike, out: PathLike | None = None, margin_mm: float | None = None, tile: int = 160
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Evaluate every requested case of ``pred``; write ``evaluation.json``, ``evaluation.md`` and
+    ``contact_sheet.png`` into ``out`` (default: ``<pred>_evaluation`` beside ``pred``, never inside it).
+
+    ``margin_mm`` overrides each run's recorded margin. Returns the report and the written paths.
+    """
+    pred = Path(pred).expanduser()
+    requests_path = Path(requests).expanduser()
+    wanted = read_requests(requests_path)
+    if not pred.is_dir():
+        raise InputError(pred, "synthesis output folder not found")
+    if margin_mm is not None and float(margin_mm) < 0:
+        raise LesionDiffusionError(f"--margin_mm must not be negative, not {margin_mm}")
+    out_dir = Path(out).expanduser() if out else pred.parent / f"{pred.name}_evaluation"
+    reasons = _failure_reasons(pred)
+
+    records: dict[str, dict[str, Any]] = {}
+    cases: list[dict[str, Any]] = []
+    tiles: list[tuple[str, str, Image.Image | None]] = []
+    missing: list[dict] = []
+    invalid: list[dict] = []
+    for request in tqdm(wanted, desc="evaluate", unit="case"):
+        folder = pred / request.case
+        if not folder.is_dir():
+            entry = {"case": request.case, "status": "missing", "error": reasons.get(request.case, "no output folder")}
+            missing.append(entry)
+            cases.append(entry)
+            tiles.append((request.case, "missing", None))
+            continue
+        try:
+            record, image = evaluate_case(request, folder, margin_mm, tile)
+        except CaseError as e:
+            entry = {"case": request.case, "status": "invalid", "error": str(e)}
+            invalid.append(entry)
+            cases.append(entry)
+            tiles.append((request.case, "invalid", None))
+            logger.warning("%s: %s", request.case, e)
+            continue
+        records[request.case] = record
+        cases.append(record)
+        tiles.append((request.case, _caption(record), image))
+    ordering = density_ordering(wanted, records)
+    report = {
+        "pred": str(pred.resolve()),
+        "requests": str(requests_path.resolve()),
+        "psnr_range_hu": PSNR_RANGE_HU,
+        "cases": cases,
+        "missing": missing,
+        "invalid": invalid,
+        "density_ordering": ordering,
+        "totals": totals(list(records.values()), missing, invalid, ordering),
+    }
+    paths = {name: out_dir / name for name in REPORT_FILES}
+    write_json(paths["evaluation.json"], report)
+    write_text(paths["evaluation.md"], markdown(report))
+    with atomic_path(paths["contact_sheet.png"]) as tmp:
+        contact_sheet(tiles, tile).save(tmp, format="PNG")
+    return report, paths
