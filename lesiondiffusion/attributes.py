@@ -571,22 +571,49 @@ def _edt(mask: np.ndarray, spacing: Sequence[float], border_outside: bool = True
     return ndi.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1].astype(np.float32)
 
 
+def _bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) index of ``mask``'s voxels per axis, from its projections (no coordinate list)."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(int(hit[0]))
+        hi.append(int(hit[-1]))
+    return np.asarray(lo), np.asarray(hi)
+
+
 def _crop_box(mask: np.ndarray, margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + 1 + margin, shape)
+    first, last = _bounds(mask)
+    lo = np.maximum(first - margin, 0)
+    hi = np.minimum(last + 1 + margin, shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def _label_array(values: np.ndarray) -> np.ndarray:
+    """Integer label voxels: integer arrays as they are, float ones rounded."""
+    arr = np.asarray(values)
+    return arr if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
+
+
 def infer_organ_id(label: np.ndarray, organ_seg: np.ndarray) -> int:
-    """The organ a lesion lies in: the organ-map label most common under label 1, else under the lesion."""
-    seg = np.rint(organ_seg).astype(np.int64)
-    lab = np.rint(label).astype(np.int64)
-    for region in (lab == 1, lab == 2, ndi.binary_dilation(lab == 2, iterations=2)):
-        ids = seg[region & (seg > 0)]
-        if ids.size:
-            return int(np.bincount(ids).argmax())
-    raise LesionDiffusionError("cannot tell the lesion's organ: the organ map has no label under the label map's organ or lesion")
+    """The organ a lesion lies in: the organ-map label most common under label 1, else under the lesion
+    or right around it."""
+    seg, lab = _label_array(organ_seg), _label_array(label)
+
+    def most_common(ids: np.ndarray) -> int | None:
+        ids = ids[ids > 0].astype(np.int64)
+        return int(np.bincount(ids).argmax()) if ids.size else None
+
+    found = most_common(seg[lab == 1])
+    lesion = lab == 2
+    if found is None and lesion.any():
+        # the lesion and its 2-voxel dilation both lie inside this box: no whole-volume dilation
+        box = _crop_box(lesion, 3, lesion.shape)
+        found = most_common(seg[box][lesion[box]])
+        if found is None:
+            found = most_common(seg[box][ndi.binary_dilation(lesion[box], iterations=2)])
+    if found is None:
+        raise LesionDiffusionError("cannot tell the lesion's organ: the organ map has no label under the label map's organ or lesion")
+    return found
 
 
 def organ_reference_hu(
@@ -594,20 +621,29 @@ def organ_reference_hu(
 ) -> float | None:
     """Median HU of an organ's parenchyma: away from its rim and from ``exclude`` (e.g. the lesion).
 
-    None when the organ has no voxels left at all.
+    Falls back to the whole organ (minus ``exclude``) when the organ is too thin for that; None when
+    the organ has no voxels left at all.
     """
-    organ = organ.astype(bool)
-    if exclude is not None and exclude.any():
-        near = _edt(~exclude, spacing, border_outside=False) <= LESION_MARGIN_MM
-        organ_free = organ & ~near
-    else:
-        organ_free = organ
-    core = organ_free & (_edt(organ, spacing) > ORGAN_RIM_MM)
-    for region in (core, organ_free, organ & ~(exclude if exclude is not None else False)):
+    organ = np.asarray(organ, dtype=bool)
+    if not organ.any():
+        return None
+    # distances are only needed around the organ: work in its bounding box (small even for a whole CT)
+    margin = int(np.ceil(LESION_MARGIN_MM / min(float(s) for s in spacing))) + 1
+    box = _crop_box(organ, margin, organ.shape)
+    organ, image = organ[box], np.asarray(image_hu)[box]
+    excluded = np.zeros_like(organ) if exclude is None else np.asarray(exclude, dtype=bool)[box]
+    free = organ & ~excluded
+    if excluded.any():  # distances to the excluded region, computed only around it
+        near_box = _crop_box(excluded, margin, excluded.shape)
+        near = np.zeros_like(excluded)
+        near[near_box] = _edt(~excluded[near_box], spacing, border_outside=False) <= LESION_MARGIN_MM
+        free &= ~near
+    core = free & (_edt(organ, spacing) > ORGAN_RIM_MM)
+    for region in (core, free, organ & ~excluded):
         if np.count_nonzero(region) >= MIN_REFERENCE_VOXELS:
-            return float(np.median(image_hu[region]))
-    region = organ & ~(exclude if exclude is not None else np.zeros_like(organ))
-    return float(np.median(image_hu[region])) if region.any() else None
+            return float(np.median(image[region]))
+    region = organ & ~excluded
+    return float(np.median(image[region])) if region.any() else None
 
 
 def _smoothed_inside(image_hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -713,9 +749,9 @@ def measure_lesion(
     version: str = DEFAULT_VERSION,
 ) -> LesionMeasurements:
     """Measure the lesion (label 2) of a case; arrays must share one grid with voxel size ``spacing``."""
-    image = np.asarray(image_hu, dtype=np.float32)
-    lab = np.rint(np.asarray(label)).astype(np.int16)
-    seg = np.rint(np.asarray(organ_seg)).astype(np.int32)
+    # whole-volume arrays stay as given (a 512 x 512 x 300 CT is large); float copies only of crops
+    image = np.asarray(image_hu)
+    lab, seg = _label_array(label), _label_array(organ_seg)
     if not (image.shape == lab.shape == seg.shape) or image.ndim != 3:
         raise LesionDiffusionError(
             f"image {image.shape}, label {lab.shape} and organ map {seg.shape} must be 3D arrays of one shape"
@@ -730,19 +766,18 @@ def measure_lesion(
     table.name(organ_id)  # unknown ids are an error naming the table
 
     # box in voxels: centre = min corner + size // 2, so [centre - size // 2, +size) is the bounding box
-    idx = np.argwhere(lesion_full)
-    lo, hi = idx.min(0), idx.max(0)
+    lo, hi = _bounds(lesion_full)
     size = tuple(int(v) for v in hi - lo + 1)
     centre = tuple(int(v) for v in lo + np.asarray(size) // 2)
 
     # work on a crop around the lesion: everything measured lies within a few cm of it
     margin = int(np.ceil(max(20.0, HOLLOW_WALL_MM * 4) / min(spacing)))
     crop = _crop_box(lesion_full, margin, lab.shape)
-    img, les, sg, lb = image[crop], lesion_full[crop], seg[crop], lab[crop]
+    img, les, sg, lb = image[crop].astype(np.float32), lesion_full[crop], seg[crop], lab[crop]
     organ_with = (sg == organ_id) | (lb >= 1)
     organ = organ_with & ~les
 
-    mean_hu = float(image[lesion_full].mean())
+    mean_hu = float(img[les].mean(dtype=np.float64))
     organ_name = table.name(organ_id)
     hollow = organ_name in HOLLOW_ORGANS
     # the parenchyma reference comes from the whole organ, not just the crop
@@ -766,8 +801,10 @@ def measure_lesion(
     try:
         aorta = seg == table.id("aorta")
         if aorta.any():
-            core = aorta & (_edt(aorta, spacing) > 1.5)
-            aorta_hu = float(np.median(image[core if core.any() else aorta]))
+            box = _crop_box(aorta, 1, aorta.shape)
+            vessel, values = aorta[box], image[box]
+            core = vessel & (_edt(vessel, spacing) > 1.5)  # away from partial volume with the wall
+            aorta_hu = float(np.median(values[core if core.any() else vessel]))
     except UnknownOrganError:
         pass
     return LesionMeasurements(

@@ -461,3 +461,67 @@ def test_ct_value_forms():
     assert parse_ct_value(complete({"organ type": "liver", "lesion type": "cyst", "CT value": "12"}).attributes["CT value"]) == 12.0
     with pytest.raises(LesionDiffusionError, match="cannot read the CT value 'about twelve'"):
         complete({"organ type": "liver", "lesion type": "cyst", "CT value": "about twelve"})
+
+
+# ---- whole-volume arrays: the cropped computations agree with direct whole-volume ones --------------------------
+def whole_volume_reference_hu(image, organ, spacing, exclude):
+    """The organ's parenchyma median computed directly on the whole volume (no cropping)."""
+    near = A._edt(~exclude, spacing, border_outside=False) <= A.LESION_MARGIN_MM
+    free = organ & ~near
+    core = free & (A._edt(organ, spacing) > A.ORGAN_RIM_MM)
+    for region in (core, free, organ & ~exclude):
+        if np.count_nonzero(region) >= A.MIN_REFERENCE_VOXELS:
+            return float(np.median(image[region]))
+    region = organ & ~exclude
+    return float(np.median(image[region])) if region.any() else None
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5)])
+def test_organ_reference_is_the_whole_volume_value(spacing):
+    c = coords(spacing, extent=64.0)
+    # an organ touching the image border, a lesion near its rim and a second, distant excluded region
+    organ = ball(c, (20.0, 30.0, 34.0), (20.0, 16.0, 14.0))
+    lesion = ball(c, (8.0, 30.0, 34.0), 5.0) | ball(c, (56.0, 56.0, 56.0), 3.0)
+    image = paint(organ & ~lesion, lesion, spacing, organ_hu=60.0, lesion_hu=10.0, noise=12.0,
+                  extra=[(ball(c, (44.0, 30.0, 34.0), 6.0), 200.0)])
+    for exclude in (lesion, np.zeros_like(lesion)):
+        got = A.organ_reference_hu(image, organ & ~exclude, spacing, exclude=exclude)
+        assert got == whole_volume_reference_hu(image, organ & ~exclude, spacing, exclude)
+    # a thin organ falls back to the voxels it has; an empty one has no reference
+    sheet = np.zeros(organ.shape, bool)
+    sheet[:, :, 10] = True
+    assert A.organ_reference_hu(image, sheet, spacing, exclude=lesion) == whole_volume_reference_hu(image, sheet, spacing, lesion)
+    assert A.organ_reference_hu(image, np.zeros_like(organ), spacing, exclude=lesion) is None
+
+
+def test_measurements_do_not_depend_on_the_array_types():
+    image, label, seg = liver_scene(30.0, blobs=15.0, extra=())
+    seg[:4] = AORTA  # an aorta slab at the volume edge: its core is measured in its own box
+    image[:4] = 180.0
+    base = A.measure_lesion(image, label, seg)
+    assert base.aorta_hu == pytest.approx(180.0, abs=1.0)
+    for args in ((image.astype(np.float64), label.astype(np.float32), seg.astype(np.float32)),
+                 (np.rint(image).astype(np.int16), label.astype(np.int64), seg.astype(np.uint8))):
+        other = A.measure_lesion(*args)
+        assert (other.organ_id, other.centre, other.size) == (base.organ_id, base.centre, base.size)
+        assert other.mean_hu == pytest.approx(base.mean_hu, abs=0.5)
+        assert other.reference_hu == pytest.approx(base.reference_hu, abs=1.0)
+
+
+def test_lesion_organ_falls_back_to_the_lesion_then_its_surroundings():
+    label = np.zeros((20, 20, 20), np.uint8)
+    seg = np.zeros((20, 20, 20), np.int16)
+    label[8:12, 8:12, 8:12] = 2
+    seg[8:10, 8:12, 8:12] = KIDNEY  # under the lesion: kidney, though more spleen lies right around it
+    seg[4:8, :, :] = SPLEEN
+    assert A.infer_organ_id(label, seg) == KIDNEY
+    seg[8:10] = 0  # nothing under the lesion: the organ next to it
+    assert A.infer_organ_id(label, seg) == SPLEEN
+    assert A.infer_organ_id(label.astype(np.float32), seg.astype(np.float64)) == SPLEEN
+    seg[4:8] = 0
+    seg[0] = SPLEEN  # more than 2 voxels away: not the lesion's organ
+    with pytest.raises(LesionDiffusionError, match="cannot tell the lesion's organ"):
+        A.infer_organ_id(label, seg)
+    label[15:18, 15:18, 15:18] = 1  # label 1 names the organ first
+    seg[15:18, 15:18, 15:18] = LIVER
+    assert A.infer_organ_id(label, seg) == LIVER
