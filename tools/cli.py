@@ -12,6 +12,7 @@ from pathlib import Path
 import fire
 
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion_tools.evaluate import evaluate
 
 logger = logging.getLogger("lesiondiffusion")
 
@@ -21,6 +22,8 @@ DEMO_SOURCE = REPO_ROOT.parent / "shared" / "data" / "demo"
 
 class Commands:
     """Text-controlled lesion synthesis in 3D CT (MONAI bundles). Run a command with --help."""
+
+    evaluate = staticmethod(evaluate)
 
     def validate(
         self,
