@@ -247,6 +247,21 @@ def test_configs_select_presets_by_one_key() -> None:
         assert parser.get_parsed_content("iter_num") == parser["presets"][preset]["iter_num"]
 
 
+def test_configs_use_the_shared_setting_names() -> None:
+    from monai.bundle import ConfigParser
+
+    train = ConfigParser()
+    train.read_config(str(CONFIGS / "train.json"))
+    for key in ("datalist", "output_dir", "preset", "seed", "device", "max_epochs", "iter_num", "val_interval", "save_every",
+                "finetune_from", "resume", "num_workers"):  # fmt: skip
+        assert key in train.config, key
+    inference = ConfigParser()
+    inference.read_config(str(CONFIGS / "inference.json"))
+    for key in ("output_dir", "weights", "device", "preset"):
+        assert key in inference.config, key
+    assert inference.get_parsed_content("weights") == "./models/model.pt"  # where shipped weights live
+
+
 # ---- the bundle's scripts ------------------------------------------------------------------------
 def test_chunked_ssim_equals_monai_ssim() -> None:
     scripts = load_scripts()
