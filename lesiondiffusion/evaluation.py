@@ -8,7 +8,9 @@ provenance.json``, see :mod:`lesiondiffusion_tools.synthesize`) and the requests
   ``organ_seg.nii.gz``; for a lesion whose report cavity is *protruding*, the organ dilated by the
   lesion's requested radius, i.e. half its largest requested extent); the number of 26-connected
   components against the number of lesions; the label-2 volume (mm^3) against the ellipsoid of the
-  report's ``size`` (``[[a b c]] pixel`` on the standardised 1 mm grid, i.e. mm), as a relative error;
+  report's ``size`` (``[[a b c]] pixel`` on the standardised 1 mm grid, i.e. mm), as a relative error
+  (the "size error"; also given as the equivalent diameter's relative error). With several lesions in a
+  case the volumes are summed and the protruding allowance is the largest lesion's;
 - **appearance**: the lesion measured as a report would be (:func:`lesiondiffusion.attributes.measure_lesion`):
   core HU minus the organ's parenchyma (sign and magnitude), the density class that gives
   (:func:`~lesiondiffusion.attributes.density_class`) against the requested one, and homogeneity
@@ -174,7 +176,9 @@ def homogeneity_of(text: str | None) -> str | None:
     if found:
         return found[0]
     low = str(text or "").lower()
-    return "heterogeneous" if "hetero" in low else "homogeneous" if "homo" in low else None
+    if "hetero" in low or "inhomo" in low:
+        return "heterogeneous"
+    return "homogeneous" if "homo" in low else None
 
 
 def requested_size_mm(report: LesionReport) -> tuple[float, float, float] | None:
@@ -419,6 +423,8 @@ def evaluate_case(
         "requested_volume_mm3": requested_volume,
         "volume_error": None if not requested_volume or not n_lesion else (volume - requested_volume) / requested_volume,
     }
+    # the same error as a diameter: a sphere 10% too wide is 33% too large in volume
+    mask["diameter_error"] = None if mask["volume_error"] is None else (1.0 + mask["volume_error"]) ** (1.0 / 3.0) - 1.0
     appearance = _appearance(after, label, seg, organ_id, request, reports[0], problems) if n_lesion else {}
     kept = preservation(before, after, lesion, _margin(provenance, margin_mm, problems)).to_json()
     # stored values can only be bit-identical in the input's own dtype, scaling and grid
@@ -516,6 +522,7 @@ def totals(records: Sequence[dict[str, Any]], missing: list[dict], invalid: list
         "min_inside_fraction": min((v or 0.0 for v in inside), default=None),
         "connected_rate": sum(bool(m["connected"]) for m in masks) / n if n else None,
         "median_volume_error": _median(None if m["volume_error"] is None else abs(m["volume_error"]) for m in masks),
+        "median_diameter_error": _median(None if m["diameter_error"] is None else abs(m["diameter_error"]) for m in masks),
         "density_accuracy": density_accuracy,
         "density_cases": density_cases,
         "density_per_class": dict(sorted(per_class.items())),
@@ -586,7 +593,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| cases requested / evaluated / missing / invalid | {t['requested']} / {t['evaluated']} / {t['missing']} / {t['invalid']} |",
         f"| masks fully inside the allowed region | {_pct(t['inside_rate'])} (mean fraction {_pct(t['mean_inside_fraction'])}, min {_pct(t['min_inside_fraction'])}) |",
         f"| one 26-connected component per lesion | {_pct(t['connected_rate'])} |",
-        f"| median size (volume) error | {_pct(t['median_volume_error'])} |",
+        f"| median size error: volume (equivalent diameter) | {_pct(t['median_volume_error'])} ({_pct(t['median_diameter_error'])}) |",
         f"| density-class accuracy | {_pct(t['density_accuracy'])} of {t['density_cases']} |",
         f"| density direction (sign beyond +-{A.ISO_HU:g} HU) accuracy | {_pct(t['direction_accuracy'])} |",
         f"| homogeneity accuracy | {_pct(t['homogeneity_accuracy'])} of {t['homogeneity_cases']} |",

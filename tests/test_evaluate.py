@@ -163,6 +163,7 @@ def test_correct_case_scores_full_marks(scene):
     assert mask["volume_mm3"] == pytest.approx(truth["lesion_voxels"] * voxel)
     assert mask["volume_error"] == pytest.approx((truth["lesion_voxels"] * voxel - wanted) / wanted)
     assert abs(mask["volume_error"]) < 0.25  # a voxelised sphere at 2 mm is close to its ellipsoid
+    assert mask["diameter_error"] == pytest.approx((1 + mask["volume_error"]) ** (1 / 3) - 1)
     assert look["requested_density"] == HYPO and look["density_source"] == "request"
     assert look["measured_density"] == HYPO and look["density_match"] and look["direction_match"]
     assert look["delta_hu"] == pytest.approx(-30.0, abs=3.0)
@@ -347,3 +348,14 @@ def test_output_in_another_dtype_is_not_preserved(scene, tmp_path):
     assert kept["far_changed"] == 0 and not kept["grid_matches"] and not kept["preserved"]
     assert any("stored dtype float32 differs from the input CT's int16" in p for p in record["problems"])
     assert record["appearance"]["density_match"] and tile.size == (480, 160)
+
+
+def test_requested_classes_from_free_text():
+    from lesiondiffusion.evaluation import density_of, homogeneity_of
+
+    assert density_of("low density lesion,") == HYPO  # a vocabulary synonym
+    assert density_of("hypodense") == HYPO and density_of("Hyperdense") == HYPER and density_of("iso") == ISO
+    assert density_of("hypodense fluid-like lesion") == "hypoattenuating fluid-like lesion"
+    assert density_of("") is None and density_of("enhancing") is None
+    assert homogeneity_of("homogeneous,") == "homogeneous" and homogeneity_of("inhomogeneous") == "heterogeneous"
+    assert homogeneity_of("heterogeneous") == "heterogeneous" and homogeneity_of("") is None
