@@ -166,14 +166,22 @@ def read_stored(path: PathLike) -> StoredImage:
     return StoredImage(raw, slope, inter, img)  # type: ignore[arg-type]
 
 
-def save_like(path: PathLike, raw: np.ndarray, reference: StoredImage) -> Path:
-    """Write ``raw`` atomically with the reference's header: same affine, qform/sform, dtype, scaling."""
-    if raw.shape != reference.raw.shape or raw.dtype != reference.raw.dtype:
-        raise ValueError(f"shape/dtype {raw.shape}/{raw.dtype} differ from the reference's")
-    hdr = reference.image.header.copy()
-    img = nib.Nifti1Image(raw, None, header=hdr)
-    img.set_data_dtype(raw.dtype)
-    img.header.set_slope_inter(reference.slope, reference.inter)
+def save_like(path: PathLike, data: np.ndarray, reference: StoredImage, scaled: bool = True) -> Path:
+    """Write ``data`` atomically with the reference's header: same affine, qform/sform and shape.
+
+    ``scaled``: ``data`` holds stored values of the reference's dtype and keeps its NIfTI scaling (the
+    synthetic CT); otherwise ``data`` is written as is, in its own dtype, unscaled (a label map).
+    """
+    if data.shape != reference.raw.shape:
+        raise ValueError(f"shape {data.shape} differs from the reference's {reference.raw.shape}")
+    if scaled and data.dtype != reference.raw.dtype:
+        raise ValueError(f"dtype {data.dtype} differs from the reference's {reference.raw.dtype}")
+    img = nib.Nifti1Image(data, None, header=reference.image.header.copy())
+    img.set_data_dtype(data.dtype)
+    if scaled:
+        img.header.set_slope_inter(reference.slope, reference.inter)
+    else:
+        img.header.set_slope_inter(1.0, 0.0)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
@@ -187,12 +195,14 @@ def paste(
     margin_mm: float = 3.0,
     feather_mm: float = 2.0,
     raw: np.ndarray | None = None,
+    protect: np.ndarray | None = None,
 ) -> np.ndarray:
     """Blend ``patch_hu`` (HU on its own grid ``patch_affine``) into the original's stored voxels.
 
     Writes into ``raw`` (default: a copy of ``original.raw``, so several lesions can be pasted in turn)
     only inside the lesion dilated by ``margin_mm`` with a ``feather_mm`` cosine feather, and returns it.
-    Zone voxels outside the patch's extent are left untouched (with a warning).
+    Zone voxels outside the patch's extent, and those of ``protect`` (e.g. other lesions), are left
+    untouched (the former with a warning).
     """
     out = original.raw.copy() if raw is None else raw
     mask = np.asarray(lesion_mask, dtype=bool)
@@ -210,6 +220,8 @@ def paste(
     if uncovered.any():
         logger.warning("%d zone voxels lie outside the inpainted crop and are left unchanged", int(uncovered.sum()))
         weights[uncovered] = 0.0
+    if protect is not None:
+        weights[np.asarray(protect, dtype=bool)[box] & ~mask[box]] = 0.0
     write = weights > 0
     current = out[box].astype(np.float64) * original.slope + original.inter
     blended = current[write] + weights[write] * (values[write] - current[write])

@@ -61,26 +61,29 @@ def _panel(gray: np.ndarray, pixel: tuple[float, float], mask: np.ndarray | None
 
 def write_preview(
     path: PathLike,
-    before_hu: np.ndarray,
-    after_hu: np.ndarray,
+    before: np.ndarray,
+    after: np.ndarray,
     lesion: np.ndarray,
     affine: np.ndarray,
     tile: int = 192,
+    slope: float = 1.0,
+    inter: float = 0.0,
 ) -> Path:
     """Write a 3 x 3 PNG (rows: axial, coronal, sagittal; columns: before, after, lesion overlay).
 
-    The slices pass through the lesion's centre of mass; arrays are on one grid (``affine``) and shown
-    in RAS orientation with square pixels, whatever the grid's orientation and spacing.
+    ``before``/``after`` are stored values (HU = value * ``slope`` + ``inter``) on one grid (``affine``);
+    only the three slices through the lesion's centre of mass are converted, so a whole scan costs no
+    extra memory. Shown in RAS orientation with square pixels, whatever the grid's orientation and spacing.
     """
-    before, zooms = _to_canonical(np.asarray(before_hu, dtype=np.float32), affine)
-    after, _ = _to_canonical(np.asarray(after_hu, dtype=np.float32), affine)
-    mask, _ = _to_canonical(np.asarray(lesion, dtype=bool), affine)
+    before, zooms = _to_canonical(np.asarray(before), affine)
+    after, _ = _to_canonical(np.asarray(after), affine)
+    mask, _ = _to_canonical(np.asarray(lesion) > 0, affine)
     idx = np.argwhere(mask)
     centre = idx.mean(axis=0).round().astype(int) if idx.size else np.asarray(mask.shape) // 2
     pixels = _pixel_sizes(zooms)
     canvas = Image.new("RGB", (3 * tile, 3 * tile))
     for row, (b, a, m, px) in enumerate(zip(_slices(before, centre), _slices(after, centre), _slices(mask, centre), pixels)):
-        gb, ga = _window(b), _window(a)
+        gb, ga = _window(b.astype(np.float32) * slope + inter), _window(a.astype(np.float32) * slope + inter)
         for col, (gray, overlay) in enumerate(((gb, None), (ga, None), (ga, m))):
             canvas.paste(_panel(gray, px, overlay, tile), (col * tile, row * tile))
     with atomic_path(path) as tmp:

@@ -1,0 +1,405 @@
+"""LINet inference: paint each lesion of a manifest case into the user's ORIGINAL CT.
+
+Per lesion (LMNet's label map says where it is, its report says what it looks like):
+
+1. crop the standardised CT (RAS, 1 mm: the grid the networks were trained on) around the lesion,
+   padded with air where the crop leaves the volume, so volumes smaller than the crop work;
+2. encode the crop with the frozen VQ-GAN; put the lesion mask on the latent grid;
+3. sample the lesion's latent (DDIM or rectified flow, ``steps``, classifier-free guidance on the
+   report's image attributes), the known latent reset to the clean one before every network call;
+4. decode, and paste into the original scan on ITS grid (:mod:`lesiondiffusion.paste`): only inside
+   the lesion (from ``label_original``) dilated by ``margin_mm`` with a ``feather_mm`` feather; the crop
+   is resampled at those input voxels only, through the two affines.
+
+Why the standardised grid for the network and the input grid for the paste: the networks only know
+1 mm RAS crops, and the original voxels must never be resampled, so everything beyond the margin keeps
+its exact stored bits whatever the input's orientation, spacing, dtype or NIfTI scaling.
+
+Outputs per case (in ``output_dir/<case>/``, default the manifest's folder): ``synthetic.nii.gz`` (input
+grid, dtype and NIfTI scaling) and ``preview.png``; ``label_original.nii.gz`` (0/1/2 on the input grid)
+only when the manifest does not list LMNet's already. ``output_dir/manifest.json`` is the manifest with
+``synthetic_image``, ``label_original``, ``preview`` and ``linet`` (settings and weights hashes) per case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from tqdm import tqdm
+
+from lesiondiffusion import autoencoder as ae
+from lesiondiffusion.conditioning import lesion_attributes
+from lesiondiffusion.diffusion import DiffusionSampler
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.geometry import read_geometry, to_input_grid
+from lesiondiffusion.io import PathLike, load_nifti, read_nifti_array
+from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, Manifest, read_manifest, write_manifest
+from lesiondiffusion.paste import StoredImage, paste, read_stored, save_like, voxel_spacing
+from lesiondiffusion.transforms import CTIntensityMap
+
+from .preview import write_preview
+from .train import NoiseOnly, latent_mask
+
+logger = logging.getLogger(__name__)
+
+LESION = 2
+SYNTHETIC_NAME = "synthetic.nii.gz"
+LABEL_ORIGINAL_NAME = "label_original.nii.gz"
+PREVIEW_NAME = "preview.png"
+AIR_UNIT = 0.0  # padding value: -1000 HU on the [0, 1] intensity map
+
+
+# ---- crop geometry on the standardised grid --------------------------------------------------------
+def crop_window(mask: np.ndarray, min_size: Sequence[int], context: int | Sequence[int], multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(start, size)`` of a crop centred on the mask's bounding box.
+
+    The size is at least ``min_size``, at least the box plus ``context`` voxels on each side, and a
+    multiple of ``multiple`` (what the VQ-GAN and the UNet need). ``start`` may be negative or the crop
+    may end beyond the array: :func:`crop_padded` pads.
+    """
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        raise ValueError("empty lesion mask")
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    need = np.maximum(np.asarray(min_size, dtype=int), (hi - lo) + 2 * np.asarray(context, dtype=int))
+    size = -(-need // multiple) * multiple
+    start = (lo + hi) // 2 - size // 2
+    return start.astype(int), size.astype(int)
+
+
+def crop_padded(array: Any, start: Sequence[int], size: Sequence[int], fill: float = 0.0, dtype: Any = np.float32) -> np.ndarray:
+    """``array[start:start+size]`` with ``fill`` where the window leaves the array.
+
+    ``array`` may be a nibabel array proxy: only the overlapping part is read.
+    """
+    out = np.full(tuple(int(s) for s in size), fill, dtype=dtype)
+    src, dst = [], []
+    for a, n, s in zip(start, size, array.shape):
+        lo, hi = max(int(a), 0), min(int(a) + int(n), int(s))
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(a), hi - int(a)))
+    out[tuple(dst)] = np.asarray(array[tuple(src)], dtype=dtype)
+    return out
+
+
+def shifted_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
+    """Affine of a window whose first voxel is ``start`` of the grid ``affine``."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(start, dtype=np.float64)
+    return np.asarray(affine, dtype=np.float64) @ shift
+
+
+def split_lesions(label: np.ndarray, affine: np.ndarray, centres_world: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One mask per lesion: each connected lesion component goes to the nearest lesion centre (world mm).
+
+    LMNet keeps lesions apart, so a component never belongs to two lesions.
+    """
+    lesion = np.asarray(label) == LESION
+    if len(centres_world) == 1:
+        return [lesion]
+    components, n = ndimage.label(lesion)
+    masks = [np.zeros(lesion.shape, dtype=bool) for _ in centres_world]
+    if n == 0:
+        return masks
+    centroids = np.asarray(ndimage.center_of_mass(lesion, components, range(1, n + 1)), dtype=np.float64).reshape(n, 3)
+    world = centroids @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    centres = np.stack([np.asarray(c, dtype=np.float64) for c in centres_world])
+    nearest = np.linalg.norm(world[:, None, :] - centres[None], axis=-1).argmin(axis=1)
+    for comp, owner in enumerate(nearest, start=1):
+        masks[owner] |= components == comp
+    return masks
+
+
+# ---- one lesion -------------------------------------------------------------------------------------
+@dataclass
+class LesionTiming:
+    """Seconds spent per stage for one lesion (the benchmark reads these)."""
+
+    encode: float = 0.0
+    sample: float = 0.0
+    decode: float = 0.0
+    paste: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encode + self.sample + self.decode + self.paste
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def lesion_seed(seed: int, case: str, index: int) -> int:
+    """A per-lesion seed that depends on the case name, not on its position in the manifest."""
+    return (int(seed) * 1_000_003 + zlib.crc32(f"{case}:{index}".encode())) % (2**63 - 1)
+
+
+@dataclass
+class LesionInpainter:
+    """Everything needed to paint lesions: networks, sampler and the crop/paste settings.
+
+    Args:
+        network: the trained LINet (``ConditionedDiffusionModel``: UNet + condition encoder).
+        autoencoder: the trained VQ-GAN.
+        sampler: a :class:`~lesiondiffusion.diffusion.DiffusionSampler` (method, steps, guidance).
+        crop_size: smallest crop (voxels of the standardised grid); grown for large lesions.
+        context_mm: known tissue kept around the lesion's box inside the crop.
+        margin_mm, feather_mm: the paste zone beyond the lesion and its feather width (input grid, mm).
+        mask_head: the network also outputs a mask logit (dropped for sampling).
+        seed: base seed; each lesion draws its noise from its own seeded generator.
+        device: where the networks run.
+    """
+
+    network: nn.Module
+    autoencoder: nn.Module
+    sampler: DiffusionSampler
+    crop_size: Sequence[int] = (64, 64, 64)
+    context_mm: float = 8.0
+    margin_mm: float = 3.0
+    feather_mm: float = 2.0
+    mask_head: bool = False
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    timings: list[LesionTiming] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.network = self.network.to(self.device).eval()
+        self.autoencoder = self.autoencoder.to(self.device).eval()
+        self.factor = ae.downsample_factor(self.autoencoder)
+        levels = len(getattr(getattr(self.network, "unet", self.network), "block_out_channels", (1, 1, 1)))
+        self.multiple = self.factor * 2 ** (levels - 1)
+        self.latent_channels = int(self.autoencoder.embedding_dim) if hasattr(self.autoencoder, "embedding_dim") else None
+        self.model: nn.Module = self.network
+        if self.mask_head:
+            self.model = NoiseOnly(self.network, int(self.autoencoder.embedding_dim))
+        self.to_unit = CTIntensityMap()
+        self.to_hu = CTIntensityMap(inverse=True)
+
+    @property
+    def spec(self):
+        """The condition layout the network's encoder was built with (fields, width)."""
+        encoder = getattr(self.network, "encoder", None)
+        if encoder is None or not hasattr(encoder, "spec"):
+            raise LesionDiffusionError("the LINet network has no condition encoder; it cannot honour the report")
+        return encoder.spec
+
+    def condition(self, report: PathLike, organ_id: int | None) -> torch.Tensor:
+        """The report's image attributes as the condition tensor ``[1, n_fields, width]``."""
+        attributes = lesion_attributes(report, organ_id)
+        return self.spec.encode(attributes, report)[None]
+
+    @torch.no_grad()
+    def inpaint_crop(self, image_unit: torch.Tensor, lesion: torch.Tensor, condition: torch.Tensor, seed: int) -> tuple[torch.Tensor, LesionTiming]:
+        """Regenerate the lesion region of one crop: ``[1, 1, *S]`` in [0, 1] in, the same shape out."""
+        timing = LesionTiming()
+        t0 = time.perf_counter()
+        z = ae.encode(self.autoencoder, image_unit.to(self.device))
+        m = latent_mask(lesion.to(self.device).float(), self.factor)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = torch.randn(tuple(z.shape), generator=generator, dtype=torch.float32)
+        sampled = self.sampler(self.model, condition=condition.to(self.device), extra=m, known=z, known_mask=1.0 - m, noise=noise)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        out = ae.decode(self.autoencoder, sampled, image_unit.shape[2:]).clamp(0.0, 1.0)
+        _sync(self.device)
+        t3 = time.perf_counter()
+        timing.encode, timing.sample, timing.decode = t1 - t0, t2 - t1, t3 - t2
+        return out.cpu(), timing
+
+    def inpaint_lesion(
+        self,
+        image_proxy: Any,
+        std_affine: np.ndarray,
+        lesion_std: np.ndarray,
+        condition: torch.Tensor,
+        seed: int,
+    ) -> tuple[np.ndarray, np.ndarray, LesionTiming]:
+        """Inpaint one lesion on the standardised grid: returns the crop in HU, its affine, and timings."""
+        # known tissue around the lesion: at least the paste margin plus a little, in voxels of this grid
+        context = np.ceil(max(self.context_mm, self.margin_mm + 2.0) / voxel_spacing(std_affine)).astype(int)
+        start, size = crop_window(lesion_std, self.crop_size, context, self.multiple)
+        hu = crop_padded(image_proxy, start, size, fill=-1000.0)
+        mask = crop_padded(lesion_std, start, size, fill=0.0)
+        unit = torch.as_tensor(self.to_unit(hu))[None, None].float()
+        decoded, timing = self.inpaint_crop(unit, torch.as_tensor(mask)[None, None], condition, seed)
+        patch_hu = np.asarray(self.to_hu(decoded[0, 0].numpy()), dtype=np.float64)
+        return patch_hu, shifted_affine(std_affine, start), timing
+
+    # ---- one case -----------------------------------------------------------------------------------
+    def process_case(self, case: CaseEntry, out_dir: Path) -> dict[str, Any]:
+        """Inpaint every lesion of ``case`` and write its outputs into ``out_dir``; returns the new paths."""
+        if case.source_image is None or case.geometry is None or case.image is None:
+            raise InputError(None, f"case {case.case}: the manifest lacks source_image, geometry or image")
+        if case.label is None:
+            raise InputError(None, f"case {case.case}: no lesion label map yet (run LMNet first)")
+        if not case.lesions:
+            raise InputError(None, f"case {case.case}: no lesions listed")
+        geometry = read_geometry(case.geometry)
+        original = read_stored(case.source_image)
+        if tuple(original.raw.shape) != tuple(geometry.shape) or not np.allclose(original.affine, geometry.input_affine, atol=1e-4):
+            raise InputError(case.source_image, "the source image no longer matches its geometry record (changed since preprocessing?)")
+        std_img = load_nifti(case.image)
+        std_affine = np.asarray(std_img.affine, dtype=np.float64)
+        label_std, label_img = read_nifti_array(case.label)
+        if label_std.shape != std_img.shape[:3] or not np.allclose(label_img.affine, std_affine, atol=1e-4):
+            raise InputError(case.label, f"label map does not lie on the standardised image's grid ({case.image})")
+        label_std = np.rint(label_std).astype(np.uint8)
+        if case.label_original is not None:
+            label_in, _ = read_nifti_array(case.label_original)
+            if label_in.shape != original.raw.shape:
+                raise InputError(case.label_original, f"shape {label_in.shape} differs from the source image's {original.raw.shape}")
+            label_in = np.rint(label_in).astype(np.uint8)
+        else:
+            label_in = to_input_grid(label_std, geometry, mode="nearest").astype(np.uint8)
+
+        centres = [std_affine[:3, :3] @ np.asarray(les.box.centre, dtype=np.float64) + std_affine[:3, 3] for les in case.lesions]
+        masks_std = split_lesions(label_std, std_affine, centres)
+        masks_in = split_lesions(label_in, original.affine, centres)
+        all_lesions_in = label_in == LESION
+        raw = original.raw.copy()
+        for j, (lesion, m_std, m_in) in enumerate(zip(case.lesions, masks_std, masks_in)):
+            if not m_std.any() or not m_in.any():
+                raise InputError(case.label, f"lesion {j} (organ {lesion.organ_id}) has no voxels in the label map")
+            condition = self.condition(lesion.report, lesion.organ_id)
+            patch_hu, patch_affine, timing = self.inpaint_lesion(std_img.dataobj, std_affine, m_std, condition, lesion_seed(self.seed, case.case, j))
+            t0 = time.perf_counter()
+            paste(original, m_in, patch_hu, patch_affine, self.margin_mm, self.feather_mm, raw=raw, protect=all_lesions_in & ~m_in)
+            timing.paste = time.perf_counter() - t0
+            self.timings.append(timing)
+            logger.info("%s lesion %d: encode %.2fs, sample %.2fs, decode %.2fs, paste %.2fs", case.case, j, timing.encode, timing.sample, timing.decode, timing.paste)
+
+        folder = out_dir / case.case
+        synthetic = save_like(folder / SYNTHETIC_NAME, raw, original)
+        label_out = case.label_original
+        if label_out is None:
+            label_out = save_like(folder / LABEL_ORIGINAL_NAME, label_in, original, scaled=False)
+        preview = write_preview(folder / PREVIEW_NAME, original.raw, raw, all_lesions_in, original.affine, slope=original.slope, inter=original.inter)
+        return {"synthetic_image": synthetic, "label_original": label_out, "preview": preview}
+
+
+# ---- the manifest -----------------------------------------------------------------------------------
+def _sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_manifest(
+    inpainter: LesionInpainter,
+    manifest: PathLike,
+    output_dir: PathLike | None = None,
+    settings: dict[str, Any] | None = None,
+    weights: dict[str, PathLike] | None = None,
+) -> Path:
+    """Inpaint every ``ok`` case of ``manifest``; write the outputs and ``output_dir/manifest.json``.
+
+    ``output_dir`` defaults to the manifest's folder (the manifest is then extended in place, atomically).
+    A case whose inputs are wrong is marked ``error`` with a one-line message and the others go on;
+    the run then ends with an :class:`InputError` naming the failed cases (non-zero exit).
+    ``weights``: ``{setting: path}`` of the weights used, recorded with their SHA-256 in each case.
+    Returns the path of the written manifest.
+    """
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise InputError(manifest, "manifest not found; set manifest to the manifest.json written by the LMNet stage")
+    entries = read_manifest(manifest)
+    out_dir = Path(output_dir) if output_dir else manifest.parent
+    hashes = {k: {"path": str(Path(w).resolve()), "sha256": _sha256(w)} for k, w in (weights or {}).items()}
+    provenance = {"settings": dict(settings or {}), "weights": hashes}
+    failed: list[str] = []
+    result = entries
+    todo = [(i, c) for i, c in enumerate(entries.cases) if c.ok]
+    if not todo:
+        raise InputError(manifest, "no case to process (every case failed in an earlier stage)")
+    for i, case in tqdm(todo, desc="LINet cases", disable=len(todo) < 2):
+        try:
+            outputs = inpainter.process_case(case, out_dir)
+        except LesionDiffusionError as e:
+            logger.error("%s: %s", case.case, e)
+            failed.append(f"{case.case} ({e})")
+            result = result.replace_case(i, case.failed(str(e)))
+            continue
+        extra = {**case.extra, "preview": _relative(outputs["preview"], out_dir), "linet": provenance}
+        result = result.replace_case(i, _with(case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra))
+    written = write_manifest(out_dir / MANIFEST_NAME, result)
+    if failed:
+        raise InputError(manifest, f"{len(failed)} case(s) failed: {'; '.join(failed)}")
+    return written
+
+
+def _with(case: CaseEntry, **changes: Any) -> CaseEntry:
+    from dataclasses import replace
+
+    return replace(case, **changes)
+
+
+def _relative(path: PathLike, base: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
+
+
+def load_network(network: nn.Module, weights: PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Trained LINet weights (a training run's ``model.pt``; a checkpoint's EMA weights also do) on ``device``, in eval mode."""
+    from lesiondiffusion.diffusion import load_weights
+
+    require_weights(weights, "weights", "LINet")
+    load_weights(network, weights, setting="weights")
+    return network.to(device).eval()
+
+
+def require_weights(path: PathLike | None, setting: str, what: str) -> None:
+    """A one-line error naming the file and the setting to pass when a weights file is missing."""
+    if not path or not Path(path).expanduser().is_file():
+        raise InputError(
+            path or None, f"{what} weights not found; pass --{setting} FILE (a {what} training run writes <output_dir>/model.pt)"
+        )
+
+
+def check_settings(
+    manifest: str,
+    weights: str,
+    vqgan_weights: str,
+    sampler: str,
+    steps: int,
+    margin_mm: float,
+    feather_mm: float,
+    preset: str,
+    presets: dict[str, Any],
+) -> None:
+    """Check the run's settings before anything is built; each problem is one line naming the setting."""
+    from lesiondiffusion.diffusion import SAMPLERS
+
+    if not manifest:
+        raise InputError(None, "no manifest given; pass --manifest FILE (the manifest.json written by the LMNet stage)")
+    if not Path(manifest).is_file():
+        raise InputError(manifest, "manifest not found; pass --manifest FILE (the manifest.json written by the LMNet stage)")
+    require_weights(weights, "weights", "LINet")
+    require_weights(vqgan_weights, "vqgan_weights", "VQ-GAN")
+    if sampler not in SAMPLERS:
+        raise LesionDiffusionError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise LesionDiffusionError(f"steps must be a positive integer, not {steps!r}")
+    if not 0 <= float(feather_mm) <= float(margin_mm):
+        raise LesionDiffusionError(f"need 0 <= feather_mm <= margin_mm, got feather_mm={feather_mm}, margin_mm={margin_mm}")
+    if preset not in presets:
+        raise LesionDiffusionError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")

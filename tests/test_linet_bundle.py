@@ -1,0 +1,413 @@
+"""The LINet bundle run as users run it: ``python -m monai.bundle run`` (and torchrun) in subprocesses.
+
+A tiny configuration (32^3 crops, 16/16/32 channels, a randomly initialised ``cpu`` VQ-GAN saved to disk)
+trains on the demo phantom, is killed and resumed, trains with two gloo processes, and inpaints lesions
+through a manifest built directly from demo case files: the demo case as it is (LPS, 2 mm, int16), a case
+in another orientation with anisotropic spacing stored as scaled uint16, and a float32 volume smaller
+than the crop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from PIL import Image
+
+from lesiondiffusion import autoencoder as ae
+from lesiondiffusion.geometry import record_geometry, standardise, write_geometry
+from lesiondiffusion.manifest import CaseEntry, LesionEntry, Manifest, read_manifest, write_manifest
+from lesiondiffusion.paste import outside_margin
+from lesiondiffusion.placement import Box
+
+ROOT = Path(__file__).resolve().parents[1]
+LINET = ROOT / "bundles" / "linet"
+SCHEMA = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"
+TINY = [
+    "--presets#cpu#crop_size", "[32,32,32]",
+    "--presets#cpu#channels", "[16,16,32]",
+    "--presets#cpu#norm_num_groups", "8",
+    "--presets#cpu#num_head_channels", "8",
+    "--presets#cpu#condition_dim", "16",
+]  # fmt: skip
+TRAIN = [*TINY, "--presets#cpu#lr", "0.001", "--log_every", "1", "--num_workers", "0"]
+LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss: ([0-9.]+)")
+MARGIN_MM = 3.0
+# one thread per process: two spinning OpenMP threads per run on a shared 2-core machine cost 10-20x
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.slow
+
+
+def load_scripts() -> ModuleType:
+    """The bundle's ``scripts`` package under its own name (other bundles also have a ``scripts``)."""
+    name = "linet_bundle_scripts"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, LINET / "scripts" / "__init__.py", submodule_search_locations=[str(LINET / "scripts")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def command(config: str | list[str], *args: str, torchrun: bool = False) -> list[str]:
+    configs = config if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in config) + "]"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if torchrun else [sys.executable]
+    return [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *args]
+
+
+def bundle_run(config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(config, *args, torchrun=torchrun), cwd=LINET, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def losses(log: str) -> dict[int, float]:
+    """{global iteration: train loss} from the StatsHandler lines."""
+    return {(int(e) - 1) * int(n) + int(i): float(v) for e, i, n, v in LOSS.findall(log)}
+
+
+def one_error_line(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr + run.stdout
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised ``cpu``-preset VQ-GAN state dict on disk (what ``vqgan_weights`` takes)."""
+    path = tmp_path_factory.mktemp("vqgan") / "model.pt"
+    torch.manual_seed(0)
+    torch.save(ae.build_vqvae("cpu").state_dict(), path)
+    return path
+
+
+# ---- training ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tiny_demo: Path, vqgan: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("linet") / "models"
+    run = bundle_run(
+        "configs/train.json", "--datalist", str(tiny_demo / "datalist.json"), "--vqgan_weights", str(vqgan),
+        "--output_dir", str(out), "--iter_num", "12", "--max_epochs", "2", "--val_fraction", "0.5", *TRAIN,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {"out": out, "log": run.stdout + run.stderr}
+
+
+def test_training_runs_and_the_loss_falls(trained):
+    record = losses(trained["log"])
+    assert sorted(record) == list(range(1, 25))  # 2 epochs of iter_num=12, independent of the 1 training case
+    values = [record[i] for i in range(1, 25)]
+    assert np.mean(values[-6:]) < 0.9 * np.mean(values[:6]), values
+    assert "val_loss" in trained["log"]  # validation ran on the held-out case
+    state = torch.load(trained["out"] / "checkpoint_last.pt", weights_only=True)
+    assert set(state) == {"network", "optimizer", "trainer", "ema"}
+    assert state["trainer"]["iteration"] == 24 and state["trainer"]["epoch_length"] == 12
+    # model.pt: the EMA network's plain state dict, the file inference's `weights` takes
+    model = torch.load(trained["out"] / "model.pt", weights_only=True)
+    assert set(model) == set(state["ema"]) and all(torch.equal(model[k], state["ema"][k]) for k in model)
+    assert any(not torch.equal(model[k], state["network"][k]) for k in model if model[k].is_floating_point())
+    assert not any(k.startswith("autoencoder") for k in model)  # the frozen VQ-GAN is not part of it
+    assert set(torch.load(trained["out"] / "model_best.pt", weights_only=True)["ema"]) == set(model)
+    assert list((trained["out"] / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tiny_demo, vqgan, tmp_path):
+    out = tmp_path / "run"
+    cmd = command(
+        "configs/train.json", "--datalist", str(tiny_demo / "datalist.json"), "--vqgan_weights", str(vqgan),
+        "--output_dir", str(out), "--iter_num", "6", "--max_epochs", "2", "--save_every", "3", *TRAIN,
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=LINET, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            m = LOSS.search(line)
+            if m and (int(m[1]) - 1) * 6 + int(m[2]) >= 4:  # iteration 3's checkpoint is on disk
+                proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+                break
+    finally:
+        proc.kill()
+        proc.wait(60)
+    done = torch.load(out / "checkpoint_last.pt", weights_only=True)["trainer"]["iteration"]
+    assert 3 <= done < 12 and done % 3 == 0
+
+    resumed = subprocess.run(cmd, cwd=LINET, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert f"Restored all variables from {out / 'checkpoint_last.pt'}" in log
+    assert sorted(losses(log)) == list(range(done + 1, 13))  # the iteration count goes on
+    final = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 12
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {12.0}  # the optimiser was restored
+
+
+def test_two_process_ddp_on_gloo(tiny_demo, vqgan, tmp_path):
+    out = tmp_path / "ddp"
+    run = bundle_run(
+        ["configs/train.json", "configs/multi_gpu_train.json"],
+        "--datalist", str(tiny_demo / "datalist.json"), "--vqgan_weights", str(vqgan), "--output_dir", str(out),
+        "--iter_num", "2", "--max_epochs", "1", "--batch_size", "1", *TRAIN, torchrun=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert len(losses(log)) == 2  # rank 0 logs; the other stays quiet
+    assert log.count("SupervisedTrainer - INFO - Engine run finished") == 2  # both ranks trained
+    state = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2
+    assert not any(k.startswith("module.") for k in state["network"])
+    assert set(torch.load(out / "model.pt", weights_only=True)) == set(state["ema"])
+
+
+def test_bad_training_inputs_are_one_line_errors(vqgan, tmp_path):
+    run = bundle_run("configs/train.json", "--datalist", str(tmp_path / "none.json"), "--vqgan_weights", str(vqgan), "--output_dir", str(tmp_path / "t"))
+    assert "none.json" in one_error_line(run) and "datalist" in run.stderr
+    assert not (tmp_path / "t").exists()
+
+
+# ---- inference -----------------------------------------------------------------------------------
+def _save(path: Path, array: np.ndarray, affine: np.ndarray, slope: float | None = None, inter: float | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(array, affine)
+    img.set_data_dtype(array.dtype)
+    if slope is not None:
+        img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(path))
+    return path
+
+
+def make_case(
+    folder: Path, name: str, stored: np.ndarray, label: np.ndarray, affine: np.ndarray, report: dict, organ_id: int,
+    slope: float = 1.0, inter: float = 0.0, with_label_original: bool = True,
+) -> CaseEntry:
+    """What preprocess + LMNet leave for one case: the user's CT, its standardised copy, the label maps."""
+    source = _save(folder / "inputs" / f"{name}.nii.gz", stored, affine, slope, inter)
+    hu = stored.astype(np.float64) * slope + inter
+    std = standardise(MetaTensor(torch.as_tensor(hu, dtype=torch.float32)[None], affine=torch.as_tensor(affine)))
+    std_label = standardise(MetaTensor(torch.as_tensor(label, dtype=torch.float32)[None], affine=torch.as_tensor(affine)), mode="nearest")
+    std_affine = np.asarray(std.affine, dtype=np.float64)
+    lesion = np.asarray(std_label[0]) == 2
+    case = folder / name
+    image = _save(case / "image.nii.gz", np.asarray(std[0], dtype=np.float32), std_affine)
+    organ_seg = _save(case / "organ_seg.nii.gz", (np.asarray(std_label[0]) > 0).astype(np.uint8) * organ_id, std_affine)
+    label_std = _save(case / "label.nii.gz", np.asarray(std_label[0]).astype(np.uint8), std_affine)
+    label_original = _save(case / "label_original.nii.gz", label.astype(np.uint8), affine) if with_label_original else None
+    geometry = write_geometry(case / "geometry.json", record_geometry(source, std_affine, lesion.shape))
+    (case / "lesion_0.json").write_text(json.dumps(report))
+    idx = np.argwhere(lesion)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    box = Box(tuple((lo + hi) // 2), tuple(hi - lo))
+    lesion_entry = LesionEntry(organ_id, "within the parenchymal organ", case / "lesion_0.json", box)
+    return CaseEntry(name, source_image=source, geometry=geometry, image=image, organ_seg=organ_seg, lesions=(lesion_entry,),
+                     label=label_std, label_original=label_original)  # fmt: skip
+
+
+def with_attributes(report: dict, **changes: str) -> dict:
+    out = json.loads(json.dumps(report))
+    for entry in out.values():
+        entry[2].update(changes)
+    return out
+
+
+def build_manifest(folder: Path, demo: Path, report_changes: dict[str, str] | None = None) -> Path:
+    """Three cases: the demo as it is, reoriented + anisotropic + scaled uint16, and smaller than the crop."""
+    liver = demo / "cases" / "Liver_cancer"
+    img = nib.load(liver / "image.nii.gz")
+    report = json.loads((liver / "type.json").read_text())
+    organ_id = int(next(iter(report)))
+    demo_report = with_attributes(report, **(report_changes or {}))
+    cases = [make_case(folder, "demo", np.asarray(img.dataobj).astype(np.int16), np.asarray(nib.load(liver / "label.nii.gz").dataobj), img.affine, demo_report, organ_id)]
+
+    bladder = demo / "cases" / "Bladder_cancer"
+    hu = np.asarray(nib.load(bladder / "image.nii.gz").dataobj).astype(np.int32)
+    label = np.asarray(nib.load(bladder / "label.nii.gz").dataobj)
+    # array axes (k, i, j) reversed along the first: axis 0 -> superior 3 mm, axis 1 -> left 1.5 mm, axis 2 -> anterior 2 mm
+    hu, label = np.transpose(hu, (2, 0, 1))[::-1].copy(), np.transpose(label, (2, 0, 1))[::-1].copy()
+    affine = np.array([[0.0, -1.5, 0.0, 30.0], [0.0, 0.0, 2.0, -50.0], [-3.0, 0.0, 0.0, 70.0], [0.0, 0.0, 0.0, 1.0]])
+    b_report = json.loads((bladder / "type.json").read_text())
+    stored = (hu + 1024).astype(np.uint16)  # HU = stored - 1024 through the NIfTI scaling
+    cases.append(make_case(folder, "aniso", stored, label, affine, b_report, int(next(iter(b_report))), slope=1.0, inter=-1024.0))
+
+    rng = np.random.default_rng(0)
+    small = (40.0 + rng.normal(0, 10, (20, 18, 16))).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in small.shape], indexing="ij"), axis=-1)
+    ball = np.linalg.norm(grid - np.array([10, 9, 8]), axis=-1) <= 4
+    small[ball] = 5.0
+    small_label = np.where(ball, 2, 1).astype(np.uint8)
+    cases.append(make_case(folder, "small", small, small_label, np.diag([1.0, 1.0, 1.0, 1.0]), report, organ_id, with_label_original=False))
+    return write_manifest(folder / "manifest.json", Manifest(tuple(cases)))
+
+
+def infer(manifest: Path, weights: Path | None, vqgan: Path | None, out: Path | None, *extra: str) -> subprocess.CompletedProcess:
+    given = [*(["--weights", str(weights)] if weights else []), *(["--vqgan_weights", str(vqgan)] if vqgan else [])]
+    where = ["--output_dir", str(out)] if out else []
+    return bundle_run("configs/inference.json", "--manifest", str(manifest), *given, *where, "--steps", "3", "--margin_mm", str(MARGIN_MM), *TINY, *extra)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def inferred(tiny_demo: Path, trained: dict, vqgan: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two runs with the same seed; the second manifest's demo report asks for a dense lesion."""
+    root = tmp_path_factory.mktemp("linet_inf")
+    a = build_manifest(root / "a", tiny_demo)
+    b = build_manifest(root / "b", tiny_demo, {"density": "hyperdense lesion,", "CT value": "Mean density of the lesion region is approximately 190 HU,"})
+    sources = {p: digest(p) for p in (root / "a" / "inputs").iterdir()}
+    runs = {}
+    for name, manifest in (("a", a), ("b", b)):
+        run = infer(manifest, trained["out"] / "model.pt", vqgan, root / f"out_{name}")
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = read_manifest(root / f"out_{name}" / "manifest.json")
+    return {"root": root, "sources": sources, "a": runs["a"], "b": runs["b"], "inputs": read_manifest(a)}
+
+
+def stored(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    img = nib.load(path)
+    return np.asarray(img.dataobj.get_unscaled()), img
+
+
+def test_inference_changes_only_the_lesion_neighbourhood(inferred):
+    for source_case, case in zip(inferred["inputs"].cases, inferred["a"].cases):
+        assert case.ok and case.synthetic_image == inferred["root"] / "out_a" / case.case / "synthetic.nii.gz"
+        before, src = stored(case.source_image)
+        after, out = stored(case.synthetic_image)
+        # the input's own grid, dtype and scaling
+        assert after.shape == before.shape and after.dtype == before.dtype == src.get_data_dtype() == out.get_data_dtype()
+        assert np.array_equal(out.affine, src.affine) and nib.aff2axcodes(out.affine) == nib.aff2axcodes(src.affine)
+        assert np.allclose(out.header.get_zooms(), src.header.get_zooms())
+        assert out.dataobj.slope == src.dataobj.slope and out.dataobj.inter == src.dataobj.inter
+        lesion = np.asarray(nib.load(case.label_original).dataobj) == 2
+        far = outside_margin(lesion, src.affine, MARGIN_MM)
+        assert far.sum() > 0.5 * far.size
+        assert np.array_equal(after[far], before[far])  # bit-identical beyond the margin
+        changed = after[lesion] != before[lesion]
+        assert changed.mean() > 0.5, (case.case, changed.mean())  # the lesion was repainted
+    assert {p: digest(p) for p in inferred["sources"]} == inferred["sources"]  # inputs untouched
+
+
+def test_inference_manifest_label_map_and_preview(inferred, vqgan):
+    out = inferred["root"] / "out_a"
+    by_name = {c.case: c for c in inferred["a"].cases}
+    # LMNet's label map is kept; a manifest without one gets it written on the input grid
+    assert by_name["demo"].label_original.resolve() == inferred["root"] / "a" / "demo" / "label_original.nii.gz"
+    small = by_name["small"]
+    assert small.label_original == out / "small" / "label_original.nii.gz"
+    label = nib.load(small.label_original)
+    assert label.shape == (20, 18, 16) and np.array_equal(label.affine, nib.load(small.source_image).affine)
+    values = np.asarray(label.dataobj)
+    assert set(np.unique(values)) == {1, 2} and (values == 2).sum() == np.count_nonzero(
+        np.linalg.norm(np.stack(np.meshgrid(*[np.arange(n) for n in (20, 18, 16)], indexing="ij"), axis=-1) - [10, 9, 8], axis=-1) <= 4
+    )
+    raw = json.loads((out / "manifest.json").read_text())["testing"]
+    for entry, case in zip(raw, inferred["a"].cases):
+        preview = out / entry["preview"]
+        assert preview == out / case.case / "preview.png"
+        with Image.open(preview) as png:
+            assert png.format == "PNG" and png.size == (576, 576)
+        assert entry["linet"]["settings"]["steps"] == 3 and entry["linet"]["settings"]["sampler"] == "ddim"
+        assert set(entry["linet"]["weights"]) == {"weights", "vqgan_weights"}
+        assert entry["linet"]["weights"]["vqgan_weights"]["sha256"] == digest(vqgan)
+
+
+def test_same_seed_same_output(inferred):
+    a = {c.case: c for c in inferred["a"].cases}
+    b = {c.case: c for c in inferred["b"].cases}
+    for name in ("aniso", "small"):  # identical inputs in both runs
+        assert np.array_equal(stored(a[name].synthetic_image)[0], stored(b[name].synthetic_image)[0])
+
+
+def test_the_text_reaches_the_network(inferred):
+    a = {c.case: c for c in inferred["a"].cases}["demo"]
+    b = {c.case: c for c in inferred["b"].cases}["demo"]
+    before, _ = stored(a.source_image)
+    lesion = np.asarray(nib.load(a.label_original).dataobj) == 2
+    sa, sb = stored(a.synthetic_image)[0], stored(b.synthetic_image)[0]
+    assert not np.array_equal(sa[lesion], sb[lesion])  # same seed, same image: only the report differs
+    far = outside_margin(lesion, nib.load(a.source_image).affine, MARGIN_MM)
+    assert np.array_equal(sa[far], before[far]) and np.array_equal(sb[far], before[far])
+
+
+def test_bad_inputs_are_one_line_errors_without_output(inferred, trained, vqgan, tmp_path):
+    manifest = inferred["root"] / "a" / "manifest.json"
+    line = one_error_line(infer(manifest, None, vqgan, tmp_path / "o1"))  # the default: shipped weights under models/
+    assert "models/model.pt: LINet weights not found; pass --weights" in line
+    line = one_error_line(infer(manifest, trained["out"] / "model.pt", tmp_path / "none.pt", tmp_path / "o2"))
+    assert "none.pt: VQ-GAN weights not found; pass --vqgan_weights" in line
+    line = one_error_line(infer(tmp_path / "nothing.json", trained["out"] / "model.pt", vqgan, tmp_path / "o3"))
+    assert "nothing.json: manifest not found" in line
+    line = one_error_line(infer(manifest, trained["out"] / "model.pt", vqgan, tmp_path / "o4", "--sampler", "euler"))
+    assert "sampler must be one of" in line
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_a_case_with_a_changed_source_fails_alone(inferred, trained, vqgan, tmp_path):
+    entries = inferred["inputs"]
+    moved = _save(tmp_path / "other.nii.gz", np.zeros((5, 5, 5), np.int16), np.eye(4))
+    from dataclasses import replace
+
+    bad = Manifest((replace(entries.cases[2], source_image=moved), entries.cases[0]))
+    manifest = write_manifest(tmp_path / "manifest.json", bad)
+    run = infer(manifest, trained["out"] / "model.pt", vqgan, tmp_path / "out", "--steps", "1")
+    line = one_error_line(run)
+    assert "1 case(s) failed: small" in line and "no longer matches its geometry record" in line
+    result = read_manifest(tmp_path / "out" / "manifest.json")
+    assert [c.status for c in result.cases] == ["error", "ok"] and result.cases[1].synthetic_image.is_file()
+    assert not (tmp_path / "out" / "small").exists()
+
+
+def test_metadata_verifies():
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)],
+        cwd=LINET, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr
+
+
+# ---- pieces --------------------------------------------------------------------------------------
+def test_loss_is_l1_inside_the_mask_normalised_per_sample():
+    train = load_scripts().train
+    pred = torch.zeros(2, 4, 4, 4, 4)
+    target = torch.ones(2, 4, 4, 4, 4)
+    weight = torch.zeros(2, 1, 4, 4, 4)
+    weight[0, :, :2] = 1  # 32 voxels
+    weight[1, :, :1, :1, :1] = 1  # 1 voxel
+    loss = train.LINetLoss()(pred, torch.cat([target, weight], dim=1))
+    assert torch.isclose(loss, torch.tensor(4.0), atol=1e-4)  # 4 channels x |0 - 1| per masked voxel, either sample
+    outside = pred.clone()
+    outside[:, :, 3] = 7.0  # errors outside the mask do not count
+    assert torch.isclose(train.LINetLoss()(outside, torch.cat([target, weight], dim=1)), loss)
+
+
+def test_latent_mask_covers_every_lesion_voxel():
+    train = load_scripts().train
+    mask = torch.zeros(1, 1, 16, 16, 16)
+    mask[0, 0, 5, 6, 7] = 1
+    m = train.latent_mask(mask, 4)
+    assert m.shape == (1, 1, 4, 4, 4) and m.sum() == 1 and m[0, 0, 1, 1, 1] == 1
+
+
+def test_crop_window_grows_for_large_lesions_and_pads_beyond_the_volume():
+    inpaint = load_scripts().inpaint
+    mask = np.zeros((20, 18, 16), bool)
+    mask[8:12, 7:11, 6:10] = True
+    start, size = inpaint.crop_window(mask, (32, 32, 32), 3, 16)
+    assert size.tolist() == [32, 32, 32] and (start < 0).all()
+    crop = inpaint.crop_padded(np.ones(mask.shape, np.float32), start, size, fill=-5.0)
+    assert crop.shape == (32, 32, 32) and (crop == 1).sum() == mask.size and (crop == -5).sum() == 32**3 - mask.size
+    big = np.zeros((100, 100, 100), bool)
+    big[10:60, 20:30, 30:35] = True
+    start, size = inpaint.crop_window(big, (32, 32, 32), 8, 16)
+    assert size.tolist() == [80, 32, 32] and start[0] <= 10 - 8 and start[0] + size[0] >= 60 + 8
