@@ -5,14 +5,18 @@ Errors the user can fix are printed as one line on stderr with a non-zero exit, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import fire
 
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion_tools.evaluate import evaluate
+from lesiondiffusion_tools.synthesize import synthesize
+from lesiondiffusion_tools.train import train
 
 logger = logging.getLogger("lesiondiffusion")
 
@@ -20,9 +24,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SOURCE = REPO_ROOT.parent / "shared" / "data" / "demo"
 
 
+def _command(function: Callable) -> staticmethod:
+    """``function`` as a sub-command that prints its own results (fire would also print the return value)."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs) -> None:
+        function(*args, **kwargs)
+
+    return staticmethod(run)
+
+
 class Commands:
     """Text-controlled lesion synthesis in 3D CT (MONAI bundles). Run a command with --help."""
 
+    synthesize = _command(synthesize)
+    train = _command(train)
     evaluate = staticmethod(evaluate)
 
     def validate(

@@ -1,0 +1,208 @@
+"""The synthesis chain end to end: ``lesiondiffusion train`` on tiny networks, then ``synthesize``.
+
+Real bundle runs in their own processes (as a user runs them), on the 2 mm demo phantoms. The networks
+are tiny and barely trained: these tests prove the plumbing (files, geometry, preserved voxels,
+provenance, failure handling), not the realism of the lesion (the shipped weights' evaluation does that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from lesiondiffusion.labels import label_table
+from lesiondiffusion.requests import SynthesisRequest, write_requests
+from lesiondiffusion_tools.synthesize import OUTPUT_FILES, gather_requests, sha256, weights_paths
+
+# the cpu VQ-GAN (LINet loads it by preset) on small crops; LMNet and LINet shrunk to a few channels
+TINY = {
+    "vqgan": {"crop_size": [24, 24, 24], "spacing": [2, 2, 2], "num_workers": 0},
+    "lmnet": {
+        "presets#cpu#crop": [32, 32, 16], "presets#cpu#channels": [8, 16, 16], "presets#cpu#num_head_channels": 8,
+        "presets#cpu#condition_dim": 16,
+    },
+    "linet": {
+        "presets#cpu#crop_size": [32, 32, 32], "presets#cpu#channels": [16, 16, 32], "presets#cpu#norm_num_groups": 8,
+        "presets#cpu#num_head_channels": 8, "presets#cpu#condition_dim": 16,
+    },
+}  # fmt: skip
+MARGIN_MM = 3.0
+ATTRIBUTES = {"organ type": "liver", "lesion type": "cyst", "density": "hypodense"}
+
+
+def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``lesiondiffusion ARGS`` in a child process, as a user runs it."""
+    cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"PYTHONWARNINGS": "ignore", **os.environ})
+
+
+def error_lines(run: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    return [line for line in run.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All three networks trained for a few iterations by ``lesiondiffusion train --stage all``."""
+    out = tmp_path_factory.mktemp("weights")
+    run = cli(
+        "train", "--stage", "all", "--datalist", str(tiny_demo / "datalist.json"), "--out", str(out),
+        "--max_epochs", "1", "--iter_num", "2", "--val_fraction", "0.5", "--bundle_overrides", json.dumps(TINY),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    for name in ("vqgan", "lmnet", "linet"):
+        assert f"{name}: {out / name / 'model.pt'}" in run.stdout
+    return out
+
+
+def synthesize(weights: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
+    return cli(
+        "synthesize", "--weights", str(weights), "--out", str(out), "--steps", "2", "--seed", "3",
+        "--margin_mm", str(MARGIN_MM), "--bundle_overrides", tiny, *args,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthesised(weights: Path, tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    case = tiny_demo / "cases" / "Liver_cancer"
+    out = tmp_path_factory.mktemp("synth") / "out"
+    run = synthesize(weights, out, "--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"), "--attributes", json.dumps(ATTRIBUTES))
+    return {"run": run, "out": out, "case": case}
+
+
+def test_synthesize_writes_every_output_file(synthesised: dict) -> None:
+    run, out = synthesised["run"], synthesised["out"]
+    assert run.returncode == 0, run.stderr[-4000:]
+    folder = out / "image"  # the case is named after the input file
+    assert sorted(p.name for p in folder.iterdir()) == sorted(OUTPUT_FILES)
+    assert f"image: {folder / 'image.nii.gz'}" in run.stdout and "s per lesion" in run.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["succeeded"] == 1 and summary["failed"] == 0 and summary["lesions"] == 1
+    assert set(summary["timings_s"]) == {"preprocess", "lmnet", "linet", "total"}
+    # each stage's own process: at least the Python + torch + MONAI it imports
+    assert all(summary["peak_rss_mib"][stage] > 100 for stage in ("preprocess", "lmnet", "linet"))
+    assert not list(out.parent.glob(".lesiondiffusion-work-*")), "the work folder is removed"
+
+
+def test_output_keeps_the_input_geometry_and_far_voxels(synthesised: dict) -> None:
+    src = nib.load(synthesised["case"] / "image.nii.gz")
+    folder = synthesised["out"] / "image"
+    img, label = nib.load(folder / "image.nii.gz"), nib.load(folder / "label.nii.gz")
+    for out in (img, label, nib.load(folder / "organ_seg.nii.gz")):
+        assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+    assert img.get_data_dtype() == src.get_data_dtype()
+    before, after = np.asarray(src.dataobj), np.asarray(img.dataobj)
+    lab = np.asarray(label.dataobj)
+    assert set(np.unique(lab)) <= {0, 1, 2} and (lab == 2).any()
+    spacing = np.asarray(src.header.get_zooms()[:3], dtype=float)
+    distance = ndi.distance_transform_edt(lab != 2, sampling=spacing)
+    far = distance > MARGIN_MM
+    assert np.array_equal(before[far], after[far]), "voxels beyond the margin must be bit-identical"
+    assert not np.array_equal(before[lab == 2], after[lab == 2]), "the lesion was written"
+
+
+def test_lesion_lies_in_the_requested_organ(synthesised: dict) -> None:
+    folder = synthesised["out"] / "image"
+    lab = np.asarray(nib.load(folder / "label.nii.gz").dataobj)
+    seg = np.rint(np.asarray(nib.load(folder / "organ_seg.nii.gz").dataobj)).astype(int)
+    liver = seg == label_table("v1").id("liver")
+    assert liver[lab == 2].all()
+    assert np.array_equal(lab == 1, liver & (lab != 2)), "label 1 is the lesion's organ"
+    report = json.loads((folder / "report.json").read_text())
+    assert list(report) == [str(label_table("v1").id("liver"))]
+
+
+def test_provenance_records_inputs_parameters_weights_and_versions(synthesised: dict, weights: Path) -> None:
+    prov = json.loads((synthesised["out"] / "image" / "provenance.json").read_text())
+    assert prov["request"]["image"] == str((synthesised["case"] / "image.nii.gz").resolve())
+    assert prov["request"]["attributes"] == ATTRIBUTES
+    params = prov["parameters"]
+    assert (params["seed"], params["steps"], params["sampler"], params["margin_mm"]) == (3, 2, "ddim", MARGIN_MM)
+    assert params["bundle_overrides"]["linet"] == TINY["linet"]
+    for name in ("vqgan", "lmnet", "linet"):
+        assert prov["weights"][name] == {"path": str((weights / name / "model.pt").resolve()), "sha256": sha256(weights / name / "model.pt")}
+    assert {"monai", "torch", "python", "bundle:linet"} <= set(prov["versions"])
+    assert prov["lesions"][0]["cavity"] and prov["seconds_per_lesion"] > 0
+
+
+def test_rerun_refuses_an_existing_output_unless_overwrite(synthesised: dict, weights: Path) -> None:
+    out, case = synthesised["out"], synthesised["case"]
+    before = (out / "summary.json").read_bytes()
+    args = ["--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"), "--attributes", json.dumps(ATTRIBUTES)]
+    refused = synthesize(weights, out, *args)
+    assert refused.returncode == 1 and error_lines(refused) == [f"error: {out}: output folder exists; pass --overwrite to replace it"]
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_batch_with_a_broken_case_finishes_the_others(weights: Path, tiny_demo: Path, tmp_path: Path) -> None:
+    good = tiny_demo / "cases" / "Bladder_cancer"
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes((good / "image.nii.gz").read_bytes()[:300])  # a truncated file
+    requests = write_requests(tmp_path / "requests.json", [
+        SynthesisRequest("broken", broken, {"organ type": "urinary bladder", "lesion type": "tumor"}, good / "organ_seg.nii.gz"),
+        SynthesisRequest("bladder", good / "image.nii.gz", {"organ type": "urinary bladder", "lesion type": "tumor"}, good / "organ_seg.nii.gz"),
+    ])  # fmt: skip
+    inputs = {p: p.read_bytes() for p in (broken, good / "image.nii.gz", requests)}
+    out = tmp_path / "out"
+    run = synthesize(weights, out, "--requests", str(requests))
+    assert run.returncode == 1
+    assert error_lines(run) == [f"error: 1 of 2 case(s) failed (see {out / 'summary.json'})"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["status"] for c in summary["cases"]] == ["error", "ok"]
+    assert summary["cases"][0]["stage"] == "preprocess" and "broken.nii.gz" in summary["cases"][0]["error"]
+    assert not (out / "broken").exists()
+    assert sorted(p.name for p in (out / "bladder").iterdir()) == sorted(OUTPUT_FILES)
+    assert all(p.read_bytes() == data for p, data in inputs.items()), "inputs are never modified"
+
+
+# ---- inputs (no networks run) ---------------------------------------------------------------------
+def test_requests_come_from_one_of_three_forms(tmp_path: Path) -> None:
+    images = tmp_path / "images.txt"
+    images.write_text("a/ct.nii.gz\nb/ct.nii.gz\n")
+    attrs = tmp_path / "attrs.txt"
+    attrs.write_text('{"organ type": "liver", "lesion type": "cyst"}\n{"organ type": "kidney", "lesion type": "tumor"}\n')
+    batch = gather_requests(image_list=str(images), attributes_list=str(attrs), lesion_type="metastasis")
+    assert [r.case for r in batch] == ["0000_ct", "0001_ct"]  # same file names: numbered
+    assert batch[0].image == tmp_path / "a" / "ct.nii.gz"
+    assert [r.attributes["lesion type"] for r in batch] == ["metastasis", "metastasis"]
+    single = gather_requests(image=str(tmp_path / "x.nii"), organ="spleen", lesion_type="cyst", attributes={"density": "hyperdense"})
+    assert single[0].case == "x" and single[0].attributes == {"density": "hyperdense", "organ type": "spleen", "lesion type": "cyst"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "give exactly one of --image CT, --image_list FILE or --requests FILE"),
+        ({"image": "a.nii.gz", "requests": "r.json"}, "give exactly one of"),
+        ({"image": "a.nii.gz", "organ": "liver"}, "no 'lesion type'"),
+        ({"image": "a.nii.gz", "attributes": "{not json"}, "not a JSON object"),
+        ({"image": "a.nii.gz", "attributes_list": "x.txt"}, "go with --image_list"),
+    ],
+)
+def test_bad_request_options_are_one_line_errors(kwargs: dict, message: str) -> None:
+    from lesiondiffusion.errors import LesionDiffusionError
+
+    with pytest.raises(LesionDiffusionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        gather_requests(**kwargs)
+
+
+def test_missing_weights_say_what_to_do(tmp_path: Path) -> None:
+    from lesiondiffusion.errors import LesionDiffusionError
+
+    (tmp_path / "w" / "vqgan").mkdir(parents=True)
+    (tmp_path / "w" / "vqgan" / "model.pt").write_bytes(b"x")
+    with pytest.raises(LesionDiffusionError, match=r"weights not found: .*lmnet/model.pt.*lesiondiffusion train --stage all"):
+        weights_paths(tmp_path / "w")
+    (tmp_path / "ct.nii.gz").write_bytes(b"x")
+    run = cli("synthesize", "--image", str(tmp_path / "ct.nii.gz"), "--organ", "liver", "--lesion_type", "cyst", "--weights", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    assert run.returncode == 1 and len(error_lines(run)) == 1 and "weights folder not found" in run.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,488 @@
+"""``lesiondiffusion synthesize``: CT + description -> synthetic CT, through the three inference bundles.
+
+Stages run as separate bundle processes (:mod:`lesiondiffusion_tools.bundle_runner`), handing on the
+manifest (:mod:`lesiondiffusion.manifest`): preprocess (standardise, organ map, report, box) -> LMNet
+(lesion mask) -> LINet (inpaint, paste back into the original CT). Case *i* of the manifest is request
+*i* throughout, so a case that fails in one stage is reported and the others go on.
+
+Per case ``<out>/<case>/`` receives ``image.nii.gz`` (synthetic CT in the input's grid and dtype),
+``label.nii.gz`` (0/1/2), ``organ_seg.nii.gz`` (organ map on the input grid), ``report.json``,
+``provenance.json`` and ``preview.png``; ``<out>/summary.json`` lists every case's status. The output
+folder is built beside ``--out`` and renamed into place, so a run never leaves half an output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.io import atomic_dir, read_json, read_nifti_array, write_json
+from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
+from lesiondiffusion.requests import SynthesisRequest, read_requests
+from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, run_bundle
+
+logger = logging.getLogger(__name__)
+
+NETWORKS = ("vqgan", "lmnet", "linet")
+SAMPLERS = ("ddim", "rflow")
+OUTPUT_FILES = ("image.nii.gz", "label.nii.gz", "organ_seg.nii.gz", "report.json", "provenance.json", "preview.png")
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+def weights_paths(weights: str | Path | None = None) -> dict[str, Path]:
+    """The network weights to use: ``<weights>/<network>/model.pt``, by default the bundles' shipped ones.
+
+    A missing file is an error that says how to get one.
+    """
+    if weights is None:
+        paths = {n: BUNDLES_DIR / n / "models" / "model.pt" for n in NETWORKS}
+        hint = "the repository's shipped weights are missing; pass --weights DIR (DIR/<network>/model.pt, as `lesiondiffusion train --out DIR` writes)"
+    else:
+        root = Path(weights).expanduser()
+        if not root.is_dir():
+            raise InputError(root, "weights folder not found (expected DIR/vqgan/model.pt, DIR/lmnet/model.pt, DIR/linet/model.pt)")
+        paths = {n: root / n / "model.pt" for n in NETWORKS}
+        hint = f"train it with `lesiondiffusion train --stage all --datalist FILE --out {root}`"
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise LesionDiffusionError(f"weights not found: {', '.join(missing)}; {hint}")
+    return paths
+
+
+def case_names(images: Sequence[Path]) -> list[str]:
+    """One folder-safe, unique name per image: the file name without .nii/.nii.gz, numbered on clashes."""
+    stems = [re.sub(r"[^A-Za-z0-9._-]", "_", re.sub(r"\.nii(\.gz)?$", "", Path(p).name)) or "case" for p in images]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{i:04d}_{s}" for i, s in enumerate(stems)]
+
+
+def json_object(value: Any, where: str) -> dict[str, Any]:
+    """``--attributes``: a dict, JSON text, or a file holding one JSON object."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    text = str(value).strip()
+    if not text.startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise InputError(path, f"{where}: neither a JSON object nor an existing file")
+        text = path.read_text(encoding="utf-8").strip()
+        where = str(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(where, f"not a JSON object ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(where, "attributes must be a JSON object")
+    return obj
+
+
+def _list_lines(path: str | Path) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(p, "list file not found")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    for i, line in enumerate(lines, 1):
+        if not line:
+            raise InputError(p, "empty line inside the list (lists are aligned by line)", i)
+    if not lines:
+        raise InputError(p, "the list is empty")
+    return lines
+
+
+def _resolve(entry: str, base: Path) -> Path:
+    p = Path(entry).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def gather_requests(
+    image: str | None = None,
+    image_list: str | None = None,
+    requests: str | None = None,
+    attributes: Any = None,
+    attributes_list: str | None = None,
+    organ: str | None = None,
+    lesion_type: str | None = None,
+    organ_seg: str | None = None,
+    organ_seg_list: str | None = None,
+) -> list[SynthesisRequest]:
+    """The cases to synthesise, from exactly one of ``--image``, ``--image_list`` or ``--requests``.
+
+    ``--organ`` / ``--lesion_type`` fill in (and override) ``organ type`` / ``lesion type`` of every case.
+    """
+    given = [name for name, v in (("--image", image), ("--image_list", image_list), ("--requests", requests)) if v]
+    if len(given) != 1:
+        raise LesionDiffusionError("give exactly one of --image CT, --image_list FILE or --requests FILE")
+    overrides = {k: v for k, v in (("organ type", organ), ("lesion type", lesion_type)) if v}
+    if requests:
+        if attributes_list or organ_seg or organ_seg_list:
+            raise LesionDiffusionError("--requests carries images, organ maps and attributes; drop the other inputs")
+        found = read_requests(requests)
+        shared = json_object(attributes, "--attributes")
+        return [SynthesisRequest(r.case, r.image, {**r.attributes, **_texts(shared), **overrides}, r.organ_seg) for r in found]
+    if image:
+        if attributes_list or organ_seg_list:
+            raise LesionDiffusionError("--attributes_list and --organ_seg_list go with --image_list")
+        images = [Path(image).expanduser()]
+        segs = [Path(organ_seg).expanduser() if organ_seg else None]
+        attrs = [json_object(attributes, "--attributes")]
+    else:
+        list_path = Path(str(image_list)).expanduser()
+        images = [_resolve(line, list_path.parent) for line in _list_lines(list_path)]
+        if organ_seg:
+            raise LesionDiffusionError("--organ_seg goes with --image; with --image_list give --organ_seg_list")
+        segs = [None] * len(images)
+        if organ_seg_list:
+            seg_path = Path(organ_seg_list).expanduser()
+            segs = [_resolve(line, seg_path.parent) for line in _list_lines(seg_path)]
+            if len(segs) != len(images):
+                raise InputError(seg_path, f"{len(segs)} lines, but the image list has {len(images)}")
+        if attributes_list:
+            attr_path = Path(attributes_list).expanduser()
+            lines = _list_lines(attr_path)
+            if len(lines) != len(images):
+                raise InputError(attr_path, f"{len(lines)} lines, but the image list has {len(images)}")
+            attrs = [json_object(line, f"{attr_path}:{i}") for i, line in enumerate(lines, 1)]
+        else:
+            attrs = [json_object(attributes, "--attributes")] * len(images)
+    out = []
+    for name, img, seg, attr in zip(case_names(images), images, segs, attrs):
+        merged = {**_texts(attr), **overrides}
+        missing = [k for k in ("organ type", "lesion type") if not merged.get(k, "").strip()]
+        if missing:
+            raise LesionDiffusionError(f"{img}: no {' and no '.join(repr(k) for k in missing)}; give --organ/--lesion_type or put them in --attributes")
+        out.append(SynthesisRequest(name, img, merged, seg))
+    return out
+
+
+def stage_overrides(value: Any, stages: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--bundle_overrides``: a JSON object (text, dict or file) of config overrides by stage name."""
+    obj = json_object(value, "--bundle_overrides")
+    unknown = sorted(set(obj) - set(stages))
+    if unknown:
+        raise LesionDiffusionError(f"--bundle_overrides: unknown stage(s) {', '.join(unknown)}; use {', '.join(stages)}")
+    if any(not isinstance(v, dict) for v in obj.values()):
+        raise LesionDiffusionError("--bundle_overrides: each stage's value must be a JSON object of config keys")
+    return {stage: dict(obj.get(stage, {})) for stage in stages}
+
+
+def _texts(obj: dict[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in obj.items()}
+
+
+def check_inputs(requests: Sequence[SynthesisRequest]) -> None:
+    """Fail early on inputs that do not exist (the bundles check the rest, case by case)."""
+    for r in requests:
+        for path in (r.image, r.organ_seg):
+            if path is not None and not path.is_file():
+                raise InputError(path, f"case {r.case}: file not found")
+    with_seg = [r.organ_seg is not None for r in requests]
+    if any(with_seg) and not all(with_seg):
+        raise LesionDiffusionError("give an organ map for every case or for none (the preprocess stage segments the rest as a batch)")
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+@dataclass
+class CaseState:
+    """What is known about one request as the stages run."""
+
+    request: SynthesisRequest
+    entry: CaseEntry | None = None
+    base: Path | None = None  # the folder of the manifest ``entry`` came from (its extra paths are relative)
+    error: str | None = None
+    stage: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class SynthesisSettings:
+    """Everything that decides the output besides the inputs and weights (recorded in provenance)."""
+
+    seed: int = 0
+    num_lesions: int = 1
+    steps: int = 25
+    sampler: str = "ddim"
+    guidance_scale: float = 2.0
+    margin_mm: float = 3.0
+    feather_mm: float = 2.0
+    preset: str = "cpu"
+    report_provider: str = "offline"
+    device: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Reject settings no stage could use, before anything runs."""
+        if self.sampler not in SAMPLERS:
+            raise LesionDiffusionError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        if int(self.steps) < 1:
+            raise LesionDiffusionError(f"--steps must be at least 1, not {self.steps}")
+        if int(self.num_lesions) < 1:
+            raise LesionDiffusionError(f"--num_lesions must be at least 1, not {self.num_lesions}")
+        if float(self.margin_mm) < 0 or float(self.feather_mm) < 0:
+            raise LesionDiffusionError("--margin_mm and --feather_mm must not be negative")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return {**out, **self.extra}
+
+
+def _stage_overrides(stage: str, settings: SynthesisSettings, weights: dict[str, Path]) -> dict[str, Any]:
+    common: dict[str, Any] = {"seed": int(settings.seed)}
+    if settings.device:
+        common["device"] = settings.device
+    if stage == "preprocess":
+        return {**common, "num_lesions": int(settings.num_lesions), "report_provider": settings.report_provider}
+    sampling = {"steps": int(settings.steps), "sampler": settings.sampler, "guidance_scale": float(settings.guidance_scale), "preset": settings.preset}
+    if stage == "lmnet":
+        return {**common, **sampling, "weights": str(weights["lmnet"])}
+    return {
+        **common, **sampling, "weights": str(weights["linet"]), "vqgan_weights": str(weights["vqgan"]),
+        "vqgan_preset": settings.preset, "margin_mm": float(settings.margin_mm), "feather_mm": float(settings.feather_mm),
+    }  # fmt: skip
+
+
+def _write_inputs(work: Path, states: Sequence[CaseState]) -> dict[str, str]:
+    """The batch as the preprocess bundle's aligned list files."""
+    images = work / "images.txt"
+    attributes = work / "attributes.txt"
+    images.write_text("".join(f"{s.request.image.resolve()}\n" for s in states), encoding="utf-8")
+    attributes.write_text("".join(json.dumps(s.request.attributes) + "\n" for s in states), encoding="utf-8")
+    lists = {"image_list": str(images), "attributes_list": str(attributes)}
+    if states[0].request.organ_seg is not None:
+        segs = work / "organ_segs.txt"
+        segs.write_text("".join(f"{s.request.organ_seg.resolve()}\n" for s in states), encoding="utf-8")  # type: ignore[union-attr]
+        lists["organ_seg_list"] = str(segs)
+    return lists
+
+
+def _collect(stage: str, manifest: Path, states: Sequence[CaseState], failure: BundleRunError | None) -> None:
+    """Update each case from the stage's manifest; without one, every pending case failed with the stage."""
+    if not manifest.is_file():
+        message = str(failure) if failure else f"the {stage} stage wrote no manifest"
+        for s in states:
+            if s.ok:
+                s.error, s.stage = message, stage
+        return
+    cases = read_manifest(manifest).cases
+    if len(cases) != len(states):
+        raise LesionDiffusionError(f"{manifest}: {len(cases)} cases, but {len(states)} were requested")
+    for s, entry in zip(states, cases):
+        if not s.ok:
+            continue
+        if not entry.ok:
+            s.error, s.stage = entry.error or "failed", stage
+        else:
+            s.entry, s.base = entry, manifest.parent
+
+
+def _run_stage(stage: str, overrides: dict[str, Any], out_dir: Path, states: Sequence[CaseState], echo: bool) -> tuple[float, float | None]:
+    """Run one bundle over the batch; returns its wall-clock seconds and peak memory (MiB, None if it failed)."""
+    t0 = time.perf_counter()
+    failure, peak = None, None
+    try:
+        peak = run_bundle(stage, {**overrides, "output_dir": str(out_dir)}, capture=True, echo=echo).peak_rss_mib
+    except BundleRunError as e:
+        failure = e
+        logger.error("%s stage: %s", stage, e)
+    _collect(stage, out_dir / MANIFEST_NAME, states, failure)
+    return time.perf_counter() - t0, peak
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of this package, the libraries that shape the output, Python, and the bundles."""
+    out = {"python": platform.python_version()}
+    for dist in ("lesiondiffusion", "monai", "torch", "numpy", "nibabel"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    for stage in ("preprocess", *NETWORKS):
+        meta = BUNDLES_DIR / stage / "configs" / "metadata.json"
+        out[f"bundle:{stage}"] = str(read_json(meta).get("version", "?")) if meta.is_file() else "missing"
+    return out
+
+
+def _write_case(folder: Path, state: CaseState, settings: SynthesisSettings, weights: dict[str, str], timings: dict[str, float], n_total: int) -> None:
+    """Write one case's outputs (see the module docstring) from its final manifest entry."""
+    from lesiondiffusion.geometry import read_geometry, save_on_input_grid  # imports MONAI: only when writing
+
+    entry = state.entry
+    assert entry is not None and entry.synthetic_image is not None
+    folder.mkdir(parents=True)
+    shutil.copyfile(entry.synthetic_image, folder / "image.nii.gz")
+    label = entry.extra.get("synthetic_label")
+    label_path = (state.base / label) if label and state.base else entry.label_original
+    if label_path is None or not label_path.is_file():
+        raise LesionDiffusionError(f"{state.request.case}: the LINet stage wrote no label map")
+    shutil.copyfile(label_path, folder / "label.nii.gz")
+    geometry = read_geometry(entry.geometry)  # type: ignore[arg-type]
+    seg, _ = read_nifti_array(entry.organ_seg)  # type: ignore[arg-type]
+    save_on_input_grid(folder / "organ_seg.nii.gz", seg, geometry, mode="nearest", dtype="uint8")
+    preview = entry.extra.get("preview")
+    if not preview or state.base is None or not (state.base / preview).is_file():
+        raise LesionDiffusionError(f"{state.request.case}: the LINet stage wrote no preview")
+    shutil.copyfile(state.base / preview, folder / "preview.png")
+    reports = [read_json(lesion.report) for lesion in entry.lesions]
+    write_json(folder / "report.json", reports[0] if len(reports) == 1 else reports)
+    n_lesions = max(len(entry.lesions), 1)
+    write_json(folder / "provenance.json", {
+        "case": state.request.case,
+        "request": {
+            "image": str(state.request.image.resolve()),
+            "organ_seg": None if state.request.organ_seg is None else str(state.request.organ_seg.resolve()),
+            "attributes": state.request.attributes,
+        },
+        "parameters": settings.as_dict(),
+        "lesions": [{"organ_id": l.organ_id, "cavity": l.cavity, "box": l.box.to_json(), "report": r} for l, r in zip(entry.lesions, reports)],
+        "weights": weights,
+        "versions": versions(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "seconds_per_lesion": round(timings["total"] / max(n_total, 1), 3),
+        "lesions_in_case": n_lesions,
+    })  # fmt: skip
+
+
+def synthesize(
+    image: str | None = None,
+    image_list: str | None = None,
+    requests: str | None = None,
+    attributes: Any = None,
+    attributes_list: str | None = None,
+    organ: str | None = None,
+    lesion_type: str | None = None,
+    organ_seg: str | None = None,
+    organ_seg_list: str | None = None,
+    num_lesions: int = 1,
+    seed: int = 0,
+    steps: int = 25,
+    sampler: str = "ddim",
+    guidance: float = 2.0,
+    margin_mm: float = 3.0,
+    feather_mm: float = 2.0,
+    preset: str = "cpu",
+    report_provider: str = "offline",
+    weights: str | None = None,
+    out: str | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    keep_work: bool = False,
+    bundle_overrides: Any = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Write a described lesion into each CT: preprocess -> LMNet -> LINet, outputs in ``out/<case>/``.
+
+    Returns the summary (also written to ``out/summary.json``). Raises when any case failed, after the
+    others were written. ``bundle_overrides`` sets any other key of a stage's ``inference.json``, as a
+    JSON object by stage, e.g. ``'{"linet": {"context_mm": 12}}'``. ``verbose``: show each stage's
+    logs and progress as it runs (its errors are reported either way).
+    """
+    extra = stage_overrides(bundle_overrides, ("preprocess", *NETWORKS[1:]))
+    if not out:
+        raise LesionDiffusionError("give the output folder: --out DIR")
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and not overwrite:
+        raise LesionDiffusionError(f"{out_dir}: output folder exists; pass --overwrite to replace it")
+    settings = SynthesisSettings(
+        seed=int(seed), num_lesions=int(num_lesions), steps=int(steps), sampler=str(sampler), guidance_scale=float(guidance),
+        margin_mm=float(margin_mm), feather_mm=float(feather_mm), preset=str(preset), report_provider=str(report_provider),
+        device=None if device in (None, "", "auto") else str(device), extra={"bundle_overrides": extra},
+    )  # fmt: skip
+    settings.check()
+    cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list)
+    check_inputs(cases)
+    weight_files = weights_paths(weights)
+    weight_record = {n: {"path": str(p.resolve()), "sha256": sha256(p)} for n, p in weight_files.items()}
+    states = [CaseState(r) for r in cases]
+
+    timings: dict[str, float] = {}
+    memory: dict[str, float | None] = {}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".lesiondiffusion-work-", dir=out_dir.parent) as tmp:
+        work = Path(tmp)
+        lists = _write_inputs(work, states)
+        stages = (
+            ("preprocess", {**_stage_overrides("preprocess", settings, weight_files), **lists, **extra["preprocess"]}),
+            ("lmnet", {**_stage_overrides("lmnet", settings, weight_files), **extra["lmnet"]}),
+            ("linet", {**_stage_overrides("linet", settings, weight_files), **extra["linet"]}),
+        )
+        previous: Path | None = None
+        with tqdm(total=len(stages), desc="synthesis", unit="stage") as bar:
+            for stage, overrides in stages:
+                bar.set_postfix_str(stage)
+                if not any(s.ok for s in states):
+                    timings[stage], memory[stage] = 0.0, None
+                else:
+                    if previous is not None:
+                        overrides = {**overrides, "manifest": str(previous)}
+                    timings[stage], memory[stage] = _run_stage(stage, overrides, work / stage, states, verbose)
+                    previous = work / stage / MANIFEST_NAME
+                bar.update()
+        timings["total"] = sum(timings.values())
+        n_lesions = sum(len(s.entry.lesions) for s in states if s.ok and s.entry is not None)
+
+        summary_cases = []
+        with atomic_dir(out_dir, overwrite=overwrite) as staging:
+            for s in states:
+                if s.ok:
+                    try:
+                        _write_case(staging / s.request.case, s, settings, weight_record, timings, n_lesions)
+                    except (LesionDiffusionError, OSError) as e:
+                        s.error, s.stage = " ".join(str(e).split()), "output"
+                        shutil.rmtree(staging / s.request.case, ignore_errors=True)
+                item = {"case": s.request.case, "status": "ok" if s.ok else "error"}
+                if not s.ok:
+                    item.update(error=s.error, stage=s.stage)
+                summary_cases.append(item)
+            summary = {
+                "cases": summary_cases,
+                "succeeded": sum(s.ok for s in states),
+                "failed": sum(not s.ok for s in states),
+                "lesions": n_lesions,
+                "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                "seconds_per_lesion": round(timings["total"] / n_lesions, 3) if n_lesions else None,
+                "peak_rss_mib": {k: None if v is None else round(v, 1) for k, v in memory.items()},
+                "parameters": settings.as_dict(),
+            }
+            write_json(staging / "summary.json", summary)
+            if keep_work:
+                shutil.copytree(work, staging / "work")
+    for item in summary_cases:
+        if item["status"] == "ok":
+            print(f"{item['case']}: {out_dir / item['case'] / 'image.nii.gz'}")
+        else:
+            print(f"{item['case']}: failed in {item['stage']}: {item['error']}")
+    if n_lesions:
+        print(f"{n_lesions} lesion(s) in {timings['total']:.1f} s ({summary['seconds_per_lesion']:.1f} s per lesion); summary: {out_dir / 'summary.json'}")
+    if summary["failed"]:
+        raise LesionDiffusionError(f"{summary['failed']} of {len(states)} case(s) failed (see {out_dir / 'summary.json'})")
+    return summary

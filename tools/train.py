@@ -1,0 +1,107 @@
+"""``lesiondiffusion train``: train the networks by running the bundles' ``train.json`` in order.
+
+Each network trains in its own bundle process; ``<out>/<network>/model.pt`` is what training leaves,
+the layout ``lesiondiffusion synthesize --weights <out>`` reads. LINet encodes its crops with the VQ-GAN,
+so it trains after it, on the VQ-GAN weights of the same run (or ``--vqgan_weights``). With
+``--prepare`` a raw labelled dataset (CT, 0/1/2 label, organ map) first goes through the preprocess
+bundle's ``train.json`` (standardised grid, a report extracted per case) into ``<out>/prepared``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, run_bundle
+
+logger = logging.getLogger(__name__)
+
+ORDER = ("vqgan", "lmnet", "linet")
+PRESETS = ("cpu", "paper")
+
+
+def stages_for(stage: str) -> tuple[str, ...]:
+    """The networks ``--stage`` names, in training order."""
+    if stage == "all":
+        return ORDER
+    if stage not in ORDER:
+        raise LesionDiffusionError(f"--stage must be one of {', '.join(ORDER)} or all, not {stage!r}")
+    return (stage,)
+
+
+def train(
+    stage: str = "all",
+    datalist: str | None = None,
+    out: str | None = None,
+    preset: str = "cpu",
+    max_epochs: int | None = None,
+    iter_num: int | None = None,
+    seed: int = 0,
+    vqgan_weights: str | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    prepare: bool = False,
+    val_fraction: float = 0.2,
+    bundle_overrides: Any = None,
+    **overrides: Any,
+) -> dict[str, Path]:
+    """Train ``stage`` (vqgan, lmnet, linet or all) on ``datalist``; weights land in ``out/<network>/model.pt``.
+
+    Other keys of the bundles' ``train.json`` pass through (e.g. ``--lr 1e-4``); they go to every
+    stage trained in this run; ``bundle_overrides`` (a JSON object by network) sets keys of one
+    network's ``train.json`` only. Returns the weights written, by network.
+    """
+    from lesiondiffusion_tools.synthesize import stage_overrides
+
+    per_stage = stage_overrides(bundle_overrides, ORDER)
+    stages = stages_for(stage)
+    if preset not in PRESETS:
+        raise LesionDiffusionError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    if not datalist:
+        raise LesionDiffusionError("give the training data: --datalist FILE (add --prepare for a raw labelled dataset)")
+    data = Path(datalist).expanduser().resolve()
+    if not data.is_file():
+        raise InputError(data, "datalist not found")
+    if not out:
+        raise LesionDiffusionError("give the output folder: --out DIR")
+    out_dir = Path(out).expanduser().resolve()
+    if prepare:
+        prepared = out_dir / "prepared"
+        logger.info("preparing the training set -> %s", prepared)
+        run_bundle("preprocess", {"datalist": str(data), "output_dir": str(prepared), "val_fraction": float(val_fraction), "split_seed": int(seed), "overwrite": True}, configs=("train.json",))
+        data = prepared / "datalist.json"
+
+    if "linet" in stages:
+        if "vqgan" in stages:
+            vq = out_dir / "vqgan" / "model.pt"
+        else:
+            vq = Path(vqgan_weights).expanduser().resolve() if vqgan_weights else BUNDLES_DIR / "vqgan" / "models" / "model.pt"
+            if not vq.is_file():
+                raise InputError(vq, "VQ-GAN weights not found; LINet trains on its latents: train it first (--stage vqgan) or pass --vqgan_weights FILE")
+    common: dict[str, Any] = {"datalist": str(data), "preset": preset, "seed": int(seed), "resume": bool(resume), **overrides}
+    for key, value in (("max_epochs", max_epochs), ("iter_num", iter_num), ("device", device)):
+        if value is not None:
+            common[key] = value
+
+    written: dict[str, Path] = {}
+    for name in stages:
+        settings = {**common, **per_stage[name], "output_dir": str(out_dir / name)}
+        if name == "linet":
+            settings["vqgan_weights"] = str(vq)
+            settings["vqgan_preset"] = preset
+        logger.info("training %s (%s preset) -> %s", name, preset, out_dir / name)
+        t0 = time.perf_counter()
+        run_bundle(name, settings, configs=("train.json",))
+        weights = out_dir / name / "model.pt"
+        if not weights.is_file():
+            raise LesionDiffusionError(f"{name} training ended without writing {weights}")
+        logger.info("%s trained in %.0f s: %s", name, time.perf_counter() - t0, weights)
+        written[name] = weights
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    if set(written) == set(ORDER):
+        print(f"use them with: lesiondiffusion synthesize --weights {out_dir} ...")
+    return written
