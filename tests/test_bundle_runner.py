@@ -47,3 +47,14 @@ def test_a_failing_bundle_raises_its_one_line_error_with_the_exit_status(tmp_pat
     message = str(info.value)
     assert message.startswith("error: ") and str(missing) in message and "\n" not in message
     assert not out.exists()
+
+
+def test_stderr_reaches_the_terminal_unless_captured(tmp_path, capfd):
+    missing = tmp_path / "missing.nii.gz"
+    overrides = {"image": str(missing), "attributes": {"organ type": "liver", "lesion type": "cyst"}, "output_dir": str(tmp_path / "o")}
+    with pytest.raises(BundleRunError) as echoed:
+        run_bundle("preprocess", overrides)
+    assert str(echoed.value) in capfd.readouterr().err.splitlines()
+    with pytest.raises(BundleRunError) as quiet:
+        run_bundle("preprocess", overrides, capture=True)
+    assert str(quiet.value) == str(echoed.value) and capfd.readouterr().err == ""

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,17 +64,29 @@ def bundle_env(root: Path) -> dict[str, str]:
     return env
 
 
+class BundleRun(subprocess.CompletedProcess):
+    """A finished bundle run, with the child's wall time and its own peak resident memory."""
+
+    def __init__(self, args: list[str], returncode: int, stdout: str | None, stderr: str, seconds: float, peak_rss_mib: float) -> None:
+        super().__init__(args, returncode, stdout, stderr)
+        self.seconds = seconds
+        self.peak_rss_mib = peak_rss_mib
+
+
 def run_bundle(
     stage: str,
     overrides: dict[str, Any],
     configs: Sequence[str] = ("inference.json",),
     capture: bool = False,
-) -> subprocess.CompletedProcess:
+    echo: bool | None = None,
+) -> BundleRun:
     """Run ``configs`` of the ``stage`` bundle with ``overrides``; raise :class:`BundleRunError` on failure.
 
-    With ``capture`` the child's stderr is collected (its last line becomes the error message);
-    otherwise the child writes straight to this process's terminal.
+    With ``capture`` the child's stdout is collected; otherwise it goes to the terminal. Its stderr (logs,
+    progress bars, its one-line error) is always kept, its last line becoming the error message, and is
+    passed through to this process's stderr as it comes when ``echo`` (default: not ``capture``).
     """
+    echo = not capture if echo is None else echo
     root = bundle_root(stage)
     missing = [c for c in configs if not (root / "configs" / c).is_file()]
     if missing:
@@ -83,12 +96,27 @@ def run_bundle(
         args_file.write_text(json.dumps({k: v for k, v in overrides.items() if v is not None}), encoding="utf-8")
         cmd = bundle_command(root, configs, args_file)
         logger.debug("running %s", " ".join(cmd))
-        proc = subprocess.run(
-            cmd, cwd=root, env=bundle_env(root), text=True,
-            stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None,
-        )  # fmt: skip
-    if proc.returncode != 0:
-        lines = [line for line in (proc.stderr or "").splitlines() if line.strip()]
-        message = lines[-1] if lines else f"the {stage} bundle failed (exit status {proc.returncode})"
-        raise BundleRunError(message, proc.returncode)
-    return proc
+        # stdout goes to a file, not a pipe: only stderr is read while the child runs, so neither can block
+        with open(Path(tmp) / "stdout.txt", "w+", encoding="utf-8") as out:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=root, env=bundle_env(root), stdout=out if capture else None, stderr=subprocess.PIPE)
+            err = bytearray()
+            # raw chunks, not lines: progress bars redraw with carriage returns and must reach the terminal as such
+            while chunk := proc.stderr.read1(1 << 16):  # type: ignore[union-attr]
+                err += chunk
+                if echo:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+            proc.stderr.close()  # type: ignore[union-attr]
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own resources, not all children's
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            seconds = time.perf_counter() - start
+            out.seek(0)
+            stdout = out.read() if capture else None
+    stderr = err.decode("utf-8", errors="replace")
+    run = BundleRun(cmd, proc.returncode, stdout, stderr, seconds, usage.ru_maxrss / 1024)
+    if run.returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        message = lines[-1] if lines else f"the {stage} bundle failed (exit status {run.returncode})"
+        raise BundleRunError(message, run.returncode)
+    return run
