@@ -38,6 +38,18 @@ CAVITY_WITHIN = "within the parenchymal organ"
 CAVITY_PROTRUDING = "protruding from the parenchymal organ"
 CAVITY_CLASSES = (CAVITY_LUMEN, CAVITY_WALL, CAVITY_WITHIN, CAVITY_PROTRUDING)
 
+# Short forms users type in requests ("density": "hypodense") that the original's table lacks.
+EXTRA_SYNONYMS = {
+    DENSITY: {
+        "hypodense lesion": ("hypodense", "low density", "low-density", "hypoattenuating"),
+        "isodense lesion": ("isodense", "isoattenuating"),
+        "hyperdense lesion": ("hyperdense", "high density", "high-density", "hyperattenuating"),
+        "mixed-density lesion": ("mixed density", "mixed-density", "mixed attenuation"),
+        "hypoattenuating fluid-like lesion": ("fluid-like", "fluid-like lesion", "fluid density"),
+    },
+    DENSITY_VARIATIONS: {"homogeneous": ("uniform",), "heterogeneous": ("inhomogeneous", "non-uniform")},
+}
+
 
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).strip(" ,")
@@ -49,6 +61,9 @@ def synonym_table() -> dict[str, list[list[str]]]:
     raw = json.loads(resources.files("lesiondiffusion").joinpath("resources/description.json").read_text("utf-8"))
     table = {field: [[_norm(s) for s in cls] for cls in classes] for field, classes in raw.items()}
     table[CAVITY] = [[c] for c in CAVITY_CLASSES]
+    for field, extra in EXTRA_SYNONYMS.items():
+        for cls in table[field]:
+            cls.extend(_norm(s) for s in extra.get(cls[0], ()) if _norm(s) not in cls)
     return table
 
 

@@ -1,17 +1,22 @@
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.report import (
+    REPORT_BOX_AXES,
     LesionReport,
     Report,
     format_ct_value,
     format_size,
+    from_report_axes,
     parse_ct_value,
     parse_size,
     read_report,
+    to_report_axes,
     write_report,
 )
 from lesiondiffusion.vocabulary import classes, parse_classes
@@ -98,3 +103,51 @@ def test_write_refuses_invalid_report_and_leaves_no_file(tmp_path):
     with pytest.raises(InputError):
         write_report(out, bad)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- box axis order ------------------------------------------------------------------------------------
+def test_report_axes_are_the_reversed_array_axes():
+    assert REPORT_BOX_AXES == (2, 1, 0)
+    assert to_report_axes((10, 20, 30)) == (30, 20, 10)
+    assert from_report_axes(to_report_axes((10, 20, 30))) == (10, 20, 30)
+    assert to_report_axes([1.5, 2.0, 2.5]) == (2.5, 2.0, 1.5)  # sizes in mm convert the same way
+
+
+def test_box_in_array_axes_reads_and_writes_the_report_order(tmp_path):
+    report = LesionReport(5, {"lesion location": "5", "size": "[[9 9 9]] pixel"})
+    assert report.array_box() == (None, (9, 9, 9))  # no box: the size text stands in
+    moved = report.with_array_box(np.array([40, 50, 60]), (np.int64(3), 4, 5))
+    assert moved.centre == (60, 50, 40) and moved.size == (5, 4, 3)
+    assert moved.attributes["size"] == "[[5 4 3]] pixel" and report.attributes["size"] == "[[9 9 9]] pixel"
+    assert moved.array_box() == ((40, 50, 60), (3, 4, 5))
+    write_report(tmp_path / "type.json", Report((moved,)))
+    assert json.loads((tmp_path / "type.json").read_text())["5"][3] == [[[60, 50, 40]], [[5, 4, 3]]]
+    assert read_report(tmp_path / "type.json")[5].array_box() == ((40, 50, 60), (3, 4, 5))
+
+
+@pytest.mark.parametrize("path", DEMO_REPORTS, ids=lambda p: p.parent.name)
+def test_demo_boxes_hit_their_lesion_only_in_the_report_axis_order(path):
+    """The published reports' element 3 read through the convention lands in the labelled lesion."""
+    lesion = np.asanyarray(nib.load(str(path.parent / "label.nii.gz")).dataobj) == 2
+    report = read_report(path).lesions[0]
+    centre, size = report.array_box()
+    assert lesion[centre]
+    assert not lesion[tuple(report.centre)]  # read as array axes, the centre misses it
+    lo = [c - s // 2 for c, s in zip(centre, size)]
+    inside = lesion[tuple(slice(a, a + s) for a, s in zip(lo, size))].mean()
+    assert inside > 0.6  # the box lies mostly within the lesion (it is smaller than the lesion)
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "expected"),
+    [
+        ("density", "hypodense", ["hypodense lesion"]),
+        ("density", "Hyperdense", ["hyperdense lesion"]),
+        ("density", "isodense,", ["isodense lesion"]),
+        ("density", "hypodense fluid-like lesion", ["hypoattenuating fluid-like lesion"]),
+        ("density", "low-density ground-glass opacity", ["low-density ground-glass opacity"]),
+        ("density variations", "inhomogeneous", ["heterogeneous"]),
+    ],
+)
+def test_short_forms_users_type_map_to_their_class(field, text, expected):
+    assert parse_classes(field, text) == (expected, [])
