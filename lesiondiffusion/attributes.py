@@ -16,7 +16,8 @@ Sizes are in voxels of the standardised 1 mm grid unless a ``spacing`` is given.
 Axis order. Arrays, ``organ_box_size`` and :class:`LesionMeasurements` use the array (NIfTI voxel)
 axes. A report's box (``LesionReport.centre``/``size``, element 3 of ``type.json``) and its ``size``
 text follow the original's files, which list the axes in SimpleITK order, i.e. reversed
-(:data:`lesiondiffusion.demo.REPORT_BOX_AXES`). :func:`array_box` and :func:`with_array_box` convert.
+(see :mod:`lesiondiffusion.report`: ``LesionReport.array_box`` / ``with_array_box`` and
+``to_report_axes`` / ``from_report_axes`` convert).
 """
 
 from __future__ import annotations
@@ -24,17 +25,23 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.demo import REPORT_BOX_AXES
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import DEFAULT_VERSION, HOLLOW_ORGANS, UnknownOrganError, label_table
-from lesiondiffusion.report import LesionReport, format_ct_value, format_size, parse_ct_value
+from lesiondiffusion.report import (
+    LesionReport,
+    format_ct_value,
+    format_size,
+    from_report_axes,
+    parse_ct_value,
+    to_report_axes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,35 +267,10 @@ def margin_text(organ_name: str, well_defined: bool) -> str:
     return "well-defined margin" if well_defined else "ill-defined margin"
 
 
-# ---- sizes and axis order -----------------------------------------------------------------------------
-def to_report_axes(values: Sequence[int]) -> tuple[int, int, int]:
-    """Array-axis triple -> the report's axis order (element ``a`` is array axis ``REPORT_BOX_AXES[a]``)."""
-    return tuple(int(values[axis]) for axis in REPORT_BOX_AXES)  # type: ignore[return-value]
-
-
-def from_report_axes(values: Sequence[int]) -> tuple[int, int, int]:
-    """Report-order triple -> array axes (inverse of :func:`to_report_axes`)."""
-    out = [0, 0, 0]
-    for a, axis in enumerate(REPORT_BOX_AXES):
-        out[axis] = int(values[a])
-    return tuple(out)  # type: ignore[return-value]
-
-
-def array_box(report: LesionReport) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
-    """``(centre, size)`` of a report's box in array axes (None where the report has none)."""
-    size = report.size_voxels
-    return (
-        None if report.centre is None else from_report_axes(report.centre),
-        None if size is None else from_report_axes(size),
-    )
-
-
-def with_array_box(report: LesionReport, centre: Sequence[int], size: Sequence[int]) -> LesionReport:
-    """``report`` with its box (and ``size`` text) set from a centre and size in array axes."""
-    attrs = dict(report.attributes)
-    attrs[V.SIZE] = format_size(to_report_axes(size))
-    return replace(report, attributes=attrs, centre=to_report_axes(centre), size=to_report_axes(size))
-
+# ---- sizes -------------------------------------------------------------------------------------------
+# function forms of the report's box accessors (the axis convention itself lives in report.py)
+array_box = LesionReport.array_box
+with_array_box = LesionReport.with_array_box
 
 _NUM = r"\d+(?:\.\d+)?"
 _PIXEL_RE = re.compile(rf"^\[\[\s*({_NUM})[\s,]+({_NUM})[\s,]+({_NUM})\s*\]\]\s*(?:pixels?|voxels?)?\s*,?$", re.I)
@@ -306,7 +288,7 @@ def parse_lesion_size(text: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> 
     m = _PIXEL_RE.match(s)
     if m:
         in_report_order = [float(v) for v in m.groups()]
-        size = tuple(in_report_order[REPORT_BOX_AXES.index(axis)] for axis in range(3))
+        size = from_report_axes(in_report_order)
     else:
         m = _METRIC_RE.match(s)
         if not m:
@@ -493,7 +475,7 @@ def complete_report(
     organ id, the cavity is one the organ admits (a user-given cavity the organ does not admit is an
     error), and the size is in voxels (a user size may be in mm, see :func:`parse_lesion_size`) and
     never exceeds ``organ_box_size`` (array axes, like ``spacing``). The returned report has the box
-    size (report axis order: use :func:`array_box` / :func:`with_array_box`) but no centre yet.
+    size (report axis order: use ``LesionReport.array_box`` / ``with_array_box``) but no centre yet.
     """
     organ_name = label_table(version).name(organ_id)
     fields = [n for n in V.REPORT_FIELDS + V.OPTIONAL_FIELDS if n != V.LOCATION]
@@ -900,7 +882,7 @@ def report_from_measurements(m: LesionMeasurements, version: str = DEFAULT_VERSI
         else "no close relationship with surrounding organs,",
         V.SPECIFIC: V.format_classes(features),
         V.CAVITY: cavity,
-        SIZE_MM: " x ".join(f"{m.size_mm[axis]:g}" for axis in REPORT_BOX_AXES) + " mm",
+        SIZE_MM: " x ".join(f"{v:g}" for v in to_report_axes(m.size_mm)) + " mm",
     }
     box = to_report_axes(m.centre), to_report_axes(m.size)
     return LesionReport(m.organ_id, attrs, *box, summary=attrs[V.SHAPE], note="")

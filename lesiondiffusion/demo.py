@@ -11,10 +11,11 @@ out/train_{img,label,type,seg}_list.txt  # the original's aligned list files (ab
 
 optionally cropped around the lesion and/or subsampled, with each report's box moved to the new grid.
 
-Box axes: the demo reports' element 3 (box centre and size, and the ``size`` attribute) lists the axes in
-the original's SimpleITK array order, i.e. *reversed* NIfTI voxel order (``[k, j, i]``); both demo boxes
-hit their lesion only when read that way. :data:`REPORT_BOX_AXES` records this, and the box is
-transformed axis by axis accordingly (and written back in the same order).
+Box axes: a report's element 3 (box centre and size, and the ``size`` attribute) lists the axes in
+reversed NIfTI voxel order (:data:`lesiondiffusion.report.REPORT_BOX_AXES`; both demo boxes hit their
+lesion only when read that way); the box is moved axis by axis accordingly and written back in the
+same order. The demo boxes are smaller than their labelled lesions: a fact of the published data, see
+the preprocess bundle's docs.
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ from lesiondiffusion.dataset import Case, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_nifti_array, save_nifti
 from lesiondiffusion.phantom import read_organ_map, axial_axis_of, check_label_map, make_phantom
-from lesiondiffusion.report import Report, format_size, parse_size, read_report, write_report
+from lesiondiffusion.report import REPORT_BOX_AXES, Report, format_size, parse_size, read_report, to_report_axes, write_report
 from lesiondiffusion.vocabulary import SIZE
 
 logger = logging.getLogger(__name__)
 
 SOURCE_FILES = {"organ_seg": "totalseg_health.nii.gz", "label": "label.nii.gz", "report": "type.json"}
 OUTPUT_FILES = {"image": "image.nii.gz", "label": "label.nii.gz", "organ_seg": "organ_seg.nii.gz", "report": "type.json"}
-# report box element a describes NIfTI array axis REPORT_BOX_AXES[a] (the original's z, y, x order)
-REPORT_BOX_AXES = (2, 1, 0)
+__all__ = [  # REPORT_BOX_AXES stays importable from here
+    "OUTPUT_FILES", "REPORT_BOX_AXES", "SOURCE_FILES",
+    "build_case", "build_demo_cases", "crop_slices", "find_demo_cases", "transform_report",
+]  # fmt: skip
 
 
 def find_demo_cases(src: Path) -> list[Path]:
@@ -80,10 +83,10 @@ def transform_report(report: Report, region: Sequence[slice], step: int, shape: 
     """Move every lesion's box (and ``size`` text) to the grid ``arr[region][::step, ::step, ::step]``.
 
     A box centre ``c`` becomes ``round((c - start) / step)``, clamped to the new ``shape``; a size
-    ``s`` becomes ``max(1, round(s / step))``. Axes are matched through :data:`REPORT_BOX_AXES`.
+    ``s`` becomes ``max(1, round(s / step))``; the box stays in the report's axis order.
     """
-    starts = [region[a].start for a in REPORT_BOX_AXES]
-    dims = [int(shape[a]) for a in REPORT_BOX_AXES]
+    starts = to_report_axes([int(sl.start) for sl in region])
+    dims = to_report_axes([int(n) for n in shape])
 
     def size_of(size: Sequence[int]) -> tuple[int, int, int]:
         return tuple(max(1, int(round(s / step))) for s in size)  # type: ignore[return-value]

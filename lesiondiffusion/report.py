@@ -3,16 +3,26 @@
 File format (SPEC 3): ``{"<organ id>": [summary, note, {attributes}, [[[cx, cy, cz]], [[sx, sy, sz]]]]}``.
 Reading validates against ``resources/report.schema.json`` (version :data:`SCHEMA_VERSION`); writing
 produces the same format, so files stay usable by the original code.
+
+Axis order. The box (element 3: centre and size in voxels) and the ``size`` text (``"[[a b c]] pixel"``)
+list the axes in the original's SimpleITK array order, i.e. *reversed* NIfTI voxel order: element ``a``
+describes array axis :data:`REPORT_BOX_AXES` ``[a]``, so ``[[k j i]]`` for array axes ``(i, j, k)``.
+Both published demo reports hit their lesion only when read that way. :class:`LesionReport` keeps the
+file's order in ``centre`` / ``size``; :meth:`LesionReport.array_box` and
+:meth:`LesionReport.with_array_box` read and set the box in array axes, and :func:`to_report_axes` /
+:func:`from_report_axes` convert any triple (sizes in mm too). Everything else in the package (arrays,
+boxes, measurements) uses array axes.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 
@@ -21,6 +31,11 @@ from lesiondiffusion.errors import InputError
 from lesiondiffusion.io import PathLike, read_json, write_json
 
 SCHEMA_VERSION = "1.0"
+
+# report box element a describes NIfTI array axis REPORT_BOX_AXES[a] (the original's z, y, x order)
+REPORT_BOX_AXES = (2, 1, 0)
+
+_T = TypeVar("_T")
 
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
 
@@ -40,6 +55,19 @@ def parse_size(text: str) -> tuple[int, int, int] | None:
     """``"[[23 18 24]] pixel,"`` -> ``(23, 18, 24)``; None when the text has no three numbers."""
     nums = re.findall(_NUMBER, text or "")
     return tuple(int(round(float(n))) for n in nums[:3]) if len(nums) >= 3 else None  # type: ignore[return-value]
+
+
+def to_report_axes(values: Sequence[_T]) -> tuple[_T, _T, _T]:
+    """Array-axis triple -> the report's axis order (element ``a`` is array axis ``REPORT_BOX_AXES[a]``)."""
+    return tuple(values[axis] for axis in REPORT_BOX_AXES)  # type: ignore[return-value]
+
+
+def from_report_axes(values: Sequence[_T]) -> tuple[_T, _T, _T]:
+    """Report-order triple -> array axes (inverse of :func:`to_report_axes`)."""
+    out: list[Any] = [None, None, None]
+    for a, axis in enumerate(REPORT_BOX_AXES):
+        out[axis] = values[a]
+    return tuple(out)  # type: ignore[return-value]
 
 
 def format_ct_value(hu: float) -> str:
@@ -78,6 +106,24 @@ class LesionReport:
     def mean_hu(self) -> float | None:
         """Mean lesion HU parsed from the ``CT value`` attribute."""
         return parse_ct_value(self.attributes.get(V.CT_VALUE, ""))
+
+    # ---- the box in array axes (see the module docstring) ----------------------------------------
+    def array_box(self) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
+        """``(centre, size)`` of the box in array axes; the size falls back to the ``size`` text.
+
+        Either is None where the report has none.
+        """
+        size = self.size_voxels
+        return (
+            None if self.centre is None else from_report_axes(tuple(int(v) for v in self.centre)),
+            None if size is None else from_report_axes(tuple(int(v) for v in size)),
+        )
+
+    def with_array_box(self, centre: Sequence[int], size: Sequence[int]) -> LesionReport:
+        """This report with its box and ``size`` text set from a centre and size in array axes."""
+        report_size = to_report_axes(tuple(int(v) for v in size))
+        attrs = {**self.attributes, V.SIZE: format_size(report_size)}
+        return replace(self, attributes=attrs, centre=to_report_axes(tuple(int(v) for v in centre)), size=report_size)
 
     def unrecognised(self) -> dict[str, list[str]]:
         """Per categorical field, the pieces of text no vocabulary class matched."""

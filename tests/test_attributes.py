@@ -85,7 +85,7 @@ def test_box_size_and_ct_value_in_the_reports_axis_order():
     size = tuple(int(v) for v in idx.max(0) - idx.min(0) + 1)
     centre = tuple(int(v) for v in idx.min(0) + np.array(size) // 2)
     assert report.size == size[::-1] and report.centre == centre[::-1]  # reversed: the original files' order
-    assert A.array_box(report) == (centre, size)
+    assert report.array_box() == (centre, size)
     assert report.attributes["size"] == f"[[{size[2]} {size[1]} {size[0]}]] pixel"
     assert report.attributes[A.SIZE_MM] == f"{size[2]} x {size[1]} x {size[0]} mm"
     assert report.organ_id == LIVER and report.attributes["lesion location"] == "5"
@@ -403,7 +403,7 @@ def test_user_fields_win(tmp_path):
     assert attrs["surface characteristics"] == "ill-defined margin"
     assert parse_ct_value(attrs["CT value"]) == 140.0
     assert attrs["density variations"] == proposed["density variations"]  # not given: the proposal
-    assert A.array_box(report) == (None, (25, 20, 18))
+    assert report.array_box() == (None, (25, 20, 18))
     assert report.size == (18, 20, 25) and attrs["size"] == "[[18 20 25]] pixel"
     assert attrs["lesion location"] == "5" and report.note == "cyst"
     write_report(tmp_path / "r.json", Report((report,)))  # schema-valid
@@ -434,7 +434,7 @@ def test_unreadable_size_is_one_line_error(text):
 def test_size_never_exceeds_the_organ_box(caplog):
     caplog.set_level(logging.WARNING)
     report = complete({"organ type": "liver", "lesion type": "cyst", "size": "80 mm"}, box=(15, 40, 70))
-    assert A.array_box(report)[1] == (15, 40, 70)
+    assert report.array_box()[1] == (15, 40, 70)
     assert "exceeds" in caplog.text
 
 

@@ -24,7 +24,6 @@ import torch
 from monai.transforms import LoadImage, SpatialResample
 from scipy import ndimage as ndi
 
-from lesiondiffusion.attributes import array_box
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
 from lesiondiffusion.manifest import read_manifest
@@ -224,7 +223,7 @@ def check_case(entry, request: dict, organ_id: int, num_lesions: int) -> np.ndar
         for key, value in request.items():
             if key not in ("organ type", "lesion type", "cavity"):
                 assert report.attributes[key] == value
-        assert array_box(report) == (lesion.box.centre, lesion.box.size)  # element 3 = the placed box
+        assert report.array_box() == (lesion.box.centre, lesion.box.size)  # element 3 = the placed box
         obox = np.ptp(np.argwhere(organ), axis=0) + 1
         assert all(s <= o for s, o in zip(lesion.box.size, obox))
         assert_rule(organ, lesion.cavity, lesion.box)

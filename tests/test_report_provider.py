@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.attributes import OfflineReportProvider, array_box, complete_report
+from lesiondiffusion.attributes import OfflineReportProvider, complete_report
 from lesiondiffusion.errors import LesionDiffusionError
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
@@ -168,7 +168,7 @@ def test_answer_merged_with_the_users_fields(key):
     report = complete_report(request, 5, (120, 100, 90), proposed, rng)
     assert report.attributes["density variations"] == "heterogeneous"  # the user wins
     assert report.attributes["density"] == "hypoattenuating fluid-like lesion,"  # the server's answer
-    assert array_box(report)[1] == (30, 30, 30)
+    assert report.array_box()[1] == (30, 30, 30)
     # the request told the server which fields are fixed
     assert "heterogeneous" in server.requests[0]["body"]["messages"][1]["content"]
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lesiondiffusion.attributes import array_box, complete_report, organ_reference_hu, with_array_box
+from lesiondiffusion.attributes import complete_report, organ_reference_hu
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import cast_to, record_geometry, write_geometry
 from lesiondiffusion.io import atomic_dir, load_nifti, save_nifti
@@ -201,10 +201,10 @@ class PreprocessRunner:
             )
             report = complete_report(request.attributes, request.organ_id, organ_box, proposed, rng)
             cavity = report.attributes[CAVITY]
-            _, size = array_box(report)
+            _, size = report.array_box()
             box = place_box(organ, cavity, size, rng, hollow, avoid=boxes, erosion=self.erosion)
             boxes.append(box)
-            report = with_array_box(report, box.centre, box.size)
+            report = report.with_array_box(box.centre, box.size)
             path = folder / f"lesion_{k}.json"
             write_report(path, Report((report,)))
             entries.append(LesionEntry(request.organ_id, cavity, path, box))

@@ -29,10 +29,9 @@ from lesiondiffusion.attributes import (
     allowed_cavities,
     density_reference_hu,
     margin_text,
-    to_report_axes,
 )
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.report import format_ct_value, format_size
+from lesiondiffusion.report import format_ct_value, format_size, to_report_axes
 
 logger = logging.getLogger(__name__)
 
