@@ -1,0 +1,60 @@
+"""The preprocess bundle as a MONAI bundle: metadata against the official schema, offline; config names."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser, verify_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "preprocess"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"
+
+
+def test_bundle_layout():
+    for name in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/logging.conf",
+                 "docs/README.md", "LICENSE", "scripts/__init__.py"):  # fmt: skip
+        assert (BUNDLE / name).is_file(), name
+
+
+def test_metadata_verifies_offline_and_a_broken_one_does_not(tmp_path):
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))  # raises on any error
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    for broken in ({**meta, "version": None}, {k: v for k, v in meta.items() if k != "network_data_format"}):
+        (tmp_path / "bad.json").write_text(json.dumps(broken))
+        with pytest.raises(Exception):
+            verify_metadata(meta_file=str(tmp_path / "bad.json"), filepath=str(SCHEMA))
+
+
+def test_metadata_versions_are_the_installed_ones():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["monai_version"] == metadata.version("monai")
+    assert meta["pytorch_version"] == metadata.version("torch").split("+")[0]
+    assert meta["numpy_version"] == metadata.version("numpy")
+    for package, version in meta["required_packages_version"].items():
+        assert metadata.version(package) == version, package
+    assert meta["version"] in meta["changelog"]
+
+
+def parsed(config: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / config))
+    parser.update(overrides)
+    return parser
+
+
+def test_configs_use_the_shared_setting_names():
+    inference = parsed("inference.json")
+    for key in ("output_dir", "seed", "device"):
+        assert key in inference.config, key
+    train = parsed("train.json")
+    for key in ("datalist", "output_dir", "seed"):
+        assert key in train.config, key
+    # the split follows ``seed``; the older name still overrides it
+    assert parsed("train.json", seed=7).get_parsed_content("split_seed") == 7
+    assert parsed("train.json", split_seed=3).get_parsed_content("split_seed") == 3
+    assert train.config["writer"]["split_seed"] == "@split_seed"
