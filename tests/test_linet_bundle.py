@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,8 +69,21 @@ def command(config: str | list[str], *args: str, torchrun: bool = False) -> list
     return [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *args]
 
 
+def start(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Run ``cmd`` in the bundle root in its own process group, so that a hung run can be ended whole."""
+    return subprocess.Popen(cmd, cwd=LINET, env=ENV, text=True, start_new_session=True, **kwargs)
+
+
 def bundle_run(config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(config, *args, torchrun=torchrun), cwd=LINET, capture_output=True, text=True, timeout=timeout, env=ENV)
+    cmd = command(config, *args, torchrun=torchrun)
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+        out, err = proc.communicate()
+        raise AssertionError(f"no result after {timeout} s: {err[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def losses(log: str) -> dict[int, float]:
@@ -120,7 +134,7 @@ def test_training_runs_and_the_loss_falls(trained):
     assert set(model) == set(state["ema"]) and all(torch.equal(model[k], state["ema"][k]) for k in model)
     assert any(not torch.equal(model[k], state["network"][k]) for k in model if model[k].is_floating_point())
     assert not any(k.startswith("autoencoder") for k in model)  # the frozen VQ-GAN is not part of it
-    assert set(torch.load(trained["out"] / "model_best.pt", weights_only=True)["ema"]) == set(model)
+    assert set(torch.load(trained["out"] / "model_best.pt", weights_only=True)) == set(model)  # best EMA by val_loss, plain too
     assert list((trained["out"] / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -130,20 +144,19 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_demo, vqgan, tmp_
         "configs/train.json", "--datalist", str(tiny_demo / "datalist.json"), "--vqgan_weights", str(vqgan),
         "--output_dir", str(out), "--iter_num", "6", "--max_epochs", "2", "--save_every", "3", *TRAIN,
     )  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=LINET, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         for line in proc.stdout:
             m = LOSS.search(line)
             if m and (int(m[1]) - 1) * 6 + int(m[2]) >= 4:  # iteration 3's checkpoint is on disk
-                proc.kill()  # SIGKILL: no handler runs, nothing is flushed
                 break
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs, nothing is flushed
         proc.wait(60)
     done = torch.load(out / "checkpoint_last.pt", weights_only=True)["trainer"]["iteration"]
     assert 3 <= done < 12 and done % 3 == 0
 
-    resumed = subprocess.run(cmd, cwd=LINET, env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = bundle_run("configs/train.json", *cmd[cmd.index("configs/train.json") + 1 :])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert f"Restored all variables from {out / 'checkpoint_last.pt'}" in log
