@@ -14,14 +14,14 @@ from pathlib import Path
 import fire
 
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion_tools.benchmark import benchmark
+from lesiondiffusion_tools.demo import DEMO_SOURCE, demo
 from lesiondiffusion_tools.evaluate import evaluate
 from lesiondiffusion_tools.synthesize import synthesize
 from lesiondiffusion_tools.train import train
 
 logger = logging.getLogger("lesiondiffusion")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_SOURCE = REPO_ROOT.parent / "shared" / "data" / "demo"
 
 
 def _command(function: Callable) -> staticmethod:
@@ -39,6 +39,8 @@ class Commands:
 
     synthesize = _command(synthesize)
     train = _command(train)
+    demo = _command(demo)
+    benchmark = _command(benchmark)
     evaluate = staticmethod(evaluate)
 
     def validate(
@@ -76,7 +78,7 @@ class Commands:
 
         print(make_phantom_file(organ_seg, out, seed=seed, version=version))
 
-    def demo(self, out: str = "demo_output", src: str = str(DEMO_SOURCE), seed: int = 0) -> None:
+    def demo_cases(self, out: str = "demo_cases", src: str = str(DEMO_SOURCE), seed: int = 0) -> None:
         """Build the demo cases (phantom CT + real label, organ map and report) and validate them."""
         from lesiondiffusion.dataset import read_datalist, validate_cases
         from lesiondiffusion.demo import build_demo_cases
@@ -90,7 +92,6 @@ class Commands:
         print(format_validation_table(cases, problems))
         print(f"demo cases: {folder / 'cases'}")
         print(f"datalist:   {datalist}")
-        print("the synthesis chain is not built yet: this demo builds and validates the demo dataset only")
         if problems:
             raise SystemExit(1)
 

@@ -1,0 +1,172 @@
+"""``lesiondiffusion benchmark``: end-to-end seconds per lesion, by stage, peak memory, network evaluations.
+
+Runs ``synthesize`` as a user does (three bundle processes) on a CT: by default the demo liver case's
+phantom (organ map from ``../shared/data/demo``) resliced onto a clinical grid (``--shape``, default
+512 x 512 x 300 at 0.7 x 0.7 x 1 mm). Each stage's wall time includes its process start (importing
+MONAI, parsing the config, loading weights), which is also measured alone and reported. Peak memory is
+each bundle process's own peak resident set. Network evaluations per lesion count one per sampling
+step and network (classifier-free guidance batches the conditional and unconditional pass into one
+evaluation of twice the batch; the forward passes are reported too), against the original's 200 + 200.
+Writes ``<out>/end_to_end.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.io import write_json, write_text
+from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
+from lesiondiffusion_tools.demo import DEMO_SOURCE
+from lesiondiffusion_tools.synthesize import synthesize
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_EVALUATIONS = 400  # DDIM 200 steps for LMNet and for LINet
+
+
+def clinical_grid_case(
+    work: Path, shape: tuple[int, int, int] = (512, 512, 300), spacing: tuple[float, float, float] = (0.7, 0.7, 1.0), src: Path = DEMO_SOURCE
+) -> tuple[Path, Path]:
+    """Phantom CT (int16 HU, no lesion) + organ map of the demo liver case on an LPS grid of ``shape``.
+
+    The 1 mm demo phantom is resampled onto the grid (air beyond it); returns (image, organ map) paths.
+    """
+    import nibabel as nib
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from lesiondiffusion.phantom import axial_axis_of, make_phantom, read_organ_map
+
+    seg, seg_img = read_organ_map(Path(src) / "Liver_cancer" / "totalseg_health.nii.gz")
+    zooms = tuple(float(z) for z in seg_img.header.get_zooms()[:3])
+    phantom = make_phantom(seg, spacing=zooms, seed=0, axial_axis=axial_axis_of(seg_img.affine))
+    src_affine = np.asarray(seg_img.affine, dtype=np.float64)
+    centre = (src_affine @ np.r_[(np.array(seg.shape) - 1) / 2, 1])[:3]
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
+    work.mkdir(parents=True, exist_ok=True)
+    out = []
+    # zero padding outside the phantom: shift HU so that zero is air (-1000 HU)
+    for name, data, mode, dtype, offset in (("image", phantom, "bilinear", np.int16, 1000.0), ("organ_seg", seg, "nearest", np.uint8, 0.0)):
+        src_t = MetaTensor(torch.as_tensor(np.asarray(data, dtype=np.float32) + offset)[None], affine=torch.as_tensor(src_affine))
+        moved = SpatialResample(mode=mode, padding_mode="zeros")(src_t, dst_affine=torch.as_tensor(affine), spatial_size=shape)
+        path = work / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.rint(np.asarray(moved[0]) - offset).astype(dtype), affine), str(path))
+        out.append(path)
+    return out[0], out[1]
+
+
+def startup_seconds(work: Path) -> float:
+    """Wall time of a LINet bundle run that stops right after start-up (a manifest that does not exist)."""
+    t0 = time.perf_counter()
+    try:
+        run_bundle("linet", {"manifest": str(work / "missing.json"), "output_dir": str(work / "none")}, capture=True)
+    except BundleRunError:
+        pass
+    return time.perf_counter() - t0
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    p, r = report["parameters"], report["results"]
+    lines = [
+        "# End-to-end synthesis benchmark",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['machine']}. Input: {report['input']}.",
+        f"Preset `{p['preset']}`, sampler `{p['sampler']}`, {p['steps']} steps per network, guidance {p['guidance']}, {r['lesions']} lesion(s) per run, {p['repeats']} run(s).",
+        "",
+        "| stage | seconds per lesion (median) | peak memory (MiB) |",
+        "| --- | --- | --- |",
+    ]
+    for stage in ("preprocess", "lmnet", "linet"):
+        lines.append(f"| {stage} | {r['seconds_per_lesion_by_stage'][stage]:.1f} | {r['peak_rss_mib'][stage]:.0f} |")
+    lines += [
+        f"| **total** | **{r['seconds_per_lesion']:.1f}** | **{max(r['peak_rss_mib'].values()):.0f}** |",
+        "",
+        f"- LMNet + LINet (preprocessing excluded): {r['seconds_per_lesion_networks']:.1f} s per lesion; of which process start-up "
+        f"(import, config, no work) is about {r['startup_s']:.1f} s per bundle process.",
+        f"- Network evaluations per lesion: {r['network_evaluations']} (forward passes: {r['forward_passes']}); the original: {ORIGINAL_EVALUATIONS}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def benchmark(
+    image: str | None = None,
+    organ_seg: str | None = None,
+    organ: str = "liver",
+    lesion_type: str = "cyst",
+    shape: tuple[int, int, int] = (512, 512, 300),
+    spacing: tuple[float, float, float] = (0.7, 0.7, 1.0),
+    preset: str = "cpu",
+    steps: int = 25,
+    sampler: str = "ddim",
+    guidance: float = 2.0,
+    repeats: int = 1,
+    weights: str | None = None,
+    out: str = "benchmarks/results",
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Time ``synthesize`` end to end; writes ``<out>/end_to_end.{json,md}`` and returns the report."""
+    import sys
+
+    command = "lesiondiffusion benchmark " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "benchmark" else "lesiondiffusion benchmark"
+    if int(repeats) < 1:
+        raise LesionDiffusionError(f"--repeats must be at least 1, not {repeats}")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="lesiondiffusion-bench-") as tmp:
+        work = Path(tmp)
+        if image is None:
+            t0 = time.perf_counter()
+            ct, seg = clinical_grid_case(work / "input", tuple(int(v) for v in shape), tuple(float(v) for v in spacing))
+            logger.info("input built in %.1f s: %s voxels at %s mm", time.perf_counter() - t0, tuple(shape), tuple(spacing))
+            described = f"demo liver phantom on a {'x'.join(map(str, shape))} grid at {'x'.join(map(str, spacing))} mm"
+        else:
+            ct, seg = Path(image), (Path(organ_seg) if organ_seg else None)
+            described = str(ct)
+        for i in range(int(repeats)):
+            summary = synthesize(
+                image=str(ct), organ_seg=None if seg is None else str(seg), organ=organ, lesion_type=lesion_type,
+                steps=steps, sampler=sampler, guidance=guidance, preset=preset, weights=weights, device=device,
+                seed=i, out=str(work / f"run_{i}"),
+            )  # fmt: skip
+            runs.append(summary)
+        startup = startup_seconds(work)
+    lesions = runs[0]["lesions"]
+    by_stage = {s: float(np.median([r["timings_s"][s] for r in runs])) / lesions for s in ("preprocess", "lmnet", "linet")}
+    guided = float(guidance) not in (0.0, 1.0)
+    evaluations = 2 * int(steps)
+    report = {
+        "command": command,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores, {device or 'auto'} device",
+        "input": described,
+        "parameters": {"preset": preset, "steps": int(steps), "sampler": sampler, "guidance": float(guidance), "repeats": int(repeats)},
+        "results": {
+            "lesions": lesions,
+            "seconds_per_lesion_by_stage": {k: round(v, 2) for k, v in by_stage.items()},
+            "seconds_per_lesion": round(sum(by_stage.values()), 2),
+            "seconds_per_lesion_networks": round(by_stage["lmnet"] + by_stage["linet"], 2),
+            "startup_s": round(startup, 2),
+            "peak_rss_mib": {s: max(r["peak_rss_mib"][s] for r in runs) for s in ("preprocess", "lmnet", "linet")},
+            "network_evaluations": evaluations,
+            "forward_passes": evaluations * (2 if guided else 1),
+            "original_network_evaluations": ORIGINAL_EVALUATIONS,
+        },
+        "runs": runs,
+    }
+    out_dir = Path(out)
+    write_json(out_dir / "end_to_end.json", report)
+    write_text(out_dir / "end_to_end.md", _markdown(report))
+    print(_markdown(report))
+    print(f"written: {out_dir / 'end_to_end.json'}, {out_dir / 'end_to_end.md'}")
+    return report
