@@ -40,7 +40,7 @@ LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([0-9.]+)")
 pytestmark = pytest.mark.slow
 
 
-def bundle_run(bundle: Path, config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+def bundle_run(bundle: Path, config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 900) -> subprocess.CompletedProcess:
     configs = config if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in config) + "]"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if torchrun else [sys.executable]
     cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *args]
@@ -90,12 +90,29 @@ def test_training_resumes_from_the_last_checkpoint(trained, tmp_path):
     assert state["trainer"]["iteration"] == 30
 
 
+def test_finetune_starts_from_given_weights(trained, tiny_demo, tmp_path):
+    out = tmp_path / "ft"
+    source = trained["out"] / "model.pt"
+    run = bundle_run(
+        LMNET, "configs/train.json", "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), *TINY,
+        "--finetune_from", str(source), "--iter_num", "2", "--max_epochs", "1", "--lr", "0.0",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(losses(run.stdout + run.stderr)) == 2  # a new run: its own iteration count
+    before, after = torch.load(source, weights_only=True), torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: the fine-tuned network is the source
+    bad = bundle_run(LMNET, "configs/train.json", "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(tmp_path / "x"), *TINY, "--finetune_from", str(tmp_path / "none.pt"))
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert f"{tmp_path / 'none.pt'}: weights file not found; set finetune_from" in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_two_process_ddp_on_gloo(tiny_demo, tmp_path):
     out = tmp_path / "ddp"
     run = bundle_run(
         LMNET, ["configs/train.json", "configs/multi_gpu_train.json"],
         "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), "--iter_num", "2", "--max_epochs", "1",
-        "--batch_size", "1", *TINY, torchrun=True, timeout=240,
+        "--batch_size", "1", *TINY, torchrun=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(losses(run.stdout + run.stderr)) == 2  # rank 0 logs; the others stay quiet
@@ -174,6 +191,23 @@ def test_inference_is_deterministic_for_a_seed(manifest, trained, inferred, tmp_
     assert np.array_equal(a, b)
 
 
+def test_rectified_flow_sampler_with_guidance(manifest, trained, inferred, tmp_path):
+    run = infer(manifest, trained["out"] / "model.pt", tmp_path / "rf", "--sampler", "rflow", "--guidance_scale", "2.0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    case = read_manifest(tmp_path / "rf" / "manifest.json").cases[0]
+    assert case.ok
+    label = np.asarray(nib.load(case.label).dataobj)
+    organ_seg = np.asarray(nib.load(case.organ_seg).dataobj).astype(int)
+    lesions = label == 2
+    assert ndi.label(lesions)[1] == 2
+    allowed = np.zeros_like(lesions)
+    for lesion in case.lesions:
+        allowed |= allowed_region(organ_seg == lesion.organ_id, lesion.cavity, lesion.box)
+    assert not (lesions & ~allowed).any()
+    ddim = np.asarray(nib.load(inferred / "case_000" / "label.nii.gz").dataobj)
+    assert not np.array_equal(label, ddim)  # another sampler, another sample
+
+
 def test_attribute_changes_the_sample_of_the_trained_model(trained):
     from monai.bundle import ConfigParser
 
@@ -221,3 +255,38 @@ def test_metadata_verifies():
         cwd=LMNET, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr
+
+
+def parsed(config: str, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(LMNET / "configs" / config)
+    parser["imports"] = [i for i in parser["imports"] if "scripts" not in i]
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def test_configs_use_the_shared_setting_names():
+    train = parsed("train.json")
+    for key in ("datalist", "output_dir", "preset", "seed", "device", "max_epochs", "iter_num", "val_interval", "save_every",
+                "finetune_from", "resume", "attribute_dropout", "condition_dropout", "condition_encoder", "num_workers"):  # fmt: skip
+        assert key in train.config, key
+    assert train["condition_encoder"] == "vocab" and train["resume"] is True and train["finetune_from"] is None
+    inference = parsed("inference.json")
+    for key in ("manifest", "output_dir", "weights", "seed", "steps", "sampler", "guidance_scale", "device"):
+        assert key in inference.config, key
+    assert inference.get_parsed_content("weights") == "./models/model.pt"  # where shipped weights live
+    assert inference["sampler"] == "ddim"
+
+
+def test_presets_switch_by_one_key():
+    for preset, crop, dim in (("cpu", [64, 64, 32], 64), ("paper", [152, 152, 64], 512)):
+        for config in ("train.json", "inference.json"):
+            parser = parsed(config, preset=preset)
+            assert parser.get_parsed_content("crop") == crop
+            state = parser.get_parsed_content("network_def").state_dict()
+            keys = [k for k in state if k.endswith("to_k.weight") and "attn2" in k]  # cross-attention keys
+            assert keys and all(state[k].shape[1] == dim for k in keys)
+            assert state["unet.conv_in.conv.weight"].shape[:2] == (16, 4)  # 16 channels; mask + 3 known inputs
