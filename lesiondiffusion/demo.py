@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 

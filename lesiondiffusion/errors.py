@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable
 from os import PathLike
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LesionDiffusionError(Exception):
@@ -18,3 +25,19 @@ class InputError(LesionDiffusionError):
         self.line = line
         where = self.path if line is None else f"{self.path}:{line}"
         super().__init__(self.problem if where is None else f"{where}: {self.problem}")
+
+
+def exit_on_user_error(fn: Callable[[], T], what: str, enabled: bool = True) -> T:
+    """Call ``fn``; with ``enabled``, a :class:`LesionDiffusionError` ends the process as one line
+    (``error: ...`` on stderr, exit status 1; the traceback goes to the debug log as ``what``).
+
+    ``SystemExit`` is not an ``Exception``, so ``monai.bundle run`` lets it through without a traceback.
+    """
+    try:
+        return fn()
+    except LesionDiffusionError as e:
+        if not enabled:
+            raise
+        logger.debug("%s failed", what, exc_info=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -58,3 +58,19 @@ def test_stderr_reaches_the_terminal_unless_captured(tmp_path, capfd):
     with pytest.raises(BundleRunError) as quiet:
         run_bundle("preprocess", overrides, capture=True)
     assert str(quiet.value) == str(echoed.value) and capfd.readouterr().err == ""
+
+
+def test_preprocess_options_become_bundle_overrides(tmp_path, monkeypatch):
+    from lesiondiffusion_tools.preprocess import bundle_overrides
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "attrs.json").write_text('{"organ type": "liver", "lesion type": "cyst"}')
+    got = bundle_overrides(out="out", image="ct.nii.gz", organ_seg=None, attributes="attrs.json", seed="3", overwrite=1, totalseg_fast=True)
+    assert got == {
+        "output_dir": str(tmp_path / "out"), "image": str(tmp_path / "ct.nii.gz"), "attributes": str(tmp_path / "attrs.json"),
+        "seed": 3, "overwrite": True, "totalseg_fast": True,
+    }  # fmt: skip
+    text = '{"organ type": "bladder", "lesion type": "polyp"}'
+    assert bundle_overrides(out="o", attributes=text)["attributes"] == text  # JSON text passes as written
+    with pytest.raises(LesionDiffusionError, match="give the output folder: --out DIR"):
+        bundle_overrides(image="ct.nii.gz")

@@ -58,3 +58,20 @@ def test_configs_use_the_shared_setting_names():
     assert parsed("train.json", seed=7).get_parsed_content("split_seed") == 7
     assert parsed("train.json", split_seed=3).get_parsed_content("split_seed") == 3
     assert train.config["writer"]["split_seed"] == "@split_seed"
+
+
+def test_user_errors_end_the_run_as_one_line(capsys):
+    from lesiondiffusion.errors import InputError, exit_on_user_error
+
+    def bad() -> None:
+        raise InputError("/data/ct.nii.gz", "unreadable\nNIfTI")
+
+    assert exit_on_user_error(lambda: 5, "test") == 5
+    with pytest.raises(SystemExit) as info:
+        exit_on_user_error(bad, "test")
+    assert info.value.code == 1
+    assert capsys.readouterr().err == "error: /data/ct.nii.gz: unreadable NIfTI\n"
+    with pytest.raises(InputError):  # from Python: the error itself
+        exit_on_user_error(bad, "test", enabled=False)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        exit_on_user_error(lambda: 1 / 0, "test")

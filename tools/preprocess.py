@@ -16,38 +16,24 @@ from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
 PATH_KEYS = ("image", "image_list", "attributes_list", "organ_seg", "organ_seg_list", "output_dir")
 
 
-def bundle_overrides(
-    image: str | None = None,
-    attributes: Any = None,
-    out: str | None = None,
-    organ_seg: str | None = None,
-    image_list: str | None = None,
-    attributes_list: str | None = None,
-    organ_seg_list: str | None = None,
-    seed: int = 0,
-    num_lesions: int = 1,
-    report_provider: str = "offline",
-    overwrite: bool = False,
-    **extra: Any,
-) -> dict[str, Any]:
-    """The command's options as ``inference.json`` overrides (paths absolute, unset options left out)."""
+# options whose command-line form must reach the bundle as a number / flag / name
+CASTS = {"seed": int, "num_lesions": int, "overwrite": bool, "report_provider": str}
+
+
+def bundle_overrides(out: str | None = None, attributes: Any = None, **options: Any) -> dict[str, Any]:
+    """The command's options as ``inference.json`` overrides (paths absolute, unset options left out).
+
+    ``out`` is the bundle's ``output_dir``; every other option keeps its config key name.
+    """
     if out is None:
         raise LesionDiffusionError("give the output folder: --out DIR")
-    overrides: dict[str, Any] = {
-        "image": image,
-        "image_list": image_list,
-        "attributes_list": attributes_list,
-        "organ_seg": organ_seg,
-        "organ_seg_list": organ_seg_list,
-        "output_dir": out,
-        "seed": int(seed),
-        "num_lesions": int(num_lesions),
-        "report_provider": str(report_provider),
-        "overwrite": bool(overwrite),
-        **extra,
-    }
+    overrides = {k: v for k, v in options.items() if v is not None}
+    overrides["output_dir"] = out
+    for key, cast in CASTS.items():
+        if key in overrides:
+            overrides[key] = cast(overrides[key])
     for key in PATH_KEYS:
-        if overrides.get(key) is not None:
+        if key in overrides:
             overrides[key] = str(Path(str(overrides[key])).expanduser().absolute())
     if attributes is not None:
         # a file name becomes absolute (the bundle runs from its own folder); JSON text and dicts pass as is
@@ -55,7 +41,7 @@ def bundle_overrides(
         if isinstance(text, str) and not text.lstrip().startswith("{") and Path(text).expanduser().exists():
             text = str(Path(text).expanduser().absolute())
         overrides["attributes"] = text
-    return {k: v for k, v in overrides.items() if v is not None}
+    return overrides
 
 
 def run_preprocess(**options: Any) -> Path:

@@ -19,7 +19,6 @@ fails (no output) only when no case succeeds or the inputs as a whole are malfor
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lesiondiffusion.attributes import complete_report, organ_reference_hu
-from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.geometry import cast_to, record_geometry, write_geometry
 from lesiondiffusion.io import atomic_dir, load_nifti, save_nifti
 from lesiondiffusion.labels import is_hollow
@@ -83,14 +82,7 @@ class PreprocessRunner:
     # ---- entry point ---------------------------------------------------------------------------------
     def run(self) -> Path:
         """Prepare every case; returns the manifest path. A user error is one line on stderr + exit 1."""
-        try:
-            return self._run()
-        except LesionDiffusionError as e:
-            if not self.exit_on_error:
-                raise
-            logger.debug("preprocess failed", exc_info=True)
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+        return exit_on_user_error(self._run, "preprocess", self.exit_on_error)
 
     def _run(self) -> Path:
         if not self.output_dir:

@@ -20,7 +20,6 @@ All label-2 voxels of a case form one lesion (one report entry per organ, as in 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from lesiondiffusion.attributes import measure_lesion, report_from_measurements
 from lesiondiffusion.dataset import Case, load_cases, validate_cases, write_datalist, write_list_files
-from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.io import atomic_dir, save_nifti, write_json
 from lesiondiffusion.report import Report, read_report, write_report
 
@@ -126,14 +125,7 @@ class TrainingSetWriter:
 
     def run(self) -> Path:
         """Write the training set; returns its datalist. A user error is one line on stderr + exit 1."""
-        try:
-            return self._run()
-        except LesionDiffusionError as e:
-            if not self.exit_on_error:
-                raise
-            logger.debug("preparing the training set failed", exc_info=True)
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+        return exit_on_user_error(self._run, "preparing the training set", self.exit_on_error)
 
     def _run(self) -> Path:
         if not self.output_dir:
