@@ -153,7 +153,7 @@ def test_batch_with_a_broken_case_finishes_the_others(weights: Path, tiny_demo: 
     ])  # fmt: skip
     inputs = {p: p.read_bytes() for p in (broken, good / "image.nii.gz", requests)}
     out = tmp_path / "out"
-    run = synthesize(weights, out, "--requests", str(requests))
+    run = synthesize(weights, out, "--requests", str(requests), "--device", "cpu")
     assert run.returncode == 1
     assert error_lines(run) == [f"error: 1 of 2 case(s) failed (see {out / 'summary.json'})"]
     summary = json.loads((out / "summary.json").read_text())
@@ -161,6 +161,7 @@ def test_batch_with_a_broken_case_finishes_the_others(weights: Path, tiny_demo: 
     assert summary["cases"][0]["stage"] == "preprocess" and "broken.nii.gz" in summary["cases"][0]["error"]
     assert not (out / "broken").exists()
     assert sorted(p.name for p in (out / "bladder").iterdir()) == sorted(OUTPUT_FILES)
+    assert json.loads((out / "bladder" / "provenance.json").read_text())["parameters"]["device"] == "cpu"
     assert all(p.read_bytes() == data for p, data in inputs.items()), "inputs are never modified"
 
 
@@ -206,3 +207,66 @@ def test_missing_weights_say_what_to_do(tmp_path: Path) -> None:
     run = cli("synthesize", "--image", str(tmp_path / "ct.nii.gz"), "--organ", "liver", "--lesion_type", "cyst", "--weights", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert run.returncode == 1 and len(error_lines(run)) == 1 and "weights folder not found" in run.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---- demo and benchmark (the same commands on the tiny networks) ----------------------------------------
+def test_demo_synthesises_three_density_variants_and_evaluates_them(weights: Path, demo_src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
+    run = cli("demo", "--out", str(out), "--src", str(demo_src), "--weights", str(weights), "--steps", "2", "--bundle_overrides", tiny)
+    assert run.returncode == 0, run.stderr[-4000:]
+    cases = [c["case"] for c in json.loads((out / "synthesis" / "summary.json").read_text())["cases"]]
+    assert len(cases) == 3 and {c.rsplit("_", 1)[1] for c in cases} == {"hypo", "iso", "hyper"}
+    for case in cases:
+        assert (out / "synthesis" / case / "preview.png").is_file()
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert (report["totals"]["requested"], report["totals"]["evaluated"]) == (3, 3)
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("seconds per lesion: ") for line in lines)
+    assert any(line.startswith("evaluation: evaluated 3/3 case(s)") and "preserved 100.0%" in line for line in lines)
+
+
+def test_benchmark_reports_stages_memory_and_network_evaluations(weights: Path, tiny_demo: Path, tmp_path: Path) -> None:
+    case = tiny_demo / "cases" / "Liver_cancer"
+    tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
+    run = cli(
+        "benchmark", "--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"), "--weights", str(weights),
+        "--steps", "2", "--guidance", "2.0", "--out", str(tmp_path / "bench"), "--bundle_overrides", tiny,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads((tmp_path / "bench" / "end_to_end.json").read_text())
+    results = report["results"]
+    assert results["lesions"] == 1 and results["network_evaluations"] == 4 and results["forward_passes"] == 8
+    stages = results["seconds_per_lesion_by_stage"]
+    assert set(stages) == {"preprocess", "lmnet", "linet"} and all(v > 0 for v in stages.values())
+    assert results["seconds_per_lesion"] == pytest.approx(sum(stages.values()), abs=0.05)
+    assert all(v > 100 for v in results["peak_rss_mib"].values()) and results["startup_s"] > 0
+    assert "| **total** |" in (tmp_path / "bench" / "end_to_end.md").read_text()
+
+
+def test_clinical_grid_input_resamples_the_demo_phantom(demo_src: Path, tmp_path: Path) -> None:
+    from lesiondiffusion_tools.benchmark import clinical_grid_case
+
+    # 384 x 360 x 320 mm: wider than the 280 mm organ map, so the grid's corners lie beyond it
+    image, seg = clinical_grid_case(tmp_path, shape=(96, 90, 40), spacing=(4.0, 4.0, 8.0), src=demo_src)
+    img, organs = nib.load(image), nib.load(seg)
+    assert img.shape == organs.shape == (96, 90, 40) and np.allclose(img.header.get_zooms(), (4, 4, 8))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and img.get_data_dtype() == np.int16
+    ct, labels = np.asarray(img.dataobj), np.asarray(organs.dataobj)
+    liver = labels == label_table("v1").id("liver")
+    assert liver.any() and 20 < np.median(ct[liver]) < 120  # liver parenchyma HU
+    assert ct[0, 0, 0] == -1000  # air beyond the phantom
+
+
+def test_unknown_settings_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion_tools.synthesize import synthesize as run_synthesize
+    from lesiondiffusion_tools.train import train
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text('{"training": []}')
+    with pytest.raises(LesionDiffusionError, match=r"unknown setting\(s\) 'max_epoch' for the vqgan bundle's train.json"):
+        train(datalist=str(datalist), out=str(tmp_path / "w"), max_epoch=3)
+    with pytest.raises(LesionDiffusionError, match=r"--bundle_overrides: unknown setting\(s\) 'stepz' for the linet bundle's inference.json"):
+        run_synthesize(image="ct.nii.gz", organ="liver", lesion_type="cyst", out=str(tmp_path / "o"), bundle_overrides={"linet": {"stepz": 3}})
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()

@@ -116,6 +116,7 @@ def benchmark(
     weights: str | None = None,
     out: str = "benchmarks/results",
     device: str | None = None,
+    bundle_overrides: Any = None,
 ) -> dict[str, Any]:
     """Time ``synthesize`` end to end; writes ``<out>/end_to_end.{json,md}`` and returns the report."""
     import sys
@@ -138,7 +139,7 @@ def benchmark(
             summary = synthesize(
                 image=str(ct), organ_seg=None if seg is None else str(seg), organ=organ, lesion_type=lesion_type,
                 steps=steps, sampler=sampler, guidance=guidance, preset=preset, weights=weights, device=device,
-                seed=i, out=str(work / f"run_{i}"),
+                seed=i, out=str(work / f"run_{i}"), bundle_overrides=bundle_overrides,
             )  # fmt: skip
             runs.append(summary)
         startup = startup_seconds(work)

@@ -64,6 +64,25 @@ def bundle_env(root: Path) -> dict[str, str]:
     return env
 
 
+def config_keys(stage: str, configs: Sequence[str]) -> set[str]:
+    """The top-level keys of ``configs`` of the ``stage`` bundle (what an override may set)."""
+    root = bundle_root(stage)
+    keys: set[str] = set()
+    for name in configs:
+        keys |= set(json.loads((root / "configs" / name).read_text(encoding="utf-8")))
+    return keys
+
+
+def check_overrides(stage: str, configs: Sequence[str], overrides: dict[str, Any], option: str = "") -> None:
+    """Refuse override keys the configs do not have (``a#b`` is checked by ``a``): a typo never passes silently."""
+    known = config_keys(stage, configs)
+    unknown = sorted(k for k in overrides if k.split("#")[0] not in known)
+    if unknown:
+        raise LesionDiffusionError(
+            f"{option}unknown setting(s) {', '.join(repr(k) for k in unknown)} for the {stage} bundle's {', '.join(configs)}"
+        )
+
+
 class BundleRun(subprocess.CompletedProcess):
     """A finished bundle run, with the child's wall time and its own peak resident memory."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion_tools.synthesize import synthesize
@@ -26,6 +27,7 @@ def demo(
     steps: int = 25,
     weights: str | None = None,
     device: str | None = None,
+    bundle_overrides: Any = None,
 ) -> dict:
     """Build a demo phantom with three lesion requests, synthesise them, evaluate; outputs under ``--out``."""
     from lesiondiffusion.evaluation import evaluate_outputs, summary_line
@@ -36,7 +38,7 @@ def demo(
     root = Path(out)
     requests = build_requests(Path(src), root / "requests", n=1, seed=int(seed), overwrite=True) / "requests.json"
     synthesis = root / "synthesis"
-    summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps), weights=weights, device=device)
+    summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps), weights=weights, device=device, bundle_overrides=bundle_overrides)
     report, paths = evaluate_outputs(str(synthesis), str(requests), str(root / "evaluation"), None, 160)
     print(f"requests:   {requests}")
     print(f"synthesis:  {synthesis} (image.nii.gz, label.nii.gz, report.json, provenance.json, preview.png per case)")

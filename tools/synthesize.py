@@ -33,7 +33,7 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_json, read_nifti_array, write_json
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.requests import SynthesisRequest, read_requests
-from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, run_bundle
+from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -407,6 +407,8 @@ def synthesize(
     logs and progress as it runs (its errors are reported either way).
     """
     extra = stage_overrides(bundle_overrides, ("preprocess", *NETWORKS[1:]))
+    for stage, keys in extra.items():
+        check_overrides(stage, ("inference.json",), keys, "--bundle_overrides: ")
     if not out:
         raise LesionDiffusionError("give the output folder: --out DIR")
     out_dir = Path(out).expanduser()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, run_bundle
+from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, check_overrides, run_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,12 @@ def train(
     for key, value in (("max_epochs", max_epochs), ("iter_num", iter_num), ("device", device)):
         if value is not None:
             common[key] = value
+
+    if "help" in overrides:
+        raise LesionDiffusionError("for the options, run: lesiondiffusion train -- --help")
+    for name in stages:  # every setting must be a key of every network trained with it
+        check_overrides(name, ("train.json",), overrides)
+        check_overrides(name, ("train.json",), per_stage[name], "--bundle_overrides: ")
 
     written: dict[str, Path] = {}
     for name in stages:
