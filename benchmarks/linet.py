@@ -1,0 +1,354 @@
+"""Benchmark: the LINet bundle's ``cpu`` preset (training speed, seconds per inpainted lesion, memory, FLOPs).
+
+Networks are built from the bundle's own configs (``configs/train.json``, ``configs/inference.json``,
+``--preset``) with random weights (a random ``cpu`` VQ-GAN too): speed and memory do not depend on
+the weights' values. Data: the demo phantom cases at 1 mm.
+
+- training: ``SupervisedTrainer`` iterations per second (first iteration excluded: it pays for lazy
+  initialisation), batch size and crop of the preset, on 96^3 demo cases;
+- inference: one lesion of the demo liver case painted into the whole 280^3 phantom CT at 10, 25 and 50
+  DDIM steps (guidance on: two network evaluations per step, batched), with encode, sample, decode
+  and paste timed separately, plus the whole case (reading, label maps, writing the CT and preview);
+- peak memory: each part runs in its own child process; its peak RSS (and CUDA max allocated on GPU);
+- FLOPs per UNet forward (``torch.utils.flop_counter.FlopCounterMode``, batch 1) on the preset's latent,
+  and the achieved FLOP rate of a timed forward; also the ``paper`` preset's count (meta tensors, not run).
+
+    python benchmarks/linet.py [--preset cpu] [--iterations 20] [--threads N] [--device cpu]
+
+Writes ``benchmarks/results/linet.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "linet"
+RESULTS = REPO / "benchmarks" / "results"
+DEMO = REPO.parent / "shared" / "data" / "demo"
+STEPS = (10, 25, 50)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cuda_peak_mib(device: str) -> float | None:
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def parser_for(config: str, overrides: dict[str, Any]):
+    """A ``ConfigParser`` of one of the bundle's configs with command-line style overrides."""
+    from monai.bundle import ConfigParser
+
+    if str(BUNDLE) not in sys.path:
+        sys.path.insert(0, str(BUNDLE))  # the configs import the bundle's ``scripts``
+    parser = ConfigParser()
+    parser.read_config(BUNDLE / "configs" / config)
+    parser["bundle_root"] = str(BUNDLE)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def random_vqgan(path: Path) -> Path:
+    import torch
+
+    from lesiondiffusion import autoencoder as ae
+
+    torch.manual_seed(0)
+    torch.save(ae.build_vqvae("cpu").state_dict(), path)
+    return path
+
+
+# ---- parts (each in its own process) ---------------------------------------------------------------
+def part_train(work: Path, preset: str, iterations: int, device: str) -> dict[str, Any]:
+    import torch
+    from ignite.engine import Events
+
+    from lesiondiffusion.demo import build_demo_cases
+
+    demo = build_demo_cases(DEMO, work / "demo96", crop=96, overwrite=True)
+    overrides = {
+        "datalist": str(demo / "datalist.json"), "vqgan_weights": str(random_vqgan(work / "vqgan.pt")), "output_dir": str(work / "train"),
+        "preset": preset, "iter_num": iterations + 1, "max_epochs": 1, "num_workers": 0, "device": device, "log_every": 1000,
+    }  # fmt: skip
+    parser = parser_for("train.json", overrides)
+    trainer = parser.get_parsed_content("trainer")
+    parser.get_parsed_content("ema_handler").attach(trainer)
+    stamps: list[float] = []
+
+    def stamp(_engine) -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
+    t0 = time.perf_counter()
+    trainer.run()
+    wall = time.perf_counter() - t0
+    steady = stamps[-1] - stamps[0]
+    return {
+        "iterations_timed": len(stamps) - 1,
+        "iterations_per_s": (len(stamps) - 1) / steady,
+        "seconds_per_iteration": steady / (len(stamps) - 1),
+        "first_iteration_s": stamps[0] - t0,
+        "run_wall_s": wall,
+        "batch_size": parser.get_parsed_content("batch_size"),
+        "crop_size": list(parser.get_parsed_content("crop_size")),
+        "unet_parameters": sum(p.numel() for p in parser.get_parsed_content("network").unet.parameters()),
+        "peak_rss_mib": peak_rss_mib(),
+        "cuda_peak_mib": cuda_peak_mib(device),
+    }
+
+
+def build_case(work: Path) -> Path:
+    """A manifest with the demo liver case: the whole 280^3 phantom CT as the user's scan, one lesion."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+
+    from lesiondiffusion.demo import build_demo_cases
+    from lesiondiffusion.geometry import record_geometry, standardise, write_geometry
+    from lesiondiffusion.io import save_nifti
+    from lesiondiffusion.manifest import CaseEntry, LesionEntry, Manifest, write_manifest
+    from lesiondiffusion.placement import Box
+
+    shared = work.parent / "demo_full"  # built once, shared by the inference parts
+    if not (shared / "datalist.json").is_file():
+        build_demo_cases(DEMO, shared, overwrite=True)
+    demo = shared / "cases" / "Liver_cancer"
+    img = nib.load(demo / "image.nii.gz")
+    case = work / "case"
+    std = standardise(MetaTensor(torch.as_tensor(np.asarray(img.dataobj), dtype=torch.float32)[None], affine=torch.as_tensor(img.affine)))
+    label_img = nib.load(demo / "label.nii.gz")
+    label = standardise(MetaTensor(torch.as_tensor(np.asarray(label_img.dataobj), dtype=torch.float32)[None], affine=torch.as_tensor(img.affine)), mode="nearest")
+    affine = np.asarray(std.affine, dtype=np.float64)
+    label_std = np.asarray(label[0]).astype(np.uint8)
+    image = save_nifti(case / "image.nii.gz", np.asarray(std[0]).astype(np.int16), affine)
+    label_path = save_nifti(case / "label.nii.gz", label_std, affine, dtype=np.uint8)
+    organ = save_nifti(case / "organ_seg.nii.gz", (label_std > 0).astype(np.uint8) * 5, affine, dtype=np.uint8)
+    geometry = write_geometry(case / "geometry.json", record_geometry(demo / "image.nii.gz", affine, label_std.shape))
+    idx = np.argwhere(label_std == 2)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    lesion = LesionEntry(5, "within the parenchymal organ", demo / "type.json", Box(tuple((lo + hi) // 2), tuple(hi - lo)))
+    entry = CaseEntry("liver", source_image=demo / "image.nii.gz", geometry=geometry, image=image, organ_seg=organ, lesions=(lesion,),
+                      label=label_path, label_original=demo / "label.nii.gz")  # fmt: skip
+    return write_manifest(work / "manifest.json", Manifest((entry,)))
+
+
+def part_infer(work: Path, preset: str, steps: int, device: str) -> dict[str, Any]:
+    import torch
+
+    manifest = build_case(work)
+    vqgan = random_vqgan(work / "vqgan.pt")
+    parser = parser_for("inference.json", {"preset": preset, "steps": steps, "device": device, "vqgan_weights": str(vqgan)})
+    network = parser.get_parsed_content("network_def")
+    torch.manual_seed(0)
+    parser["network"] = network  # random weights: speed does not depend on their values
+    inpainter = parser.get_parsed_content("inpainter")
+    inpainter.sampler.progress = False
+    inpaint = importlib.import_module("scripts.inpaint")
+    case = inpaint.read_manifest(manifest).cases[0]
+    times = []
+    for repeat in range(2):  # the first pays for lazy initialisation; report the second
+        t0 = time.perf_counter()
+        inpainter.process_case(case, work / f"out{repeat}")
+        times.append(time.perf_counter() - t0)
+    timing = inpainter.timings[-1]
+    return {
+        "steps": steps,
+        "network_evaluations": steps * (2 if parser.get_parsed_content("guidance_scale") != 1.0 else 1),
+        "encode_s": timing.encode,
+        "sample_s": timing.sample,
+        "decode_s": timing.decode,
+        "paste_s": timing.paste,
+        "lesion_s": timing.total,
+        "case_s": times[-1],
+        "first_case_s": times[0],
+        "ct_shape": list(inpaint.read_stored(case.source_image).raw.shape),
+        "peak_rss_mib": peak_rss_mib(),
+        "cuda_peak_mib": cuda_peak_mib(device),
+    }
+
+
+def part_flops(preset: str, device: str) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lesiondiffusion import autoencoder as ae
+
+    out: dict[str, Any] = {}
+    for name in (preset, "paper"):
+        parser = parser_for("inference.json", {"preset": name})
+        crop = parser.get_parsed_content("crop_size")
+        latent = [c // ae.downsample_factor(name) for c in crop]
+        run = name == preset
+        dev = torch.device(device) if run else torch.device("meta")
+        with dev:
+            try:
+                network = parser.get_parsed_content("network_def")
+            except Exception as e:  # noqa: BLE001 - a count we cannot make is reported, not fatal
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+        network = network.eval()
+        channels = parser.get_parsed_content("latent_channels")
+        spec = network.encoder.spec
+        x = torch.randn(1, channels, *latent, device=dev)
+        extra = torch.ones(1, 1, *latent, device=dev)
+        cond = torch.zeros(1, *spec.shape, device=dev)
+        t = torch.full((1,), 500, device=dev, dtype=torch.long)
+        counter = FlopCounterMode(display=False)
+        try:
+            with torch.no_grad(), counter:
+                network(x, timesteps=t, context=cond, extra=extra)
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        entry = {"latent": latent, "crop": list(crop), "flops_per_forward": counter.get_total_flops(),
+                 "unet_parameters": sum(p.numel() for p in network.unet.parameters())}  # fmt: skip
+        if run:
+            with torch.no_grad():
+                network(x, timesteps=t, context=cond, extra=extra)
+                n, t0 = 5, time.perf_counter()
+                for _ in range(n):
+                    network(x, timesteps=t, context=cond, extra=extra)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                per = (time.perf_counter() - t0) / n
+            entry["seconds_per_forward"] = per
+            entry["achieved_gflop_per_s"] = entry["flops_per_forward"] / per / 1e9
+        out[name] = entry
+    return out
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+def child(args: argparse.Namespace, part: str, **extra: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--part", part, "--result", str(result), "--preset", args.preset, "--device", args.device,
+               "--iterations", str(args.iterations), "--work", tmp, *[f"--{k}={v}" for k, v in extra.items()]]  # fmt: skip
+        env = dict(os.environ)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads(result.read_text())
+
+
+def markdown(report: dict[str, Any]) -> str:
+    t, f = report["training"], report["flops"]
+    lines = [
+        "# LINet benchmark",
+        "",
+        f"Preset `{report['preset']}`, device `{report['device']}`, random weights (speed does not depend on their values).",
+        f"Machine: {report['machine']['cpus']} CPUs shared with other jobs while this ran (busy: load average "
+        f"{report['machine']['load_before']} before, {report['machine']['load_after']} after), {report['machine']['threads']} torch thread(s) per process. "
+        "Figures on a busy shared machine are upper bounds; rerun on an idle one for clean numbers.",
+        "",
+        "## Training",
+        "",
+        f"`SupervisedTrainer`, batch {t['batch_size']}, crop {t['crop_size']}, UNet {t['unet_parameters'] / 1e6:.2f} M parameters, frozen VQ-GAN encoding on the fly.",
+        "",
+        "| iterations timed | iterations/s | s/iteration | first iteration (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+        f"| {t['iterations_timed']} | {t['iterations_per_s']:.3f} | {t['seconds_per_iteration']:.2f} | {t['first_iteration_s']:.1f} | {t['peak_rss_mib']:.0f} |",
+        "",
+        "## Inference: one lesion painted into the whole CT",
+        "",
+        f"CT {report['inference'][0]['ct_shape']} (int16, 1 mm, the demo liver phantom); DDIM with guidance (two network evaluations per step, batched).",
+        "",
+        "| steps | network evals | encode (s) | sample (s) | decode (s) | paste (s) | lesion total (s) | whole case (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["inference"]:
+        lines.append(
+            f"| {r['steps']} | {r['network_evaluations']} | {r['encode_s']:.2f} | {r['sample_s']:.2f} | {r['decode_s']:.2f} | {r['paste_s']:.2f} | "
+            f"{r['lesion_s']:.2f} | {r['case_s']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
+    lines += ["", "'whole case' adds reading the scan and label maps, writing the synthetic CT and the preview PNG (second of two runs "
+              "in one process; the first pays for lazy initialisation). The first inference process also built the 280^3 demo phantom, "
+              "which its peak RSS includes. Step counts run one after the other while the machine's load changed: compare "
+              "sample times per network evaluation with care.", "", "## UNet FLOPs (batch 1)", "",
+              "| preset | crop | latent | parameters (M) | GFLOP per forward | s per forward | achieved GFLOP/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, e in f.items():
+        if not isinstance(e, dict):
+            continue
+        if "error" in e:
+            lines.append(f"| {name} | - | - | - | not counted ({e['error'][:80]}) | - | - |")
+            continue
+        sec = f"{e['seconds_per_forward']:.3f}" if "seconds_per_forward" in e else "not run"
+        rate = f"{e['achieved_gflop_per_s']:.1f}" if "achieved_gflop_per_s" in e else "-"
+        lines.append(f"| {name} | {e['crop']} | {e['latent']} | {e['unet_parameters'] / 1e6:.2f} | {e['flops_per_forward'] / 1e9:.2f} | {sec} | {rate} |")
+    lines += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the child processes (0: torch's default)")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--markdown_only", action="store_true", help="rewrite linet.md from an existing linet.json")
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=25, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:
+        import torch
+
+        work = Path(args.work)
+        if args.part == "train":
+            result = part_train(work, args.preset, args.iterations, args.device)
+        elif args.part == "infer":
+            result = part_infer(work, args.preset, args.steps, args.device)
+        else:
+            result = part_flops(args.preset, args.device)
+        result["torch_threads"] = torch.get_num_threads()
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    if args.markdown_only:
+        (RESULTS / "linet.md").write_text(markdown(json.loads((RESULTS / "linet.json").read_text())))
+        return
+    Path(args.work or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    flops = child(args, "flops")
+    training = child(args, "train")
+    inference = [child(args, "infer", steps=s) for s in STEPS]
+    report = {
+        "preset": args.preset,
+        "device": args.device,
+        "training": training,
+        "inference": inference,
+        "flops": flops,
+        "machine": {"cpus": os.cpu_count(), "threads": training["torch_threads"], "load_before": load_before,
+                    "load_after": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version()},  # fmt: skip
+        "command": "python " + " ".join([str(Path(__file__).relative_to(REPO)), *sys.argv[1:]]),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "linet.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "linet.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
