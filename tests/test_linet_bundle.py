@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -278,13 +279,16 @@ def inferred(tiny_demo: Path, trained: dict, vqgan: Path, tmp_path_factory: pyte
     root = tmp_path_factory.mktemp("linet_inf")
     a = build_manifest(root / "a", tiny_demo)
     b = build_manifest(root / "b", tiny_demo, {"density": "hyperdense lesion,", "CT value": "Mean density of the lesion region is approximately 190 HU,"})
+    # b also lists a case whose source image changed since preprocessing: it must fail alone
+    cases = read_manifest(b).cases
+    other = _save(root / "other.nii.gz", np.zeros((5, 5, 5), np.int16), np.eye(4))
+    write_manifest(b, Manifest((*cases[:2], replace(cases[2], case="broken", source_image=other), cases[2])))
     sources = {p: digest(p) for p in (root / "a" / "inputs").iterdir()}
-    runs = {}
-    for name, manifest in (("a", a), ("b", b)):
-        run = infer(manifest, trained["out"] / "model.pt", vqgan, root / f"out_{name}")
-        assert run.returncode == 0, run.stderr[-3000:]
-        runs[name] = read_manifest(root / f"out_{name}" / "manifest.json")
-    return {"root": root, "sources": sources, "a": runs["a"], "b": runs["b"], "inputs": read_manifest(a)}
+    run_a = infer(a, trained["out"] / "model.pt", vqgan, root / "out_a")
+    assert run_a.returncode == 0, run_a.stderr[-3000:]
+    run_b = infer(b, trained["out"] / "model.pt", vqgan, root / "out_b")
+    runs = {name: read_manifest(root / f"out_{name}" / "manifest.json") for name in "ab"}
+    return {"root": root, "sources": sources, "a": runs["a"], "b": runs["b"], "inputs": read_manifest(a), "run_b": run_b}
 
 
 def stored(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -366,19 +370,12 @@ def test_bad_inputs_are_one_line_errors_without_output(inferred, trained, vqgan,
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
 
 
-def test_a_case_with_a_changed_source_fails_alone(inferred, trained, vqgan, tmp_path):
-    entries = inferred["inputs"]
-    moved = _save(tmp_path / "other.nii.gz", np.zeros((5, 5, 5), np.int16), np.eye(4))
-    from dataclasses import replace
-
-    bad = Manifest((replace(entries.cases[2], source_image=moved), entries.cases[0]))
-    manifest = write_manifest(tmp_path / "manifest.json", bad)
-    run = infer(manifest, trained["out"] / "model.pt", vqgan, tmp_path / "out", "--steps", "1")
-    line = one_error_line(run)
-    assert "1 case(s) failed: small" in line and "no longer matches its geometry record" in line
-    result = read_manifest(tmp_path / "out" / "manifest.json")
-    assert [c.status for c in result.cases] == ["error", "ok"] and result.cases[1].synthetic_image.is_file()
-    assert not (tmp_path / "out" / "small").exists()
+def test_a_case_with_a_changed_source_fails_alone(inferred):
+    line = one_error_line(inferred["run_b"])
+    assert "1 case(s) failed: broken" in line and "no longer matches its geometry record" in line
+    assert [c.status for c in inferred["b"].cases] == ["ok", "ok", "error", "ok"]
+    assert all(c.synthetic_image.is_file() for c in inferred["b"].cases if c.ok)
+    assert not (inferred["root"] / "out_b" / "broken").exists()
 
 
 def test_metadata_verifies():
@@ -424,3 +421,10 @@ def test_crop_window_grows_for_large_lesions_and_pads_beyond_the_volume():
     big[10:60, 20:30, 30:35] = True
     start, size = inpaint.crop_window(big, (32, 32, 32), 8, 16)
     assert size.tolist() == [80, 32, 32] and start[0] <= 10 - 8 and start[0] + size[0] >= 60 + 8
+
+
+def test_boolean_settings_from_the_command_line():
+    flag = load_scripts().common.flag
+    assert flag(True) and not flag(False) and flag("true") and flag("True") and not flag("false") and not flag("0")
+    with pytest.raises(SystemExit):
+        flag("maybe")

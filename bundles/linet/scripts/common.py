@@ -23,3 +23,16 @@ def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     except LesionDiffusionError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def flag(value: Any) -> bool:
+    """A boolean setting from JSON or the command line (``--resume false`` arrives as the string ``"false"``)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off", ""):
+            return False
+        print(f"error: expected true or false, not {value!r}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return bool(value)
