@@ -15,12 +15,17 @@ prove the source is never written. ``write_nifti`` is a factory writing small NI
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+# The suite runs on two pytest workers (`make test`), each starting bundle processes: one thread per
+# process keeps the cores busy without oversubscription, which slows small convolutions many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 DEMO_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
 

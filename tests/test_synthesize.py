@@ -20,7 +20,8 @@ from scipy import ndimage as ndi
 
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.requests import SynthesisRequest, write_requests
-from lesiondiffusion_tools.synthesize import OUTPUT_FILES, gather_requests, sha256, weights_paths
+from lesiondiffusion.io import file_sha256
+from lesiondiffusion_tools.synthesize import OUTPUT_FILES, gather_requests, weights_paths
 
 # the cpu VQ-GAN (LINet loads it by preset) on small crops; LMNet and LINet shrunk to a few channels
 TINY = {
@@ -129,7 +130,7 @@ def test_provenance_records_inputs_parameters_weights_and_versions(synthesised: 
     assert (params["seed"], params["steps"], params["sampler"], params["margin_mm"]) == (3, 2, "ddim", MARGIN_MM)
     assert params["bundle_overrides"]["linet"] == TINY["linet"]
     for name in ("vqgan", "lmnet", "linet"):
-        assert prov["weights"][name] == {"path": str((weights / name / "model.pt").resolve()), "sha256": sha256(weights / name / "model.pt")}
+        assert prov["weights"][name] == {"path": str((weights / name / "model.pt").resolve()), "sha256": file_sha256(weights / name / "model.pt")}
     assert {"monai", "torch", "python", "bundle:linet"} <= set(prov["versions"])
     assert prov["lesions"][0]["cavity"] and prov["seconds_per_lesion"] > 0
 

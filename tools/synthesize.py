@@ -13,7 +13,6 @@ folder is built beside ``--out`` and renamed into place, so a run never leaves h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -30,7 +29,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import atomic_dir, read_json, read_nifti_array, write_json
+from lesiondiffusion.io import atomic_dir, file_sha256, read_json, read_nifti_array, write_json
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.requests import SynthesisRequest, read_requests
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle
@@ -309,15 +308,6 @@ def _run_stage(stage: str, overrides: dict[str, Any], out_dir: Path, states: Seq
     return time.perf_counter() - t0, peak
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def versions() -> dict[str, str]:
     """Versions of this package, the libraries that shape the output, Python, and the bundles."""
     out = {"python": platform.python_version()}
@@ -340,8 +330,7 @@ def _write_case(folder: Path, state: CaseState, settings: SynthesisSettings, wei
     assert entry is not None and entry.synthetic_image is not None
     folder.mkdir(parents=True)
     shutil.copyfile(entry.synthetic_image, folder / "image.nii.gz")
-    label = entry.extra.get("synthetic_label")
-    label_path = (state.base / label) if label and state.base else entry.label_original
+    label_path = entry.label_original
     if label_path is None or not label_path.is_file():
         raise LesionDiffusionError(f"{state.request.case}: the LINet stage wrote no label map")
     shutil.copyfile(label_path, folder / "label.nii.gz")
@@ -423,7 +412,7 @@ def synthesize(
     cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list)
     check_inputs(cases)
     weight_files = weights_paths(weights)
-    weight_record = {n: {"path": str(p.resolve()), "sha256": sha256(p)} for n, p in weight_files.items()}
+    weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
     states = [CaseState(r) for r in cases]
 
     timings: dict[str, float] = {}
