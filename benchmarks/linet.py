@@ -25,46 +25,20 @@ import importlib
 import json
 import os
 import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import DEMO, REPO, RESULTS, bundle_parser, command_line, count_flops, cuda_peak_mib, finish_child, load_avg, peak_rss_mib, run_child, set_threads, write_report
+
 BUNDLE = REPO / "bundles" / "linet"
-RESULTS = REPO / "benchmarks" / "results"
-DEMO = REPO.parent / "shared" / "data" / "demo"
 STEPS = (10, 25, 50)
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def cuda_peak_mib(device: str) -> float | None:
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def parser_for(config: str, overrides: dict[str, Any]):
     """A ``ConfigParser`` of one of the bundle's configs with command-line style overrides."""
-    from monai.bundle import ConfigParser
-
-    if str(BUNDLE) not in sys.path:
-        sys.path.insert(0, str(BUNDLE))  # the configs import the bundle's ``scripts``
-    parser = ConfigParser()
-    parser.read_config(BUNDLE / "configs" / config)
-    parser["bundle_root"] = str(BUNDLE)
-    for key, value in overrides.items():
-        parser[key] = value
-    return parser
+    return bundle_parser(BUNDLE, config, overrides)
 
 
 def random_vqgan(path: Path) -> Path:
@@ -191,7 +165,6 @@ def part_infer(work: Path, preset: str, steps: int, device: str) -> dict[str, An
 
 def part_flops(preset: str, device: str) -> dict[str, Any]:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from lesiondiffusion import autoencoder as ae
 
@@ -215,14 +188,13 @@ def part_flops(preset: str, device: str) -> dict[str, Any]:
         extra = torch.ones(1, 1, *latent, device=dev)
         cond = torch.zeros(1, *spec.shape, device=dev)
         t = torch.full((1,), 500, device=dev, dtype=torch.long)
-        counter = FlopCounterMode(display=False)
         try:
-            with torch.no_grad(), counter:
-                network(x, timesteps=t, context=cond, extra=extra)
+            with torch.no_grad():
+                flops = count_flops(lambda: network(x, timesteps=t, context=cond, extra=extra))
         except Exception as e:  # noqa: BLE001
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        entry = {"latent": latent, "crop": list(crop), "flops_per_forward": counter.get_total_flops(),
+        entry = {"latent": latent, "crop": list(crop), "flops_per_forward": flops,
                  "unet_parameters": sum(p.numel() for p in network.unet.parameters())}  # fmt: skip
         if run:
             with torch.no_grad():
@@ -242,14 +214,9 @@ def part_flops(preset: str, device: str) -> dict[str, Any]:
 # ---- driver ----------------------------------------------------------------------------------------
 def child(args: argparse.Namespace, part: str, **extra: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--part", part, "--result", str(result), "--preset", args.preset, "--device", args.device,
-               "--iterations", str(args.iterations), "--work", tmp, *[f"--{k}={v}" for k, v in extra.items()]]  # fmt: skip
-        env = dict(os.environ)
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
-        subprocess.run(cmd, check=True, env=env)
-        return json.loads(result.read_text())
+        cmd = ["--part", part, "--preset", args.preset, "--device", args.device, "--iterations", str(args.iterations), "--work", tmp,
+               *[f"--{k}={v}" for k, v in extra.items()]]  # fmt: skip
+        return run_child(__file__, cmd, threads=args.threads, work=tmp)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -313,8 +280,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.part:
-        import torch
-
+        set_threads(args.threads)
         work = Path(args.work)
         if args.part == "train":
             result = part_train(work, args.preset, args.iterations, args.device)
@@ -322,15 +288,15 @@ def main() -> None:
             result = part_infer(work, args.preset, args.steps, args.device)
         else:
             result = part_flops(args.preset, args.device)
-        result["torch_threads"] = torch.get_num_threads()
-        Path(args.result).write_text(json.dumps(result))
+        finish_child(result, args.result, args.device)
         return
 
     if args.markdown_only:
-        (RESULTS / "linet.md").write_text(markdown(json.loads((RESULTS / "linet.json").read_text())))
+        report = json.loads((RESULTS / "linet.json").read_text())
+        write_report("linet", report, markdown(report))
         return
     Path(args.work or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    load_before = load_avg()
     flops = child(args, "flops")
     training = child(args, "train")
     inference = [child(args, "infer", steps=s) for s in STEPS]
@@ -341,12 +307,10 @@ def main() -> None:
         "inference": inference,
         "flops": flops,
         "machine": {"cpus": os.cpu_count(), "threads": training["torch_threads"], "load_before": load_before,
-                    "load_after": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version()},  # fmt: skip
-        "command": "python " + " ".join([str(Path(__file__).relative_to(REPO)), *sys.argv[1:]]),
+                    "load_after": load_avg(), "python": platform.python_version()},  # fmt: skip
+        "command": command_line(__file__),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "linet.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "linet.md").write_text(markdown(report))
+    write_report("linet", report, markdown(report))
     print(markdown(report))
 
 

@@ -1,6 +1,7 @@
 """Benchmark: the LMNet bundle's ``cpu`` preset (training speed, sampling time, memory, FLOPs).
 
-Each measurement runs in its own child process so that its peak resident memory is its own:
+Each measurement runs in its own child process (``common.run_child``) so that its peak resident memory is
+its own, with ``--threads`` torch threads (default 1: the development machine is shared):
 
 - ``network``: parameters and state-dict size of the preset's network (UNet + condition encoder), FLOPs
   of one forward at the preset's crop (``torch.utils.flop_counter``), and the forward's wall time, i.e.
@@ -13,7 +14,7 @@ Each measurement runs in its own child process so that its peak resident memory 
   largest component) of the field; network weights are freshly initialised: timing does not depend on
   their values.
 
-    python benchmarks/lmnet.py [--iters 12] [--steps 10 25 50]
+    python benchmarks/lmnet.py [--iters 6] [--steps 10 25 50] [--repeats 2] [--threads 1]
 
 Writes ``benchmarks/results/lmnet.{json,md}``.
 """
@@ -21,77 +22,53 @@ Writes ``benchmarks/results/lmnet.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import (
+    CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, command_line, count_flops, finish_child, flop_rate, machine,
+    machine_note, run_child, set_threads, snapshot, state_dict_mb, write_report,
+)  # fmt: skip
+
 BUNDLE = REPO / "bundles" / "lmnet"
-RESULTS = REPO / "benchmarks" / "results"
-DEMO = REPO.parent / "shared" / "data" / "demo"
-CPU_GFLOPS = 145.0  # this machine's fp32 matrix-product rate (2 cores), SPEC section 8
 
 
 def parser_for(config: str, **overrides):
     """The bundle config ``config`` parsed with ``overrides`` (the bundle folder is the working directory)."""
-    from monai.bundle import ConfigParser
-
-    os.chdir(BUNDLE)
-    sys.path.insert(0, str(BUNDLE))
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / config))
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser
+    return bundle_parser(BUNDLE, config, overrides, chdir=True)
 
 
-def network_phase() -> dict:
+def network_phase(repeats: int) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     parser = parser_for("inference.json")
     net = parser.get_parsed_content("network_def").eval()
     crop = parser.get_parsed_content("crop")
     spec = net.encoder.spec
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
     torch.manual_seed(0)
     x = torch.randn(1, 1, *crop)
     extra = torch.rand(1, 3, *crop)
     t = torch.tensor([500])
     context = spec.encode({})[None]
+
+    def forward() -> None:
+        net(x, t, context=context, extra=extra)
+
     with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            net(x, t, context=context, extra=extra)
-        flops = counter.get_total_flops()
-        net(x, t, context=context, extra=extra)  # warm-up
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            net(x, t, context=context, extra=extra)
-            times.append(time.perf_counter() - start)
-    forward_s = min(times)
+        flops = count_flops(forward)  # also the warm-up
+        forward_s = best_time(forward, repeats)
     return {
         "crop": list(crop),
         "parameters": sum(p.numel() for p in net.parameters()),
         "unet_parameters": sum(p.numel() for p in net.unet.parameters()),
-        "state_dict_mb": round(buffer.getbuffer().nbytes / 1e6, 2),
-        "gflop_per_forward": round(flops / 1e9, 2),
-        "forward_s": round(forward_s, 3),
-        "achieved_gflops": round(flops / 1e9 / forward_s, 1),
-        "fraction_of_cpu_rate": round(flops / 1e9 / forward_s / CPU_GFLOPS, 3),
-        "threads": torch.get_num_threads(),
+        "state_dict_mb": state_dict_mb(net),
+        **flop_rate(flops, forward_s),
     }
 
 
 def train_phase(iters: int) -> dict:
-    import torch
     from ignite.engine import Events
 
     from lesiondiffusion.demo import build_demo_cases
@@ -122,7 +99,6 @@ def train_phase(iters: int) -> dict:
             "s_per_iteration": round(1 / rate, 2),
             "first_iteration_s": round(first_s, 2),
             "config_and_cache_s": round(build_s, 2),
-            "threads": torch.get_num_threads(),
         }
 
 
@@ -151,76 +127,62 @@ def sample_phase(steps: int) -> dict:
     return {"steps": steps, "network_evaluations": steps, "sample_s": round(sample_s, 2), "postprocess_s": round(post_s, 3)}
 
 
-def child(args: list[str]) -> tuple[dict, float]:
-    """Run this script's ``args`` phase in a child; its JSON answer and its peak RSS in MiB."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, __file__, *args], stdout=out, stderr=subprocess.DEVNULL, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"benchmark phase {args} failed")
-        out.seek(0)
-        result = json.loads(out.read().strip().splitlines()[-1])
-    return result, round(usage.ru_maxrss / 1024, 1)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iters", type=int, default=12)
-    ap.add_argument("--steps", type=int, nargs="+", default=(10, 25, 50))
-    ap.add_argument("--phase", choices=("network", "train", "sample"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.phase:
-        result = {"network": network_phase, "train": lambda: train_phase(args.iters), "sample": lambda: sample_phase(args.steps[0])}[args.phase]()
-        print(json.dumps(result))
-        return
-    network, network_rss = child(["--phase", "network"])
-    train, train_rss = child(["--phase", "train", "--iters", str(args.iters)])
-    samples = []
-    for steps in args.steps:
-        s, rss = child(["--phase", "sample", "--steps", str(steps)])
-        samples.append({**s, "peak_rss_mib": rss})
-    result = {
-        "benchmark": "LMNet bundle, cpu preset",
-        "network": {**network, "peak_rss_mib": network_rss},
-        "training": {**train, "peak_rss_mib": train_rss},
-        "sampling": samples,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": [round(v, 2) for v in os.getloadavg()]},
-        "command": "python benchmarks/lmnet.py " + " ".join(sys.argv[1:]),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lmnet.json").write_text(json.dumps(result, indent=2) + "\n")
-    n, t = result["network"], result["training"]
+def markdown(report: dict) -> str:
+    n, t = report["network"], report["training"]
     md = [
         "# LMNet benchmark (`cpu` preset)",
         "",
         f"Network: DiffusionModelUNet + `vocab` condition encoder, {n['parameters']:,} parameters "
-        f"(UNet {n['unet_parameters']:,}), state dict {n['state_dict_mb']} MB; crop {n['crop']} working voxels.",
+        f"(UNet {n['unet_parameters']:,}), state dict {n['state_dict_mb']} MB; crop {n['crop']} working voxels. "
+        "Freshly initialised weights: timing does not depend on their values.",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| FLOPs per forward (batch 1, crop {n['crop']}) | {n['gflop_per_forward']} GFLOP |",
-        f"| forward wall time (best of 5, {n['threads']} threads) | {n['forward_s']} s |",
-        f"| FLOP rate reached | {n['achieved_gflops']} GFLOP/s = {n['fraction_of_cpu_rate'] * 100:.1f}% of ~{CPU_GFLOPS:.0f} GFLOP/s |",
+        "| measure | value | peak RSS (MiB) |",
+        "|---|---|---|",
+        f"| FLOPs per forward (batch 1, crop {n['crop']}) | {n['gflop_per_forward']} GFLOP | {n['peak_rss_mib']} |",
+        f"| forward wall time (best of {report['repeats']}, {n['torch_threads']} thread(s)) | {n['forward_s']} s = "
+        f"{n['achieved_gflops']} GFLOP/s, {n['fraction_of_cpu_rate'] * 100:.1f}% of the CPU's ~{CPU_GFLOPS:.0f} GFLOP/s | |",
         f"| training (batch {t['batch_size']}, crop {t['crop']} at {t['spacing_mm']} mm, {t['cases']} demo cases) | "
-        f"{t['iterations_per_s']} it/s ({t['s_per_iteration']} s/it, {t['iterations']} iterations; first {t['first_iteration_s']} s) |",
-        f"| training: config + cached dataset build | {t['config_and_cache_s']} s |",
-        f"| training peak RSS | {t['peak_rss_mib']} MiB |",
-    ]
-    for s in samples:
+        f"{t['iterations_per_s']} it/s ({t['s_per_iteration']} s/it over {t['iterations'] - 1} intervals; first iteration "
+        f"{t['first_iteration_s']} s; config + cached dataset build {t['config_and_cache_s']} s) | {t['peak_rss_mib']} |",
+    ]  # fmt: skip
+    for s in report["sampling"]:
         md.append(
             f"| one sampled mask, DDIM {s['steps']} steps ({s['network_evaluations']} network evaluations) | "
-            f"{s['sample_s']} s + post-processing {s['postprocess_s']} s; peak RSS {s['peak_rss_mib']} MiB |"
+            f"{s['sample_s']} s ({s['sample_s'] / s['network_evaluations']:.2f} s per evaluation) + post-processing "
+            f"{s['postprocess_s']} s | {s['peak_rss_mib']} |"
         )
-    md += [
-        "",
-        f"Machine: {os.cpu_count()} CPUs shared with other work while this ran (load average at the end "
-        f"{result['machine']['load_avg']}), so the figures are upper bounds for an idle machine. "
-        f"Command: `{result['command']}`.",
-        "",
-    ]
-    (RESULTS / "lmnet.md").write_text("\n".join(md))
-    print("\n".join(md))
+    md += ["", machine_note(report["machine"]), "", f"Command: `{report['command']}`", ""]
+    return "\n".join(md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=6, help="training iterations timed (the first is excluded)")
+    ap.add_argument("--steps", type=int, nargs="+", default=(10, 25, 50))
+    ap.add_argument("--repeats", type=int, default=2, help="timed forwards for the FLOP rate (best kept)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement process (0: torch's default)")
+    ap.add_argument("--phase", choices=("network", "train", "sample"), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        set_threads(args.threads)
+        phases = {"network": lambda: network_phase(args.repeats), "train": lambda: train_phase(args.iters), "sample": lambda: sample_phase(args.steps[0])}
+        finish_child(phases[args.phase](), args.result)
+        return
+    before = snapshot()
+    report: dict = {"benchmark": "LMNet bundle, cpu preset", "repeats": args.repeats}
+    report["network"] = run_child(__file__, ["--phase", "network", "--repeats", str(args.repeats)], threads=args.threads)
+    print("network", report["network"], flush=True)
+    report["training"] = run_child(__file__, ["--phase", "train", "--iters", str(args.iters)], threads=args.threads)
+    print("training", report["training"], flush=True)
+    report["sampling"] = []
+    for steps in args.steps:
+        report["sampling"].append(run_child(__file__, ["--phase", "sample", "--steps", str(steps)], threads=args.threads))
+        print("sampling", report["sampling"][-1], flush=True)
+    report["machine"] = machine(before, args.threads)
+    report["command"] = command_line(__file__)
+    write_report("lmnet", report, markdown(report))
+    print(markdown(report))
 
 
 if __name__ == "__main__":

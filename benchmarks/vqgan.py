@@ -1,6 +1,7 @@
 """Benchmark: the VQ-GAN bundle's ``cpu`` preset (training speed, encode/decode time and memory, FLOPs).
 
-Each measurement runs in its own child process so that its peak resident memory is its own:
+Each measurement runs in its own child process (``common.run_child``) so that its peak resident memory is
+its own, with ``--threads`` torch threads (default 1: the development machine is shared):
 
 - ``network``: parameters and state-dict size of the preset's VQVAE and PatchDiscriminator, FLOPs of one
   autoencoder forward on a training crop (``torch.utils.flop_counter``) and the FLOP rate it reaches;
@@ -14,7 +15,7 @@ Each measurement runs in its own child process so that its peak resident memory 
 
 Network weights are freshly initialised: timing does not depend on their values.
 
-    python benchmarks/vqgan.py [--iters 8] [--volume 280]
+    python benchmarks/vqgan.py [--iters 6] [--volume 280] [--repeats 2] [--threads 1]
 
 Writes ``benchmarks/results/vqgan.{json,md}``.
 """
@@ -22,34 +23,21 @@ Writes ``benchmarks/results/vqgan.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import (
+    CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, command_line, count_flops, finish_child, flop_rate, machine,
+    machine_note, run_child, set_threads, snapshot, state_dict_mb, write_report,
+)  # fmt: skip
+
 BUNDLE = REPO / "bundles" / "vqgan"
-RESULTS = REPO / "benchmarks" / "results"
-DEMO = REPO.parent / "shared" / "data" / "demo"
-CPU_GFLOPS = 145.0  # this machine's fp32 matrix-product rate (2 cores), SPEC section 8
+PHASES = ("network", "train", "train_adv", "crop", "volume")
 
 
-def _size_mb(module) -> float:
+def network_phase(repeats: int) -> dict:
     import torch
-
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return round(buffer.getbuffer().nbytes / 1e6, 2)
-
-
-def network_phase() -> dict:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from lesiondiffusion import autoencoder as ae
 
@@ -58,51 +46,34 @@ def network_phase() -> dict:
     crop = list(ae.PRESETS["cpu"]["crop_size"])
     x = torch.rand(1, 1, *crop)
     with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            net(x)
-        flops = counter.get_total_flops()
-        net(x)  # warm-up
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            net(x)
-            times.append(time.perf_counter() - start)
-    forward_s = min(times)
+        flops = count_flops(lambda: net(x))  # also the warm-up
+        forward_s = best_time(lambda: net(x), repeats)
     return {
         "crop": crop,
         "downsample_factor": ae.downsample_factor(net),
         "latent_shape": list(ae.latent_shape(crop, ae.downsample_factor(net))),
         "vqvae_parameters": sum(p.numel() for p in net.parameters()),
-        "vqvae_state_dict_mb": _size_mb(net),
+        "vqvae_state_dict_mb": state_dict_mb(net),
         "discriminator_parameters": sum(p.numel() for p in disc.parameters()),
-        "discriminator_state_dict_mb": _size_mb(disc),
-        "gflop_per_forward": round(flops / 1e9, 2),
-        "forward_s": round(forward_s, 3),
-        "achieved_gflops": round(flops / 1e9 / forward_s, 1),
-        "fraction_of_cpu_rate": round(flops / 1e9 / forward_s / CPU_GFLOPS, 3),
-        "threads": torch.get_num_threads(),
+        "discriminator_state_dict_mb": state_dict_mb(disc),
+        **flop_rate(flops, forward_s),
     }
 
 
 def train_phase(iters: int, adversarial: bool) -> dict:
     from ignite.engine import Events
-    from monai.bundle import ConfigParser
 
     from lesiondiffusion.demo import build_demo_cases
 
     with tempfile.TemporaryDirectory(prefix="bench-vqgan-") as tmp:
         demo = build_demo_cases(DEMO, Path(tmp) / "demo")
-        os.chdir(BUNDLE)
-        sys.path.insert(0, str(BUNDLE))  # the bundle's scripts, as `monai.bundle run` finds them
-        parser = ConfigParser(globals={"monai": "monai", "torch": "torch", "np": "numpy", "numpy": "numpy", "scripts": "scripts"})
-        parser.read_config(str(BUNDLE / "configs" / "train.json"))
         overrides = {
-            "bundle_root": str(BUNDLE), "datalist": str(demo / "datalist.json"), "output_dir": str(Path(tmp) / "out"),
+            "datalist": str(demo / "datalist.json"), "output_dir": str(Path(tmp) / "out"),
             "iter_num": iters, "max_epochs": 1, "adv_start": 0 if adversarial else 10**9, "num_workers": 0,
             "progress": False, "val_interval": 10**9,
         }  # fmt: skip
-        for k, v in overrides.items():
-            parser[k] = v
+        globals_ = {"monai": "monai", "torch": "torch", "np": "numpy", "numpy": "numpy", "scripts": "scripts"}
+        parser = bundle_parser(BUNDLE, "train.json", overrides, chdir=True, globals=globals_)
         parser.get_parsed_content("initialize")
         t0 = time.perf_counter()
         trainer = parser.get_parsed_content("train#trainer")  # builds the cached dataset
@@ -124,23 +95,23 @@ def train_phase(iters: int, adversarial: bool) -> dict:
         }
 
 
-def crop_phase(size: int) -> dict:
+def crop_phase(size: int, repeats: int) -> dict:
     import torch
 
     from lesiondiffusion import autoencoder as ae
 
     net = ae.build_vqvae("cpu").eval()
     x = torch.rand(1, 1, size, size, size)
+    out = {}
+
+    def round_trip() -> None:
+        out["z"] = ae.encode(net, x)
+        out["y"] = ae.decode(net, out["z"], x.shape[2:])
+
     with torch.no_grad():
-        ae.decode(net, ae.encode(net, x), x.shape[2:])  # warm-up
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            z = ae.encode(net, x)
-            y = ae.decode(net, z, x.shape[2:])
-            times.append(time.perf_counter() - start)
-    assert y.shape == x.shape
-    return {"shape": [size] * 3, "latent_shape": list(z.shape[1:]), "encode_decode_s": round(min(times), 3)}
+        seconds = best_time(round_trip, repeats, warmup=1)
+    assert out["y"].shape == x.shape
+    return {"shape": [size] * 3, "latent_shape": list(out["z"].shape[1:]), "encode_decode_s": round(seconds, 3), "repeats": repeats}
 
 
 def volume_phase(size: int) -> dict:
@@ -159,75 +130,67 @@ def volume_phase(size: int) -> dict:
     return {"shape": [size] * 3, "roi_size": roi, "overlap": 0.25, "encode_decode_s": round(seconds, 2)}
 
 
-def child(args: list[str]) -> tuple[dict, float]:
-    """Run this script's ``args`` phase in a child; its JSON answer and its peak RSS in MiB."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, __file__, *args], stdout=out, stderr=subprocess.DEVNULL, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"benchmark phase {args} failed")
-        out.seek(0)
-        result = json.loads(out.read().strip().splitlines()[-1])
-    return result, round(usage.ru_maxrss / 1024, 1)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=64)
-    ap.add_argument("--volume", type=int, default=280)
-    ap.add_argument("--phase", choices=("network", "train", "train_adv", "crop", "volume"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.phase:
-        phases = {
-            "network": network_phase,
-            "train": lambda: train_phase(args.iters, adversarial=False),
-            "train_adv": lambda: train_phase(args.iters, adversarial=True),
-            "crop": lambda: crop_phase(args.crop),
-            "volume": lambda: volume_phase(args.volume),
-        }
-        print(json.dumps(phases[args.phase]()))
-        return
-    results = {}
-    for phase in ("network", "train", "train_adv", "crop", "volume"):
-        value, rss = child(["--phase", phase, "--iters", str(args.iters), "--crop", str(args.crop), "--volume", str(args.volume)])
-        results[phase] = {**value, "peak_rss_mib": rss}
-        print(phase, results[phase], flush=True)
-    result = {
-        "benchmark": "VQ-GAN bundle, cpu preset",
-        **results,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg": [round(v, 2) for v in os.getloadavg()]},
-        "command": "python benchmarks/vqgan.py " + " ".join(sys.argv[1:]),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vqgan.json").write_text(json.dumps(result, indent=2) + "\n")
-    n, t, ta, c, v = (results[k] for k in ("network", "train", "train_adv", "crop", "volume"))
-    md = [
+def markdown(report: dict) -> str:
+    n, t, ta, c, v = (report[k] for k in PHASES)
+    return "\n".join([
         "# VQ-GAN benchmark (`cpu` preset)",
         "",
         f"VQVAE: {n['vqvae_parameters']:,} parameters, state dict {n['vqvae_state_dict_mb']} MB (the shipped `model.pt`); "
         f"x{n['downsample_factor']} downsampling, latent {n['latent_shape']} for a {n['crop']} crop. "
-        f"PatchDiscriminator (training only): {n['discriminator_parameters']:,} parameters, {n['discriminator_state_dict_mb']} MB.",
+        f"PatchDiscriminator (training only): {n['discriminator_parameters']:,} parameters, {n['discriminator_state_dict_mb']} MB. "
+        "Freshly initialised weights: timing does not depend on their values.",
         "",
         "| measure | value | peak RSS (MiB) |",
         "|---|---|---|",
-        f"| FLOPs per autoencoder forward ({n['crop']} crop, batch 1) | {n['gflop_per_forward']} GFLOP; "
+        f"| FLOPs per autoencoder forward ({n['crop']} crop, batch 1) | {n['gflop_per_forward']} GFLOP; best of {report['repeats']}: "
         f"{n['forward_s']} s = {n['achieved_gflops']} GFLOP/s ({n['fraction_of_cpu_rate'] * 100:.1f}% of ~{CPU_GFLOPS:.0f}) | {n['peak_rss_mib']} |",
         f"| training, autoencoder step only (batch {t['batch_size']}, {t['crop']} crops) | {t['iterations_per_s']} it/s "
-        f"({t['s_per_iteration']} s/it, {t['iterations']} iterations; cache build {t['config_and_cache_s']} s) | {t['peak_rss_mib']} |",
+        f"({t['s_per_iteration']} s/it over {t['iterations'] - 1} intervals; first iteration {t['first_iteration_s']} s; "
+        f"config + cache build {t['config_and_cache_s']} s) | {t['peak_rss_mib']} |",
         f"| training, autoencoder + discriminator steps (after `adv_start`) | {ta['iterations_per_s']} it/s "
-        f"({ta['s_per_iteration']} s/it, {ta['iterations']} iterations) | {ta['peak_rss_mib']} |",
-        f"| encode + decode, {c['shape']} crop (latent {c['latent_shape']}) | {c['encode_decode_s']} s | {c['peak_rss_mib']} |",
-        f"| encode + decode, {v['shape']} volume, tiled ({v['roi_size']} tiles, overlap {v['overlap']}) | {v['encode_decode_s']} s | {v['peak_rss_mib']} |",
+        f"({ta['s_per_iteration']} s/it over {ta['iterations'] - 1} intervals; first iteration {ta['first_iteration_s']} s) | {ta['peak_rss_mib']} |",
+        f"| encode + decode, {c['shape']} crop (latent {c['latent_shape']}), best of {c['repeats']} | {c['encode_decode_s']} s | {c['peak_rss_mib']} |",
+        f"| encode + decode, {v['shape']} volume, tiled ({v['roi_size']} tiles, overlap {v['overlap']}, gaussian blending) | "
+        f"{v['encode_decode_s']} s | {v['peak_rss_mib']} |",
         "",
-        f"Machine: {os.cpu_count()} CPUs shared with other work while this ran (load average at the end "
-        f"{result['machine']['load_avg']}), so the figures are upper bounds for an idle machine. "
-        f"Command: `{result['command']}`.",
+        machine_note(report["machine"]),
         "",
-    ]
-    (RESULTS / "vqgan.md").write_text("\n".join(md))
-    print("\n".join(md))
+        f"Command: `{report['command']}`",
+        "",
+    ])  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=6, help="training iterations per training measurement")
+    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--volume", type=int, default=280)
+    ap.add_argument("--repeats", type=int, default=2, help="timed repetitions of the forward and the crop round trip (best kept)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement process (0: torch's default)")
+    ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        set_threads(args.threads)
+        phases = {
+            "network": lambda: network_phase(args.repeats),
+            "train": lambda: train_phase(args.iters, adversarial=False),
+            "train_adv": lambda: train_phase(args.iters, adversarial=True),
+            "crop": lambda: crop_phase(args.crop, args.repeats),
+            "volume": lambda: volume_phase(args.volume),
+        }
+        finish_child(phases[args.phase](), args.result)
+        return
+    before = snapshot()
+    report: dict = {"benchmark": "VQ-GAN bundle, cpu preset", "repeats": args.repeats}
+    common = ["--iters", str(args.iters), "--crop", str(args.crop), "--volume", str(args.volume), "--repeats", str(args.repeats)]
+    for phase in PHASES:
+        report[phase] = run_child(__file__, ["--phase", phase, *common], threads=args.threads)
+        print(phase, report[phase], flush=True)
+    report["machine"] = machine(before, args.threads)
+    report["command"] = command_line(__file__)
+    write_report("vqgan", report, markdown(report))
+    print(markdown(report))
 
 
 if __name__ == "__main__":
