@@ -199,3 +199,47 @@ def write_report(name: str, report: dict[str, Any], markdown: str) -> None:
 
     write_json(RESULTS / f"{name}.json", report)
     write_text(RESULTS / f"{name}.md", markdown)
+
+
+def time_iterations(trainer, sync: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Run an ignite ``trainer`` and time its iterations.
+
+    The rate is taken between the end of the first and the end of the last iteration, so that the cache
+    fill and the first, slower step (lazy initialisation) are left out; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before each time stamp.
+    """
+    from ignite.engine import Events
+
+    stamps: list[float] = []
+
+    def stamp(_engine) -> None:
+        if sync is not None:
+            sync()
+        stamps.append(time.perf_counter())
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
+    start = time.perf_counter()
+    trainer.run()
+    wall = time.perf_counter() - start
+    if len(stamps) < 2:
+        raise SystemExit(f"need at least 2 training iterations to time, got {len(stamps)}")
+    steady = stamps[-1] - stamps[0]
+    return {
+        "iterations": len(stamps),
+        "iterations_per_s": (len(stamps) - 1) / steady,
+        "seconds_per_iteration": steady / (len(stamps) - 1),
+        "first_iteration_s": stamps[0] - start,
+        "run_wall_s": wall,
+    }
+
+
+def finish_report(name: str, script: str | Path, report: dict[str, Any], before: dict[str, Any], threads: int, markdown: Callable[[dict], str]) -> None:
+    """Add the machine entry and the command to ``report``, write it as ``<name>.{json,md}`` and print the markdown."""
+    from lesiondiffusion.io import write_json
+
+    report["machine"] = machine(before, threads)
+    report["command"] = command_line(script)
+    write_json(RESULTS / f"{name}.json", report)  # the measurements are kept even if the markdown fails
+    text = markdown(report)
+    write_report(name, report, text)
+    print(text)

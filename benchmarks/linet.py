@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DEMO, REPO, RESULTS, bundle_parser, command_line, count_flops, cuda_peak_mib, finish_child, load_avg, peak_rss_mib, run_child, set_threads, write_report
+from common import DEMO, REPO, RESULTS, bundle_parser, command_line, count_flops, cuda_peak_mib, finish_child, load_avg, peak_rss_mib, run_child, set_threads, time_iterations, write_report
 
 BUNDLE = REPO / "bundles" / "linet"
 STEPS = (10, 25, 50)
@@ -54,7 +54,6 @@ def random_vqgan(path: Path) -> Path:
 # ---- parts (each in its own process) ---------------------------------------------------------------
 def part_train(work: Path, preset: str, iterations: int, device: str) -> dict[str, Any]:
     import torch
-    from ignite.engine import Events
 
     from lesiondiffusion.demo import build_demo_cases
 
@@ -66,24 +65,13 @@ def part_train(work: Path, preset: str, iterations: int, device: str) -> dict[st
     parser = parser_for("train.json", overrides)
     trainer = parser.get_parsed_content("trainer")
     parser.get_parsed_content("ema_handler").attach(trainer)
-    stamps: list[float] = []
-
-    def stamp(_engine) -> None:
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
-    t0 = time.perf_counter()
-    trainer.run()
-    wall = time.perf_counter() - t0
-    steady = stamps[-1] - stamps[0]
+    timing = time_iterations(trainer, sync=torch.cuda.synchronize if torch.device(device).type == "cuda" else None)
     return {
-        "iterations_timed": len(stamps) - 1,
-        "iterations_per_s": (len(stamps) - 1) / steady,
-        "seconds_per_iteration": steady / (len(stamps) - 1),
-        "first_iteration_s": stamps[0] - t0,
-        "run_wall_s": wall,
+        "iterations_timed": timing["iterations"] - 1,
+        "iterations_per_s": timing["iterations_per_s"],
+        "seconds_per_iteration": timing["seconds_per_iteration"],
+        "first_iteration_s": timing["first_iteration_s"],
+        "run_wall_s": timing["run_wall_s"],
         "batch_size": parser.get_parsed_content("batch_size"),
         "crop_size": list(parser.get_parsed_content("crop_size")),
         "unet_parameters": sum(p.numel() for p in parser.get_parsed_content("network").unet.parameters()),

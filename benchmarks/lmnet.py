@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from common import (
-    CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, command_line, count_flops, finish_child, flop_rate, machine,
-    machine_note, run_child, set_threads, snapshot, state_dict_mb, write_report,
+    CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, count_flops, finish_child, finish_report, flop_rate, machine_note,
+    run_child, set_threads, snapshot, state_dict_mb, time_iterations,
 )  # fmt: skip
 
 BUNDLE = REPO / "bundles" / "lmnet"
@@ -69,8 +69,6 @@ def network_phase(repeats: int) -> dict:
 
 
 def train_phase(iters: int) -> dict:
-    from ignite.engine import Events
-
     from lesiondiffusion.demo import build_demo_cases
 
     with tempfile.TemporaryDirectory(prefix="bench-lmnet-") as tmp:
@@ -83,21 +81,16 @@ def train_phase(iters: int) -> dict:
         t0 = time.perf_counter()
         trainer = parser.get_parsed_content("train#trainer")  # builds the cached dataset
         build_s = time.perf_counter() - t0
-        stamps: list[float] = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
-        start = time.perf_counter()
-        trainer.run()
-        first_s = stamps[0] - start
-        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        timing = time_iterations(trainer)
         return {
             "cases": len(json.loads((demo / "datalist.json").read_text())["training"]),
             "batch_size": parser.get_parsed_content("batch_size"),
             "crop": parser.get_parsed_content("crop"),
             "spacing_mm": parser.get_parsed_content("spacing"),
-            "iterations": len(stamps),
-            "iterations_per_s": round(rate, 3),
-            "s_per_iteration": round(1 / rate, 2),
-            "first_iteration_s": round(first_s, 2),
+            "iterations": timing["iterations"],
+            "iterations_per_s": round(timing["iterations_per_s"], 3),
+            "s_per_iteration": round(timing["seconds_per_iteration"], 2),
+            "first_iteration_s": round(timing["first_iteration_s"], 2),
             "config_and_cache_s": round(build_s, 2),
         }
 
@@ -179,10 +172,7 @@ def main() -> None:
     for steps in args.steps:
         report["sampling"].append(run_child(__file__, ["--phase", "sample", "--steps", str(steps)], threads=args.threads))
         print("sampling", report["sampling"][-1], flush=True)
-    report["machine"] = machine(before, args.threads)
-    report["command"] = command_line(__file__)
-    write_report("lmnet", report, markdown(report))
-    print(markdown(report))
+    finish_report("lmnet", __file__, report, before, args.threads, markdown)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from common import (
-    CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, command_line, count_flops, finish_child, flop_rate, machine,
-    machine_note, run_child, set_threads, snapshot, state_dict_mb, write_report,
+    CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, count_flops, finish_child, finish_report, flop_rate, machine_note,
+    run_child, set_threads, snapshot, state_dict_mb, time_iterations,
 )  # fmt: skip
 
 BUNDLE = REPO / "bundles" / "vqgan"
@@ -61,8 +61,6 @@ def network_phase(repeats: int) -> dict:
 
 
 def train_phase(iters: int, adversarial: bool) -> dict:
-    from ignite.engine import Events
-
     from lesiondiffusion.demo import build_demo_cases
 
     with tempfile.TemporaryDirectory(prefix="bench-vqgan-") as tmp:
@@ -78,19 +76,15 @@ def train_phase(iters: int, adversarial: bool) -> dict:
         t0 = time.perf_counter()
         trainer = parser.get_parsed_content("train#trainer")  # builds the cached dataset
         build_s = time.perf_counter() - t0
-        stamps: list[float] = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
-        start = time.perf_counter()
-        trainer.run()
-        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        timing = time_iterations(trainer)
         return {
             "adversarial": adversarial,
             "batch_size": parser.get_parsed_content("batch_size"),
             "crop": parser.get_parsed_content("crop_size"),
-            "iterations": len(stamps),
-            "iterations_per_s": round(rate, 3),
-            "s_per_iteration": round(1 / rate, 2),
-            "first_iteration_s": round(stamps[0] - start, 2),
+            "iterations": timing["iterations"],
+            "iterations_per_s": round(timing["iterations_per_s"], 3),
+            "s_per_iteration": round(timing["seconds_per_iteration"], 2),
+            "first_iteration_s": round(timing["first_iteration_s"], 2),
             "config_and_cache_s": round(build_s, 2),
         }
 
@@ -187,10 +181,7 @@ def main() -> None:
     for phase in PHASES:
         report[phase] = run_child(__file__, ["--phase", phase, *common], threads=args.threads)
         print(phase, report[phase], flush=True)
-    report["machine"] = machine(before, args.threads)
-    report["command"] = command_line(__file__)
-    write_report("vqgan", report, markdown(report))
-    print(markdown(report))
+    finish_report("vqgan", __file__, report, before, args.threads, markdown)
 
 
 if __name__ == "__main__":
