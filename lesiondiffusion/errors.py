@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 from os import PathLike
+from types import TracebackType
 from typing import TypeVar
 
 logger = logging.getLogger(__name__)
@@ -41,3 +42,34 @@ def exit_on_user_error(fn: Callable[[], T], what: str, enabled: bool = True) -> 
         logger.debug("%s failed", what, exc_info=True)
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def user_error(exc: BaseException | None) -> LesionDiffusionError | None:
+    """The :class:`LesionDiffusionError` behind ``exc``, if any (MONAI re-raises errors met while building a
+    config's components as ``RuntimeError`` ``from`` them)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, LesionDiffusionError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def install_error_hook() -> None:
+    """Print an uncaught user error as ``error: <one line>`` on stderr instead of a traceback (exit status 1).
+
+    A bundle config calls this first thing in its ``initialize``; so every user error its components or
+    expressions raise afterwards ends the run as one line. Other exceptions keep their traceback.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        error = user_error(exc)
+        if error is None:
+            previous(kind, exc, tb)
+        else:
+            logger.debug("run failed", exc_info=(kind, exc, tb))
+            print(f"error: {error}", file=sys.stderr, flush=True)
+
+    sys.excepthook = hook

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
@@ -50,6 +49,7 @@ from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, write_json, write_text
 from lesiondiffusion.labels import label_table
+from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, before_after
 from lesiondiffusion.report import LesionReport, Report
 from lesiondiffusion.requests import SynthesisRequest, read_requests
 
@@ -84,9 +84,6 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "median size error": ("median_volume_error", "<=", 0.3),
     "density ordering": ("density_ordering", ">=", 0.9),
 }
-SOFT_TISSUE_WINDOW = (-160.0, 240.0)
-LUNG_WINDOW = (-1200.0, 300.0)
-LESION_RGB = (255, 60, 60)
 MAX_LISTED_VOXELS = 5
 
 
@@ -636,46 +633,12 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 # ---- contact sheet ------------------------------------------------------------------------------------
-def _axial(volume: np.ndarray, affine: np.ndarray, z: int | None) -> tuple[np.ndarray, tuple[float, float], int]:
-    """The axial plane of ``volume`` (RAS, anterior up) at RAS index ``z`` (None: the middle)."""
-    ornt = nib.orientations.io_orientation(affine)
-    ras = nib.orientations.apply_orientation(volume, ornt)  # flips and transposes: a view, no copy
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))[ornt[:, 0].astype(int)]
-    z = ras.shape[2] // 2 if z is None else z
-    return np.flipud(ras[:, :, z].T), (float(zooms[1]), float(zooms[0])), z
-
-
-def _panel(gray: np.ndarray, pixel: tuple[float, float], mask: np.ndarray | None, size: int) -> Image.Image:
-    rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)
-    if mask is not None:
-        rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.asarray(LESION_RGB, np.float32)
-    img = Image.fromarray(rgb.astype(np.uint8), mode="RGB")
-    h_mm, w_mm = gray.shape[0] * pixel[0], gray.shape[1] * pixel[1]
-    scale = size / max(h_mm, w_mm)
-    img = img.resize((max(1, round(w_mm * scale)), max(1, round(h_mm * scale))), Image.Resampling.BILINEAR)
-    tile = Image.new("RGB", (size, size))
-    tile.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return tile
-
-
 def case_tile(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, window: Sequence[float], size: int = 160) -> Image.Image:
     """Before | after | lesion overlay on the axial slice through the lesion's centre (square pixels, RAS)."""
-    ornt = nib.orientations.io_orientation(before.affine)
-    ras_mask = nib.orientations.apply_orientation(lesion, ornt)
-    per_z = ras_mask.sum(axis=(0, 1))
-    z = int(round(float(np.average(np.arange(per_z.size), weights=per_z)))) if per_z.any() else None
-    lo, hi = window
-    panels = []
-    mask, _, z = _axial(lesion, before.affine, z)
-    for volume, overlay in ((before, None), (after, None), (after, mask)):
-        raw, pixel, _ = _axial(volume.raw, before.affine, z)
-        hu = raw.astype(np.float32) * volume.slope + volume.inter
-        gray = (np.clip((hu - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
-        panels.append(_panel(gray, pixel, overlay, size))
-    out = Image.new("RGB", (3 * size, size))
-    for i, p in enumerate(panels):
-        out.paste(p, (i * size, 0))
-    return out
+    return before_after(
+        before.raw, after.raw, lesion, before.affine, planes=("axial",), window=window, size=size,
+        before_scaling=(before.slope, before.inter), after_scaling=(after.slope, after.inter),
+    )  # fmt: skip
 
 
 def contact_sheet(tiles: Sequence[tuple[str, str, Image.Image | None]], size: int = 160, columns: int = 2) -> Image.Image:

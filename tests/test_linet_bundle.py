@@ -421,10 +421,3 @@ def test_crop_window_grows_for_large_lesions_and_pads_beyond_the_volume():
     big[10:60, 20:30, 30:35] = True
     start, size = inpaint.crop_window(big, (32, 32, 32), 8, 16)
     assert size.tolist() == [80, 32, 32] and start[0] <= 10 - 8 and start[0] + size[0] >= 60 + 8
-
-
-def test_boolean_settings_from_the_command_line():
-    flag = load_scripts().common.flag
-    assert flag(True) and not flag(False) and flag("true") and flag("True") and not flag("false") and not flag("0")
-    with pytest.raises(SystemExit):
-        flag("maybe")

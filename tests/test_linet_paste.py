@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from lesiondiffusion.paste import (
     save_like,
     voxel_spacing,
 )
-
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "linet"
 
 
 def _world(shape, affine):
@@ -193,17 +190,11 @@ def test_empty_mask_pastes_nothing(tmp_path):
     assert np.array_equal(out, original.raw)
 
 
-def _load_preview_module():
-    spec = importlib.util.spec_from_file_location("linet_preview", BUNDLE / "scripts" / "preview.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def test_preview_png_shows_before_after_and_overlay(tmp_path):
     from PIL import Image
 
-    preview = _load_preview_module()
+    from lesiondiffusion import preview
+
     shape = (40, 30, 12)
     affine = _oblique_affine((0.8, 1.0, 3.0), angle=0.0, flip=(-1, -1, 1))
     before = np.zeros(shape, np.float32)

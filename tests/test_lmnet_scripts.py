@@ -96,19 +96,6 @@ def test_lesion_inputs_from_label_and_organ_map():
         S.transforms.LesionInputsd()({"label": empty, "organ_seg": MetaTensor(seg)})
 
 
-def test_user_errors_found_behind_wrapping_errors():
-    from lesiondiffusion.errors import LesionDiffusionError
-
-    try:
-        try:
-            raise InputError("x.json", "bad")
-        except InputError as e:
-            raise RuntimeError("Failed to instantiate") from e
-    except RuntimeError as wrapped:
-        assert isinstance(S.common.user_error(wrapped), LesionDiffusionError)
-    assert S.common.user_error(ValueError("other")) is None
-
-
 def test_split_datalist(tmp_path):
     import json
 

@@ -359,13 +359,6 @@ def test_inference_cases_name_outputs_uniquely(tiny_demo: Path) -> None:
         scripts.data.inference_cases(datalist=datalist)
 
 
-def test_boolean_settings_from_the_command_line() -> None:
-    scripts = load_scripts()
-    assert [scripts.flag(v) for v in ("false", "False", "0", "no", "true", "1", True, False)] == [False] * 4 + [True] * 2 + [True, False]
-    with pytest.raises(LesionDiffusionError, match="expected true or false, got 'maybe'"):
-        scripts.flag("maybe")
-
-
 def test_last_checkpoint_is_written_atomically_and_found_for_resume(tmp_path: Path) -> None:
     scripts = load_scripts()
     from ignite.engine import Engine

@@ -1,5 +1,5 @@
-"""The LINet bundle's own code (latent prepare-batch and loss, lesion inpainting, preview)."""
+"""The LINet bundle's own code (latent prepare-batch and loss, lesion inpainting)."""
 
-from . import common, inpaint, preview, train
+from . import inpaint, train
 
-__all__ = ["common", "inpaint", "preview", "train"]
+__all__ = ["inpaint", "train"]

@@ -23,7 +23,6 @@ only when the manifest does not list LMNet's already. ``output_dir/manifest.json
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import zlib
@@ -43,12 +42,12 @@ from lesiondiffusion.conditioning import lesion_attributes
 from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
-from lesiondiffusion.io import PathLike, load_nifti, read_nifti_array
-from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, Manifest, read_manifest, write_manifest
-from lesiondiffusion.paste import StoredImage, paste, read_stored, save_like, voxel_spacing
+from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array
+from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
+from lesiondiffusion.paste import paste, read_stored, save_like, voxel_spacing
+from lesiondiffusion.preview import write_preview
 from lesiondiffusion.transforms import CTIntensityMap
 
-from .preview import write_preview
 from .train import NoiseOnly, latent_mask
 
 logger = logging.getLogger(__name__)
@@ -295,14 +294,6 @@ class LesionInpainter:
 
 
 # ---- the manifest -----------------------------------------------------------------------------------
-def _sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_manifest(
     inpainter: LesionInpainter,
     manifest: PathLike,
@@ -323,7 +314,7 @@ def run_manifest(
         raise InputError(manifest, "manifest not found; set manifest to the manifest.json written by the LMNet stage")
     entries = read_manifest(manifest)
     out_dir = Path(output_dir) if output_dir else manifest.parent
-    hashes = {k: {"path": str(Path(w).resolve()), "sha256": _sha256(w)} for k, w in (weights or {}).items()}
+    hashes = {k: {"path": str(Path(w).resolve()), "sha256": file_sha256(w)} for k, w in (weights or {}).items()}
     provenance = {"settings": dict(settings or {}), "weights": hashes}
     failed: list[str] = []
     result = entries

@@ -1,5 +1,5 @@
 """LMNet bundle code: training inputs from label maps, crops around the box, inference and post-processing."""
 
-from . import common, data, postprocess, transforms
+from . import data, postprocess, transforms
 
-__all__ = ["common", "data", "postprocess", "transforms"]
+__all__ = ["data", "postprocess", "transforms"]

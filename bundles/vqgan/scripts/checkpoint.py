@@ -17,6 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from lesiondiffusion.io import atomic_path
+from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ class SaveLastCheckpoint:
 
 def resume_path(path: str | Path, resume: bool | str) -> str | None:
     """``path`` when resuming is asked for and the checkpoint exists, else ``None`` (a fresh start)."""
-    from . import flag
-
     if flag(resume) and Path(path).is_file():
         logger.info("resuming from %s", path)
         return str(path)
