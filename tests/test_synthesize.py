@@ -132,6 +132,7 @@ def test_provenance_records_inputs_parameters_weights_and_versions(synthesised: 
     for name in ("vqgan", "lmnet", "linet"):
         assert prov["weights"][name] == {"path": str((weights / name / "model.pt").resolve()), "sha256": file_sha256(weights / name / "model.pt")}
     assert {"monai", "torch", "python", "bundle:linet"} <= set(prov["versions"])
+    assert prov["versions"]["lesiondiffusion-monai"] != "not installed"
     assert prov["lesions"][0]["cavity"] and prov["seconds_per_lesion"] > 0
 
 

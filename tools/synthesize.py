@@ -311,7 +311,7 @@ def _run_stage(stage: str, overrides: dict[str, Any], out_dir: Path, states: Seq
 def versions() -> dict[str, str]:
     """Versions of this package, the libraries that shape the output, Python, and the bundles."""
     out = {"python": platform.python_version()}
-    for dist in ("lesiondiffusion", "monai", "torch", "numpy", "nibabel"):
+    for dist in ("lesiondiffusion-monai", "monai", "torch", "numpy", "nibabel"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
