@@ -7,6 +7,7 @@
 #   tools/train_demo_weights.sh lmnet          # runs/train_lmnet   }
 #   tools/train_demo_weights.sh linet          # runs/train_linet   (needs runs/train_vqgan/model.pt)
 #   tools/train_demo_weights.sh ship           # copies each model.pt into bundles/<stage>/models/
+#   tools/train_demo_weights.sh check          # held-out checks of the shipped weights (runs/eval_vqgan, runs/synth_check)
 #
 # Iterations: VQGAN_EPOCHS x 100, LMNET_EPOCHS x 50, LINET_EPOCHS x 50 (environment variables; the
 # defaults are the counts the shipped weights were trained for, see each bundles/<stage>/models/README.md).
@@ -28,14 +29,28 @@ train() {  # train STAGE [overrides...]: the bundle's train.json, cpu preset, ou
 
 case "${1:-}" in
     dataset) "$ROOT/.venv/bin/lesiondiffusion" make-dataset --n 64 --out "$DATA" --seed 0 --val_fraction 0.125 ;;
-    vqgan) train vqgan --crop_size "[32,32,32]" --iter_num 100 --max_epochs "${VQGAN_EPOCHS:-4}" \
+    vqgan) train vqgan --crop_size "[32,32,32]" --iter_num 100 --max_epochs "${VQGAN_EPOCHS:-8}" \
                --num_workers 0 --save_every 25 --log_every 25 --progress false ;;
-    lmnet) train lmnet --crop "[32,32,16]" --iter_num 50 --max_epochs "${LMNET_EPOCHS:-8}" --num_workers 0 --save_every 25 ;;
-    linet) train linet --vqgan_weights "$ROOT/runs/train_vqgan/model.pt" --crop_size "[32,32,32]" \
-               --iter_num 50 --max_epochs "${LINET_EPOCHS:-6}" --num_workers 0 --save_every 25 ;;
+    lmnet) train lmnet --crop "[32,32,16]" --iter_num 50 --max_epochs "${LMNET_EPOCHS:-20}" --num_workers 0 --save_every 25 ;;
+    linet) train linet --vqgan_weights "$ROOT/runs/train_vqgan/model.pt" --crop_size "[48,48,48]" \
+               --iter_num 50 --max_epochs "${LINET_EPOCHS:-25}" --num_workers 0 --save_every 25 --log_every 10 ;;
     ship) for stage in vqgan lmnet linet; do
               mkdir -p "$ROOT/bundles/$stage/models"
               cp "$ROOT/runs/train_$stage/model.pt" "$ROOT/bundles/$stage/models/model.pt"
           done ;;
-    *) echo "usage: $0 dataset|vqgan|lmnet|linet|ship" >&2; exit 2 ;;
+    check)
+        "$ROOT/.venv/bin/lesiondiffusion" make-dataset --n 4 --out "$ROOT/runs/phantom_heldout" --seed 100 --val_fraction 0 --overwrite
+        "$ROOT/.venv/bin/lesiondiffusion" make-dataset --n 4 --out "$ROOT/runs/phantom_requests" --seed 200 --requests --overwrite
+        (cd "$ROOT/bundles/vqgan" && "$PY" -m monai.bundle run --config_file configs/inference.json \
+            --meta_file configs/metadata.json --logging_file configs/logging.conf --bundle_root "$ROOT/bundles/vqgan" \
+            --datalist "$ROOT/runs/phantom_heldout/datalist.json" --split training --output_dir "$ROOT/runs/eval_vqgan" \
+            --preset cpu --progress false)
+        # the first two density groups (6 requests); LMNet with 10 DDIM steps to keep it short on a CPU
+        "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); d['requests'] = d['requests'][:6]; json.dump(d, open(sys.argv[2], 'w'), indent=1)" \
+            "$ROOT/runs/phantom_requests/requests.json" "$ROOT/runs/phantom_requests/requests_check.json"
+        "$ROOT/.venv/bin/lesiondiffusion" synthesize --requests "$ROOT/runs/phantom_requests/requests_check.json" \
+            --out "$ROOT/runs/synth_check" --bundle_overrides '{"lmnet": {"steps": 10}}'
+        "$PY" "$ROOT/tools/check_demo_weights.py" --requests "$ROOT/runs/phantom_requests/requests_check.json" \
+            --synth "$ROOT/runs/synth_check" --out "$ROOT/runs/synth_check/quality.json" ;;
+    *) echo "usage: $0 dataset|vqgan|lmnet|linet|ship|check" >&2; exit 2 ;;
 esac
