@@ -27,7 +27,7 @@ import logging
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -330,17 +330,11 @@ def run_manifest(
             result = result.replace_case(i, case.failed(str(e)))
             continue
         extra = {**case.extra, "preview": _relative(outputs["preview"], out_dir), "linet": provenance}
-        result = result.replace_case(i, _with(case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra))
+        result = result.replace_case(i, replace(case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra))
     written = write_manifest(out_dir / MANIFEST_NAME, result)
     if failed:
         raise InputError(manifest, f"{len(failed)} case(s) failed: {'; '.join(failed)}")
     return written
-
-
-def _with(case: CaseEntry, **changes: Any) -> CaseEntry:
-    from dataclasses import replace
-
-    return replace(case, **changes)
 
 
 def _relative(path: PathLike, base: Path) -> str:
