@@ -4,9 +4,10 @@ Runs ``synthesize`` as a user does (three bundle processes) on a CT: by default 
 phantom (organ map from ``../shared/data/demo``) resliced onto a clinical grid (``--shape``, default
 512 x 512 x 300 at 0.7 x 0.7 x 1 mm). Each stage's wall time includes its process start (importing
 MONAI, parsing the config, loading weights), which is also measured alone and reported. Peak memory is
-each bundle process's own peak resident set. Network evaluations per lesion count one per sampling
-step and network (classifier-free guidance batches the conditional and unconditional pass into one
-evaluation of twice the batch; the forward passes are reported too), against the original's 200 + 200.
+each bundle process's own peak resident set. Network evaluations per lesion are the UNet calls: one
+per sampling step and network (classifier-free guidance batches the conditional and unconditional pass
+into one call of twice the batch, so the per-sample forward passes are reported too), against the
+original's DDIM 200 + 200.
 Writes ``<out>/end_to_end.json`` and ``.md``.
 """
 
@@ -95,7 +96,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"- LMNet + LINet (preprocessing excluded): {r['seconds_per_lesion_networks']:.1f} s per lesion; of which process start-up "
         f"(import, config, no work) is about {r['startup_s']:.1f} s per bundle process.",
-        f"- Network evaluations per lesion: {r['network_evaluations']} (forward passes: {r['forward_passes']}); the original: {ORIGINAL_EVALUATIONS}.",
+        f"- Network evaluations (UNet calls) per lesion: {r['network_evaluations']}, i.e. {r['forward_passes']} per-sample forward passes"
+        f" with guidance batched; the original: {ORIGINAL_EVALUATIONS} calls.",
+        "- Steps after a failed LMNet post-processing (a retry with a new seed) are not counted.",
         "",
     ]
     return "\n".join(lines)
