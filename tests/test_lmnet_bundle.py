@@ -239,9 +239,11 @@ def test_bad_inputs_are_one_line_errors_without_output(manifest, trained, tmp_pa
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing.pt: LMNet weights not found; pass --weights" in errors[0]
     assert not (tmp_path / "out").exists()
-    run = infer(manifest, None, tmp_path / "out")  # the default: shipped weights under models/
+    # the default: the shipped weights under models/ (cpu preset), which do not fit the tiny network
+    run = infer(manifest, None, tmp_path / "out")
     assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert "models/model.pt: LMNet weights not found; pass --weights" in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "models/model.pt: weights do not fit this network" in errors[0]
     assert not (tmp_path / "out").exists()
     run = bundle_run(LMNET, "configs/train.json", "--datalist", str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "t"))
     assert run.returncode != 0 and "Traceback" not in run.stderr
