@@ -144,7 +144,16 @@ def markdown(report: dict) -> str:
             f"{s['sample_s']} s ({s['sample_s'] / s['network_evaluations']:.2f} s per evaluation) + post-processing "
             f"{s['postprocess_s']} s | {s['peak_rss_mib']} |"
         )
-    md += ["", machine_note(report["machine"]), "", f"Command: `{report['command']}`", ""]
+    md += [
+        "",
+        "Each step count is its own process, run one after the other: where the machine's load changed between them, "
+        "the seconds per network evaluation differ; compare them with the load in mind.",
+        "",
+        machine_note(report["machine"]),
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ]
     return "\n".join(md)
 
 
