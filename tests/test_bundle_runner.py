@@ -74,3 +74,12 @@ def test_preprocess_options_become_bundle_overrides(tmp_path, monkeypatch):
     assert bundle_overrides(out="o", attributes=text)["attributes"] == text  # JSON text passes as written
     with pytest.raises(LesionDiffusionError, match="give the output folder: --out DIR"):
         bundle_overrides(image="ct.nii.gz")
+
+
+def test_failure_message_prefers_the_bundle_error_line_then_how_it_ended():
+    from lesiondiffusion_tools.bundle_runner import failure_message
+
+    log = "INFO loading\nerror: /x/ct.nii.gz: not a NIfTI file\nsampling:  10%|#  | 1/10\r"
+    assert failure_message("lmnet", log, 1) == "error: /x/ct.nii.gz: not a NIfTI file"
+    assert failure_message("lmnet", "sampling:  10%|#  | 1/10\r", -9) == "error: the lmnet bundle was stopped by signal 9"
+    assert failure_message("linet", "Traceback ...\nValueError: boom\n", 1) == "error: the linet bundle failed (exit status 1): ValueError: boom"

@@ -359,15 +359,18 @@ def test_the_text_reaches_the_network(inferred):
 
 def test_bad_inputs_are_one_line_errors_without_output(inferred, trained, vqgan, tmp_path):
     manifest = inferred["root"] / "a" / "manifest.json"
-    line = one_error_line(infer(manifest, None, vqgan, tmp_path / "o1"))  # the default: shipped weights under models/
-    assert "models/model.pt: LINet weights not found; pass --weights" in line
+    line = one_error_line(infer(manifest, tmp_path / "missing.pt", vqgan, tmp_path / "o1"))
+    assert "missing.pt: LINet weights not found; pass --weights" in line
+    # the default: the shipped weights under models/ (cpu preset), which do not fit the tiny network
+    line = one_error_line(infer(manifest, None, vqgan, tmp_path / "o5"))
+    assert "models/model.pt: weights do not fit this network" in line
     line = one_error_line(infer(manifest, trained["out"] / "model.pt", tmp_path / "none.pt", tmp_path / "o2"))
     assert "none.pt: VQ-GAN weights not found; pass --vqgan_weights" in line
     line = one_error_line(infer(tmp_path / "nothing.json", trained["out"] / "model.pt", vqgan, tmp_path / "o3"))
     assert "nothing.json: manifest not found" in line
     line = one_error_line(infer(manifest, trained["out"] / "model.pt", vqgan, tmp_path / "o4", "--sampler", "euler"))
     assert "sampler must be one of" in line
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
 
 
 def test_a_case_with_a_changed_source_fails_alone(inferred):

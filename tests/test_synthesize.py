@@ -39,10 +39,10 @@ MARGIN_MM = 3.0
 ATTRIBUTES = {"organ type": "liver", "lesion type": "cyst", "density": "hypodense"}
 
 
-def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 900, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``lesiondiffusion ARGS`` in a child process, as a user runs it."""
     cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"PYTHONWARNINGS": "ignore", **os.environ})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env={"PYTHONWARNINGS": "ignore", **os.environ})
 
 
 def error_lines(run: subprocess.CompletedProcess) -> list[str]:
@@ -64,11 +64,11 @@ def weights(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def synthesize(weights: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+def synthesize(weights: Path, out: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
     return cli(
         "synthesize", "--weights", str(weights), "--out", str(out), "--steps", "2", "--seed", "3",
-        "--margin_mm", str(MARGIN_MM), "--bundle_overrides", tiny, *args,
+        "--margin_mm", str(MARGIN_MM), "--bundle_overrides", tiny, *args, cwd=cwd,
     )  # fmt: skip
 
 
@@ -155,7 +155,8 @@ def test_batch_with_a_broken_case_finishes_the_others(weights: Path, tiny_demo: 
     ])  # fmt: skip
     inputs = {p: p.read_bytes() for p in (broken, good / "image.nii.gz", requests)}
     out = tmp_path / "out"
-    run = synthesize(weights, out, "--requests", str(requests), "--device", "cpu")
+    # relative paths, as typed in a shell: the output folder and the requests file
+    run = synthesize(weights, Path("out"), "--requests", "requests.json", "--device", "cpu", cwd=tmp_path)
     assert run.returncode == 1
     assert error_lines(run) == [f"error: 1 of 2 case(s) failed (see {out / 'summary.json'})"]
     summary = json.loads((out / "summary.json").read_text())

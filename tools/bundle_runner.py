@@ -83,6 +83,17 @@ def check_overrides(stage: str, configs: Sequence[str], overrides: dict[str, Any
         )
 
 
+def failure_message(stage: str, stderr: str, returncode: int) -> str:
+    """One line for a failed run: the bundle's own ``error:`` line, else how the process ended."""
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1]
+    if returncode < 0:
+        return f"error: the {stage} bundle was stopped by signal {-returncode}"
+    return f"error: the {stage} bundle failed (exit status {returncode}){': ' + lines[-1] if lines else ''}"
+
+
 class BundleRun(subprocess.CompletedProcess):
     """A finished bundle run, with the child's wall time and its own peak resident memory."""
 
@@ -135,7 +146,5 @@ def run_bundle(
     stderr = err.decode("utf-8", errors="replace")
     run = BundleRun(cmd, proc.returncode, stdout, stderr, seconds, usage.ru_maxrss / 1024)
     if run.returncode != 0:
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        message = lines[-1] if lines else f"the {stage} bundle failed (exit status {run.returncode})"
-        raise BundleRunError(message, run.returncode)
+        raise BundleRunError(failure_message(stage, stderr, run.returncode), run.returncode)
     return run

@@ -278,7 +278,7 @@ def _write_inputs(work: Path, states: Sequence[CaseState]) -> dict[str, str]:
 def _collect(stage: str, manifest: Path, states: Sequence[CaseState], failure: BundleRunError | None) -> None:
     """Update each case from the stage's manifest; without one, every pending case failed with the stage."""
     if not manifest.is_file():
-        message = str(failure) if failure else f"the {stage} stage wrote no manifest"
+        message = str(failure).removeprefix("error: ") if failure else f"the {stage} stage wrote no manifest"
         for s in states:
             if s.ok:
                 s.error, s.stage = message, stage
@@ -400,7 +400,7 @@ def synthesize(
         check_overrides(stage, ("inference.json",), keys, "--bundle_overrides: ")
     if not out:
         raise LesionDiffusionError("give the output folder: --out DIR")
-    out_dir = Path(out).expanduser()
+    out_dir = Path(out).expanduser().absolute()  # the bundles run in their own folders
     if out_dir.exists() and not overwrite:
         raise LesionDiffusionError(f"{out_dir}: output folder exists; pass --overwrite to replace it")
     settings = SynthesisSettings(
