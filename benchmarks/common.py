@@ -243,3 +243,10 @@ def finish_report(name: str, script: str | Path, report: dict[str, Any], before:
     text = markdown(report)
     write_report(name, report, text)
     print(text)
+
+
+def rewrite_markdown(name: str, markdown: Callable[[dict], str]) -> None:
+    """Render ``<name>.md`` again from the measurements in ``<name>.json`` (after a change of layout)."""
+    from lesiondiffusion.io import read_json, write_text
+
+    write_text(RESULTS / f"{name}.md", markdown(read_json(RESULTS / f"{name}.json")))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import (
     CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, count_flops, finish_child, finish_report, flop_rate, machine_note,
-    run_child, set_threads, snapshot, state_dict_mb, time_iterations,
+    rewrite_markdown, run_child, set_threads, snapshot, state_dict_mb, time_iterations,
 )  # fmt: skip
 
 BUNDLE = REPO / "bundles" / "lmnet"
@@ -117,7 +117,7 @@ def sample_phase(steps: int) -> dict:
     allowed = np.ones(crop, bool)
     post.select_mask(sample[0, 0].numpy(), allowed, float(extra[0, 2].sum()) * post.ELLIPSOID_FILL, 8)
     post_s = time.perf_counter() - start
-    return {"steps": steps, "network_evaluations": steps, "sample_s": round(sample_s, 2), "postprocess_s": round(post_s, 3)}
+    return {"steps": steps, "crop": list(crop), "network_evaluations": steps, "sample_s": round(sample_s, 2), "postprocess_s": round(post_s, 3)}
 
 
 def markdown(report: dict) -> str:
@@ -140,7 +140,7 @@ def markdown(report: dict) -> str:
     ]  # fmt: skip
     for s in report["sampling"]:
         md.append(
-            f"| one sampled mask, DDIM {s['steps']} steps ({s['network_evaluations']} network evaluations) | "
+            f"| one sampled mask, DDIM {s['steps']} steps ({s['network_evaluations']} network evaluations, crop {s.get('crop', n['crop'])}) | "
             f"{s['sample_s']} s ({s['sample_s'] / s['network_evaluations']:.2f} s per evaluation) + post-processing "
             f"{s['postprocess_s']} s | {s['peak_rss_mib']} |"
         )
@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=(10, 25, 50))
     ap.add_argument("--repeats", type=int, default=2, help="timed forwards for the FLOP rate (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement process (0: torch's default)")
+    ap.add_argument("--markdown_only", action="store_true", help="rewrite lmnet.md from an existing lmnet.json")
     ap.add_argument("--phase", choices=("network", "train", "sample"), help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,6 +171,9 @@ def main() -> None:
         set_threads(args.threads)
         phases = {"network": lambda: network_phase(args.repeats), "train": lambda: train_phase(args.iters), "sample": lambda: sample_phase(args.steps[0])}
         finish_child(phases[args.phase](), args.result)
+        return
+    if args.markdown_only:
+        rewrite_markdown("lmnet", markdown)
         return
     before = snapshot()
     report: dict = {"benchmark": "LMNet bundle, cpu preset", "repeats": args.repeats}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import (
     CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, count_flops, finish_child, finish_report, flop_rate, machine_note,
-    run_child, set_threads, snapshot, state_dict_mb, time_iterations,
+    rewrite_markdown, run_child, set_threads, snapshot, state_dict_mb, time_iterations,
 )  # fmt: skip
 
 BUNDLE = REPO / "bundles" / "vqgan"
@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--volume", type=int, default=280)
     ap.add_argument("--repeats", type=int, default=2, help="timed repetitions of the forward and the crop round trip (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement process (0: torch's default)")
+    ap.add_argument("--markdown_only", action="store_true", help="rewrite vqgan.md from an existing vqgan.json")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,6 +175,9 @@ def main() -> None:
             "volume": lambda: volume_phase(args.volume),
         }
         finish_child(phases[args.phase](), args.result)
+        return
+    if args.markdown_only:
+        rewrite_markdown("vqgan", markdown)
         return
     before = snapshot()
     report: dict = {"benchmark": "VQ-GAN bundle, cpu preset", "repeats": args.repeats}
