@@ -285,7 +285,7 @@ def test_configs_use_the_shared_setting_names():
 
 
 def test_presets_switch_by_one_key():
-    for preset, crop, dim in (("cpu", [64, 64, 32], 64), ("paper", [152, 152, 64], 512)):
+    for preset, crop, dim in (("cpu", [32, 32, 16], 64), ("paper", [152, 152, 64], 512)):
         for config in ("train.json", "inference.json"):
             parser = parsed(config, preset=preset)
             assert parser.get_parsed_content("crop") == crop
