@@ -306,8 +306,10 @@ def load_weights(
     try:
         network.load_state_dict(_strip_prefix(state))
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(p, f"weights do not fit this network ({first})") from None
+        # PyTorch lists every mismatch on its own line: keep the first few, on one line
+        lines = [line.strip() for line in str(e).strip().splitlines()[1:] if line.strip()]
+        detail = "; ".join(lines)[:300] if lines else (str(e).strip() or type(e).__name__)
+        raise InputError(p, f"weights do not fit this network (different preset or architecture? {detail})") from None
     return network
 
 

@@ -293,8 +293,9 @@ def test_load_weights_errors(tmp_path):
     with pytest.raises(InputError, match="not a loadable weights file"):
         load_weights(tiny_model(), tmp_path / "junk.pt")
     torch.save({"ema": {"w": torch.zeros(3)}}, tmp_path / "other.pt")
-    with pytest.raises(InputError, match="do not fit this network"):
+    with pytest.raises(InputError, match="do not fit this network") as err:
         load_weights(tiny_model(), tmp_path / "other.pt")
+    assert 'Missing key(s) in state_dict: "' in str(err.value) and "\n" not in str(err.value)  # which keys, on one line
 
 
 def test_last_checkpoint_is_replaced_atomically(tmp_path):

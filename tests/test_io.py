@@ -1,0 +1,47 @@
+"""Atomic outputs: all or nothing, with the usual file modes; file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from lesiondiffusion.io import atomic_dir, atomic_path, file_sha256, write_json
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_file_appears_whole_with_the_usual_mode(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "a" / "x.json", {"k": 1})
+    assert path.read_text() == '{\n  "k": 1\n}\n'
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "a" / "y.nii.gz") as tmp:
+            assert tmp.name.endswith(".nii.gz")  # writers that read the suffix still work
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.json"]
+
+
+def test_atomic_folder_appears_whole_with_the_usual_mode(tmp_path: Path) -> None:
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f.txt").write_text("x")
+    assert (tmp_path / "out" / "f.txt").read_text() == "x"
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "out", overwrite=True) as tmp:
+            (tmp / "g.txt").write_text("y")
+            raise RuntimeError("failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "out" / "g.txt").exists()
+
+
+def test_file_sha256(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)  # more than one read block
+    (tmp_path / "w.pt").write_bytes(data)
+    assert file_sha256(tmp_path / "w.pt") == hashlib.sha256(data).hexdigest()
