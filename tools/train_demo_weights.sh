@@ -33,7 +33,7 @@ case "${1:-}" in
                --num_workers 0 --save_every 25 --log_every 25 --progress false ;;
     lmnet) train lmnet --crop "[32,32,16]" --iter_num 50 --max_epochs "${LMNET_EPOCHS:-20}" --num_workers 0 --save_every 25 ;;
     linet) train linet --vqgan_weights "$ROOT/runs/train_vqgan/model.pt" --crop_size "[48,48,48]" \
-               --iter_num 50 --max_epochs "${LINET_EPOCHS:-25}" --num_workers 0 --save_every 25 --log_every 10 ;;
+               --iter_num 50 --max_epochs "${LINET_EPOCHS:-65}" --num_workers 0 --save_every 25 --log_every 10 ;;
     ship) for stage in vqgan lmnet linet; do
               mkdir -p "$ROOT/bundles/$stage/models"
               cp "$ROOT/runs/train_$stage/model.pt" "$ROOT/bundles/$stage/models/model.pt"
