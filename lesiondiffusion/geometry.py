@@ -18,7 +18,7 @@ standardisation is a pure axis flip/permutation, and the round trip is exact vox
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -194,12 +194,19 @@ def cast_to(array: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def save_on_input_grid(
-    path: PathLike, array: np.ndarray | torch.Tensor, geometry: InputGeometry, mode: Mode = "nearest", dtype: Any = None
+    path: PathLike,
+    array: np.ndarray | torch.Tensor,
+    geometry: InputGeometry,
+    mode: Mode = "nearest",
+    dtype: Any = None,
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Path:
-    """Resample ``array`` onto the input's grid and save it with the input's header (atomically)."""
+    """Resample ``array`` onto the input's grid (then ``postprocess`` it) and save it with the input's header (atomically)."""
     from lesiondiffusion.io import save_nifti
 
     data = to_input_grid(array, geometry, mode=mode, dtype=dtype)
+    if postprocess is not None:
+        data = postprocess(data)
     header = _input_header(geometry)
     if header is not None:
         header.set_slope_inter(None, None)  # ``data`` is already in output units; never rescale it

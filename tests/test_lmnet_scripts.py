@@ -63,6 +63,22 @@ def test_selected_mask_is_one_component_inside_the_allowed_region():
     assert S.postprocess.select_mask(field, allowed, 100, min_voxels=10_000) is None
 
 
+def test_fragments_cut_off_by_resampling_become_organ():
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[2:18, 2:18, 2:18] = 1
+    label[4:9, 4:9, 4:9] = 2  # lesion A
+    label[10, 10, 10] = 2  # a fragment of A, cut off on the coarse grid
+    label[12:16, 12:16, 12:16] = 2  # lesion B
+    label[9, 9, 9] = 1  # not part of anything: stays organ
+    out = S.postprocess.whole_lesions(label.copy(), n_lesions=2)
+    assert out[10, 10, 10] == 1 and (out[4:9, 4:9, 4:9] == 2).all() and (out[12:16, 12:16, 12:16] == 2).all()
+    assert ndi.label(out == 2, structure=np.ones((3, 3, 3)))[1] == 2
+    touching = label.copy()
+    touching[9, 9, 9] = 2  # diagonal bridge: A and the fragment are one 26-connected piece with it
+    assert np.array_equal(S.postprocess.whole_lesions(touching.copy(), n_lesions=2), touching)
+    assert (S.postprocess.whole_lesions(label.copy(), n_lesions=1) == 2).sum() == 125  # only A, the largest
+
+
 def test_crop_window_pads_outside_the_array():
     array = torch.arange(6 * 5 * 4, dtype=torch.float32).reshape(1, 6, 5, 4)
     out = S.transforms.crop_array(array, centre=(0, 2, 3), size=(4, 4, 4), fill=-1)

@@ -32,7 +32,7 @@ from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
 from lesiondiffusion.placement import Box, PlacementError, allowed_region, box_mask
 
-from .postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, select_mask
+from .postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, select_mask, whole_lesions
 from .transforms import ORGAN_SCALE, crop_window, working_size
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,10 @@ def run_manifest(
                 raise InputError(case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}")
             folder = out_dir / case.case
             std = save_nifti(folder / LABEL_NAME, label, img.affine, dtype=np.uint8)
-            original = save_on_input_grid(folder / LABEL_ORIGINAL_NAME, label, geometry, mode="nearest", dtype=np.uint8)
+            original = save_on_input_grid(
+                folder / LABEL_ORIGINAL_NAME, label, geometry, mode="nearest", dtype=np.uint8,
+                postprocess=lambda a: whole_lesions(a, len(case.lesions)),
+            )  # fmt: skip
             cases[i] = replace(case, label=std, label_original=original, synthetic_image=None)
             logger.info("%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == 2).sum()))
         except LesionDiffusionError as e:

@@ -22,6 +22,25 @@ def largest_component(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels == best + 1, int(sizes[best])
 
 
+def whole_lesions(label: np.ndarray, n_lesions: int) -> np.ndarray:
+    """``label`` (0/1/2) with each lesion in one 26-connected piece, in place.
+
+    Nearest-neighbour resampling onto a coarser grid can cut a thin part off a lesion; every piece of
+    label 2 but the ``n_lesions`` largest becomes organ (1). Only the lesions' bounding box is examined.
+    """
+    lesion = label == 2
+    if not lesion.any():
+        return label
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lesion))
+    pieces, n = ndi.label(lesion[box], structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= n_lesions:
+        return label
+    sizes = np.bincount(pieces.ravel())[1:]
+    keep = np.argsort(sizes)[::-1][:n_lesions] + 1
+    label[box][(pieces > 0) & ~np.isin(pieces, keep)] = 1
+    return label
+
+
 def select_mask(
     field: np.ndarray,
     allowed: np.ndarray,
