@@ -17,6 +17,7 @@ standardisation is a pure axis flip/permutation, and the round trip is exact vox
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -170,14 +171,62 @@ def to_input_grid(
     data = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
     if tuple(data.shape) != tuple(geometry.standard_shape):
         raise ValueError(f"array shape {tuple(data.shape)} is not the standardised grid's {geometry.standard_shape}")
-    source_dtype = data.dtype
-    src = MetaTensor(data[None].to(torch.float64 if mode == "linear" else torch.float32), affine=torch.as_tensor(geometry.standard_affine_array))
-    resample = SpatialResample(mode=_MONAI_MODE[mode], padding_mode="border", dtype=torch.float64)
-    out = resample(src, dst_affine=torch.as_tensor(geometry.input_affine), spatial_size=geometry.shape)
-    result = np.asarray(out.array if isinstance(out, MetaTensor) else out)[0]
     if dtype is None:
-        dtype = geometry.numpy_dtype if mode == "linear" else _numpy_dtype(source_dtype)
-    return cast_to(result, dtype)
+        dtype = geometry.numpy_dtype if mode == "linear" else _numpy_dtype(data.dtype)
+    if mode == "linear":
+        return cast_to(_resample(data, geometry.standard_affine_array, geometry.input_affine, geometry.shape, mode), dtype)
+    # A label map is zero almost everywhere: resample only the input-grid block its non-zero voxels
+    # reach. The full-grid resampling of a 512 x 512 x 300 scan needs several GB for its sampling grid.
+    out = np.zeros(geometry.shape, dtype=np.dtype(dtype))
+    window = _support_window(data, geometry)
+    if window is not None:
+        (src, src_start), (dst, dst_start) = window
+        size = tuple(sl.stop - sl.start for sl in dst)
+        block = _resample(data[src], _shifted(geometry.standard_affine_array, src_start), _shifted(geometry.input_affine, dst_start), size, mode)
+        out[dst] = cast_to(block, dtype)
+    return out
+
+
+def _resample(data: torch.Tensor, src_affine: np.ndarray, dst_affine: np.ndarray, shape: Sequence[int], mode: Mode) -> np.ndarray:
+    """MONAI ``SpatialResample`` of a 3D array from one grid onto another (border padding)."""
+    src = MetaTensor(data[None].to(torch.float64 if mode == "linear" else torch.float32), affine=torch.as_tensor(src_affine))
+    resample = SpatialResample(mode=_MONAI_MODE[mode], padding_mode="border", dtype=torch.float64)
+    out = resample(src, dst_affine=torch.as_tensor(dst_affine), spatial_size=tuple(int(s) for s in shape))
+    return np.asarray(out.array if isinstance(out, MetaTensor) else out)[0]
+
+
+def _shifted(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
+    """The affine of a block of the grid ``affine`` whose first voxel is ``start``."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(start, dtype=np.float64)
+    return np.asarray(affine, dtype=np.float64) @ shift
+
+
+def _support_window(data: torch.Tensor, geometry: InputGeometry, pad: int = 2) -> tuple[tuple[tuple[slice, ...], list[int]], tuple[tuple[slice, ...], list[int]]] | None:
+    """``((source slices, start), (input-grid slices, start))`` covering every non-zero voxel, or None if all zero.
+
+    The source block is the non-zero bounding box grown by ``pad`` voxels, so its rim is zero (or the
+    grid's own border) and border padding beyond it gives what the whole grid would; the input block
+    holds every input voxel whose centre falls within the source block.
+    """
+    nonzero = data != 0
+    lo, hi = [], []
+    for axis in range(3):
+        hit = torch.nonzero(nonzero.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
+        if hit.numel() == 0:
+            return None
+        lo.append(max(int(hit[0]) - pad, 0))
+        hi.append(min(int(hit[-1]) + pad, data.shape[axis] - 1))
+    corners = np.array(list(itertools.product(*[(a - 0.5, b + 0.5) for a, b in zip(lo, hi)])), dtype=np.float64)
+    world = corners @ geometry.standard_affine_array[:3, :3].T + geometry.standard_affine_array[:3, 3]
+    voxels = (world - geometry.input_affine[:3, 3]) @ np.linalg.inv(geometry.input_affine[:3, :3]).T
+    start = np.clip(np.floor(voxels.min(axis=0)).astype(int), 0, np.asarray(geometry.shape) - 1)
+    stop = np.clip(np.ceil(voxels.max(axis=0)).astype(int) + 1, 1, np.asarray(geometry.shape))
+    if np.any(stop <= start):
+        return None
+    src = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+    dst = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    return (src, lo), (dst, [int(a) for a in start])
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

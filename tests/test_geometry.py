@@ -3,8 +3,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.transforms import LoadImage
 
+from lesiondiffusion import geometry as geometry_module
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.geometry import (
     InputGeometry,
@@ -80,6 +82,25 @@ def test_anisotropic_permuted_input_keeps_world_positions(write_nifti):
     dice = 2 * ((back > 0) & (blob > 0)).sum() / ((back > 0).sum() + (blob > 0).sum())
     assert dice > 0.9
     assert set(np.unique(back)) <= {0, 5}  # nearest: no new label values
+
+
+@pytest.mark.parametrize("affine", [LPS, PIL_ANISO], ids=["lps_1mm", "permuted_anisotropic"])
+def test_label_maps_resample_only_their_support_with_the_whole_grid_result(write_nifti, affine):
+    shape = (40, 36, 30)
+    path = write_nifti("ct.nii.gz", np.zeros(shape, np.int16), affine)
+    _, geometry = _standardised(path, "linear")
+    rng = np.random.default_rng(1)
+    label = np.zeros(geometry.standard_shape, np.uint8)
+    centre = np.asarray(geometry.standard_shape) // 3
+    label[tuple(slice(c - 4, c + 5) for c in centre)] = 1
+    label[tuple(slice(c - 1, c + 3) for c in centre)] = 2
+    label[0, :3, -2:] = 1  # support at the grid's border: border padding must match too
+    label[rng.random(label.shape) < 0.002] = 2
+    whole = geometry_module._resample(torch.as_tensor(label), geometry.standard_affine_array, geometry.input_affine, geometry.shape, "nearest")
+    back = to_input_grid(label, geometry, mode="nearest")
+    assert back.dtype == np.uint8 and np.array_equal(back, cast_to(whole, np.uint8))
+    assert np.count_nonzero(back == 2) > 0
+    assert not to_input_grid(np.zeros_like(label), geometry, mode="nearest").any()
 
 
 def test_linear_mode_casts_to_input_dtype_with_clipping(write_nifti):
