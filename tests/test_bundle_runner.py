@@ -72,6 +72,11 @@ def test_preprocess_options_become_bundle_overrides(tmp_path, monkeypatch):
     }  # fmt: skip
     text = '{"organ type": "bladder", "lesion type": "polyp"}'
     assert bundle_overrides(out="o", attributes=text)["attributes"] == text  # JSON text passes as written
+    # flags typed on the command line arrive as words
+    assert bundle_overrides(out="o", overwrite="false")["overwrite"] is False
+    assert bundle_overrides(out="o", overwrite="true")["overwrite"] is True
+    with pytest.raises(LesionDiffusionError, match="expected true or false"):
+        bundle_overrides(out="o", overwrite="maybe")
     with pytest.raises(LesionDiffusionError, match="give the output folder: --out DIR"):
         bundle_overrides(image="ct.nii.gz")
 

@@ -142,6 +142,8 @@ def test_rerun_refuses_an_existing_output_unless_overwrite(synthesised: dict, we
     args = ["--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"), "--attributes", json.dumps(ATTRIBUTES)]
     refused = synthesize(weights, out, *args)
     assert refused.returncode == 1 and error_lines(refused) == [f"error: {out}: output folder exists; pass --overwrite to replace it"]
+    said_no = synthesize(weights, out, *args, "--overwrite", "false")  # the word false means no
+    assert said_no.returncode == 1 and error_lines(said_no) == error_lines(refused)
     assert (out / "summary.json").read_bytes() == before
 
 

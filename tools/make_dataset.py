@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.settings import flag
 
 DEMO_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
 
@@ -32,8 +33,8 @@ def run_make_dataset(
         raise LesionDiffusionError(f"{source}: demo data folder not found (pass --src DIR)")
     if isinstance(n, bool) or not isinstance(n, int):
         raise LesionDiffusionError(f"--n must be a whole number of cases, got {n!r}")
-    if requests:
-        folder = build_requests(source, Path(out), int(n), seed=int(seed), overwrite=bool(overwrite))
+    if flag(requests):
+        folder = build_requests(source, Path(out), int(n), seed=int(seed), overwrite=flag(overwrite))
         return folder / "requests.json"
-    folder = build_dataset(source, Path(out), int(n), seed=int(seed), val_fraction=float(val_fraction), overwrite=bool(overwrite))
+    folder = build_dataset(source, Path(out), int(n), seed=int(seed), val_fraction=float(val_fraction), overwrite=flag(overwrite))
     return folder / "datalist.json"

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
 
 PATH_KEYS = ("image", "image_list", "attributes_list", "organ_seg", "organ_seg_list", "output_dir")
 
 
 # options whose command-line form must reach the bundle as a number / flag / name
-CASTS = {"seed": int, "num_lesions": int, "overwrite": bool, "report_provider": str}
+CASTS = {"seed": int, "num_lesions": int, "overwrite": flag, "report_provider": str}
 
 
 def bundle_overrides(out: str | None = None, attributes: Any = None, **options: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, file_sha256, read_json, read_nifti_array, write_json
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.requests import SynthesisRequest, read_requests
+from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle
 
 logger = logging.getLogger(__name__)
@@ -395,6 +396,7 @@ def synthesize(
     JSON object by stage, e.g. ``'{"linet": {"context_mm": 12}}'``. ``verbose``: show each stage's
     logs and progress as it runs (its errors are reported either way).
     """
+    overwrite, keep_work, verbose = flag(overwrite), flag(keep_work), flag(verbose)  # "--overwrite false" is false
     extra = stage_overrides(bundle_overrides, ("preprocess", *NETWORKS[1:]))
     for stage, keys in extra.items():
         check_overrides(stage, ("inference.json",), keys, "--bundle_overrides: ")

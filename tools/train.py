@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, check_overrides, run_bundle
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def train(
     if not out:
         raise LesionDiffusionError("give the output folder: --out DIR")
     out_dir = Path(out).expanduser().resolve()
-    if prepare:
+    if flag(prepare):
         prepared = out_dir / "prepared"
         logger.info("preparing the training set -> %s", prepared)
         run_bundle("preprocess", {"datalist": str(data), "output_dir": str(prepared), "val_fraction": float(val_fraction), "split_seed": int(seed), "overwrite": True}, configs=("train.json",))
@@ -81,7 +82,7 @@ def train(
             vq = Path(vqgan_weights).expanduser().resolve() if vqgan_weights else BUNDLES_DIR / "vqgan" / "models" / "model.pt"
             if not vq.is_file():
                 raise InputError(vq, "VQ-GAN weights not found; LINet trains on its latents: train it first (--stage vqgan) or pass --vqgan_weights FILE")
-    common: dict[str, Any] = {"datalist": str(data), "preset": preset, "seed": int(seed), "resume": bool(resume), **overrides}
+    common: dict[str, Any] = {"datalist": str(data), "preset": preset, "seed": int(seed), "resume": flag(resume), **overrides}
     for key, value in (("max_epochs", max_epochs), ("iter_num", iter_num), ("device", device)):
         if value is not None:
             common[key] = value

@@ -34,6 +34,7 @@ from lesiondiffusion.labels import is_hollow
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
 from lesiondiffusion.placement import DEFAULT_EROSION, Box, bounding_box, place_box
 from lesiondiffusion.report import Report, write_report
+from lesiondiffusion.settings import flag
 from lesiondiffusion.vocabulary import CAVITY
 
 from .inputs import CaseRequest, read_requests
@@ -77,7 +78,7 @@ class PreprocessRunner:
         )
         self.seed, self.num_lesions, self.erosion = int(seed), int(num_lesions), float(erosion)
         self.axcodes, self.pixdim = axcodes, tuple(float(p) for p in pixdim)
-        self.overwrite, self.exit_on_error = bool(overwrite), bool(exit_on_error)
+        self.overwrite, self.exit_on_error = flag(overwrite), flag(exit_on_error)
 
     # ---- entry point ---------------------------------------------------------------------------------
     def run(self) -> Path:

@@ -33,6 +33,7 @@ from lesiondiffusion.dataset import Case, load_cases, validate_cases, write_data
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.io import atomic_dir, save_nifti, write_json
 from lesiondiffusion.report import Report, read_report, write_report
+from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class TrainingSetWriter:
         self.output_dir = output_dir
         self.val_fraction, self.split_seed = float(val_fraction), int(split_seed)
         self.version = version
-        self.overwrite, self.exit_on_error = bool(overwrite), bool(exit_on_error)
+        self.overwrite, self.exit_on_error = flag(overwrite), flag(exit_on_error)
 
     def run(self) -> Path:
         """Write the training set; returns its datalist. A user error is one line on stderr + exit 1."""
