@@ -51,9 +51,22 @@ def totalsegmentator(input, output=None, ml=False, nr_thr_resamp=1, nr_thr_savin
               "task": task, "device": device, "quiet": quiet, "v1_order": v1_order, "roi_subset": roi_subset}
     with open(os.environ["FAKE_TS_CALLS"], "a") as f:
         f.write(json.dumps(record) + "\\n")
+    if os.environ.get("FAKE_TS_MISSING_WEIGHTS"):
+        download_pretrained_weights(291)  # what the real one does when a weights folder is missing
     labels = np.load(os.environ["FAKE_TS_OUTPUT"])
     dtype = os.environ.get("FAKE_TS_DTYPE", "uint8")
+    send_usage_stats({"send_usage_stats": True}, {"task": task})  # the real one posts after every prediction
     return nib.Nifti1Image(labels.astype(dtype), input.affine)
+
+
+def send_usage_stats(config, params):
+    with open(os.environ["FAKE_TS_CALLS"], "a") as f:
+        f.write(json.dumps({"network": "usage statistics posted"}) + "\\n")
+
+
+def download_pretrained_weights(task_id):
+    with open(os.environ["FAKE_TS_CALLS"], "a") as f:
+        f.write(json.dumps({"network": f"download of {task_id}"}) + "\\n")
 '''
 FAKE_CLASS_MAP = 'class_map = {"total_mr": {1: "spleen", 2: "kidney_right", 5: "liver", 9: "urinary_bladder", 40: "no_such_organ"}}\n'
 V2_BLADDER = label_table("v2").id("urinary bladder")
@@ -113,6 +126,8 @@ def test_weights_are_looked_up_offline_per_task_and_mode(fake_totalseg, tmp_path
     add_weights(home, [297])  # the fast model alone does not serve the normal mode
     assert "Dataset295_*" in adapter.unavailable_reason()
     assert segment.TotalSegmentatorAdapter(task="total", fast=True).unavailable_reason() is None
+    assert segment.TotalSegmentatorAdapter(fast="false").fast is False  # "--totalseg_fast false" from the command line
+    assert segment.TotalSegmentatorAdapter(fast="true").fast is True
     add_weights(home, [291, 292, 293, 294, 295])
     assert adapter.unavailable_reason() is None
     # TOTALSEG_WEIGHTS_PATH takes precedence, as in TotalSegmentator
@@ -172,6 +187,21 @@ def test_call_arguments_and_v2_output_converted_to_v1(fake_totalseg, tmp_path, f
     assert set(np.unique(out)) == {0, 5, 104}
     assert (out == 104).sum() == 27 and (out == 5).sum() == 27
     assert np.array_equal(out == 104, v2 == V2_BLADDER)
+
+
+def test_the_run_stays_local_no_statistics_posted_no_weights_downloaded(fake_totalseg, tmp_path, monkeypatch):
+    image = ct_image()
+    np.save(tmp_path / "labels.npy", np.zeros(image.shape, np.uint8))
+    segment.TotalSegmentatorAdapter()(image)
+    assert [c for c in calls(tmp_path) if "network" in c] == []  # its statistics call was replaced
+    monkeypatch.setenv("FAKE_TS_MISSING_WEIGHTS", "1")
+    with pytest.raises(LesionDiffusionError, match="wanted to download weights; put them in .*nnunet/results first"):
+        segment.TotalSegmentatorAdapter()(image)
+    assert [c for c in calls(tmp_path) if "network" in c] == []
+    from totalsegmentator import python_api
+
+    python_api.send_usage_stats({}, {})  # the module's own functions are back after each run
+    assert calls(tmp_path)[-1] == {"network": "usage statistics posted"}
 
 
 def test_float_output_is_rounded_and_labels_without_v1_counterpart_dropped(fake_totalseg, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 TotalSegmentator is an optional extra (``pip install '.[totalseg]'``). It is used only when it is
 installed *and* its weights for the chosen task are already on this machine: nothing is downloaded
-(its weights folder is ``$TOTALSEG_WEIGHTS_PATH``, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
+and no usage statistics are sent (its weights folder is ``$TOTALSEG_WEIGHTS_PATH``, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
 ``~/.totalsegmentator/nnunet/results``, as TotalSegmentator itself resolves it). It runs on the
 standardised image, so its labels share the standardised grid (the original segmented with the
 pre-resampling affine).
@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.labels import VERSIONS, convert_ids, label_table
+from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,32 @@ def totalseg_device(device: Any = "auto") -> str:
     return dev.type
 
 
+@contextmanager
+def _offline(api: Any) -> Iterator[None]:
+    """Keep TotalSegmentator's run local: no usage statistics posted to its server, no weights download.
+
+    Its API sends statistics after every prediction (unless its own config.json says otherwise) and
+    fetches missing weights; both names are replaced in its module for the duration of the call.
+    """
+
+    def no_stats(*args: Any, **kwargs: Any) -> None:
+        logger.debug("TotalSegmentator usage statistics not sent")
+
+    def no_download(*args: Any, **kwargs: Any) -> None:
+        raise LesionDiffusionError(f"TotalSegmentator wanted to download weights; put them in {totalseg_weights_dir()} first")
+
+    saved = {name: getattr(api, name) for name in ("send_usage_stats", "download_pretrained_weights") if hasattr(api, name)}
+    api.send_usage_stats, api.download_pretrained_weights = no_stats, no_download
+    try:
+        yield
+    finally:
+        for name in ("send_usage_stats", "download_pretrained_weights"):
+            if name in saved:
+                setattr(api, name, saved[name])
+            else:
+                delattr(api, name)
+
+
 class TotalSegmentatorAdapter:
     """TotalSegmentator's Python API on a standardised image; returns a v1-numbered organ map."""
 
@@ -66,7 +95,7 @@ class TotalSegmentatorAdapter:
             raise LesionDiffusionError(f"unknown TotalSegmentator task {task!r}; use one of: {', '.join(TASK_WEIGHTS)}")
         if numbering not in VERSIONS:
             raise LesionDiffusionError(f"unknown TotalSegmentator numbering {numbering!r}; use one of: {', '.join(VERSIONS)}")
-        self.task, self.fast, self.device, self.numbering = task, bool(fast), device, numbering
+        self.task, self.fast, self.device, self.numbering = task, flag(fast), device, numbering
 
     def unavailable_reason(self) -> str | None:
         """None when TotalSegmentator can run offline now; else why not (one line)."""
@@ -82,11 +111,12 @@ class TotalSegmentatorAdapter:
 
     def __call__(self, image: nib.Nifti1Image) -> np.ndarray:
         """Segment ``image`` (HU, standardised grid); the organ map on the same grid, v1 ids, uint8."""
-        from totalsegmentator.python_api import totalsegmentator  # optional extra: imported only when used
+        from totalsegmentator import python_api  # optional extra: imported only when used
 
         device = totalseg_device(self.device)
         logger.info("TotalSegmentator: task %s%s on %s", self.task, " (fast)" if self.fast else "", device)
-        result = totalsegmentator(image, None, ml=True, task=self.task, fast=self.fast, device=device, quiet=True)
+        with _offline(python_api):
+            result = python_api.totalsegmentator(image, None, ml=True, task=self.task, fast=self.fast, device=device, quiet=True)
         return self._labels(result, image)
 
     def _labels(self, result: Any, image: nib.Nifti1Image) -> np.ndarray:
@@ -152,7 +182,7 @@ class OrganSegmenter:
     ) -> None:
         if given_version not in VERSIONS:
             raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSIONS)}, not {given_version!r}")
-        self.totalseg, self.given_version, self.prefer_totalseg = totalseg, given_version, bool(prefer_totalseg)
+        self.totalseg, self.given_version, self.prefer_totalseg = totalseg, given_version, flag(prefer_totalseg)
 
     def __call__(
         self, image: np.ndarray, affine: np.ndarray, given: np.ndarray | None, image_path: Path, given_path: Path | None
