@@ -299,7 +299,10 @@ def test_cli_single_case_is_reproducible_and_seeded(runs, inputs):
 
 @pytest.mark.slow
 def test_batch_reports_and_skips_a_bad_case_keeping_the_order(runs, inputs):
-    run = ok(runs["batch"])
+    run = runs["batch"]
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: 1 of 3 case(s) failed (case_001); the others are in {run.out / 'manifest.json'}"]
     manifest = read_manifest(run.out / "manifest.json")
     assert [(c.case, c.status) for c in manifest.cases] == [("case_000", "ok"), ("case_001", "error"), ("case_002", "ok")]
     failed = manifest.cases[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.manifest import MANIFEST_NAME, read_manifest
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
 
@@ -50,10 +51,17 @@ def run_preprocess(**options: Any) -> Path:
 
     A failure the bundle reported (one line on its stderr, shown as it happens) ends this process with
     the bundle's exit status; a problem with the options themselves is a :class:`LesionDiffusionError`.
+    When some cases of a batch failed, the others are prepared and in the manifest, and the command
+    ends with one error line naming how many failed (exit 1), as ``synthesize`` does.
     """
     overrides = bundle_overrides(**options)
     try:
         run_bundle("preprocess", overrides)
     except BundleRunError as e:
         raise SystemExit(e.returncode) from None
-    return Path(overrides["output_dir"]) / "manifest.json"
+    manifest = Path(overrides["output_dir"]) / MANIFEST_NAME
+    cases = read_manifest(manifest).cases
+    failed = [c.case for c in cases if not c.ok]
+    if failed:
+        raise LesionDiffusionError(f"{len(failed)} of {len(cases)} case(s) failed ({', '.join(failed)}); the others are in {manifest}")
+    return manifest
