@@ -16,7 +16,7 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
-from lesiondiffusion.errors import InputError
+from lesiondiffusion.errors import InputError, LesionDiffusionError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "bundles" / "lmnet" / "scripts"
 
@@ -33,6 +33,7 @@ def load_lmnet_scripts():
 
 
 S = load_lmnet_scripts()
+inference = importlib.import_module("lmnet_scripts.inference")
 
 
 def blob(shape, centre, radius):
@@ -127,3 +128,58 @@ def test_split_datalist(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"training": [{"image": "label0.nii.gz"}]}))
     with pytest.raises(InputError, match="bad.json: entry training\\[0\\] lacks label, report, organ_seg"):
         S.data.split_datalist(tmp_path / "bad.json")
+
+
+# ---- drawing one lesion: retries and the gap to lesions already drawn -------------------------------
+class ScriptedSampler:
+    """Stands in for the DDIM sampler: returns the given fields in turn and records the seeds asked for."""
+
+    def __init__(self, *fields: np.ndarray) -> None:
+        self.fields, self.seeds = list(fields), []
+
+    def __call__(self, network, shape, condition=None, extra=None, seed=None, device=None):
+        self.seeds.append(seed)
+        field = self.fields[min(len(self.seeds), len(self.fields)) - 1]
+        assert tuple(shape[2:]) == field.shape and extra.shape[1] == 3  # organ map, organ mask, box
+        return torch.as_tensor(field, dtype=torch.float32)[None, None]
+
+
+def synthesiser(sampler: ScriptedSampler, retries: int = 2):
+    return inference.LesionMaskSynthesiser(network=torch.nn.Identity(), sampler=sampler, crop=(24, 24, 24), retries=retries)
+
+
+def liver_lesion(tmp_path: Path, centre, size=(8, 8, 8)):
+    from lesiondiffusion.manifest import LesionEntry
+    from lesiondiffusion.placement import Box
+    from lesiondiffusion.report import LesionReport, Report, write_report
+
+    report = tmp_path / f"lesion_{centre[0]}.json"
+    write_report(report, Report((LesionReport(5, {"shape": "round-like,", "lesion location": "5"}),)))
+    return LesionEntry(5, "within the parenchymal organ", report, Box(centre, size))
+
+
+def test_a_failed_sample_is_retried_with_a_new_seed(tmp_path):
+    organ_seg = np.zeros((24, 24, 24), np.int16)
+    organ_seg[2:22, 2:22, 2:22] = 5
+    empty, good = -np.ones((24, 24, 24)), blob((24, 24, 24), (12, 12, 12), 4.0)
+    sampler = ScriptedSampler(empty, good)
+    mask = synthesiser(sampler).draw(organ_seg, liver_lesion(tmp_path, (12, 12, 12)), np.zeros(organ_seg.shape, bool), seed=5)
+    assert len(sampler.seeds) == 2 and sampler.seeds[0] != sampler.seeds[1]
+    assert mask.any() and ndi.label(mask)[1] == 1
+
+    never = ScriptedSampler(empty)
+    with pytest.raises(LesionDiffusionError, match=r"no lesion mask of at least \d+ voxels after 3 attempts \(organ 5\)"):
+        synthesiser(never, retries=2).draw(organ_seg, liver_lesion(tmp_path, (12, 12, 12)), np.zeros(organ_seg.shape, bool), seed=5)
+    assert len(never.seeds) == 3
+
+
+def test_a_new_lesion_keeps_a_gap_to_the_lesions_already_drawn(tmp_path):
+    organ_seg = np.zeros((24, 24, 24), np.int16)
+    organ_seg[2:22, 2:22, 2:22] = 5
+    occupied = np.zeros(organ_seg.shape, bool)
+    occupied[8:16, 8:16, 4:12] = True  # a lesion already drawn, overlapping the new box
+    sampler = ScriptedSampler(blob((24, 24, 24), (12, 12, 12), 7.0))  # a sample that runs over it
+    mask = synthesiser(sampler).draw(organ_seg, liver_lesion(tmp_path, (12, 12, 14), (10, 10, 10)), occupied, seed=0)
+    assert mask.any()
+    assert not (mask & ndi.binary_dilation(occupied)).any()  # not touching, not even face to face
+    assert ndi.label(mask | occupied)[1] == 2
