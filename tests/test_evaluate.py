@@ -74,13 +74,18 @@ def _write_case(folder: Path, src: Path, request: SynthesisRequest, spec, centre
     image = nib.load(src / "image.nii.gz")
     before = np.asarray(image.dataobj)
     seg = np.asarray(nib.load(src / "organ_seg.nii.gz").dataobj)
-    lesion = _sphere(before.shape, centres[where], spacing, RADIUS_MM)
+    lesion = _sphere(before.shape, centres[where], spacing, RADIUS_MM * (1.5 if defect == "oversized" else 1.0))
+    if defect == "split":  # a slab through the centre cuts the lesion in two
+        lesion[centres[where][0]] = False
     liver = seg == LIVER
     reference = A.organ_reference_hu(before, liver, spacing, exclude=lesion)
     value = reference + offset
     rng = np.random.default_rng(seed + 100)
     after = before.astype(np.float64)
     after[lesion] = value + rng.normal(0.0, 3.0, int(lesion.sum()))
+    if defect == "textured":  # blobs of +-40 HU: heterogeneous, though homogeneous was asked for
+        blobs = ndi.gaussian_filter(rng.normal(0.0, 1.0, before.shape), 1.0)
+        after[lesion] += 40.0 * blobs[lesion] / blobs[lesion].std()
     dist = ndi.distance_transform_edt(~lesion, sampling=spacing)
     ring = ~lesion & (dist < MARGIN_MM)
     after[ring] = 0.5 * (after[ring] + value)
@@ -212,6 +217,34 @@ def test_wrong_density_is_reported(scene):
     assert t["density_accuracy"] == pytest.approx(7 / 8) and t["density_cases"] == 8
     assert t["density_per_class"][HYPER] == {"cases": 2, "correct": 1, "accuracy": 0.5}
     assert t["density_per_class"][HYPO]["accuracy"] == 1.0
+
+
+def test_a_split_an_oversized_and_a_textured_lesion_are_reported(tiny_demo, tmp_path):
+    src = tiny_demo / "cases" / "Liver_cancer"
+    spacing = tuple(float(v) for v in nib.load(src / "image.nii.gz").header.get_zooms()[:3])
+    seg, label = (np.asarray(nib.load(src / name).dataobj) for name in ("organ_seg.nii.gz", "label.nii.gz"))
+    centres = _centres(seg, label, spacing)
+    defects = {"split": "split", "oversized": "oversized", "textured": "textured"}
+    requests = []
+    for case, defect in defects.items():
+        attrs = {"organ type": "liver", "lesion type": "tumor", "density": "hypo", "density variations": "homogeneous"}
+        request = SynthesisRequest(case, src / "image.nii.gz", attrs, src / "organ_seg.nii.gz")
+        requests.append(request)
+        _write_case(tmp_path / "pred" / case, src, request, (HYPO, -30.0, 0, "deep", A.V.CAVITY_WITHIN, defect), centres, spacing)
+    report, _ = evaluate_outputs(tmp_path / "pred", write_requests(tmp_path / "requests.json", requests), tmp_path / "report")
+    cases = {c["case"]: c for c in report["cases"]}
+    split = cases["split"]["mask"]
+    assert split["components"] == 2 and not split["connected"]
+    assert abs(cases["split"]["mask"]["volume_error"]) < 0.3  # only the connectivity is wrong
+    oversized = cases["oversized"]["mask"]
+    assert oversized["connected"] and oversized["volume_error"] == pytest.approx(1.5**3 - 1, rel=0.25)
+    textured = cases["textured"]["appearance"]
+    assert textured["measured_homogeneity"] == "heterogeneous" and textured["homogeneity_match"] is False
+    assert textured["smoothed_std_hu"] > A.HOMOGENEOUS_MAX_STD_HU
+    for case in ("split", "oversized"):
+        assert cases[case]["appearance"]["homogeneity_match"]  # each defect is reported alone
+    t = report["totals"]
+    assert t["connected_rate"] == pytest.approx(2 / 3) and t["homogeneity_accuracy"] == pytest.approx(2 / 3)
 
 
 def test_density_ordering_groups_and_pairs(scene):
