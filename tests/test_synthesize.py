@@ -134,6 +134,15 @@ def test_provenance_records_inputs_parameters_weights_and_versions(synthesised: 
     assert {"monai", "torch", "python", "bundle:linet"} <= set(prov["versions"])
     assert prov["versions"]["lesiondiffusion-monai"] != "not installed"
     assert prov["lesions"][0]["cavity"] and prov["seconds_per_lesion"] > 0
+    # every stage's config (with its hash) and the settings it was given: the run's every parameter
+    assert list(prov["bundles"]) == ["preprocess", "lmnet", "linet"]
+    for stage, run in prov["bundles"].items():
+        config = Path(__file__).resolve().parents[1] / "bundles" / stage / "configs" / "inference.json"
+        assert run["config"] == str(config.resolve()) and run["config_sha256"] == file_sha256(config)
+    linet = prov["bundles"]["linet"]["settings"]
+    assert (linet["steps"], linet["seed"], linet["sampler"]) == (2, 3, "ddim") and Path(linet["weights"]).resolve() == (weights / "linet" / "model.pt").resolve()
+    assert {k: linet[k] for k in TINY["linet"]} == TINY["linet"]
+    assert not any(str(v).startswith(str(synthesised["out"].parent / ".lesiondiffusion-work")) for run in prov["bundles"].values() for v in run["settings"].values())
 
 
 def test_rerun_refuses_an_existing_output_unless_overwrite(synthesised: dict, weights: Path) -> None:

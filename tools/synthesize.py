@@ -323,7 +323,22 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _write_case(folder: Path, state: CaseState, settings: SynthesisSettings, weights: dict[str, str], timings: dict[str, float], n_total: int) -> None:
+def _bundle_record(stage: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
+    """What a stage ran: its config file, that file's SHA-256, and every setting passed to it.
+
+    With the bundle's version these fix every parameter of the run, defaults included; paths inside
+    the temporary work folder (gone after the run) are left out.
+    """
+    config = BUNDLES_DIR / stage / "configs" / "inference.json"
+    inside = str(work)
+    given = {k: v for k, v in overrides.items() if not (isinstance(v, str) and v.startswith(inside))}
+    return {"config": str(config.resolve()), "config_sha256": file_sha256(config), "settings": given}
+
+
+def _write_case(
+    folder: Path, state: CaseState, settings: SynthesisSettings, weights: dict[str, str], timings: dict[str, float], n_total: int,
+    bundle_runs: dict[str, Any],
+) -> None:  # fmt: skip
     """Write one case's outputs (see the module docstring) from its final manifest entry."""
     from lesiondiffusion.geometry import read_geometry, save_on_input_grid  # imports MONAI: only when writing
 
@@ -355,6 +370,7 @@ def _write_case(folder: Path, state: CaseState, settings: SynthesisSettings, wei
         "parameters": settings.as_dict(),
         "lesions": [{"organ_id": l.organ_id, "cavity": l.cavity, "box": l.box.to_json(), "report": r} for l, r in zip(entry.lesions, reports)],
         "weights": weights,
+        "bundles": bundle_runs,
         "versions": versions(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "seconds_per_lesion": round(timings["total"] / max(n_total, 1), 3),
@@ -429,9 +445,11 @@ def synthesize(
             ("linet", {**_stage_overrides("linet", settings, weight_files), **extra["linet"]}),
         )
         previous: Path | None = None
+        bundle_runs: dict[str, Any] = {}
         with tqdm(total=len(stages), desc="synthesis", unit="stage") as bar:
             for stage, overrides in stages:
                 bar.set_postfix_str(stage)
+                bundle_runs[stage] = _bundle_record(stage, overrides, work)
                 if not any(s.ok for s in states):
                     timings[stage], memory[stage] = 0.0, None
                 else:
@@ -448,7 +466,7 @@ def synthesize(
             for s in states:
                 if s.ok:
                     try:
-                        _write_case(staging / s.request.case, s, settings, weight_record, timings, n_lesions)
+                        _write_case(staging / s.request.case, s, settings, weight_record, timings, n_lesions, bundle_runs)
                     except (LesionDiffusionError, OSError) as e:
                         s.error, s.stage = " ".join(str(e).split()), "output"
                         shutil.rmtree(staging / s.request.case, ignore_errors=True)
