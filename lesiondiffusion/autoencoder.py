@@ -8,11 +8,14 @@ voxels ``[i * f, (i + 1) * f)`` along each axis (``f`` = :func:`downsample_facto
 The latent LINet diffuses in
 ----------------------------
 :func:`encode` returns the *quantised* codebook embedding (``VQVAE.encode_stage_2_inputs``), shape
-``[B, embedding_dim, *ceil(S / f)]``, rescaled to [-1, 1] by the range of the codebook entries in use
-(the original LesionDiffusion's convention: the codebook's min/max). The scale depends only on the
-weights, so training and sampling agree. :func:`decode` undoes the scale, snaps the latent to the
-nearest codes (``VQVAE.decode_stage_2_outputs``) and decodes: a sampled latent decodes exactly like
-an encoded one.
+``[B, embedding_dim, *ceil(S / f)]``, standardised per channel by the mean and standard deviation of
+the codebook entries weighted by how often training used them (the quantiser's EMA cluster sizes), so
+each channel has about unit variance over the data the VQ-GAN saw (:func:`latent_stats`). The
+diffusion schedules assume data of that scale: the original's single min/max rescale left the
+channels with standard deviations of 0.03-0.24, drowned in unit noise long before the last timestep.
+The statistics depend only on the weights, so training and sampling agree. :func:`decode` undoes the
+scale, snaps the latent to the nearest codes (``VQVAE.decode_stage_2_outputs``) and decodes: a sampled
+latent decodes exactly like an encoded one.
 """
 
 from __future__ import annotations
@@ -136,21 +139,27 @@ def latent_shape(spatial_shape: Sequence[int], factor: int) -> tuple[int, ...]:
     return tuple(ceil(int(s) / factor) for s in spatial_shape)
 
 
-def latent_range(net: nn.Module) -> tuple[float, float]:
-    """(min, max) over the codebook entries in use: the range :func:`encode` maps to [-1, 1].
+def latent_stats(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, std)`` of the codebook, each entry weighted by its training usage.
 
-    Entries never selected during training keep their random initialisation shrunk by the EMA
-    update (or blown up, early on), so they are left out; an untrained codebook uses all entries.
+    The weights are the quantiser's EMA cluster sizes: entries never selected during training weigh
+    nothing (they keep a random initialisation that the EMA update shrank, or blew up early on). An
+    untrained codebook weighs every entry equally. Shapes ``[embedding_dim]``; :func:`encode` maps
+    the embedding ``e`` to ``(e - mean) / std``.
     """
     quantizer = _unwrap(net).quantizer.quantizer
-    codes = quantizer.embedding.weight.detach()
-    used = quantizer.ema_cluster_size > 0
-    if bool(used.any()):
-        codes = codes[used]
-    lo, hi = float(codes.min()), float(codes.max())
-    if hi - lo < 1e-8:  # a single code in use: any unit scale keeps the map invertible
-        lo, hi = lo - 1.0, hi + 1.0
-    return lo, hi
+    codes = quantizer.embedding.weight.detach().double()
+    usage = quantizer.ema_cluster_size.detach().double().clamp_min(0)
+    if float(usage.sum()) <= 0:
+        usage = torch.ones_like(usage)
+    p = (usage / usage.sum())[:, None]
+    mean = (p * codes).sum(0)
+    std = (p * (codes - mean) ** 2).sum(0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def _channel_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.to(like.device).view(1, -1, *([1] * (like.ndim - 2)))
 
 
 @contextmanager
@@ -187,15 +196,15 @@ def _check_input(x: torch.Tensor, what: str = "input") -> None:
 def encode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Encode ``x`` (``[B, 1, *S]``, intensities in [0, 1], any ``S``) to the scaled quantised latent.
 
-    Returns ``[B, embedding_dim, *latent_shape(S, f)]`` in [-1, 1] (see the module docstring).
+    Returns ``[B, embedding_dim, *latent_shape(S, f)]``, standardised (see the module docstring).
     Deterministic: the network runs in eval mode under ``torch.no_grad``.
     """
     _check_input(x)
     with _eval_mode(net) as vq:
         x = x.to(next(vq.parameters()).device, torch.float32)
         e = vq.encode_stage_2_inputs(_pad_to_factor(x, downsample_factor(vq)))
-        lo, hi = latent_range(vq)
-        return (e - lo) / (hi - lo) * 2.0 - 1.0
+        mean, std = latent_stats(vq)
+        return (e - _channel_view(mean, e)) / _channel_view(std, e)
 
 
 def decode(net: nn.Module, z: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
@@ -214,8 +223,9 @@ def decode(net: nn.Module, z: torch.Tensor, spatial_shape: Sequence[int]) -> tor
                 f"latent of spatial shape {tuple(z.shape[2:])} does not match an image of shape {spatial_shape} "
                 f"(expected {expected} for downsampling x{f})"
             )
-        lo, hi = latent_range(vq)
-        e = (z.to(next(vq.parameters()).device, torch.float32) + 1.0) / 2.0 * (hi - lo) + lo
+        mean, std = latent_stats(vq)
+        z = z.to(next(vq.parameters()).device, torch.float32)
+        e = z * _channel_view(std, z) + _channel_view(mean, z)
         out = vq.decode_stage_2_outputs(e)
         return out[(..., *(slice(0, s) for s in spatial_shape))]
 

@@ -91,20 +91,43 @@ def test_decode_of_encode_matches_the_vqvae_forward(net: VQVAE) -> None:
     assert torch.allclose(SimpleInferer()(x, ae.Reconstructor(net)), expected, atol=1e-5)
 
 
-def test_latent_scale_uses_the_codes_in_use() -> None:
+def test_latent_is_standardised_by_the_codes_training_used() -> None:
     torch.manual_seed(2)
     net = ae.build_vqvae("cpu").eval()
     q = net.quantizer.quantizer
     with torch.no_grad():
         q.embedding.weight[0] = 1e4  # an unused code with a runaway value must not set the scale
-        q.ema_cluster_size[1:] = 1.0
-    lo, hi = ae.latent_range(net)
-    used = q.embedding.weight[1:]
-    assert (lo, hi) == (pytest.approx(float(used.min())), pytest.approx(float(used.max())))
-    z = ae.encode(net, smooth_volume((32, 32, 32)))
-    assert z.min() >= -1.0 - 1e-6 and z.max() <= 1.0 + 1e-6
+        q.ema_cluster_size.zero_()
+        q.ema_cluster_size[1:] = torch.rand(net.num_embeddings - 1) + 0.5  # uneven usage
+    mean, std = ae.latent_stats(net)
+    used, p = q.embedding.weight[1:].double(), (q.ema_cluster_size[1:] / q.ema_cluster_size[1:].sum()).double()
+    expected_mean = (p[:, None] * used).sum(0)
+    assert torch.allclose(mean.double(), expected_mean, atol=1e-5)
+    assert torch.allclose(std.double(), (p[:, None] * (used - expected_mean) ** 2).sum(0).sqrt(), atol=1e-5)
+    # codes drawn as often as training used them come out with zero mean and unit variance per channel
+    draws = torch.multinomial(q.ema_cluster_size.double(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    codes = q.embedding.weight[draws].T.reshape(1, net.embedding_dim, 200_000, 1, 1)
+    z = (codes - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
+    assert torch.allclose(z.mean(dim=(0, 2, 3, 4)), torch.zeros(4), atol=0.02)
+    assert torch.allclose(z.std(dim=(0, 2, 3, 4)), torch.ones(4), atol=0.02)
+    # encode applies exactly that map to the quantised embedding, and decode inverts it
+    x = smooth_volume((32, 32, 32))
+    e = net.encode_stage_2_inputs(x)
+    assert torch.allclose(ae.encode(net, x), (e - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), atol=1e-5)
+    z = ae.encode(net, x)
+    assert torch.allclose(ae.decode(net, z, (32, 32, 32)), net.decode_stage_2_outputs(e), atol=1e-5)
     # a latent perturbed by less than half a code spacing decodes to the same image (snaps to the codebook)
     assert torch.allclose(ae.decode(net, z + 1e-6, (32, 32, 32)), ae.decode(net, z, (32, 32, 32)))
+
+
+def test_an_untrained_codebook_weighs_every_code_equally() -> None:
+    torch.manual_seed(3)
+    net = ae.build_vqvae("cpu").eval()
+    net.quantizer.quantizer.ema_cluster_size.zero_()
+    codes = net.quantizer.quantizer.embedding.weight.detach()
+    mean, std = ae.latent_stats(net)
+    assert torch.allclose(mean, codes.mean(0), atol=1e-5)
+    assert torch.allclose(std, codes.std(0, unbiased=False), atol=1e-5)
 
 
 def test_decode_rejects_a_latent_of_the_wrong_shape(net: VQVAE) -> None:
