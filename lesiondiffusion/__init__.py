@@ -2,5 +2,5 @@
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["InputError", "LesionDiffusionError", "__version__"]

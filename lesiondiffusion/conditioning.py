@@ -28,7 +28,8 @@ Two halves, so that the data pipeline stays tensor-only and the embedding is tra
      stored in the state dict so inference needs no tower) followed by a learned projection to ``D``.
      The tower is loaded lazily from a LOCAL open_clip folder; ``open_clip`` is imported only then.
 
-:func:`build_condition_encoder` picks one by name (for bundle configs).
+:func:`build_condition_encoder` picks one by name (for bundle configs). :class:`IntensityHint` also gives
+LINet the CT value as an image inside the lesion mask.
 """
 
 from __future__ import annotations
@@ -265,6 +266,43 @@ class RandConditionDropoutd(RandomizableTransform, MapTransform):
                 cond = cond * keep[:, None].to(cond.dtype)
             d[key] = cond
         return d
+
+
+class IntensityHint(nn.Module):
+    """The requested CT value painted into the lesion mask: two extra input channels for LINet.
+
+    Cross-attention carries the CT value as one token among ten, read only at the UNet's lowest level;
+    a region's intensity is a local, per-voxel fact, so the same number is also given where it applies:
+    ``forward(condition, extra) -> [B, 2, *S]`` = (mask where the CT value is known, mask * HU / 100).
+    The scale matters: the networks learn with Adam, whose steps do not grow with an input's range,
+    so a 40 HU difference must be a difference of order 0.1-1 in the input to be learned in thousands
+    of iterations rather than tens of thousands (on the [0, 1] intensity map it is 0.06). The mask is
+    channel ``mask_channel`` of ``extra``. A condition whose CT value row is zero (attribute dropout,
+    the null condition of guidance) gives zero channels, so the hint is dropped exactly when the
+    attribute is, and guidance strengthens it like any attribute.
+    """
+
+    channels = 2
+    hu_unit = 100.0
+    limit = 10.0  # +-1000 HU: air and dense bone, the ends of the intensity map
+
+    def __init__(self, fields: Sequence[str] = V.IMAGE_FIELDS, mask_channel: int = 0, max_values: int = 4) -> None:
+        super().__init__()
+        spec = ConditionSpec(tuple(fields), max_values)
+        if V.CT_VALUE not in spec.fields:
+            raise LesionDiffusionError(f"the intensity hint needs {V.CT_VALUE!r} among the condition fields")
+        self.row = spec.fields.index(V.CT_VALUE)
+        self.mask_channel = mask_channel
+
+    def forward(self, condition: torch.Tensor | None, extra: torch.Tensor) -> torch.Tensor:
+        mask = extra[:, self.mask_channel : self.mask_channel + 1]
+        if condition is None:
+            return torch.zeros_like(mask).repeat_interleave(self.channels, dim=1)
+        row = condition[:, self.row].to(mask.dtype)
+        known = (row[:, 0] > 0.5).to(mask.dtype)
+        value = (row[:, 1] / self.hu_unit).clamp(-self.limit, self.limit) * known
+        shape = (-1,) + (1,) * (mask.ndim - 1)
+        return torch.cat([mask * known.view(shape), mask * value.view(shape)], dim=1)
 
 
 # ---- encoders -----------------------------------------------------------------------------------

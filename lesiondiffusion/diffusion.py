@@ -90,13 +90,16 @@ class ConditionedDiffusionModel(nn.Module):
     ``forward(x, timesteps, context=None, extra=None)``: ``extra`` channels (known inputs such as organ
     maps) are concatenated after ``x``; ``context`` is the raw condition tensor ``[B, n, width]`` of
     :class:`lesiondiffusion.conditioning.ReportConditiond`, embedded by ``encoder`` into ``[B, n, D]``
-    for cross-attention (with ``encoder=None`` it is passed to the UNet unchanged).
+    for cross-attention (with ``encoder=None`` it is passed to the UNet unchanged). ``hint`` (optional,
+    e.g. :class:`lesiondiffusion.conditioning.IntensityHint`) turns the raw condition and ``extra`` into
+    more input channels, appended after ``extra``.
     """
 
-    def __init__(self, unet: nn.Module, encoder: nn.Module | None = None) -> None:
+    def __init__(self, unet: nn.Module, encoder: nn.Module | None = None, hint: nn.Module | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.encoder = encoder
+        self.hint = hint
 
     def forward(
         self,
@@ -105,6 +108,8 @@ class ConditionedDiffusionModel(nn.Module):
         context: torch.Tensor | None = None,
         extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if extra is not None and self.hint is not None:
+            extra = torch.cat([extra.to(x.dtype), self.hint(context, extra.to(x.dtype))], dim=1)
         if extra is not None:
             x = torch.cat([x, extra.to(x.dtype)], dim=1)
         if context is not None and self.encoder is not None:

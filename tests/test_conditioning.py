@@ -13,6 +13,7 @@ from lesiondiffusion import vocabulary as V
 from lesiondiffusion.conditioning import (
     BiomedCLIPConditionEncoder,
     ConditionSpec,
+    IntensityHint,
     RandConditionDropoutd,
     ReportConditiond,
     TextEmbeddingCache,
@@ -192,3 +193,27 @@ def test_biomedclip_needs_local_weights_and_open_clip(tmp_path):
             build_condition_encoder("biomedclip", biomedclip_path=empty, dim=8)(torch.zeros(1, *ConditionSpec().shape))
     with pytest.raises(LesionDiffusionError, match="unknown condition encoder"):
         build_condition_encoder("clip")
+
+
+def test_intensity_hint_paints_the_ct_value_into_the_mask_and_drops_with_it():
+    spec = ConditionSpec(V.IMAGE_FIELDS)
+    dark, bright = (spec.encode({**LIVER, V.CT_VALUE: f"Mean density of the lesion region is approximately {hu} HU,"}) for hu in (20, 90))
+    cond = torch.stack([dark, bright, null_condition(dark)])
+    mask = torch.zeros(3, 1, 6, 6, 6)
+    mask[:, :, 2:4, 1:5, 2:5] = 1
+    extra = torch.cat([mask, torch.rand(3, 2, 6, 6, 6)], dim=1)  # the mask is channel 0 of several
+    hint = IntensityHint(V.IMAGE_FIELDS)(cond, extra)
+    assert hint.shape == (3, IntensityHint.channels, 6, 6, 6) and type(hint) is torch.Tensor
+    inside = mask[0, 0] > 0
+    for i, hu in enumerate((20.0, 90.0)):
+        assert torch.equal(hint[i, 0], mask[i, 0])  # known: the mask itself
+        assert torch.allclose(hint[i, 1][inside], torch.full((int(inside.sum()),), hu / 100.0))  # in units of 100 HU
+        assert not hint[i, :, ~inside].any()  # nothing outside the mask
+    assert hint[1, 1][inside].min() > hint[0, 1][inside].max()  # brighter request, brighter hint
+    assert not hint[2].any()  # null condition (guidance) / dropped CT value: no hint
+    dropped = RandConditionDropoutd(prob_attribute=1.0, prob_all=0.0)
+    dropped.set_random_state(0)
+    assert not IntensityHint(V.IMAGE_FIELDS)(dropped({"condition": dark})["condition"][None], extra[:1]).any()
+    assert not IntensityHint(V.IMAGE_FIELDS)(None, extra).any()
+    with pytest.raises(LesionDiffusionError, match="CT value"):
+        IntensityHint(V.MASK_FIELDS)

@@ -13,7 +13,7 @@ from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 from torch import nn
 
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.conditioning import ConditionSpec, VocabConditionEncoder
+from lesiondiffusion.conditioning import ConditionSpec, IntensityHint, VocabConditionEncoder
 from lesiondiffusion.diffusion import (
     PREDICTION_TYPES,
     SAMPLERS,
@@ -37,7 +37,15 @@ def tiny_model(dim: int = 8, extra: int = 3) -> ConditionedDiffusionModel:
         spatial_dims=3, in_channels=1 + extra, out_channels=1, channels=(8, 8), attention_levels=(False, True),
         num_res_blocks=1, num_head_channels=8, norm_num_groups=4, with_conditioning=True, cross_attention_dim=dim,
     )
-    return ConditionedDiffusionModel(unet, VocabConditionEncoder(dim=dim))
+    return ConditionedDiffusionModel(with_live_output(unet), VocabConditionEncoder(dim=dim))
+
+
+def with_live_output(unet: DiffusionModelUNet) -> DiffusionModelUNet:
+    """MONAI zero-initialises the UNet's last convolution (all outputs 0): give it weights, so inputs show."""
+    with torch.no_grad():
+        for p in unet.out.parameters():
+            p.normal_(0.0, 0.1)
+    return unet
 
 
 def condition(shape: str = "round-like") -> torch.Tensor:
@@ -119,9 +127,29 @@ def test_wrapper_concatenates_extra_channels_and_embeds_the_condition():
     extra = torch.rand(2, 3, 8, 8, 8)
     cond = torch.cat([condition(), condition("punctate")])
     out = model(x, timesteps=torch.tensor([10, 500]), context=cond, extra=extra)
-    assert out.shape == x.shape
+    assert out.shape == x.shape and out.abs().max() > 0
     direct = model.unet(torch.cat([x, extra], 1), timesteps=torch.tensor([10, 500]), context=model.encoder(cond))
     assert torch.allclose(out, direct)
+
+
+def test_wrapper_appends_the_hint_channels_after_extra():
+    torch.manual_seed(0)
+    unet = DiffusionModelUNet(
+        spatial_dims=3, in_channels=1 + 1 + IntensityHint.channels, out_channels=1, channels=(8, 8), attention_levels=(False, True),
+        num_res_blocks=1, num_head_channels=8, norm_num_groups=4, with_conditioning=True, cross_attention_dim=8,
+    )
+    model = ConditionedDiffusionModel(with_live_output(unet), VocabConditionEncoder(V.IMAGE_FIELDS, dim=8), hint=IntensityHint(V.IMAGE_FIELDS))
+    spec = ConditionSpec(V.IMAGE_FIELDS)
+    cond = torch.stack([spec.encode({V.CT_VALUE: f"approximately {hu} HU"}) for hu in (10, 80)])
+    x, mask = torch.randn(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 8)
+    mask[..., 2:6, 2:6, 2:6] = 1
+    t = torch.tensor([10, 10])
+    out = model(x, timesteps=t, context=cond, extra=mask)
+    inputs = torch.cat([x, mask, model.hint(cond, mask)], 1)
+    assert torch.allclose(out, model.unet(inputs, timesteps=t, context=model.encoder(cond)))
+    # the CT value reaches the first convolution, not only the cross-attention
+    same_tokens = model.unet(torch.cat([x, mask, model.hint(cond.flip(0), mask)], 1), timesteps=t, context=model.encoder(cond))
+    assert not torch.allclose(out, same_tokens)
 
 
 def test_weighted_loss():

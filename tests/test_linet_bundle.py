@@ -33,6 +33,7 @@ from lesiondiffusion.geometry import record_geometry, standardise, write_geometr
 from lesiondiffusion.manifest import CaseEntry, LesionEntry, Manifest, read_manifest, write_manifest
 from lesiondiffusion.paste import outside_margin
 from lesiondiffusion.placement import Box
+from lesiondiffusion.transforms import CTIntensityMap
 
 ROOT = Path(__file__).resolve().parents[1]
 LINET = ROOT / "bundles" / "linet"
@@ -43,6 +44,9 @@ TINY = [
     "--presets#cpu#norm_num_groups", "8",
     "--presets#cpu#num_head_channels", "8",
     "--presets#cpu#condition_dim", "16",
+    # the noise objective: its loss does not scale with the sampled timestep as the velocity's does, so
+    # that 24 iterations show the fall (the default v_prediction runs end to end in test_synthesize.py)
+    "--prediction_type", "epsilon",
 ]  # fmt: skip
 TRAIN = [*TINY, "--presets#cpu#lr", "0.001", "--log_every", "1", "--num_workers", "0"]
 LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss: ([0-9.]+)")
@@ -424,3 +428,65 @@ def test_crop_window_grows_for_large_lesions_and_pads_beyond_the_volume():
     big[10:60, 20:30, 30:35] = True
     start, size = inpaint.crop_window(big, (32, 32, 32), 8, 16)
     assert size.tolist() == [80, 32, 32] and start[0] <= 10 - 8 and start[0] + size[0] >= 60 + 8
+
+
+def test_intensity_prior_fills_the_lesion_flat_at_its_mean_or_the_asked_value():
+    train = load_scripts().train
+    to_unit, to_hu = CTIntensityMap(), CTIntensityMap(inverse=True)
+    image = torch.as_tensor(to_unit(torch.linspace(-100, 100, 2 * 8**3).reshape(2, 1, 8, 8, 8)))
+    mask = torch.zeros(2, 1, 8, 8, 8)
+    mask[0, :, 2:5, 2:5, 2:5] = 1
+    mask[1, :, 4:7, 1:3, 0:8] = 1
+    own = train.intensity_prior(image, mask)
+    asked = train.intensity_prior(image, mask, torch.tensor([30.0, -60.0]))
+    for prior, values in ((own, [to_hu(image[i][mask[i] > 0]).mean() for i in range(2)]), (asked, [30.0, -60.0])):
+        assert type(prior) is torch.Tensor and prior.shape == image.shape
+        assert torch.equal(prior[mask == 0], image[mask == 0])  # nothing outside the mask changes
+        for i, hu in enumerate(values):
+            inside = torch.as_tensor(to_hu(prior[i][mask[i] > 0]))
+            assert torch.allclose(inside, torch.full_like(inside, float(hu)), atol=1e-3)  # flat, at the value
+
+
+def test_prepare_batch_diffuses_the_residual_over_the_prior_inside_the_mask(vqgan):
+    train = load_scripts().train
+    from lesiondiffusion.diffusion import training_scheduler
+
+    torch.manual_seed(0)
+    autoencoder = train.frozen_autoencoder(str(vqgan), "cpu", "cpu")
+    image = torch.rand(2, 1, 32, 32, 32) * 0.2 + 0.4
+    mask = torch.zeros(2, 1, 32, 32, 32)
+    mask[:, :, 10:20, 12:22, 8:18] = 1
+    condition = torch.zeros(2, 10, 4)
+    prepare = train.LatentPrepareBatch(training_scheduler("v_prediction"), autoencoder)
+    x0, target, _, kwargs = prepare({"image": image, "label": mask, "condition": condition})
+    z, prior = ae.encode(autoencoder, image), ae.encode(autoencoder, train.intensity_prior(image, mask))
+    m = train.latent_mask(mask, 4)
+    assert torch.allclose(x0, z - prior, atol=1e-5)  # what is diffused: the residual over the prior
+    assert torch.allclose(kwargs["extra"], torch.cat([m, prior], dim=1), atol=1e-5)  # mask, then the prior latent
+    assert torch.equal(kwargs["noise_mask"], m) and torch.equal(target[:, -1:], m)  # noised and weighted inside only
+    assert torch.allclose(target[:, :-1], prepare.scheduler.get_velocity(x0, kwargs["noise"], kwargs["timesteps"]), atol=1e-5)
+
+
+def test_prior_fill_meets_the_target_through_a_lossy_autoencoder(vqgan, monkeypatch):
+    inpaint = load_scripts().inpaint
+    from lesiondiffusion.diffusion import DiffusionSampler
+
+    inpainter = inpaint.LesionInpainter(torch.nn.Identity(), ae.load_vqvae(str(vqgan)), DiffusionSampler("ddim", 1, progress=False))
+    renders = []
+
+    def lossy(image, lesion, fill):  # an autoencoder that gives back half the contrast to a 40 HU surrounding
+        renders.append(fill)
+        return 40.0 + 0.5 * (fill - 40.0)
+
+    monkeypatch.setattr(inpainter, "_rendered_hu", lossy)
+    image, lesion = torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 1, 8, 8, 8)
+    inpainter.calibration_rounds = 2
+    fill = inpainter.prior_fill(image, lesion, 70.0)
+    assert renders == [70.0, 85.0]  # two rounds: two encode-decode renders
+    assert lossy(None, None, fill) == pytest.approx(70.0) and fill == pytest.approx(100.0)  # the response measured, then met
+    inpainter.calibration_rounds = 1
+    assert inpainter.prior_fill(image, lesion, 70.0) == pytest.approx(85.0)  # one step, one for one
+    inpainter.calibration_rounds, inpainter.calibration_limit_hu = 2, 20.0
+    assert inpainter.prior_fill(image, lesion, 70.0) == pytest.approx(90.0)  # never further than the limit
+    inpainter.calibration_rounds = 0
+    assert inpainter.prior_fill(image, lesion, 70.0) == 70.0 and inpainter.prior_fill(image, lesion, None) is None

@@ -7,10 +7,12 @@
 #   tools/train_demo_weights.sh lmnet          # runs/train_lmnet   }
 #   tools/train_demo_weights.sh linet          # runs/train_linet   (needs runs/train_vqgan/model.pt)
 #   tools/train_demo_weights.sh ship           # copies each model.pt into bundles/<stage>/models/
-#   tools/train_demo_weights.sh check          # held-out checks: VQ-GAN reconstruction (runs/eval_vqgan), 33 synthesis requests evaluated (benchmarks/results/heldout_evaluation)
+#   tools/train_demo_weights.sh check          # held-out checks: VQ-GAN reconstruction (runs/eval_vqgan), 33 synthesis requests evaluated
+#                                              # (benchmarks/results/heldout_evaluation), LINet's density response (benchmarks/results/linet_density.md)
 #
-# Iterations: VQGAN_EPOCHS x 100, LMNET_EPOCHS x 50, LINET_EPOCHS x 50 (environment variables; the
-# defaults are the counts the shipped weights were trained for, see each bundles/<stage>/models/README.md).
+# Iterations: the VQ-GAN's four runs as listed below (800 + 1500 + 8000 + 4100), LMNET_EPOCHS x 50,
+# LINET_EPOCHS x 100 (environment variables; the defaults are the counts the shipped weights were
+# trained for, see each bundles/<stage>/models/README.md).
 # Crops are smaller than the presets' (same networks): on a shared 2-core CPU that is what made a few
 # hundred iterations fit in the time there was. One torch thread per run (OMP_NUM_THREADS=1).
 set -euo pipefail
@@ -19,21 +21,28 @@ PY="$ROOT/.venv/bin/python"
 DATA="$ROOT/runs/phantom_train"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 
-train() {  # train STAGE [overrides...]: the bundle's train.json, cpu preset, output in runs/train_STAGE
-    local stage="$1"; shift
+train() {  # train STAGE RUN [overrides...]: the bundle's train.json, cpu preset, output in runs/RUN
+    local stage="$1" run="$2"; shift 2
     cd "$ROOT/bundles/$stage"
     "$PY" -m monai.bundle run --config_file configs/train.json --meta_file configs/metadata.json \
         --logging_file configs/logging.conf --bundle_root "$ROOT/bundles/$stage" \
-        --datalist "$DATA/datalist.json" --output_dir "$ROOT/runs/train_$stage" --preset cpu --seed 0 "$@"
+        --datalist "$DATA/datalist.json" --output_dir "$ROOT/runs/$run" --preset cpu "$@"
 }
 
 case "${1:-}" in
     dataset) "$ROOT/.venv/bin/lesiondiffusion" make-dataset --n 64 --out "$DATA" --seed 0 --val_fraction 0.125 ;;
-    vqgan) train vqgan --crop_size "[32,32,32]" --iter_num 100 --max_epochs "${VQGAN_EPOCHS:-8}" \
-               --num_workers 0 --save_every 25 --log_every 25 --progress false ;;
-    lmnet) train lmnet --crop "[32,32,16]" --iter_num 50 --max_epochs "${LMNET_EPOCHS:-20}" --num_workers 0 --save_every 25 ;;
-    linet) train linet --vqgan_weights "$ROOT/runs/train_vqgan/model.pt" --crop_size "[48,48,48]" \
-               --iter_num 50 --max_epochs "${LINET_EPOCHS:-65}" --num_workers 0 --save_every 25 --log_every 10 ;;
+    vqgan)  # four runs, each fine-tuning the one before (new optimiser, new discriminator, adversarial term from the start)
+        V=(--crop_size "[32,32,32]" --iter_num 100 --num_workers 0 --progress false)
+        train vqgan train_vqgan_1 "${V[@]}" --max_epochs 8 --save_every 25 --log_every 25
+        train vqgan train_vqgan_2 "${V[@]}" --max_epochs 15 --save_every 25 --log_every 25 --adv_start 0 \
+            --finetune_from "$ROOT/runs/train_vqgan_1/model.pt"
+        train vqgan train_vqgan_3 "${V[@]}" --max_epochs 80 --save_every 100 --log_every 100 --adv_start 0 --seed 1 \
+            --finetune_from "$ROOT/runs/train_vqgan_2/model.pt"
+        train vqgan train_vqgan "${V[@]}" --max_epochs 41 --save_every 100 --log_every 100 --adv_start 0 --seed 2 --lr 0.0001 \
+            --finetune_from "$ROOT/runs/train_vqgan_3/model.pt" ;;
+    lmnet) train lmnet train_lmnet --crop "[32,32,16]" --iter_num 50 --max_epochs "${LMNET_EPOCHS:-20}" --num_workers 0 --save_every 25 ;;
+    linet) train linet train_linet --vqgan_weights "$ROOT/runs/train_vqgan/model.pt" --crop_size "[48,48,48]" \
+               --iter_num 100 --max_epochs "${LINET_EPOCHS:-100}" --num_workers 0 --save_every 100 --log_every 100 ;;
     ship) for stage in vqgan lmnet linet; do
               mkdir -p "$ROOT/bundles/$stage/models"
               cp "$ROOT/runs/train_$stage/model.pt" "$ROOT/bundles/$stage/models/model.pt"
@@ -49,6 +58,9 @@ case "${1:-}" in
         "$ROOT/.venv/bin/lesiondiffusion" synthesize --requests "$ROOT/runs/heldout_requests/requests.json" \
             --out "$ROOT/runs/heldout_synth" --seed 0 --steps 25 --overwrite || true  # failed cases are in the report
         "$ROOT/.venv/bin/lesiondiffusion" evaluate --pred "$ROOT/runs/heldout_synth" \
-            --requests "$ROOT/runs/heldout_requests/requests.json" --out "$ROOT/benchmarks/results/heldout_evaluation" ;;
+            --requests "$ROOT/runs/heldout_requests/requests.json" --out "$ROOT/benchmarks/results/heldout_evaluation"
+        # LINet alone on the validation phantoms' true masks: density response per guidance scale
+        (cd "$ROOT" && "$PY" benchmarks/linet_density.py --weights bundles/linet/models/model.pt \
+            --vqgan_weights bundles/vqgan/models/model.pt --datalist runs/phantom_train/datalist.json --cases 8 --guidance 1.0,2.0) ;;
     *) echo "usage: $0 dataset|vqgan|lmnet|linet|ship|check" >&2; exit 2 ;;
 esac

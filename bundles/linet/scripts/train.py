@@ -4,12 +4,18 @@ One iteration (MONAI ``SupervisedTrainer``):
 
 1. the data pipeline gives a CT crop around a lesion (``image``, [0, 1]), its lesion mask (``label``)
    and the attribute condition (``condition``);
-2. :class:`LatentPrepareBatch` encodes the crop with the frozen VQ-GAN (or takes a cached ``latent``),
-   puts the lesion mask on the latent grid, and hands over to the shared
-   :class:`~lesiondiffusion.diffusion.ConditionedDiffusionPrepareBatch`: noise only inside the mask, the
-   mask as an extra input channel, the mask as the loss weight;
+2. :class:`LatentPrepareBatch` encodes the crop with the frozen VQ-GAN, and encodes it once more with
+   the lesion filled flat at the lesion's mean intensity (:func:`intensity_prior`): the *prior* latent.
+   The network learns the *residual* ``latent - prior``: a network that has learnt nothing yet already
+   paints a lesion of the asked-for mean HU, and what it learns is the lesion's structure (edges,
+   texture, heterogeneity). The residual is noised only inside the lesion mask; the mask and the prior
+   latent are extra input channels; the mask is the loss weight. It hands over to the shared
+   :class:`~lesiondiffusion.diffusion.ConditionedDiffusionPrepareBatch`;
 3. :class:`LINetLoss` is the original's L1 inside the mask, normalised by the mask's voxel count per
    sample, plus an optional Dice term on a predicted mask logit.
+
+At inference the prior's fill is the report's CT value (reports extracted from labelled scans state
+the lesion's mean HU as their CT value, so training and inference fill alike).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import DistributedWeightedRandomSampler
 from monai.networks.schedulers import Scheduler
+from monai.utils import convert_to_tensor
 from torch import nn
 from torch.utils.data import Dataset, RandomSampler, Sampler
 
@@ -30,11 +37,14 @@ from lesiondiffusion import autoencoder as ae
 from lesiondiffusion.dataset import read_datalist
 from lesiondiffusion.diffusion import ConditionedDiffusionPrepareBatch
 from lesiondiffusion.errors import InputError
+from lesiondiffusion.transforms import CTIntensityMap
 
 logger = logging.getLogger(__name__)
+_TO_UNIT, _TO_HU = CTIntensityMap(), CTIntensityMap(inverse=True)
 
-LATENT = "latent"
+LATENT = "latent"  # the residual the network diffuses: latent - prior
 LATENT_MASK = "latent_mask"
+PRIOR = "prior_latent"
 
 
 def latent_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
@@ -58,6 +68,23 @@ def latent_fraction(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return pool(m, kernel_size=factor, stride=factor, ceil_mode=True)
 
 
+def intensity_prior(image: torch.Tensor, mask: torch.Tensor, value_hu: torch.Tensor | float | None = None) -> torch.Tensor:
+    """``image`` ([B, 1, *S] on the [0, 1] map) with the ``mask`` voxels set to one intensity per sample.
+
+    The intensity is ``value_hu`` (HU, per sample) when given, else the mean HU of the image under the
+    mask (what a report's CT value states); a sample with an empty mask is returned unchanged.
+    """
+    image = convert_to_tensor(image, track_meta=False)
+    m = (convert_to_tensor(mask, track_meta=False) > 0.5).to(image.dtype)
+    dims = tuple(range(1, image.ndim))
+    if value_hu is None:
+        hu = convert_to_tensor(_TO_HU(image), track_meta=False)
+        value_hu = (hu * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1.0)
+    value = _TO_UNIT(torch.as_tensor(value_hu, dtype=image.dtype, device=image.device).reshape(-1))
+    value = convert_to_tensor(value, track_meta=False).view(-1, *([1] * (image.ndim - 1)))
+    return image * (1 - m) + value * m
+
+
 def frozen_autoencoder(weights: str, preset: str, device: str | torch.device) -> nn.Module:
     """The trained VQ-GAN from a local file, in eval mode with gradients off (it is never trained here)."""
     net = ae.load_vqvae(weights, preset=preset, device=device, key="vqgan_weights")
@@ -66,7 +93,7 @@ def frozen_autoencoder(weights: str, preset: str, device: str | torch.device) ->
 
 
 class LatentPrepareBatch(ConditionedDiffusionPrepareBatch):
-    """Diffusion prepare-batch on the VQ-GAN latent of an image crop, noised only inside the lesion.
+    """Diffusion prepare-batch on the residual of a crop's VQ-GAN latent over its intensity prior.
 
     Args:
         scheduler: the training scheduler.
@@ -75,8 +102,10 @@ class LatentPrepareBatch(ConditionedDiffusionPrepareBatch):
         condition_key: the attribute condition tensor.
         mask_head: also return the latent lesion fraction as the target of a mask logit (Dice term).
 
-    A batch that already holds ``latent`` (and ``latent_mask``) is used as is (cached latents).
-    The target is ``[noise (or velocity), mask weight (, lesion fraction)]`` along the channels.
+    ``x0`` is ``encode(crop) - encode(intensity_prior(crop, mask))``, noised inside the lesion's latent
+    cells only; the extra input channels are the latent mask and the prior latent. Latents are computed
+    on the fly (the VQ-GAN is small next to the UNet). The target is ``[noise (or velocity), mask weight
+    (, lesion fraction)]`` along the channels.
     """
 
     def __init__(
@@ -92,7 +121,7 @@ class LatentPrepareBatch(ConditionedDiffusionPrepareBatch):
             scheduler,
             image_key=LATENT,
             condition_key=condition_key,
-            extra_keys=(LATENT_MASK,),
+            extra_keys=(LATENT_MASK, PRIOR),
             weight_key=LATENT_MASK,
             noise_mask_key=LATENT_MASK,
         )
@@ -107,11 +136,11 @@ class LatentPrepareBatch(ConditionedDiffusionPrepareBatch):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         batch = dict(batchdata)
         mask = torch.as_tensor(batch[self.mask_key]).to(device=device).float()
-        if LATENT not in batch:
-            image = torch.as_tensor(batch[self.source_key]).to(device=device)
-            batch[LATENT] = ae.encode(self.autoencoder, image)
-        if LATENT_MASK not in batch:
-            batch[LATENT_MASK] = latent_mask(mask, self.factor)
+        image = torch.as_tensor(batch[self.source_key]).to(device=device).float()
+        prior = ae.encode(self.autoencoder, intensity_prior(image, mask))
+        batch[LATENT] = ae.encode(self.autoencoder, image) - prior
+        batch[PRIOR] = prior
+        batch[LATENT_MASK] = latent_mask(mask, self.factor)
         images, target, args, infer_kwargs = super().__call__(batch, device, non_blocking, **kwargs)
         if self.mask_head:
             target = torch.cat([target, latent_fraction(mask, self.factor).to(target)], dim=1)
