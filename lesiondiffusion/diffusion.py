@@ -387,6 +387,8 @@ class DiffusionSampler:
 
     The sampler's own state is mapped to the network's parametrisation at equal signal-to-noise ratio
     (same ``x0`` and ``eps``, rescaled), so e.g. a DDPM ``epsilon`` network samples with rectified flow.
+    ``network_calls`` counts the network evaluations made so far (one per step; guidance batches the
+    unconditional and the conditional pass into one call).
     """
 
     def __init__(
@@ -424,6 +426,7 @@ class DiffusionSampler:
             self.scheduler = RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True)
             self.state_space = _Parametrisation("rflow", num_train_timesteps, None)
         self.scheduler.set_timesteps(self.steps)
+        self.network_calls = 0
 
     def _model_output(
         self,
@@ -456,6 +459,7 @@ class DiffusionSampler:
             inputs, cond, ext = x_m, condition, extra
         timesteps = torch.full((inputs.shape[0],), t_m, device=x.device, dtype=torch.float32 if isinstance(t_m, float) else torch.long)
         out = model(inputs, timesteps=timesteps, context=cond, extra=ext)
+        self.network_calls += 1
         if out.shape[0] != batch:
             uncond, cond_out = out[:batch], out[batch:]
             out = uncond + g * (cond_out - uncond)

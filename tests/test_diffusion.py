@@ -220,8 +220,11 @@ def test_guidance_batches_null_and_real_condition():
     DiffusionSampler("ddim", steps=3, guidance_scale=1.0, progress=False)(probe, (1, 1, 4, 4, 4), condition=cond)
     assert len(probe.calls) == 3 and all(c["x"].shape[0] == 1 for c in probe.calls)  # one evaluation per step
     probe.calls.clear()
-    DiffusionSampler("ddim", steps=3, guidance_scale=3.0, progress=False)(probe, (1, 1, 4, 4, 4), condition=cond, extra=torch.ones(1, 2, 4, 4, 4))
-    assert len(probe.calls) == 3
+    guided = DiffusionSampler("ddim", steps=3, guidance_scale=3.0, progress=False)
+    guided(probe, (1, 1, 4, 4, 4), condition=cond, extra=torch.ones(1, 2, 4, 4, 4))
+    assert len(probe.calls) == 3 and guided.network_calls == 3  # the sampler counts what it called
+    guided(probe, (1, 1, 4, 4, 4), condition=cond, extra=torch.ones(1, 2, 4, 4, 4))
+    assert guided.network_calls == 6 == len(probe.calls)  # counted across samples
     first = probe.calls[0]
     assert first["x"].shape[0] == 2 and first["extra"].shape[0] == 2
     assert not first["context"][0].any() and torch.equal(first["context"][1:], cond)

@@ -339,6 +339,7 @@ def test_inference_manifest_label_map_and_preview(inferred, vqgan):
         with Image.open(preview) as png:
             assert png.format == "PNG" and png.size == (576, 576)
         assert entry["linet"]["settings"]["steps"] == 3 and entry["linet"]["settings"]["sampler"] == "ddim"
+        assert entry["linet"]["network_calls"] == 3 * len(entry["lesions"])  # one call per step and lesion, counted
         assert set(entry["linet"]["weights"]) == {"weights", "vqgan_weights"}
         assert entry["linet"]["weights"]["vqgan_weights"]["sha256"] == digest(vqgan)
 

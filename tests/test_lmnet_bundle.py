@@ -134,11 +134,14 @@ def manifest(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "manifest.json"
 
 
+INFER_STEPS = "4"
+
+
 def infer(manifest: Path, weights: Path | None, out: Path, *extra: str) -> subprocess.CompletedProcess:
     given = ["--weights", str(weights)] if weights is not None else []
     return bundle_run(
         LMNET, "configs/inference.json", "--manifest", str(manifest), *given, "--output_dir", str(out),
-        "--steps", "4", *TINY, *extra,
+        "--steps", INFER_STEPS, *TINY, *extra,
     )  # fmt: skip
 
 
@@ -164,6 +167,9 @@ def test_inference_writes_valid_lesions(manifest, inferred):
     lesions = label == 2
     components, n = ndi.label(lesions)
     assert n == len(case.lesions) == 2  # one component per box, none touching another
+    steps = int(INFER_STEPS)
+    calls = case.extra["lmnet"]["network_calls"]  # counted by the sampler, retries included
+    assert calls >= steps * len(case.lesions) and calls % steps == 0
     for lesion in case.lesions:
         region = allowed_region(organ_seg == lesion.organ_id, lesion.cavity, lesion.box)
         inside = components[region]

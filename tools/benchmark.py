@@ -105,9 +105,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"- LMNet + LINet (preprocessing excluded): {r['seconds_per_lesion_networks']:.1f} s per lesion; of which process start-up "
         f"(import, config, no work) is about {r['startup_s']:.1f} s per bundle process.",
-        f"- Network evaluations (UNet calls) per lesion: {r['network_evaluations']}, i.e. {r['forward_passes']} per-sample forward passes"
-        f" with guidance batched; the original: {ORIGINAL_EVALUATIONS} calls.",
-        "- Steps after a failed LMNet post-processing (a retry with a new seed) are not counted.",
+        f"- Network evaluations (UNet calls) per lesion, as the bundles counted them: {r['network_evaluations']:g} "
+        f"(LMNet {r['network_evaluations_by_stage']['lmnet']:g}, LINet {r['network_evaluations_by_stage']['linet']:g}; an LMNet "
+        f"retry after a rejected mask counts its steps again), i.e. {r['forward_passes']:g} per-sample forward passes with guidance "
+        f"batched; the original: {ORIGINAL_EVALUATIONS} calls.",
         "",
     ]
     return "\n".join(lines)
@@ -158,7 +159,8 @@ def benchmark(
     lesions = runs[0]["lesions"]
     by_stage = {s: float(np.median([r["timings_s"][s] for r in runs])) / lesions for s in ("preprocess", "lmnet", "linet")}
     guided = float(guidance) not in (0.0, 1.0)
-    evaluations = 2 * int(steps)
+    # as the bundles counted them (an LMNet retry after a rejected mask costs its steps again)
+    evaluations = float(np.median([sum(r["network_calls"].values()) / r["lesions"] for r in runs]))
     report = {
         "command": command,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores, {device or 'auto'} device",
@@ -172,6 +174,7 @@ def benchmark(
             "startup_s": round(startup, 2),
             "peak_rss_mib": {s: max(r["peak_rss_mib"][s] for r in runs) for s in ("preprocess", "lmnet", "linet")},
             "network_evaluations": evaluations,
+            "network_evaluations_by_stage": {k: float(np.median([r["network_calls"][k] / r["lesions"] for r in runs])) for k in ("lmnet", "linet")},
             "forward_passes": evaluations * (2 if guided else 1),
             "original_network_evaluations": ORIGINAL_EVALUATIONS,
         },

@@ -323,6 +323,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+def network_calls(entry: CaseEntry) -> dict[str, int]:
+    """Network evaluations the LMNet and LINet stages made for a case, as their manifests count them."""
+    return {stage: int((entry.extra.get(stage) or {}).get("network_calls", 0)) for stage in NETWORKS[1:]}
+
+
 def _bundle_record(stage: str, overrides: dict[str, Any], work: Path) -> dict[str, Any]:
     """What a stage ran: its config file, that file's SHA-256, and every setting passed to it.
 
@@ -372,6 +377,7 @@ def _write_case(
         "weights": weights,
         "bundles": bundle_runs,
         "versions": versions(),
+        "network_calls": network_calls(entry),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "seconds_per_lesion": round(timings["total"] / max(n_total, 1), 3),
         "lesions_in_case": n_lesions,
@@ -479,6 +485,9 @@ def synthesize(
                 "succeeded": sum(s.ok for s in states),
                 "failed": sum(not s.ok for s in states),
                 "lesions": n_lesions,
+                "network_calls": {
+                    stage: sum(network_calls(s.entry)[stage] for s in states if s.ok and s.entry is not None) for stage in NETWORKS[1:]
+                },
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
                 "seconds_per_lesion": round(timings["total"] / n_lesions, 3) if n_lesions else None,
                 "peak_rss_mib": {k: None if v is None else round(v, 1) for k, v in memory.items()},

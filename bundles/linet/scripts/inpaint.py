@@ -377,6 +377,7 @@ def run_manifest(
     if not todo:
         raise InputError(manifest, "no case to process (every case failed in an earlier stage)")
     for i, case in tqdm(todo, desc="LINet cases", disable=len(todo) < 2):
+        calls = inpainter.sampler.network_calls
         try:
             outputs = inpainter.process_case(case, out_dir)
         except LesionDiffusionError as e:
@@ -384,7 +385,8 @@ def run_manifest(
             failed.append(f"{case.case} ({e})")
             result = result.replace_case(i, case.failed(str(e)))
             continue
-        extra = {**case.extra, "preview": _relative(outputs["preview"], out_dir), "linet": provenance}
+        linet = {**provenance, "network_calls": inpainter.sampler.network_calls - calls}
+        extra = {**case.extra, "preview": _relative(outputs["preview"], out_dir), "linet": linet}
         result = result.replace_case(i, replace(case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra))
     written = write_manifest(out_dir / MANIFEST_NAME, result)
     if failed:

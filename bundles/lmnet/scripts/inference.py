@@ -185,7 +185,9 @@ def run_manifest(
             cases[i] = case.failed("no lesion box to draw")
             continue
         try:
+            calls = synthesiser.sampler.network_calls
             label, img = synthesiser.label_map(case, i)
+            calls = synthesiser.sampler.network_calls - calls  # retries included
             geometry = read_geometry(case.geometry)
             if tuple(geometry.standard_shape) != label.shape:
                 raise InputError(case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}")
@@ -195,7 +197,8 @@ def run_manifest(
                 folder / LABEL_ORIGINAL_NAME, label, geometry, mode="nearest", dtype=np.uint8,
                 postprocess=lambda a: whole_lesions(a, len(case.lesions)),
             )  # fmt: skip
-            cases[i] = replace(case, label=std, label_original=original, synthetic_image=None)
+            extra = {**case.extra, "lmnet": {"network_calls": calls}}
+            cases[i] = replace(case, label=std, label_original=original, synthetic_image=None, extra=extra)
             logger.info("%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == 2).sum()))
         except LesionDiffusionError as e:
             logger.error("%s: %s", case.case, e)
