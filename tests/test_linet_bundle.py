@@ -491,3 +491,45 @@ def test_prior_fill_meets_the_target_through_a_lossy_autoencoder(vqgan, monkeypa
     assert inpainter.prior_fill(image, lesion, 70.0) == pytest.approx(90.0)  # never further than the limit
     inpainter.calibration_rounds = 0
     assert inpainter.prior_fill(image, lesion, 70.0) == 70.0 and inpainter.prior_fill(image, lesion, None) is None
+
+
+def test_mask_head_adds_a_dice_term_on_the_lesion_fraction_and_is_dropped_for_sampling(vqgan):
+    train = load_scripts().train
+    from lesiondiffusion.diffusion import training_scheduler
+
+    pred = torch.zeros(1, 5, 4, 4, 4)  # 4 latent channels + a mask logit
+    target = torch.zeros(1, 4, 4, 4, 4)
+    weight = torch.ones(1, 1, 4, 4, 4)
+    fraction = torch.zeros(1, 1, 4, 4, 4)
+    fraction[..., :2] = 1.0
+    plain = train.LINetLoss()(pred[:, :4], torch.cat([target, weight], 1))
+    with_head = train.LINetLoss(mask_head=True, dice_weight=2.0)(pred, torch.cat([target, weight, fraction], 1))
+    expected_dice = train.dice_loss(torch.sigmoid(pred[:, 4:]), fraction)  # sigmoid(0) = 0.5 everywhere
+    assert torch.isclose(expected_dice, torch.tensor(1.0 - 2 * 0.5 * 32 / (0.5 * 64 + 32)), atol=1e-5)
+    assert torch.isclose(with_head, plain + 2.0 * expected_dice, atol=1e-6)
+    # the prepare-batch appends the lesion's fraction per latent cell as the head's target
+    autoencoder = train.frozen_autoencoder(str(vqgan), "cpu", "cpu")
+    mask = torch.zeros(1, 1, 32, 32, 32)
+    mask[..., 4:6, 4:8, 4:8] = 1  # half of one 4^3 cell's depth, one cell across
+    prepare = train.LatentPrepareBatch(training_scheduler("v_prediction"), autoencoder, mask_head=True)
+    _, target, _, _ = prepare({"image": torch.rand(1, 1, 32, 32, 32), "label": mask, "condition": torch.zeros(1, 10, 4)})
+    assert target.shape[1] == 4 + 1 + 1 and torch.allclose(target[:, -1:], train.latent_fraction(mask, 4))
+    assert target[0, -1, 1, 1, 1] == 0.5 and target[0, -1].sum() == 0.5
+    # sampling sees the noise (velocity) channels only
+    head = train.NoiseOnly(lambda x, timesteps, context=None, extra=None: torch.cat([x, x[:, :1] + 1], 1), 4)
+    x = torch.randn(1, 4, 2, 2, 2)
+    assert torch.equal(head(x, torch.tensor([1])), x)
+
+
+def test_presets_switch_network_and_crop_by_one_key():
+    from monai.bundle import ConfigParser
+
+    for config in ("train.json", "inference.json"):
+        sizes = {}
+        for preset in ("cpu", "paper"):
+            parser = ConfigParser()
+            parser.read_config(str(LINET / "configs" / config))
+            parser["preset"] = preset
+            sizes[preset] = (parser.get_parsed_content("unet#channels"), parser.get_parsed_content("crop_size"), parser.get_parsed_content("unet#num_res_blocks"))
+        assert sizes["cpu"] == ([32, 64, 64], [64, 64, 64], 1)
+        assert sizes["paper"] == ([128, 256, 512], [128, 128, 128], 2)  # the original's LINet
