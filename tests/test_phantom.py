@@ -311,3 +311,49 @@ def test_demo_leaves_the_source_alone_and_writes_atomically(demo_src, demo_src_s
     with pytest.raises(InputError, match="inside the demo source"):
         build_demo_cases(broken, broken / "out")
     assert sorted(p.name for p in broken.iterdir()) == ["Bladder_cancer"]
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+def _cropped_demo_source(demo_src: Path, out: Path, size: int = 64) -> Path:
+    """The demo folders in their own format (organ map, label, type.json), cut to ``size``^3 around each lesion."""
+    for case in ("Bladder_cancer", "Liver_cancer"):
+        label_img = nib.load(demo_src / case / "label.nii.gz")
+        centre = np.argwhere(np.asarray(label_img.dataobj) == 2).mean(axis=0).astype(int)
+        lo = np.clip(centre - size // 2, 0, np.asarray(label_img.shape) - size)
+        box = tuple(slice(int(a), int(a) + size) for a in lo)
+        (out / case).mkdir(parents=True)
+        for name in ("label.nii.gz", "totalseg_health.nii.gz"):
+            img = nib.load(demo_src / case / name)
+            nib.save(img.slicer[box], str(out / case / name))
+        shutil.copyfile(demo_src / case / "type.json", out / case / "type.json")
+    return out
+
+
+def test_cli_phantom_and_demo_cases(demo_src, tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=300)
+
+    src = _cropped_demo_source(demo_src, tmp_path / "src")
+    seg_path = src / "Liver_cancer" / "totalseg_health.nii.gz"
+    run = cli("phantom", "--organ_seg", str(seg_path), "--out", str(tmp_path / "ct.nii.gz"), "--seed", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ct, seg = nib.load(tmp_path / "ct.nii.gz"), nib.load(seg_path)
+    assert ct.get_data_dtype() == np.int16 and ct.shape == seg.shape and np.allclose(ct.affine, seg.affine)
+    values, labels = np.asarray(ct.dataobj), np.asarray(seg.dataobj)
+    liver = labels == label_table().id("liver")
+    assert abs(float(np.median(values[liver])) - organ_hu("liver")) < 15
+    bad = cli("phantom", "--organ_seg", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "x.nii.gz"))
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.nii.gz" in bad.stderr
+    assert not (tmp_path / "x.nii.gz").exists()
+
+    run = cli("demo-cases", "--src", str(src), "--out", str(tmp_path / "cases"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    datalist = read_datalist(tmp_path / "cases" / "datalist.json")
+    cases = [c for split in datalist.values() for c in split]
+    assert len(cases) == 2 and "Bladder_cancer" in run.stdout and "Liver_cancer" in run.stdout
+    for case in cases:
+        image, label = nib.load(case.image), nib.load(case.label)
+        assert image.shape == label.shape == (64, 64, 64) and np.allclose(image.affine, label.affine)
