@@ -157,6 +157,19 @@ def test_rerun_refuses_an_existing_output_unless_overwrite(synthesised: dict, we
     assert (out / "summary.json").read_bytes() == before
 
 
+def test_overwrite_replaces_the_whole_output_folder(weights: Path, tiny_demo: Path, tmp_path: Path) -> None:
+    case = tiny_demo / "cases" / "Bladder_cancer"
+    out = tmp_path / "out"
+    (out / "old_case").mkdir(parents=True)
+    (out / "old_case" / "image.nii.gz").write_bytes(b"an earlier run's output")
+    args = ["--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz")]
+    run = synthesize(weights, out, *args, "--attributes", json.dumps({"organ type": "bladder", "lesion type": "polyp"}), "--overwrite", "true")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["image", "summary.json"]  # nothing of the earlier run is left
+    assert sorted(p.name for p in (out / "image").iterdir()) == sorted(OUTPUT_FILES)
+    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no staging folder left beside it
+
+
 def test_batch_with_a_broken_case_finishes_the_others(weights: Path, tiny_demo: Path, tmp_path: Path) -> None:
     good = tiny_demo / "cases" / "Bladder_cancer"
     broken = tmp_path / "broken.nii.gz"
