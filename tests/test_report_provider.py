@@ -250,3 +250,30 @@ def test_hollow_organ_schema_restricts_cavity():
     schema = llm.response_schema("urinary bladder", (60, 50, 40))
     assert schema["properties"]["cavity"]["enum"] == [V.CAVITY_LUMEN, V.CAVITY_WALL]
     assert schema["properties"]["size"]["items"]["maximum"] == 60
+
+
+@pytest.mark.slow
+def test_bundle_run_with_the_openai_provider_writes_the_answer_and_never_the_key(tiny_demo, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    case = tiny_demo / "cases" / "Liver_cancer"
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--output_dir", str(out),
+        "--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"), "--attributes", json.dumps(REQUEST),
+        "--report_provider", "openai", "--report_model", "test-model",
+    ]  # fmt: skip
+    with ChatServer(["good"]) as server:
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        run = subprocess.run([*cmd, "--report_base_url", server.url], cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(server.requests) == 1 and server.requests[0]["headers"]["authorization"] == f"Bearer {KEY}"
+    report = json.loads((out / "case_000" / "lesion_0.json").read_text())
+    attributes = next(iter(report.values()))[2]
+    assert attributes["density"].startswith("hypoattenuating fluid-like lesion")  # the server's answer
+    assert "approximately 8.0 HU" in attributes["CT value"]
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert written and not any(KEY.encode() in p.read_bytes() for p in written)  # not in the manifest, reports, images
+    assert KEY not in run.stdout + run.stderr
