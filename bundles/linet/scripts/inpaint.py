@@ -4,9 +4,9 @@ Per lesion (LMNet's label map says where it is, its report says what it looks li
 
 1. crop the standardised CT (RAS, 1 mm: the grid the networks were trained on) around the lesion,
    padded with air where the crop leaves the volume, so volumes smaller than the crop work;
-2. encode the crop with the frozen VQ-GAN, and encode it once more with the lesion filled flat at the
-   report's CT value (the intensity prior, :func:`.train.intensity_prior`); put the lesion mask on the
-   latent grid;
+2. encode the crop with the frozen VQ-GAN, and encode it once more with the lesion filled flat (the
+   intensity prior, :func:`.train.intensity_prior`) at the fill that the VQ-GAN renders at the report's
+   CT value (:meth:`LesionInpainter.prior_fill`); put the lesion mask on the latent grid;
 3. sample the lesion's residual over the prior (DDIM or rectified flow, ``steps``, classifier-free
    guidance on the report's image attributes), the known region reset to the clean one before every
    network call; the lesion's latent is the prior plus the residual;

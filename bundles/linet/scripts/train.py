@@ -15,7 +15,8 @@ One iteration (MONAI ``SupervisedTrainer``):
    sample, plus an optional Dice term on a predicted mask logit.
 
 At inference the prior's fill is the report's CT value (reports extracted from labelled scans state
-the lesion's mean HU as their CT value, so training and inference fill alike).
+the lesion's mean HU as their CT value, so training and inference fill alike), calibrated through the
+VQ-GAN so that the prior is rendered at that value (``scripts.inpaint.LesionInpainter.prior_fill``).
 """
 
 from __future__ import annotations
