@@ -42,19 +42,23 @@ def requested_ct_values(reference: float) -> dict[str, float]:
     return out
 
 
+def replace_lesion(image: Any, lesion: Any, patch: Any, start: Any) -> Any:
+    """A copy of ``image`` whose ``lesion`` voxels come from ``patch``, a crop whose first voxel is ``start``."""
+    out = image.copy()
+    dst = tuple(slice(max(int(a), 0), min(int(a) + n, s)) for a, n, s in zip(start, patch.shape, image.shape))
+    src = tuple(slice(d.start - int(a), d.stop - int(a)) for d, a in zip(dst, start))
+    region, inside = out[dst], lesion[dst]
+    region[inside] = patch[src][inside]
+    return out
+
+
 def paint(inpainter, image: Any, lesion: Any, attributes: dict[str, str], seed: int) -> Any:
     """The case's image (standardised grid, HU) with the lesion's voxels replaced by LINet's."""
     import numpy as np
 
     condition = inpainter.spec.encode(attributes)[None]
     patch, patch_affine, _ = inpainter.inpaint_lesion(image, np.eye(4), lesion, condition, seed)
-    start = np.rint(patch_affine[:3, 3]).astype(int)
-    out = image.copy()
-    dst = tuple(slice(max(a, 0), min(a + n, s)) for a, n, s in zip(start, patch.shape, image.shape))
-    src = tuple(slice(d.start - a, d.stop - a) for d, a in zip(dst, start))
-    region, inside = out[dst], lesion[dst]
-    region[inside] = patch[src][inside]
-    return out
+    return replace_lesion(image, lesion, patch, np.rint(patch_affine[:3, 3]).astype(int))
 
 
 def round_trip(inpainter, image: Any, lesion: Any) -> Any:
@@ -71,12 +75,7 @@ def round_trip(inpainter, image: Any, lesion: Any) -> Any:
     start, size = crop_window(lesion, inpainter.crop_size, 8, inpainter.multiple)
     unit = torch.as_tensor(inpainter.to_unit(crop_padded(image, start, size, fill=-1000.0)))[None, None].float()
     decoded = np.asarray(inpainter.to_hu(ae.reconstruct(inpainter.autoencoder, unit)[0, 0].numpy()))
-    out = image.copy()
-    dst = tuple(slice(max(a, 0), min(a + n, s)) for a, n, s in zip(start, size, image.shape))
-    src = tuple(slice(d.start - a, d.stop - a) for d, a in zip(dst, start))
-    region, inside = out[dst], lesion[dst]
-    region[inside] = decoded[src][inside]
-    return out
+    return replace_lesion(image, lesion, decoded, start)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
