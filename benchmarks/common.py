@@ -23,11 +23,12 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-DEMO = REPO.parent / "shared" / "data" / "demo"
-CPU_GFLOPS = 145.0  # this machine's fp32 matrix-product rate (2 cores), SPEC section 8
+CPU_GFLOPS = 145.0  # this machine's fp32 matrix-product rate (2 cores), design section 8 (docs/design.md)
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # ``lesiondiffusion`` when run from a checkout without installing
+
+from lesiondiffusion.data_paths import DEMO_DATA as DEMO  # noqa: E402  (needs the path above)
 
 
 # ---- memory ----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-DEMO = REPO.parent / "shared" / "data" / "demo"
+DEMO = REPO / "data" / "demo"  # lesiondiffusion.data_paths.DEMO_DATA, before the package is importable
 
 CHILD = r"""
 import json, resource, sys, time, tracemalloc

@@ -5,9 +5,9 @@ its own, with ``--threads`` torch threads (default 1: the development machine is
 
 - ``network``: parameters and state-dict size of the preset's network (UNet + condition encoder), FLOPs
   of one forward at the preset's crop (``torch.utils.flop_counter``), and the forward's wall time, i.e.
-  the FLOP rate reached (against this CPU's ~145 GFLOP/s fp32 on matrix products, SPEC section 8);
+  the FLOP rate reached (against this CPU's ~145 GFLOP/s fp32 on matrix products, docs/design.md section 8);
 - ``train``: the bundle's own ``train.json`` (parsed with MONAI's ``ConfigParser``, the demo cases of
-  ``shared/data/demo`` as datalist, cached loading) runs ``--iters`` iterations; iterations/s are taken
+  ``data/demo`` as datalist, cached loading) runs ``--iters`` iterations; iterations/s are taken
   between the first and the last iteration (so the cache fill and the first, slower step are excluded);
 - ``sample``: one lesion mask drawn by the inference config's sampler (DDIM, guidance scale 1: one
   network evaluation per step) at 10, 25 and 50 steps, plus the post-processing (threshold sweep,

@@ -6,7 +6,7 @@ its own, with ``--threads`` torch threads (default 1: the development machine is
 - ``network``: parameters and state-dict size of the preset's VQVAE and PatchDiscriminator, FLOPs of one
   autoencoder forward on a training crop (``torch.utils.flop_counter``) and the FLOP rate it reaches;
 - ``train``: the bundle's own ``train.json`` (parsed with MONAI's ``ConfigParser``, the demo cases of
-  ``shared/data/demo`` at 1 mm as datalist, cached loading, no validation) runs ``--iters`` iterations,
+  ``data/demo`` at 1 mm as datalist, cached loading, no validation) runs ``--iters`` iterations,
   once before the adversarial warm-up ends (autoencoder step only) and once after (autoencoder +
   discriminator steps); iterations/s are taken between the first and the last iteration;
 - ``crop``: encode + decode of one 64^3 crop (``lesiondiffusion.autoencoder.encode``/``decode``);

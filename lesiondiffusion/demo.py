@@ -1,6 +1,6 @@
 """Demo cases: a phantom CT for each published demo organ map, beside its real label map and report.
 
-The original's demo folders (``../shared/data/demo/<Case>/``) hold ``totalseg_health.nii.gz`` (organ map),
+The original's demo folders (``data/demo/<Case>/``, :data:`lesiondiffusion.data_paths.DEMO_DATA`) hold ``totalseg_health.nii.gz`` (organ map),
 ``label.nii.gz`` (0/1/2) and ``type.json`` but no CT. :func:`build_demo_cases` writes
 
 ```

@@ -1,6 +1,6 @@
 """A ground-truth training set: phantom CTs with lesions whose every attribute is known.
 
-The demo organ maps (``../shared/data/demo/<Case>/totalseg_health.nii.gz``, 1 mm) are resampled to a
+The demo organ maps (``data/demo/<Case>/totalseg_health.nii.gz``, 1 mm) are resampled to a
 random voxel size (:data:`SPACING_MM`) on a random crop around an organ (at most
 :data:`MAX_SHAPE` voxels per axis), and a phantom CT (:mod:`lesiondiffusion.phantom`) is painted on it
 with one lesion:

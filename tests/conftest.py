@@ -1,6 +1,6 @@
 """Shared fixtures: the demo data and small demo datasets built from it once per test session.
 
-- ``demo_src``: ``../shared/data/demo`` beside the repository (two cases, ``Bladder_cancer`` and
+- ``demo_src``: ``data/demo`` in the repository (two cases, ``Bladder_cancer`` and
   ``Liver_cancer``: 280^3 organ map, label map and ``type.json``; never written).
 - ``small_demo``: ``build_demo_cases(demo_src, ..., crop=64)``: 64^3 voxels at 1 mm around each lesion.
 - ``tiny_demo``: ``build_demo_cases(demo_src, ..., crop=96, step=2)``: 48^3 voxels at 2 mm.
@@ -23,17 +23,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from lesiondiffusion.data_paths import DEMO_DATA
+
 # The suite runs on two pytest workers (`make test`), each starting bundle processes: one thread per
 # process keeps the cores busy without oversubscription, which slows small convolutions many times over.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-DEMO_SRC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
+DEMO_SRC = DEMO_DATA
 
 
 @pytest.fixture(scope="session")
 def demo_src() -> Path:
     """The published demo cases (organ maps, label maps, reports); read-only."""
-    assert DEMO_SRC.is_dir(), f"demo data not found at {DEMO_SRC} (clone shared/ beside the repository)"
+    assert DEMO_SRC.is_dir(), f"demo data not found at {DEMO_SRC}"
     return DEMO_SRC
 
 

@@ -21,6 +21,7 @@ from scipy import ndimage as ndi
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
+from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.diffusion import DiffusionSampler, load_weights
 from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.placement import allowed_region
@@ -225,7 +226,7 @@ def test_attribute_changes_the_sample_of_the_trained_model(trained):
         parser[flag[2:]] = json.loads(value)
     network = load_weights(parser.get_parsed_content("network_def"), trained["out"] / "model.pt").eval()
     spec = network.encoder.spec
-    attributes = lesion_attributes(Path(__file__).resolve().parents[2] / "shared" / "data" / "demo" / "Liver_cancer" / "type.json")
+    attributes = lesion_attributes(DEMO_DATA / "Liver_cancer" / "type.json")
     a = spec.encode(attributes)[None]
     b = spec.encode({**attributes, V.SHAPE: "punctate,", V.SURFACE: "well-defined margin,"})[None]
     assert not torch.equal(a, b)

@@ -1,10 +1,10 @@
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.report import (
     REPORT_BOX_AXES,
@@ -21,7 +21,7 @@ from lesiondiffusion.report import (
 )
 from lesiondiffusion.vocabulary import classes, parse_classes
 
-DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
+DEMO = DEMO_DATA
 DEMO_REPORTS = sorted(DEMO.glob("*/type.json"))
 
 

@@ -1,7 +1,7 @@
 """``lesiondiffusion benchmark``: end-to-end seconds per lesion, by stage, peak memory, network evaluations.
 
 Runs ``synthesize`` as a user does (three bundle processes) on a CT: by default the demo liver case's
-phantom (organ map from ``../shared/data/demo``) resliced onto a clinical grid (``--shape``, default
+phantom (organ map from ``data/demo``) resliced onto a clinical grid (``--shape``, default
 512 x 512 x 300 at 0.7 x 0.7 x 1 mm). Each stage's wall time includes its process start (importing
 MONAI, parsing the config, loading weights), which is also measured alone and reported. Peak memory is
 each bundle process's own peak resident set. Network evaluations per lesion are the UNet calls: one
@@ -25,7 +25,7 @@ import numpy as np
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.io import write_json, write_text
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
-from lesiondiffusion_tools.demo import DEMO_SOURCE
+from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion_tools.synthesize import synthesize
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ ORIGINAL_EVALUATIONS = 400  # DDIM 200 steps for LMNet and for LINet
 
 
 def clinical_grid_case(
-    work: Path, shape: tuple[int, int, int] = (512, 512, 300), spacing: tuple[float, float, float] = (0.7, 0.7, 1.0), src: Path = DEMO_SOURCE
+    work: Path, shape: tuple[int, int, int] = (512, 512, 300), spacing: tuple[float, float, float] = (0.7, 0.7, 1.0), src: Path = DEMO_DATA
 ) -> tuple[Path, Path]:
     """Phantom CT (int16 HU, no lesion) + organ map of the demo liver case on an LPS grid of ``shape``.
 

@@ -3,17 +3,18 @@
 Training mode writes ``cases/<case>/`` (image, label, organ map, ``type.json``), the four list files per
 split and ``datalist.json``; ``--requests`` writes held-out synthesis requests instead (lesion-free
 phantoms, their organ maps and ``requests.json``, three requests per image differing only in density).
-The demo organ maps (``../shared/data/demo`` beside the repository, or ``--src``) are the only input.
+The demo organ maps (``data/demo`` in the repository, or ``--src``) are the only input.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.settings import flag
 
-DEMO_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
+DEMO_SOURCE = DEMO_DATA
 
 
 def run_make_dataset(
