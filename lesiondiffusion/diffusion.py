@@ -3,7 +3,8 @@
 Training (one MONAI ``SupervisedTrainer`` iteration):
 
 - :func:`training_scheduler` builds the noise schedule the network is trained with: MONAI's
-  ``DDPMScheduler`` (1000 steps, the original's betas 0.0015..0.0195, ``epsilon`` or ``v_prediction``)
+  ``DDPMScheduler`` (1000 steps, the original's betas 0.0015..0.0195; ``epsilon``, ``v_prediction``, or
+  ``sample``: the network predicts ``x0`` itself, which LMNet uses so that its masks come out smooth)
   or ``RFlowScheduler`` (``prediction_type="rflow"``: the network predicts the velocity ``x0 - noise``).
 - :class:`ConditionedDiffusionPrepareBatch` (a ``DiffusionPrepareBatch``) draws noise and timesteps and
   returns ``(x0, target, (), kwargs)``; ``kwargs`` carry the noise, timesteps, the attribute condition,
@@ -20,7 +21,7 @@ Training (one MONAI ``SupervisedTrainer`` iteration):
   ``CheckpointLoader`` reads it back.
 
 Sampling: :class:`DiffusionSampler` runs DDIM (``DDIMScheduler``) or rectified flow (``RFlowScheduler``)
-with a ``steps`` parameter on a network trained with any of the three objectives (the sampler's state is
+with a ``steps`` parameter on a network trained with any of the four objectives (the sampler's state is
 mapped to the network's parametrisation at equal signal-to-noise ratio), with classifier-free guidance,
 an optional known region reset at every step (LINet), a seeded generator and a tqdm bar. Same seed and
 inputs, same output. :func:`load_weights` loads trained weights (``weights_only=True``).
@@ -47,7 +48,7 @@ from lesiondiffusion.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "rflow")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "rflow")
 SAMPLERS = ("ddim", "rflow")
 
 # The original (an LDM code base) uses linear_start=0.0015, linear_end=0.0195 with LDM's "linear"
@@ -69,7 +70,7 @@ def training_scheduler(
     beta_start: float = BETA_START,
     beta_end: float = BETA_END,
 ) -> Scheduler:
-    """The scheduler a network is trained with: DDPM (``epsilon``/``v_prediction``) or rectified flow (``rflow``)."""
+    """The scheduler a network is trained with: DDPM (``epsilon``/``v_prediction``/``sample``) or rectified flow (``rflow``)."""
     _check_prediction_type(prediction_type)
     if prediction_type == "rflow":
         return RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True, sample_method="uniform")
@@ -162,6 +163,8 @@ class ConditionedDiffusionPrepareBatch(DiffusionPrepareBatch):
             return images - noise
         if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(images, noise, timesteps)
+        if self.prediction_type == "sample":
+            return images
         return noise
 
     def __call__(
@@ -368,6 +371,8 @@ class _Parametrisation:
             return (x - sigma * out) / max(alpha, 1e-8), out
         if self.kind == "v_prediction":  # v = alpha eps - sigma x0, with alpha^2 + sigma^2 = 1
             return alpha * x - sigma * out, sigma * x + alpha * out
+        if self.kind == "sample":
+            return out, (x - alpha * out) / max(sigma, 1e-8)
         return x + sigma * out, x - alpha * out  # rflow: v = x0 - eps
 
 

@@ -86,6 +86,7 @@ def test_prepare_batch_targets_weight_extra_and_condition(prediction_type):
     expected = {
         "epsilon": noise,
         "v_prediction": sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else None,
+        "sample": x0,
         "rflow": x0 - noise,
     }[prediction_type]
     assert torch.allclose(target[:, :1], expected)
@@ -190,6 +191,8 @@ class Oracle(nn.Module):
             return eps
         if self.kind == "v_prediction":
             return alpha * eps - sigma * x0
+        if self.kind == "sample":
+            return x0
         return x0 - eps
 
 

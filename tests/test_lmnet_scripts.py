@@ -64,6 +64,41 @@ def test_selected_mask_is_one_component_inside_the_allowed_region():
     assert S.postprocess.select_mask(field, allowed, 100, min_voxels=10_000) is None
 
 
+def test_the_selected_mask_has_no_enclosed_hole():
+    field = blob((24, 24, 24), (12, 12, 12), 8.0)
+    field[12, 12, 12] = -1.0  # one voxel of the sampled field below every threshold, deep inside
+    mask = S.postprocess.select_mask(field, np.ones(field.shape, bool), target_volume=900)
+    assert mask[12, 12, 12] and not (ndi.binary_fill_holes(mask) & ~mask).any()
+
+
+def test_signed_distance_target_is_smooth_with_the_mask_as_its_positive_set():
+    mask = np.zeros((20, 20, 12), bool)
+    mask[5:15, 6:14, 3:9] = True
+    field = S.transforms.signed_distance_target(mask, spacing=2.0, softness_mm=2.0)
+    assert field.dtype == np.float32 and field.min() >= -1 and field.max() <= 1
+    assert np.array_equal(field > 0, mask)  # the zero level set is the mask's border
+    # one voxel on either side of the border sits at +-half a voxel (1 mm): tanh(0.5), not +-1
+    assert field[5, 10, 6] == pytest.approx(np.tanh(0.5), abs=1e-5) and field[4, 10, 6] == pytest.approx(-np.tanh(0.5), abs=1e-5)
+    assert field[10, 10, 6] == pytest.approx(np.tanh(2.5), abs=1e-5)  # 3 voxels (6 mm) from the nearest outside voxel
+    assert field[0, 0, 0] < -0.99  # saturated far outside
+    binary = mask * 2.0 - 1.0
+    # far less high-frequency energy than the {-1, 1} target: what lets a few DDIM steps give a solid mask
+    assert np.abs(np.diff(field, axis=0)).max() < 0.5 * np.abs(np.diff(binary, axis=0)).max()
+
+
+def test_mask_target_transform_kinds():
+    lesion = torch.zeros(1, 10, 10, 10)
+    lesion[0, 3:7, 3:7, 3:7] = 1
+    binary = S.transforms.MaskTargetd("lesion", kind="binary")({"lesion": lesion})["lesion"]
+    assert torch.equal(binary, lesion * 2 - 1)
+    meta = MetaTensor(lesion, meta={"filename_or_obj": "x.nii.gz"})
+    sdf = S.transforms.MaskTargetd("lesion", kind="sdf", spacing=1.0, softness_mm=1.0)({"lesion": meta})["lesion"]
+    assert isinstance(sdf, MetaTensor) and sdf.meta["filename_or_obj"] == "x.nii.gz"
+    assert torch.equal(sdf > 0, lesion > 0) and not torch.equal(sdf, binary)
+    with pytest.raises(InputError, match="mask_target"):
+        S.transforms.MaskTargetd("lesion", kind="ellipse")
+
+
 def test_fragments_cut_off_by_resampling_become_organ():
     label = np.zeros((20, 20, 20), np.uint8)
     label[2:18, 2:18, 2:18] = 1

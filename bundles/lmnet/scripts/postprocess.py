@@ -52,6 +52,8 @@ def select_mask(
 
     ``field`` is the sampled mask in [-1, 1]; each threshold keeps ``field > t`` within ``allowed`` and
     its largest component; components smaller than ``min_voxels`` never win. None when nothing qualifies.
+    The winner's enclosed holes (voxels no path outside reaches) are filled within ``allowed``: a light
+    clean-up, the field itself being smooth (see :func:`scripts.transforms.signed_distance_target`).
     """
     allowed = np.asarray(allowed, dtype=bool)
     best, best_err = None, math.inf
@@ -62,4 +64,6 @@ def select_mask(
         err = abs(size - target_volume)
         if err < best_err:
             best, best_err = comp, err
+    if best is not None:
+        best = ndi.binary_fill_holes(best) & allowed
     return best
