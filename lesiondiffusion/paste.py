@@ -9,7 +9,11 @@ lesion, is brought back to the user's scan like this:
    ramp to exactly 0 at ``margin_mm``;
 3. the crop is resampled (MONAI ``SpatialResample``, trilinear) at the input voxels of the zone's
    bounding box only, through the two affines: the original voxels themselves are never resampled;
-4. ``out = original + w * (patch - original)`` is written only where ``w > 0``, in the input's stored
+4. the scan's own noise is kept: the patch contributes only its low-pass part (a Gaussian of
+   ``noise_sigma_vox`` input voxels) and the original's high-pass part (its noise and fine texture at
+   those very voxels) stays, so the lesion is exactly as noisy as the tissue it replaced rather than as
+   smooth as a VQ-GAN decoding (on a real CT that smoothness gave the lesion away at a glance);
+5. ``out = original + w * (patch - original)`` is written only where ``w > 0``, in the input's stored
    dtype (and NIfTI scaling), so every voxel farther than the margin keeps its exact stored bits.
 
 Only the zone's bounding box is ever processed, so the memory needed does not grow with the scan.
@@ -150,6 +154,18 @@ class StoredImage:
         return stored.astype(dtype)
 
 
+def keep_scan_noise(patch: np.ndarray, original: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """The patch's low-pass part plus the original's high-pass part (noise, fine texture), voxel by voxel.
+
+    Both are on the same grid (the input's); the split is a Gaussian of ``sigma_vox`` voxels, about the
+    correlation length of CT noise on its own grid.
+    """
+    def low(a: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(a, sigma=float(sigma_vox), mode="nearest")
+
+    return low(patch) + (original - low(original))
+
+
 def read_stored(path: PathLike) -> StoredImage:
     """Read a 3D NIfTI scan keeping its stored dtype and scaling (never modified)."""
     img = load_nifti(path, ndim=3)
@@ -196,13 +212,15 @@ def paste(
     feather_mm: float = 2.0,
     raw: np.ndarray | None = None,
     protect: np.ndarray | None = None,
+    noise_sigma_vox: float = 1.0,
 ) -> np.ndarray:
     """Blend ``patch_hu`` (HU on its own grid ``patch_affine``) into the original's stored voxels.
 
     Writes into ``raw`` (default: a copy of ``original.raw``, so several lesions can be pasted in turn)
     only inside the lesion dilated by ``margin_mm`` with a ``feather_mm`` cosine feather, and returns it.
     Zone voxels outside the patch's extent, and those of ``protect`` (e.g. other lesions), are left
-    untouched (the former with a warning).
+    untouched (the former with a warning). ``noise_sigma_vox`` > 0 keeps the original's noise under the
+    patch (:func:`keep_scan_noise`); 0 pastes the patch as it is.
     """
     out = original.raw.copy() if raw is None else raw
     mask = np.asarray(lesion_mask, dtype=bool)
@@ -224,6 +242,8 @@ def paste(
         weights[np.asarray(protect, dtype=bool)[box] & ~mask[box]] = 0.0
     write = weights > 0
     current = out[box].astype(np.float64) * original.slope + original.inter
+    if noise_sigma_vox > 0:
+        values = keep_scan_noise(np.where(inside, values, current), current, noise_sigma_vox)
     blended = current[write] + weights[write] * (values[write] - current[write])
     sub = out[box]
     sub[write] = original.from_hu(blended)

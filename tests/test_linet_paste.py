@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from lesiondiffusion.paste import (
@@ -122,7 +123,7 @@ def test_paste_changes_only_the_zone_and_keeps_geometry_and_dtype(tmp_path, spac
     centre = _world(shape, affine)[lesion.ravel()].mean(0)
     patch, patch_affine = _ras_patch_around(centre, size=48)
     margin, feather = 4.0, 3.0
-    out = paste(original, lesion, patch, patch_affine, margin_mm=margin, feather_mm=feather)
+    out = paste(original, lesion, patch, patch_affine, margin_mm=margin, feather_mm=feather, noise_sigma_vox=0.0)
 
     dist = _distance_mm(lesion, affine)
     far = dist >= margin
@@ -155,7 +156,7 @@ def test_paste_keeps_nifti_scaling_and_raw_bits(tmp_path):
     lesion = _lesion(shape, (16, 16, 8), (4, 4, 2))
     centre = _world(shape, affine)[lesion.ravel()].mean(0)
     patch, patch_affine = _ras_patch_around(centre, size=36)
-    out = paste(original, lesion, patch, patch_affine, margin_mm=3.0, feather_mm=2.0)
+    out = paste(original, lesion, patch, patch_affine, margin_mm=3.0, feather_mm=2.0, noise_sigma_vox=0.0)
     dest = tmp_path / "synthetic.nii.gz"
     save_like(dest, out, original)
     back = nib.load(str(dest))
@@ -175,12 +176,35 @@ def test_zone_outside_the_patch_is_left_unchanged(tmp_path, caplog):
     lesion = _lesion(shape, (20, 20, 20), (8, 8, 8))
     patch, patch_affine = _ras_patch_around((20.0, 20.0, 20.0), size=10)  # smaller than the lesion
     with caplog.at_level(logging.WARNING, logger="lesiondiffusion.paste"):
-        out = paste(original, lesion, patch, patch_affine, margin_mm=2.0, feather_mm=1.0)
+        out = paste(original, lesion, patch, patch_affine, margin_mm=2.0, feather_mm=1.0, noise_sigma_vox=0.0)
     assert "outside the inpainted crop" in caplog.text
     covered = np.zeros(shape, bool)
     covered[16:25, 16:25, 16:25] = True  # voxel centres 15.5 .. 24.5 lie in the patch
     assert np.array_equal(out[~covered], original.raw[~covered])
     assert np.all(out[covered & lesion] == 300)
+
+
+def test_paste_keeps_the_scan_noise_under_a_smooth_patch(tmp_path):
+    shape = (40, 40, 24)
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    rng = np.random.default_rng(3)
+    organ_hu = 60.0 + rng.normal(0.0, 20.0, size=shape)  # tissue at 60 HU with 20 HU of noise
+    src = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.rint(organ_hu).astype(np.int16), affine), str(src))
+    original = read_stored(src)
+    lesion = _lesion(shape, (20, 20, 12), (9, 9, 4))
+    centre = _world(shape, affine)[lesion.ravel()].mean(0)
+    patch, patch_affine = _ras_patch_around(centre, size=48)
+    patch = np.full_like(patch, 10.0)  # a flat, noiseless lesion at 10 HU, as a VQ-GAN decodes it
+    kept = paste(original, lesion, patch, patch_affine, margin_mm=3.0, feather_mm=2.0).astype(float)
+    flat = paste(original, lesion, patch, patch_affine, margin_mm=3.0, feather_mm=2.0, noise_sigma_vox=0.0).astype(float)
+    core = ndimage.binary_erosion(lesion, iterations=2)
+    tissue_std = float(np.asarray(original.raw, float)[~lesion].std())
+    assert flat[core].std() < 1.0  # without it the lesion is smoother than any real tissue
+    assert 0.8 < kept[core].std() / tissue_std < 1.2  # with it, as noisy as the tissue it replaced
+    assert abs(kept[core].mean() - 10.0) < 4.0  # and still at the patch's HU
+    far = _distance_mm(lesion, affine) >= 3.0
+    assert np.array_equal(kept[far], np.asarray(original.raw, float)[far])
 
 
 def test_empty_mask_pastes_nothing(tmp_path):

@@ -162,6 +162,8 @@ class LesionInpainter:
         crop_size: smallest crop (voxels of the standardised grid); grown for large lesions.
         context_mm: known tissue kept around the lesion's box inside the crop.
         margin_mm, feather_mm: the paste zone beyond the lesion and its feather width (input grid, mm).
+        noise_sigma_vox: the paste keeps the scan's own noise finer than this Gaussian (input voxels; 0: off),
+            see :func:`lesiondiffusion.paste.keep_scan_noise`.
         mask_head: the network also outputs a mask logit (dropped for sampling).
         calibration_rounds: encode-decode rounds that set the prior's fill (:meth:`prior_fill`; 0: the
             CT value as it is).
@@ -177,6 +179,7 @@ class LesionInpainter:
     context_mm: float = 8.0
     margin_mm: float = 3.0
     feather_mm: float = 2.0
+    noise_sigma_vox: float = 1.0
     mask_head: bool = False
     calibration_rounds: int = 2
     calibration_limit_hu: float = 150.0
@@ -334,7 +337,7 @@ class LesionInpainter:
             condition = self.condition(lesion.report, lesion.organ_id)
             patch_hu, patch_affine, timing = self.inpaint_lesion(std_img.dataobj, std_affine, m_std, condition, lesion_seed(self.seed, case.case, j))
             t0 = time.perf_counter()
-            paste(original, m_in, patch_hu, patch_affine, self.margin_mm, self.feather_mm, raw=raw, protect=all_lesions_in & ~m_in)
+            paste(original, m_in, patch_hu, patch_affine, self.margin_mm, self.feather_mm, raw=raw, protect=all_lesions_in & ~m_in, noise_sigma_vox=self.noise_sigma_vox)
             timing.paste = time.perf_counter() - t0
             self.timings.append(timing)
             logger.info("%s lesion %d: encode %.2fs, sample %.2fs, decode %.2fs, paste %.2fs", case.case, j, timing.encode, timing.sample, timing.decode, timing.paste)
