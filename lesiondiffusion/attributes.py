@@ -33,7 +33,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.labels import DEFAULT_VERSION, HOLLOW_ORGANS, UnknownOrganError, label_table
+from lesiondiffusion.labels import DEFAULT_VERSION, HOLLOW_ORGANS, LabelTable, UnknownOrganError, label_table
 from lesiondiffusion.report import (
     LesionReport,
     format_ct_value,
@@ -61,8 +61,9 @@ NON_CONTRAST = "non-contrast CT,"
 # visible at abdominal window settings and are within real CT's noise of a small region.
 ISO_HU = 10.0
 # A hypodense lesion this dark or darker (water is 0 HU, simple cysts 0-20 HU) and homogeneous is
-# fluid-like.
+# fluid-like; below FLUID_MIN_HU (water less noise and partial volume) it is fat, not fluid.
 FLUID_MAX_HU = 20.0
+FLUID_MIN_HU = -20.0
 # Mixed density: at least this fraction of the (smoothed) lesion is darker than the organ by more than
 # ISO_HU and at least this fraction brighter by more than ISO_HU.
 MIXED_MIN_FRACTION = 0.25
@@ -118,6 +119,21 @@ PROFILE_FAR_MM = (2.0, 4.0)
 # Enhancement: blood in the aorta is ~40-50 HU without contrast and >150 HU in arterial/portal phases.
 ENHANCED_MIN_AORTA_HU = 120.0
 
+# ---- the scan: organ HU and contrast phase, measured where a lesion will be written -----------------
+# Unenhanced blood is 35-55 HU (up to ~65 with a high haematocrit): an aorta below this is a plain scan.
+NON_CONTRAST_MAX_AORTA_HU = 70.0
+# Arterial phase: the aorta peaks (200-400 HU) while the portal vein is still filling, well behind it.
+ARTERIAL_MIN_AORTA_HU = 200.0
+ARTERIAL_MIN_AORTA_PORTAL_GAP_HU = 60.0
+# Portal venous phase: the portal vein is enhanced (150-200 HU), about as bright as the aorta.
+PORTAL_VENOUS_MIN_PORTAL_HU = 130.0
+# A vessel with fewer voxels than this (a stray label) tells nothing about the phase.
+MIN_VESSEL_VOXELS = 10
+# The vessel's HU is taken this far inside it, away from partial volume with its wall.
+VESSEL_CORE_MM = 1.5
+AORTA, PORTAL_VEIN = "aorta", "portal_vein_and_splenic_vein"
+PHASE_NON_CONTRAST, PHASE_ARTERIAL, PHASE_PORTAL_VENOUS, PHASE_UNKNOWN = "non-contrast", "arterial", "portal venous", "unknown"
+
 # ---- generation: typical organ HU and lesion kinds -------------------------------------------------
 # Typical mean HU of each organ in a contrast-enhanced (portal venous) CT: the reference the offline
 # provider places a lesion's CT value against when the scan's own organ HU is not given.
@@ -134,6 +150,21 @@ TYPICAL_ORGAN_HU: dict[str, float] = {
 DEFAULT_ORGAN_HU = 60.0
 # A generated lesion is at most this fraction of the organ's box along each axis.
 MAX_ORGAN_FRACTION = 0.6
+# A generated hypo- or hyperdense lesion is at least this far from the organ's HU, an isodense one
+# within ISO_GENERATED_HU: the extractor's +-ISO_HU boundary then lies well inside the gap, so what
+# is written reads back as its class after partial volume and noise, and is visible at all.
+GENERATED_MIN_GAP_HU = 15.0
+ISO_GENERATED_HU = 6.0
+# Lesions whose own tissue sets their CT value, whatever the organ or the contrast phase: simple
+# fluid (water, 0-20 HU), fat (-120..-30 HU), clotted blood (50-80 HU; it does not enhance) and
+# calcium (stones, calcifications: well above any enhanced soft tissue).
+FAT_HU = (-120.0, -30.0)
+# Generated fluid keeps this distance from the fluid threshold, so that what is written reads back as
+# its class after partial volume and noise.
+FLUID_MARGIN_HU = 5.0
+FLUID_HU = (0.0, FLUID_MAX_HU - FLUID_MARGIN_HU)
+BLOOD_HU = (50.0, 80.0)
+STONE_HU = (350.0, 800.0)
 
 
 @dataclass(frozen=True)
@@ -151,6 +182,7 @@ class LesionKind:
     within: float  # solid organs: probability of "within the parenchymal organ" (vs protruding)
     size_mm: tuple[float, float]
     features: Mapping[str, float] = field(default_factory=dict)
+    tissue_hu: tuple[float, float] | None = None  # the CT value its own tissue sets (HU), if any
 
 
 _HYPO, _ISO, _HYPER = "hypodense lesion", "isodense lesion", "hyperdense lesion"
@@ -159,9 +191,17 @@ _RING = "ring enhancement"
 _GGO, _SOLID_MASS = "low-density ground-glass opacity", "isodense soft tissue mass"
 _INC, _DEC = "presence of increased density areas", "presence of decreased density areas"
 
+# The first kind with a keyword in the lesion type wins: a "haemorrhagic cyst" is blood, a "cystic
+# teratoma" fat-containing.
 LESION_KINDS: tuple[LesionKind, ...] = (
-    LesionKind("cyst", ("cyst", "cystic", "pseudocyst"), {_FLUID: 1.0}, 0.0, 0.9, 1.0, 0.0, 0.8, 0.7, (8, 40)),
-    LesionKind("stone", ("stone", "calculus", "calculi", "lith", "calcification"), {_HYPER: 1.0}, 0.0, 0.8, 1.0, 0.0, 1.0, 0.9, (3, 12), {"stone": 1.0}),
+    LesionKind("haemorrhage", ("hemorrhag", "haemorrhag", "hematoma", "haematoma", "bleed"), {_HYPER: 0.6, _ISO: 0.4},
+               0.3, 0.6, 0.6, 0.2, 0.5, 0.8, (15, 50), tissue_hu=BLOOD_HU),
+    LesionKind("fat-containing", ("lipoma", "teratoma", "dermoid", "fat"), {_HYPO: 1.0},
+               0.2, 0.8, 0.9, 0.0, 0.5, 0.7, (10, 50), tissue_hu=FAT_HU),
+    LesionKind("cyst", ("cyst", "cystic", "pseudocyst"), {_FLUID: 1.0}, 0.0, 0.9, 1.0, 0.0, 0.8, 0.7, (8, 40),
+               tissue_hu=FLUID_HU),
+    LesionKind("stone", ("stone", "calculus", "calculi", "lith", "calcification", "calcified"), {_HYPER: 1.0},
+               0.0, 0.8, 1.0, 0.0, 1.0, 0.9, (3, 12), {"stone": 1.0}, STONE_HU),
     LesionKind("polyp", ("polyp", "papilloma"), {_ISO: 0.7, _HYPER: 0.3}, 0.1, 0.8, 0.8, 0.0, 1.0, 0.6, (5, 20)),
     LesionKind("hemangioma", ("hemangioma", "haemangioma", "angioma"), {_HYPER: 0.6, _HYPO: 0.4}, 0.3, 0.8, 0.9, 0.0, 0.5, 0.8, (10, 40)),
     LesionKind("abscess", ("abscess", "infection", "collection"), {_RING: 0.5, _HYPO: 0.5}, 0.7, 0.5, 0.3, 0.3, 0.5, 0.7, (20, 60), {_DEC: 0.5}),
@@ -180,20 +220,17 @@ GENERIC_KIND = LesionKind("generic", (), {_HYPO: 0.5, _ISO: 0.3, _HYPER: 0.2}, 0
 # CT value relative to the organ reference, per density class: (low, high) offsets in HU.
 DENSITY_OFFSET_HU: dict[str, tuple[float, float]] = {
     _HYPO: (-50.0, -20.0),
-    _ISO: (-6.0, 6.0),
+    _ISO: (-ISO_GENERATED_HU, ISO_GENERATED_HU),
     _HYPER: (20.0, 60.0),
     _MIXED: (-15.0, 5.0),
     _RING: (-40.0, -20.0),
 }
 # Absolute CT values (HU) for classes defined by their own attenuation.
-# Generated values keep this distance from the fluid threshold, so that what is written reads back as
-# its class after partial volume and noise.
-FLUID_MARGIN_HU = 5.0
 DENSITY_ABSOLUTE_HU: dict[str, tuple[float, float]] = {
-    _FLUID: (0.0, FLUID_MAX_HU - FLUID_MARGIN_HU),
+    _FLUID: FLUID_HU,
     _GGO: (-700.0, -400.0),
     _SOLID_MASS: (20.0, 50.0),
-    "stone": (350.0, 800.0),
+    "stone": STONE_HU,
 }
 
 
@@ -267,6 +304,193 @@ def margin_text(organ_name: str, well_defined: bool) -> str:
     return "well-defined margin" if well_defined else "ill-defined margin"
 
 
+# ---- the scan -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScanContext:
+    """What a scan says about the lesions to be written into it (see :func:`measure_scan`).
+
+    ``organ_hu``: median HU of the host organ's parenchyma (None when it has too few voxels);
+    ``phase``: one of ``PHASE_*`` from the aorta and portal vein; ``aorta_hu`` / ``portal_vein_hu``:
+    their median HU, None when the organ map lacks them.
+    """
+
+    organ: str
+    organ_hu: float | None
+    phase: str
+    aorta_hu: float | None = None
+    portal_vein_hu: float | None = None
+
+    @property
+    def contrast(self) -> bool | None:
+        """True for a contrast-enhanced scan, False for a plain one, None when it cannot be told."""
+        if self.phase in (PHASE_ARTERIAL, PHASE_PORTAL_VENOUS):
+            return True
+        if self.phase == PHASE_NON_CONTRAST:
+            return False
+        # a delayed or odd phase: the aorta still shows contrast, though the phase has no name
+        return True if self.aorta_hu is not None and self.aorta_hu >= ENHANCED_MIN_AORTA_HU else None
+
+    @property
+    def enhancement(self) -> str:
+        """The report's enhancement status for this scan ("" when the contrast cannot be told)."""
+        return {True: ENHANCED, False: NON_CONTRAST}.get(self.contrast, "")  # type: ignore[arg-type]
+
+    @property
+    def reference_hu(self) -> float:
+        """The HU a lesion's density class is judged against here (:func:`density_reference_hu`)."""
+        return density_reference_hu(self.organ, self.organ_hu)
+
+    def describe(self) -> str:
+        """One line for logs and provenance: ``liver 48 HU, non-contrast (aorta 41 HU, portal vein 37 HU)``."""
+        organ = f"{self.organ} {self.organ_hu:.0f} HU" if self.organ_hu is not None else f"{self.organ} HU not measured"
+        phase = self.phase if self.phase != PHASE_UNKNOWN else (
+            "contrast-enhanced, phase unknown" if self.contrast else "contrast phase unknown")
+        vessels = [f"{name} {hu:.0f} HU" for name, hu in (("aorta", self.aorta_hu), ("portal vein", self.portal_vein_hu)) if hu is not None]
+        return f"{organ}, {phase}" + (f" ({', '.join(vessels)})" if vessels else " (no aorta or portal vein in the organ map)")
+
+    def to_json(self) -> dict[str, object]:
+        """The measurement as plain JSON values (HU rounded to 0.1), with :meth:`describe`'s line."""
+
+        def hu(v: float | None) -> float | None:
+            return None if v is None else round(float(v), 1)
+
+        return {
+            "organ": self.organ, "organ_hu": hu(self.organ_hu), "phase": self.phase, "contrast": self.contrast,
+            "aorta_hu": hu(self.aorta_hu), "portal_vein_hu": hu(self.portal_vein_hu), "summary": self.describe(),
+        }  # fmt: skip
+
+
+def contrast_phase(aorta_hu: float | None, portal_vein_hu: float | None) -> str:
+    """The contrast phase (``PHASE_*``) from the aorta's and portal vein's HU (thresholds above)."""
+    if aorta_hu is None:
+        return PHASE_UNKNOWN
+    if aorta_hu < NON_CONTRAST_MAX_AORTA_HU:
+        return PHASE_NON_CONTRAST
+    if portal_vein_hu is None:
+        return PHASE_UNKNOWN
+    if aorta_hu >= ARTERIAL_MIN_AORTA_HU and portal_vein_hu <= aorta_hu - ARTERIAL_MIN_AORTA_PORTAL_GAP_HU:
+        return PHASE_ARTERIAL
+    if portal_vein_hu >= PORTAL_VENOUS_MIN_PORTAL_HU:
+        return PHASE_PORTAL_VENOUS
+    return PHASE_UNKNOWN
+
+
+def vessel_hu(image_hu: np.ndarray, vessel: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float | None:
+    """Median HU of a vessel's lumen (its core, away from the wall); None for fewer than MIN_VESSEL_VOXELS."""
+    vessel = np.asarray(vessel, dtype=bool)
+    if np.count_nonzero(vessel) < MIN_VESSEL_VOXELS:
+        return None
+    box = _crop_box(vessel, 1, vessel.shape)
+    inside, values = vessel[box], np.asarray(image_hu)[box]
+    core = inside & (_edt(inside, spacing) > VESSEL_CORE_MM)
+    return float(np.median(values[core if core.any() else inside]))
+
+
+def measure_scan(
+    image_hu: np.ndarray,
+    organ_seg: np.ndarray,
+    organ_id: int,
+    version: str = DEFAULT_VERSION,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> ScanContext:
+    """The host organ's HU and the contrast phase of a scan, measured in it.
+
+    ``image_hu`` (HU) and ``organ_seg`` (TotalSegmentator ``version`` ids) share one grid of voxel size
+    ``spacing`` (mm). The organ's HU is the median of its voxels away from its rim
+    (:func:`organ_reference_hu`); the phase comes from the aorta and the portal vein
+    (:func:`contrast_phase`), and is unknown when the map lacks them.
+    """
+    image, seg = np.asarray(image_hu), _label_array(organ_seg)
+    if image.shape != seg.shape or image.ndim != 3:
+        raise LesionDiffusionError(f"image {image.shape} and organ map {seg.shape} must be 3D arrays of one shape")
+    table = label_table(version)
+    spacing = tuple(float(v) for v in spacing)
+    organ_name = table.name(organ_id)
+    organ_hu = organ_reference_hu(image, seg == int(organ_id), spacing)
+    vessels = [vessel_hu(image, seg == table.id(name), spacing) if _has(table, name) else None for name in (AORTA, PORTAL_VEIN)]
+    return ScanContext(organ_name, organ_hu, contrast_phase(*vessels), *vessels)
+
+
+def _has(table: LabelTable, name: str) -> bool:
+    try:
+        table.id(name)
+        return True
+    except UnknownOrganError:
+        return False
+
+
+def density_for_value(hu: float, reference_hu: float, organ_name: str, homogeneous: bool = True) -> str:
+    """The density class a lesion of mean ``hu`` has against its organ's ``reference_hu`` (extraction's rule)."""
+    if organ_group(organ_name) == "lung":
+        if hu >= LUNG_SOLID_MIN_HU:
+            return _SOLID_MASS
+        return _GGO if hu >= GROUND_GLASS_MIN_HU else _ISO
+    delta = hu - reference_hu
+    if delta < -ISO_HU:
+        return _FLUID if FLUID_MIN_HU <= hu <= FLUID_MAX_HU and homogeneous else _HYPO
+    return _HYPER if delta > ISO_HU else _ISO
+
+
+def density_conflict(density: str, hu: float, reference_hu: float, organ_name: str) -> str | None:
+    """Why a lesion of class ``density`` cannot have mean ``hu`` next to an organ at ``reference_hu``; None if it can.
+
+    Below / above mean more than :data:`ISO_HU` from the organ, as the extractor reads it back.
+    """
+    delta = hu - reference_hu
+    at = f"{density!r} at {hu:.0f} HU"
+    organ = f"the {organ_name}'s {reference_hu:.0f} HU"
+    if density in (_HYPO, _FLUID, _RING) and delta >= -ISO_HU:
+        return f"{at} is not below {organ} by more than {ISO_HU:g} HU"
+    if density == _FLUID and not FLUID_MIN_HU <= hu <= FLUID_MAX_HU:
+        return f"{at} is not fluid ({FLUID_MIN_HU:g} to {FLUID_MAX_HU:g} HU)"
+    if density == _ISO and abs(delta) > ISO_HU and organ_group(organ_name) != "lung":
+        return f"{at} is not within {ISO_HU:g} HU of {organ}"
+    if density == _HYPER and delta <= ISO_HU:
+        return f"{at} is not above {organ} by more than {ISO_HU:g} HU"
+    if density == _SOLID_MASS and hu < LUNG_SOLID_MIN_HU:
+        return f"{at} is below soft tissue ({LUNG_SOLID_MIN_HU:g} HU)"
+    if density == _GGO and not GROUND_GLASS_MIN_HU <= hu < LUNG_SOLID_MIN_HU:
+        return f"{at} is outside ground glass ({GROUND_GLASS_MIN_HU:g} to {LUNG_SOLID_MIN_HU:g} HU)"
+    return None
+
+
+def read_hu(text: str | None) -> float | None:
+    """A CT value given as the report's sentence, ``"40 HU"`` or a plain number; None when unreadable."""
+    text = str(text or "")
+    return parse_ct_value(text) if "HU" in text.upper() else _plain_number(text)
+
+
+def report_conflicts(
+    attributes: Mapping[str, str],
+    organ_name: str,
+    scan: ScanContext | None = None,
+    *,
+    reference_hu: float | None = None,
+    fixed: Sequence[str] = (),
+) -> list[str]:
+    """What in a report's strings contradicts the scan (empty when nothing does).
+
+    Checked: each density class against the CT value and the organ's HU (``scan``'s, else
+    ``reference_hu``, else a typical value); the enhancement status against the scan's contrast; ring
+    enhancement on a plain scan. A check made only of ``fixed`` fields (the user's own) is skipped.
+    """
+    reference = scan.reference_hu if scan is not None else density_reference_hu(organ_name, reference_hu)
+    problems = []
+    densities = V.parse_classes(V.DENSITY, attributes.get(V.DENSITY) or "")[0]
+    hu = read_hu(attributes.get(V.CT_VALUE))
+    if hu is not None and not (V.DENSITY in fixed and V.CT_VALUE in fixed):
+        problems += [p for p in (density_conflict(d, hu, reference, organ_name) for d in densities) if p]
+    contrast = None if scan is None else scan.contrast
+    if contrast is False and _RING in densities and V.DENSITY not in fixed:
+        problems.append(f"{_RING!r} needs contrast, and this is a plain scan ({scan.describe()})")  # type: ignore[union-attr]
+    status = V.parse_classes(V.ENHANCEMENT, attributes.get(V.ENHANCEMENT) or "")[0]
+    if contrast is not None and status and V.ENHANCEMENT not in fixed:
+        said = status[0] == ENHANCED.rstrip(",").lower()
+        if said != contrast:
+            problems.append(f"enhancement status {status[0]!r} contradicts the scan ({scan.describe()})")  # type: ignore[union-attr]
+    return problems
+
+
 # ---- sizes -------------------------------------------------------------------------------------------
 # function forms of the report's box accessors (the axis convention itself lives in report.py)
 array_box = LesionReport.array_box
@@ -329,9 +553,13 @@ def _given_classes(request: Mapping[str, str], name: str) -> list[str]:
 class OfflineReportProvider:
     """Proposes every report field from the vocabulary, consistent with the organ and lesion type.
 
-    No network and no model: a table of lesion kinds (:data:`LESION_KINDS`: cyst, stone, polyp,
-    hemangioma, abscess, nodule, tumour, generic) gives weighted classes per field; fields the request
-    already has condition the rest (a user-given density sets the CT value, a cavity sets the shape).
+    No network and no model: a table of lesion kinds (:data:`LESION_KINDS`: haemorrhage,
+    fat-containing, cyst, stone, polyp, hemangioma, abscess, nodule, tumour, generic) gives weighted
+    classes per field; fields the request already has condition the rest (a user-given density sets
+    the CT value and a CT value the density, a cavity sets the shape). With a measured
+    :class:`ScanContext` the CT value is placed against the organ's HU in this scan and the enhancement
+    status follows its contrast phase; kinds whose tissue sets their value (fluid, fat, blood,
+    calcium) get it whatever the organ, with the density class it then has.
     """
 
     name = "offline"
@@ -344,13 +572,18 @@ class OfflineReportProvider:
         *,
         organ_box_size: Sequence[int] | None = None,
         organ_reference_hu: float | None = None,
+        scan: ScanContext | None = None,
     ) -> dict[str, str]:
         """Every report field (the request's own values included) as the original's strings.
 
-        ``organ_box_size`` (voxels, 1 mm grid) bounds the size; ``organ_reference_hu`` (the organ's HU
-        measured in the scan, see :func:`organ_reference_hu`) anchors the CT value, else a typical value.
+        ``organ_box_size`` (voxels, 1 mm grid) bounds the size; ``scan`` (:func:`measure_scan`) anchors
+        the CT value and sets the enhancement status; without it ``organ_reference_hu`` (the organ's
+        HU, see :func:`organ_reference_hu`), else a typical contrast-enhanced value, anchors the CT
+        value and the status is "enhanced CT".
         """
         organ = str(organ_name).lower()
+        ref = scan.reference_hu if scan is not None else density_reference_hu(organ, organ_reference_hu)
+        plain = scan is not None and scan.contrast is False
         kind = lesion_kind(request.get(LESION_TYPE, ""))
         hollow = is_hollow_name(organ)
         group = organ_group(organ)
@@ -380,7 +613,9 @@ class OfflineReportProvider:
             shape = ["round-like" if round_like else "irregular"]
         out[V.SHAPE] = V.format_classes(shape)
 
-        density = _given_classes(request, V.DENSITY)
+        user_density = _given_classes(request, V.DENSITY)
+        user_hu = read_hu(_given(request, V.CT_VALUE))
+        density = user_density
         if not density:
             if group == "lung":
                 weights = {_GGO: 0.5, _SOLID_MASS: 0.5} if kind.name in ("tumour", "nodule", "generic") else kind.density
@@ -388,8 +623,9 @@ class OfflineReportProvider:
                 weights = HOLLOW_TUMOUR_DENSITY  # wall tumours enhance about like the wall
             else:
                 weights = kind.density
+            if plain:  # without contrast nothing enhances: no ring, and soft tissue is not brighter than the organ
+                weights = _without_enhancement(weights)
             density = [_choice(rng, weights)]
-        out[V.DENSITY] = V.format_classes(density)
 
         variations = _given_classes(request, V.DENSITY_VARIATIONS)
         if not variations:
@@ -408,10 +644,17 @@ class OfflineReportProvider:
                 features.append("retention of pancreatic fluid")
         out[V.SPECIFIC] = V.format_classes(features)
 
-        ref = density_reference_hu(organ, organ_reference_hu)
-        hu = parse_ct_value(_given(request, V.CT_VALUE) or "")
+        tissue = STONE_HU if "stone" in features else kind.tissue_hu
+        hu = user_hu
+        if hu is None and tissue is not None:
+            hu = _sample_tissue_hu(tissue, ref, rng, user_density[0] if user_density else None, prefer=density[0])
         if hu is None:
-            hu = _sample_ct_value(density[0], "stone" in features, ref, rng)
+            hu = _sample_ct_value(density[0], False, ref, rng)
+        homogeneous = variations != ["heterogeneous"]
+        if not user_density and (tissue is not None or density_conflict(density[0], hu, ref, organ)):
+            # the value is the tissue's (or the user's): the class is what it reads as here
+            density = [density_for_value(hu, ref, organ, homogeneous)]
+        out[V.DENSITY] = V.format_classes(density)
         out[V.CT_VALUE] = format_ct_value(hu)
 
         well = rng.random() < kind.well_defined
@@ -420,7 +663,7 @@ class OfflineReportProvider:
         out[V.RELATIONSHIP] = (
             "close relationship with adjacent organs," if close else "no close relationship with surrounding organs,"
         )
-        out[V.ENHANCEMENT] = ENHANCED
+        out[V.ENHANCEMENT] = scan.enhancement if scan is not None else ENHANCED
         out[V.SIZE] = format_size(to_report_axes(_sample_size(kind, round_like, organ_box_size, rng)))
         # the request's own values are the proposal for the fields it has
         for name in V.REPORT_FIELDS + V.OPTIONAL_FIELDS:
@@ -429,17 +672,85 @@ class OfflineReportProvider:
         return out
 
 
+def _without_enhancement(weights: Mapping[str, float]) -> dict[str, float]:
+    """Density weights for a plain scan: ring enhancement and enhancement-bright classes become hypodense."""
+    out: dict[str, float] = {}
+    for name, w in weights.items():
+        key = _HYPO if name in (_RING, _HYPER) else name
+        out[key] = out.get(key, 0.0) + w
+    return out
+
+
 def _sample_ct_value(density: str, stone: bool, reference_hu: float, rng: np.random.Generator) -> float:
+    """A CT value (HU) a lesion of class ``density`` has next to an organ at ``reference_hu``.
+
+    Hypo- and hyperdense values keep at least :data:`GENERATED_MIN_GAP_HU` from the organ; a hypodense
+    one stays above fluid where the organ leaves room for that.
+    """
     if stone:
-        lo, hi = DENSITY_ABSOLUTE_HU["stone"]
+        lo, hi = STONE_HU
+        return round(float(rng.uniform(lo, hi)))
+    if density == _FLUID:
+        lo, hi = FLUID_HU
+        hi = max(lo, min(hi, reference_hu - GENERATED_MIN_GAP_HU))  # below the organ too, where it can be
         return round(float(rng.uniform(lo, hi)))
     if density in DENSITY_ABSOLUTE_HU:
         lo, hi = DENSITY_ABSOLUTE_HU[density]
         return round(float(rng.uniform(lo, hi)))
     lo, hi = (reference_hu + d for d in DENSITY_OFFSET_HU.get(density, DENSITY_OFFSET_HU[_HYPO]))
-    if density == _HYPO:  # darker than the organ but not as dark as fluid
+    if density == _HYPO and hi >= FLUID_MAX_HU + FLUID_MARGIN_HU:  # darker than the organ, not as dark as fluid
         lo = max(lo, FLUID_MAX_HU + FLUID_MARGIN_HU)
-        hi = max(hi, lo)
+    return round(float(rng.uniform(lo, hi)))
+
+
+def _density_band(density: str, reference_hu: float) -> tuple[float, float]:
+    """The HU interval a generated lesion of class ``density`` lies in (unbounded where the class is)."""
+    gap, iso = GENERATED_MIN_GAP_HU, ISO_GENERATED_HU
+    if density in (_HYPO, _RING):
+        return -np.inf, reference_hu - gap
+    if density == _FLUID:
+        return FLUID_HU[0], min(FLUID_HU[1], reference_hu - gap)
+    if density == _ISO:
+        return reference_hu - iso, reference_hu + iso
+    if density == _HYPER:
+        return reference_hu + gap, np.inf
+    return -np.inf, np.inf
+
+
+def _sample_tissue_hu(
+    tissue: tuple[float, float],
+    reference_hu: float,
+    rng: np.random.Generator,
+    density: str | None = None,
+    prefer: str | None = None,
+) -> float | None:
+    """A value in the tissue's own range (HU) that reads clearly as one density class next to the organ.
+
+    The bands where it would be neither clearly iso- nor clearly hypo/hyperdense are left out. With
+    ``density`` (the user's) only its band is kept, and None is returned when nothing is left; else
+    the band of ``prefer`` (the kind's likely class) is kept when the range reaches it.
+    """
+    gap, iso = GENERATED_MIN_GAP_HU, ISO_GENERATED_HU
+    pieces = [tissue]
+    holes = [(reference_hu - gap, reference_hu - iso), (reference_hu + iso, reference_hu + gap)]
+    for a, b in holes:
+        pieces = [p for lo, hi in pieces for p in ((lo, min(hi, a)), (max(lo, b), hi)) if p[0] <= p[1]]
+
+    def within(band: str) -> list[tuple[float, float]]:
+        lo_d, hi_d = _density_band(band, reference_hu)
+        return [(max(lo, lo_d), min(hi, hi_d)) for lo, hi in pieces if max(lo, lo_d) <= min(hi, hi_d)]
+
+    if density is not None:
+        pieces = within(density)
+        if not pieces:
+            return None
+    elif prefer is not None and within(prefer):
+        pieces = within(prefer)
+    if not pieces:  # the whole range sits in a band: take it as it is
+        pieces = [tissue]
+    lengths = np.asarray([hi - lo for lo, hi in pieces], dtype=np.float64)
+    p = lengths / lengths.sum() if lengths.sum() > 0 else np.full(len(pieces), 1.0 / len(pieces))
+    lo, hi = pieces[int(rng.choice(len(pieces), p=p))]
     return round(float(rng.uniform(lo, hi)))
 
 
@@ -468,6 +779,7 @@ def complete_report(
     *,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     version: str = DEFAULT_VERSION,
+    scan: ScanContext | None = None,
 ) -> LesionReport:
     """The full report of one requested lesion: the user's fields win over the proposed ones.
 
@@ -476,6 +788,11 @@ def complete_report(
     error), and the size is in voxels (a user size may be in mm, see :func:`parse_lesion_size`) and
     never exceeds ``organ_box_size`` (array axes, like ``spacing``). The returned report has the box
     size (report axis order: use ``LesionReport.array_box`` / ``with_array_box``) but no centre yet.
+
+    The density class, CT value and enhancement status agree with each other and with ``scan``
+    (:func:`measure_scan`; without it, a typical contrast-enhanced organ HU): what was not given is
+    made to agree with what was (the user's, then the proposal's own CT value); a contradiction
+    between the user's own fields is kept as given and logged as a warning.
     """
     organ_name = label_table(version).name(organ_id)
     fields = [n for n in V.REPORT_FIELDS + V.OPTIONAL_FIELDS if n != V.LOCATION]
@@ -483,7 +800,7 @@ def complete_report(
     fallback: Mapping[str, str] = {}
     if missing:
         logger.info("proposal lacks %s; sampling them offline", ", ".join(missing))
-        fallback = OfflineReportProvider().propose(request, organ_name, rng, organ_box_size=organ_box_size)
+        fallback = OfflineReportProvider().propose(request, organ_name, rng, organ_box_size=organ_box_size, scan=scan)
 
     def pick(name: str) -> str:
         value = _given(request, name)
@@ -520,15 +837,54 @@ def complete_report(
         logger.warning("lesion size %s exceeds the %s box %s; using %s", tuple(size), organ_name, tuple(organ_box_size), bounded)
     attrs[V.SIZE] = format_size(to_report_axes(bounded))
 
-    hu = parse_ct_value(attrs[V.CT_VALUE]) if "HU" in attrs[V.CT_VALUE].upper() else _plain_number(attrs[V.CT_VALUE])
+    hu = read_hu(attrs[V.CT_VALUE])
+    hu_from_proposal = hu is not None and _given(request, V.CT_VALUE) is None and V.CT_VALUE not in missing
     if hu is None:
         if _given(request, V.CT_VALUE) is not None:
             raise LesionDiffusionError(f"cannot read the CT value {attrs[V.CT_VALUE]!r}: give a number of HU, e.g. '40 HU'")
         hu = parse_ct_value(fallback[V.CT_VALUE]) if fallback else _sample_ct_value(_HYPO, False, typical_organ_hu(organ_name), rng)
     attrs[V.CT_VALUE] = format_ct_value(hu)
+    _agree_with_scan(attrs, request, organ_name, scan, rng, density_from_value=hu_from_proposal)
 
     note = str(request.get(LESION_TYPE, "")).strip()
     return LesionReport(int(organ_id), attrs, None, to_report_axes(bounded), summary=attrs[V.SHAPE], note=note)
+
+
+def _agree_with_scan(
+    attrs: dict[str, str],
+    request: Mapping[str, str],
+    organ_name: str,
+    scan: ScanContext | None,
+    rng: np.random.Generator,
+    density_from_value: bool,
+) -> None:
+    """Make density, CT value and enhancement status of ``attrs`` agree with each other and the scan (in place).
+
+    The user's fields stay; of the others, the density follows a CT value the user gave (or, with
+    ``density_from_value``, one the proposal made itself), else the CT value follows the density;
+    the enhancement status follows the scan's contrast. What still disagrees is the user's and is
+    logged as a warning.
+    """
+    user = {n for n in (V.DENSITY, V.CT_VALUE, V.ENHANCEMENT) if _given(request, n) is not None}
+    reference = scan.reference_hu if scan is not None else typical_organ_hu(organ_name)
+    densities = V.parse_classes(V.DENSITY, attrs[V.DENSITY])[0]
+    hu = read_hu(attrs[V.CT_VALUE])
+    conflict = None if hu is None else next((c for c in (density_conflict(d, hu, reference, organ_name) for d in densities) if c), None)
+    if conflict and not {V.DENSITY, V.CT_VALUE} <= user:
+        if V.CT_VALUE in user or (V.DENSITY not in user and density_from_value):
+            homogeneous = "heterogeneous" not in V.parse_classes(V.DENSITY_VARIATIONS, attrs[V.DENSITY_VARIATIONS])[0]
+            attrs[V.DENSITY] = V.format_classes([density_for_value(hu, reference, organ_name, homogeneous)])  # type: ignore[arg-type]
+            logger.info("%s; density set to %s", conflict, attrs[V.DENSITY])
+        else:
+            stone = "stone" in V.parse_classes(V.SPECIFIC, attrs.get(V.SPECIFIC, ""))[0]
+            attrs[V.CT_VALUE] = format_ct_value(_sample_ct_value(densities[0], stone, reference, rng))
+            logger.info("%s; CT value set to %s", conflict, attrs[V.CT_VALUE])
+    if scan is not None and V.ENHANCEMENT not in user and scan.contrast is not None:
+        if report_conflicts({V.ENHANCEMENT: attrs[V.ENHANCEMENT]}, organ_name, scan):
+            logger.info("enhancement status %r replaced by %r (%s)", attrs[V.ENHANCEMENT], scan.enhancement, scan.describe())
+            attrs[V.ENHANCEMENT] = scan.enhancement
+    for problem in report_conflicts(attrs, organ_name, scan, reference_hu=reference):
+        logger.warning("the request's own fields disagree with the scan: %s (kept as given)", problem)
 
 
 def _plain_number(text: str) -> float | None:
@@ -779,16 +1135,7 @@ def measure_lesion(
     adj_shell = (_edt(~les, spacing, border_outside=False) <= ADJACENT_SHELL_MM) & ~les
     others = (sg > 0) & (sg != organ_id) & ~(lb >= 1)
     contrast, sharpness = _edge_profile(img, les, organ, spacing)
-    aorta_hu = None
-    try:
-        aorta = seg == table.id("aorta")
-        if aorta.any():
-            box = _crop_box(aorta, 1, aorta.shape)
-            vessel, values = aorta[box], image[box]
-            core = vessel & (_edt(vessel, spacing) > 1.5)  # away from partial volume with the wall
-            aorta_hu = float(np.median(values[core if core.any() else vessel]))
-    except UnknownOrganError:
-        pass
+    aorta_hu = vessel_hu(image, seg == table.id(AORTA), spacing) if _has(table, AORTA) else None
     return LesionMeasurements(
         organ_id=int(organ_id),
         centre=centre,  # type: ignore[arg-type]
@@ -817,20 +1164,12 @@ def measure_lesion(
 
 def density_class(m: LesionMeasurements, organ_name: str, homogeneous: bool) -> str:
     """The density class of measured lesion ``m`` relative to its organ (thresholds above)."""
-    if organ_group(organ_name) == "lung":
-        if m.core_hu >= LUNG_SOLID_MIN_HU:
-            return _SOLID_MASS
-        return _GGO if m.core_hu >= GROUND_GLASS_MIN_HU else _ISO
     # the median of the smoothed lesion: partial volume at the rim does not pull it toward the organ
     ref = m.reference_hu if m.reference_hu is not None else m.core_hu
-    delta = m.core_hu - ref
-    if m.below_organ_fraction >= MIXED_MIN_FRACTION and m.above_organ_fraction >= MIXED_MIN_FRACTION:
+    mixed = m.below_organ_fraction >= MIXED_MIN_FRACTION and m.above_organ_fraction >= MIXED_MIN_FRACTION
+    if mixed and organ_group(organ_name) != "lung":  # lung classes are absolute
         return _MIXED
-    if delta < -ISO_HU:
-        return _FLUID if m.core_hu <= FLUID_MAX_HU and homogeneous else _HYPO
-    if delta > ISO_HU:
-        return _HYPER
-    return _ISO
+    return density_for_value(m.core_hu, ref, organ_name, homogeneous)
 
 
 def report_from_measurements(m: LesionMeasurements, version: str = DEFAULT_VERSION) -> LesionReport:
