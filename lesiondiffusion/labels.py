@@ -7,12 +7,17 @@ through the tables' synonym column and a few clinical aliases, then as a unique 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+import numpy as np
+
 from lesiondiffusion.errors import LesionDiffusionError
+
+logger = logging.getLogger(__name__)
 
 VERSIONS = ("v1", "v2")
 DEFAULT_VERSION = "v1"  # the original's numbering; type.json keys and demo organ maps use it
@@ -129,3 +134,155 @@ def is_hollow(organ: str | int, version: str = DEFAULT_VERSION) -> bool:
     """True for organs with a lumen (bladder, stomach, colon, esophagus, gallbladder)."""
     table = label_table(version)
     return table.name(table.id(organ)) in HOLLOW_ORGANS
+
+
+# ---- which numbering an organ map uses ----------------------------------------------------------------
+AUTO = "auto"
+VERSION_CHOICES = (*VERSIONS, AUTO)
+
+# Cranio-caudal level of each structure's centre, in vertebra steps from C1 (C1=1 ... T1=8 ... L1=20 ...
+# S1=25): where anatomy puts it in every patient. Structures spanning many levels (aorta, colon, spinal
+# cord, long muscles) are left out; a crop of the scan moves a long structure's centre, not a short one's.
+_LEVELS: dict[str, float] = {
+    "brain": -3, "skull": -3, "face": -2, "thyroid gland": 6, "trachea": 9, "common carotid artery": 5,
+    "subclavian artery": 8, "brachiocephalic trunk": 9, "brachiocephalic vein": 8, "superior vena cava": 10.5,
+    "clavicula": 8, "scapula": 11, "sternum": 13, "lung upper lobe": 11, "lung middle lobe right": 15,
+    "lung lower lobe": 16, "heart": 15, "heart myocardium": 15, "heart atrium": 14, "heart ventricle": 16,
+    "pulmonary artery": 12, "pulmonary vein": 14, "atrial appendage left": 13, "costal cartilages": 16,
+    "liver": 19, "spleen": 19, "stomach": 19, "adrenal gland": 19, "portal vein and splenic vein": 20,
+    "pancreas": 20.5, "gallbladder": 21, "kidney": 21.5, "kidney cyst": 21.5, "duodenum": 21.5,
+    "small bowel": 23.5, "iliac artery": 25, "iliac vena": 25, "sacrum": 26, "hip": 26,
+    "gluteus medius": 26, "gluteus minimus": 26.5, "gluteus maximus": 28, "urinary bladder": 29,
+    "prostate": 30, "femur": 31,
+}  # fmt: skip
+_VERTEBRAE = {f"vertebrae {p}{i}": float(base + i) for p, base, n in (("c", 0, 7), ("t", 7, 12), ("l", 19, 5)) for i in range(1, n + 1)}
+_VERTEBRAE["vertebrae s1"] = 25.0
+_LEVEL_GAP = 3.0  # compare only structures at least this many vertebrae apart: their centres never swap
+_MIN_VOLUME_MM3 = 100.0  # specks (a few stray voxels) say nothing about where an organ lies
+_TOLERANCE_MM = 1.0
+
+
+def _side(name: str) -> int:
+    """+1 for a structure on the patient's right, -1 on the left, 0 for midline or unpaired ones."""
+    words = name.split()
+    return 1 if "right" in words else -1 if "left" in words else 0
+
+
+def _level(name: str) -> float | None:
+    if name in _VERTEBRAE:
+        return _VERTEBRAE[name]
+    match = re.fullmatch(r"rib (left|right) (\d+)", name)
+    if match:  # ribs slope down from the spine: a rib's centre lies about two vertebrae below its own
+        return 8.5 + int(match.group(2))
+    base = " ".join(w for w in name.split() if w not in ("left", "right"))
+    return _LEVELS.get(name, _LEVELS.get(base))
+
+
+@dataclass(frozen=True)
+class VersionEvidence:
+    """How well a map's labels, read in one numbering, fit anatomy: relations that held and that failed."""
+
+    version: str
+    held: int
+    failed: int
+
+    @property
+    def fits(self) -> bool:
+        """Enough relations held and (almost) none failed."""
+        return self.held >= 3 and self.failed <= max(1, 0.1 * (self.held + self.failed))
+
+    @property
+    def contradicted(self) -> bool:
+        """Anatomy clearly disagrees with this reading."""
+        return self.failed >= 2 and self.failed > 0.2 * (self.held + self.failed)
+
+
+def label_centroids(labels: np.ndarray, affine: np.ndarray) -> dict[int, np.ndarray]:
+    """World (RAS mm) centre of every label of ``labels`` whose volume is not a speck."""
+    data = np.asarray(labels)
+    step = 2 if data.size > 20_000_000 else 1  # a full-body map: every other voxel gives the same centres
+    data = data[::step, ::step, ::step]
+    ids = np.rint(data).astype(np.int64, copy=False)
+    idx = np.nonzero(ids > 0)
+    if idx[0].size == 0:
+        return {}
+    lab = ids[idx]
+    counts = np.bincount(lab)
+    scaled = np.asarray(affine, dtype=np.float64) @ np.diag([step, step, step, 1.0])
+    voxel_mm3 = abs(float(np.linalg.det(scaled[:3, :3])))
+    sums = [np.bincount(lab, weights=idx[a].astype(np.float64), minlength=counts.size) for a in range(3)]
+    out = {}
+    for i in np.nonzero(counts)[0]:
+        if counts[i] * voxel_mm3 < _MIN_VOLUME_MM3:
+            continue
+        voxel = np.array([sums[a][i] / counts[i] for a in range(3)] + [1.0])
+        out[int(i)] = (scaled @ voxel)[:3]
+    return out
+
+
+def anatomy_evidence(centroids: dict[int, np.ndarray], version: str) -> VersionEvidence:
+    """Relations between label centres that anatomy fixes, checked with the labels read in ``version``.
+
+    Left/right: every structure named "right" lies right (+x, RAS) of every one named "left".
+    Head/feet: two structures whose usual levels are at least three vertebrae apart are ordered in z.
+    """
+    table = label_table(version)
+    named = [(table.names[i], c) for i, c in centroids.items() if i in table.names]
+    held = failed = 0
+    for a, (name_a, ca) in enumerate(named):
+        for name_b, cb in named[a + 1 :]:
+            side = _side(name_a) - _side(name_b)
+            if abs(side) == 2:  # one right, one left
+                dx = (ca[0] - cb[0]) * side / 2
+                if abs(dx) > _TOLERANCE_MM:
+                    held, failed = held + int(dx > 0), failed + int(dx < 0)
+            la, lb = _level(name_a), _level(name_b)
+            if la is not None and lb is not None and abs(la - lb) >= _LEVEL_GAP:
+                dz = (cb[2] - ca[2]) * np.sign(la - lb)  # a lower level number lies higher (+z)
+                if abs(dz) > _TOLERANCE_MM:
+                    held, failed = held + int(dz > 0), failed + int(dz < 0)
+    return VersionEvidence(version, held, failed)
+
+
+def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "organ map") -> str:
+    """The TotalSegmentator numbering ("v1" or "v2") of an organ map, from its labels and their anatomy.
+
+    Labels above 104 exist only in v2. Otherwise each reading is checked against anatomy
+    (:func:`anatomy_evidence`); the one that fits while the other is contradicted wins. Labels that
+    mean the same in both (1-6: spleen, kidneys, gallbladder, liver, stomach) need no choice. A map
+    that fits both or neither is an :class:`~lesiondiffusion.errors.InputError` asking for the flag.
+    """
+    from lesiondiffusion.errors import InputError
+
+    ids = np.unique(np.rint(np.asarray(labels)).astype(np.int64))
+    ids = ids[ids != 0]
+    ask = "set --organ_seg_version v1 or v2"
+    if ids.size == 0:
+        raise InputError(source, f"the organ map is empty: no organ labels, so its numbering cannot be told; {ask}")
+    top = {v: max(label_table(v).names) for v in VERSIONS}
+    if ids.min() < 0 or ids.max() > top["v2"]:
+        raise InputError(source, f"labels {ids.min()}..{ids.max()} are not TotalSegmentator ids (v1: 1-{top['v1']}, v2: 1-{top['v2']})")
+    if ids.max() > top["v1"]:
+        return "v2"
+    v1, v2 = label_table("v1"), label_table("v2")
+    if all(v1.names[i] == v2.names[i] for i in ids.tolist()):
+        return "v1"  # the two numberings agree on every label present
+    centroids = label_centroids(labels, affine)
+    evidence = {v: anatomy_evidence(centroids, v) for v in VERSIONS}
+    for mine, other in (("v1", "v2"), ("v2", "v1")):
+        if evidence[mine].fits and evidence[other].contradicted:
+            logger.info("%s: TotalSegmentator %s numbering (anatomy: %s)", source, mine, _summary(evidence))
+            return mine
+    raise InputError(source, f"cannot tell whether the organ map uses TotalSegmentator v1 or v2 numbering ({_summary(evidence)}); {ask}")
+
+
+def _summary(evidence: dict[str, VersionEvidence]) -> str:
+    return ", ".join(f"{v}: {e.held} relations hold, {e.failed} fail" for v, e in evidence.items())
+
+
+def resolve_version(requested: str | None, labels: np.ndarray, affine: np.ndarray, source: object = "organ map") -> str:
+    """``requested`` ("v1", "v2") as is, or for "auto"/None the numbering :func:`detect_version` finds."""
+    choice = AUTO if requested is None else str(requested).strip().lower()
+    if choice not in VERSION_CHOICES:
+        raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {requested!r}")
+    return detect_version(labels, affine, source) if choice == AUTO else choice
