@@ -245,7 +245,8 @@ def _load(path: Path, reader: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = LoadImage(reader=reader, image_only=True, dtype=None)(str(path))
     except Exception as e:  # readers raise many types for corrupt files
-        raise InputError(path, f"unreadable by MONAI {reader} ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # MONAI appends every reader's traceback
+        raise InputError(path, f"unreadable by MONAI {reader} ({type(e).__name__}: {first})") from None
     data = np.asarray(image)
     if data.ndim != 3:
         raise InputError(path, f"expected a 3D image, got shape {data.shape}")

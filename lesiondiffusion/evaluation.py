@@ -6,15 +6,21 @@ provenance.json``, see :mod:`lesiondiffusion_tools.synthesize`) and the requests
 
 - **mask**: the fraction of lesion voxels (label 2) inside the allowed region (the requested organ in
   ``organ_seg.nii.gz``; for a lesion whose report cavity is *protruding*, the organ dilated by the
-  lesion's requested radius, i.e. half its largest requested extent); the number of 26-connected
-  components against the number of lesions; the label-2 volume (mm^3) against the ellipsoid of the
-  report's ``size`` (``[[a b c]] pixel`` on the standardised 1 mm grid, i.e. mm), as a relative error
+  lesion's requested radius, i.e. half its largest requested extent); the number of 6-connected
+  (face-connected) components against the number of lesions (diagonal contact does not join pieces:
+  under 26-connectivity a checkerboard speckle is "one" lesion; the 26-connected count is kept too);
+  the label-2 volume (mm^3) against the ellipsoid of the report's ``size`` (``[[a b c]] pixel`` on the standardised 1 mm grid, i.e. mm), as a relative error
   (the "size error"; also given as the equivalent diameter's relative error). With several lesions in a
   case the volumes are summed and the protruding allowance is the largest lesion's;
 - **appearance**: the lesion measured as a report would be (:func:`lesiondiffusion.attributes.measure_lesion`):
   core HU minus the organ's parenchyma (sign and magnitude), the density class that gives
   (:func:`~lesiondiffusion.attributes.density_class`) against the requested one, and homogeneity
   (smoothed spread) against the requested one;
+- **realism** (:mod:`lesiondiffusion.lesion_metrics`, :mod:`lesiondiffusion.realism`): fill ratio,
+  interior fraction, solidity, sphericity; lesion-minus-organ median HU against the report's CT value;
+  interior high-pass noise against the host organ's; edge width. With a reference dataset
+  (``reference``: ground-truth lesions, e.g. ``make-dataset``'s), each beside the matched real lesions'
+  values, and a radiomics-style realism distance to them, with a flat-fill and a copy-paste baseline;
 - **preservation**: every voxel at least ``margin_mm`` (the run's ``parameters.margin_mm``) from the
   lesion must hold the input CT's stored value bit for bit; the blend zone (within the margin, outside
   the lesion) is scored by its PSNR in HU against the input.
@@ -45,6 +51,8 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from lesiondiffusion import attributes as A
+from lesiondiffusion import lesion_metrics as L
+from lesiondiffusion import realism as R
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, write_json, write_text
@@ -356,10 +364,12 @@ def _appearance(
 
 
 def evaluate_case(
-    request: SynthesisRequest, folder: Path, margin_mm: float | None = None, tile: int = 160
+    request: SynthesisRequest, folder: Path, margin_mm: float | None = None, tile: int = 160,
+    crops: dict[str, L.LesionCrop] | None = None,
 ) -> tuple[dict[str, Any], Image.Image | None]:
     """Measure one case folder against its request; returns its record and its contact-sheet tile.
 
+    ``crops``: when given, receives the lesion's crop under the case name (for the reference comparison).
     Raises :class:`CaseError` when the folder cannot be evaluated and :class:`InputError` when the
     request's own CT cannot be read.
     """
@@ -404,7 +414,7 @@ def evaluate_case(
     organ = np.isin(seg, organ_ids)
     requested_volume = sum(ellipsoid_volume_mm3(s) for s in sizes if s) if all(sizes) else None
     volume = n_lesion * voxel_mm3
-    components = int(ndi.label(lesion, structure=np.ones((3, 3, 3), bool))[1]) if n_lesion else 0
+    components = L.components(lesion)  # face-connected: diagonal speckle is not one lesion
     if not n_lesion:
         problems.append("label.nii.gz has no lesion voxels (label 2)")
     mask = {
@@ -414,6 +424,7 @@ def evaluate_case(
         "inside_fraction": inside_fraction(lesion, organ, spacing, dilate) if n_lesion else None,
         "lesions": len(reports),
         "components": components,
+        "components_26": int(ndi.label(lesion, structure=np.ones((3, 3, 3), bool))[1]) if n_lesion else 0,
         "connected": n_lesion > 0 and components == len(reports),
         "cavity": cavities,
         "requested_size_mm": [list(s) if s else None for s in sizes],
@@ -423,6 +434,13 @@ def evaluate_case(
     # the same error as a diameter: a sphere 10% too wide is 33% too large in volume
     mask["diameter_error"] = None if mask["volume_error"] is None else (1.0 + mask["volume_error"]) ** (1.0 / 3.0) - 1.0
     appearance = _appearance(after, label, seg, organ_id, request, reports[0], problems) if n_lesion else {}
+    realism: dict[str, Any] = {}
+    if n_lesion:
+        crop = L.crop_around(after.values(), lesion, organ, spacing, appearance.get("organ_reference_hu"))
+        realism = R.case_measures(crop, reports[0].mean_hu, reports[0].attributes.get(V.SURFACE))
+        realism.update(organ=table.name(organ_id), density=appearance.get("requested_density"), lesions=len(reports))
+        if crops is not None:
+            crops[request.case] = crop
     kept = preservation(before, after, lesion, _margin(provenance, margin_mm, problems)).to_json()
     # stored values can only be bit-identical in the input's own dtype, scaling and grid
     kept["grid_matches"] = grid_ok
@@ -436,6 +454,7 @@ def evaluate_case(
         "seed": seed,
         "mask": mask,
         "appearance": appearance,
+        "realism": realism,
         "preservation": kept,
         "problems": problems,
     }
@@ -490,8 +509,12 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
-def totals(records: Sequence[dict[str, Any]], missing: list[dict], invalid: list[dict], ordering: dict[str, Any]) -> dict[str, Any]:
-    """Rates, accuracies and medians over the evaluated cases (see the module notes)."""
+def totals(
+    records: Sequence[dict[str, Any]], missing: list[dict], invalid: list[dict], ordering: dict[str, Any],
+    pool: Sequence[R.ReferenceLesion] | None = None, reference: str | None = None,
+) -> dict[str, Any]:
+    """Rates, accuracies and medians over the evaluated cases (see the module notes); ``realism`` holds
+    :func:`lesiondiffusion.realism.realism_totals` (beside ``pool``, the reference lesions, when given)."""
     masks = [r["mask"] for r in records]
     looks = [r["appearance"] for r in records]
     kept = [r["preservation"] for r in records]
@@ -534,6 +557,7 @@ def totals(records: Sequence[dict[str, Any]], missing: list[dict], invalid: list
         "median_blend_zone_psnr_db": _median(k["blend_zone_psnr_db"] for k in kept),
         "density_ordering": ordering["fraction"],
         "density_ordering_pairs": ordering["pairs"],
+        "realism": R.realism_totals([r["realism"] for r in records if r.get("realism")], pool, reference),
     }
     out["targets"] = {}
     for name, (key, op, threshold) in TARGETS.items():
@@ -589,7 +613,7 @@ def markdown(report: dict[str, Any]) -> str:
         "", "## Totals", "", "| measure | value |", "| --- | --- |",
         f"| cases requested / evaluated / missing / invalid | {t['requested']} / {t['evaluated']} / {t['missing']} / {t['invalid']} |",
         f"| masks fully inside the allowed region | {_pct(t['inside_rate'])} (mean fraction {_pct(t['mean_inside_fraction'])}, min {_pct(t['min_inside_fraction'])}) |",
-        f"| one 26-connected component per lesion | {_pct(t['connected_rate'])} |",
+        f"| one 6-connected component per lesion | {_pct(t['connected_rate'])} |",
         f"| median size error: volume (equivalent diameter) | {_pct(t['median_volume_error'])} ({_pct(t['median_diameter_error'])}) |",
         f"| density-class accuracy | {_pct(t['density_accuracy'])} of {t['density_cases']} |",
         f"| density direction (sign beyond +-{A.ISO_HU:g} HU) accuracy | {_pct(t['direction_accuracy'])} |",
@@ -607,6 +631,7 @@ def markdown(report: dict[str, Any]) -> str:
     for name, g in t["targets"].items():
         op, threshold = TARGETS[name][1:]
         lines.append(f"| {name} | {_pct(g['value'])} | {op} {_pct(threshold, 0)} | {_yes(g['met'])} |")
+    lines += realism_markdown(report)
     unmeasured = [c for c in report["cases"] if c["status"] != "ok"]
     if unmeasured:
         lines += ["", "## Cases not evaluated", ""]
@@ -620,16 +645,102 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _beside(value: float | None, truth: float | None, fmt: str = ".2f") -> str:
+    """``value (ground truth)``, the ground truth left out when there is none."""
+    return _num(value, fmt) if truth is None else f"{_num(value, fmt)} ({_num(truth, fmt)})"
+
+
+def realism_markdown(report: dict[str, Any]) -> list[str]:
+    """The realism sections: a row per case beside the matched ground-truth lesions, totals, the distance."""
+    t = report["totals"]["realism"]
+    has_ref = report.get("reference") is not None
+    note = "ground-truth lesions of the same organ and density class in brackets" if has_ref else "no reference dataset given"
+    lines = [
+        "", "## Realism", "", f"Reference: `{report.get('reference') or '-'}` ({note}).", "",
+        "| case | fill ratio | interior fraction | solidity | sphericity | pieces (6 / 26-conn.) "
+        "| lesion - organ HU: measured / report | noise std ratio | edge width (mm) | matched by | checks failed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]  # fmt: skip
+    checks = (("solid", "fill"), ("interior_ok", "interior"), ("delta_ok", "HU vs report"),
+              ("delta_in_reference_range", "HU vs real"), ("noise_ok", "noise"))  # fmt: skip
+    for c in report["cases"]:
+        m = c.get("realism")
+        if c["status"] != "ok" or not m:
+            continue
+        ref = m.get("reference") or {}
+        failed = [name for key, name in checks if m.get(key) is False]
+        lines.append(
+            f"| {c['case']} | {_beside(m['fill_ratio'], ref.get('fill_ratio'))} "
+            f"| {_beside(m['interior_fraction'], ref.get('interior_fraction'))} | {_beside(m['solidity'], ref.get('solidity'))} "
+            f"| {_beside(m['sphericity'], ref.get('sphericity'))} | {m['components_6']} / {m['components_26']} "
+            f"| {_num(m['median_delta_hu'], '+.1f')} / {_num(m['report_delta_hu'], '+.1f')}"
+            f"{'' if ref.get('median_delta_hu') is None else ' (' + _num(ref['median_delta_hu'], '+.1f') + ')'} "
+            f"| {_beside(m['noise_std_ratio'], ref.get('noise_std_ratio'))} "
+            f"| {_beside(m['edge_width_mm'], ref.get('edge_width_mm'), '.1f')} {m.get('margin_class') or ''} "
+            f"| {ref.get('match', '-')} ({ref.get('lesions', 0)}) | {', '.join(failed) or '-'} |"
+        )
+    syn, truth = t["synthetic"], t["ground_truth"] or {}
+    lines += [
+        "", "### Realism totals", "",
+        f"Medians over {t['cases']} synthetic lesion(s) and {t['matched_reference_lesions']} matched ground-truth lesion(s) "
+        f"(of {t['reference_lesions']}).", "",
+        "| measure | synthetic | ground truth |", "| --- | --- | --- |",
+    ]  # fmt: skip
+    for key, name, fmt in (("fill_ratio", "fill ratio", ".3f"), ("interior_fraction", "interior fraction", ".3f"),
+                           ("solidity", "solidity", ".3f"), ("sphericity", "sphericity", ".3f"),
+                           ("median_delta_hu", "lesion - organ median HU", "+.1f"),
+                           ("noise_std_ratio", "noise std ratio (lesion / organ)", ".2f"),
+                           ("edge_width_mm", "edge width (mm)", ".2f")):  # fmt: skip
+        lines.append(f"| {name} | {_num(syn.get(key), fmt)} | {_num(truth.get(key), fmt)} |")
+    for cls, v in t["delta_by_density"].items():
+        lines.append(f"| lesion - organ median HU, {_short(cls)} ({v['cases']} / {v['reference_lesions']}) "
+                     f"| {_num(v['synthetic'], '+.1f')} | {_num(v['ground_truth'], '+.1f')} |")  # fmt: skip
+    for cls, v in t["edge_width_by_margin"].items():
+        lines.append(f"| edge width (mm), {cls} ({v['cases']} / {v['reference_lesions']}) "
+                     f"| {_num(v['synthetic'], '.2f')} | {_num(v['ground_truth'], '.2f')} |")  # fmt: skip
+    lines += [
+        "", "| check | rate |", "| --- | --- |",
+        f"| one 6-connected piece per lesion | {_pct(t['one_piece_rate'])} |",
+        f"| solid: fill ratio >= {R.MIN_FILL_RATIO:g} | {_pct(t['solid_rate'])} |",
+        f"| interior fraction within {R.INTERIOR_TOLERANCE:g} of real lesions of that size | {_pct(t['interior_ok_rate'])} |",
+        f"| lesion - organ HU of the report's sign and within {R.DELTA_TOLERANCE_HU:g} HU of it | {_pct(t['delta_ok_rate'])} |",
+        f"| lesion - organ HU within real lesions' 10th-90th percentiles +-{A.ISO_HU:g} HU | {_pct(t['delta_in_reference_range_rate'])} |",
+        f"| noise std {R.NOISE_RATIO_RANGE[0]:g}-{R.NOISE_RATIO_RANGE[1]:g}x the host organ's | {_pct(t['noise_ok_rate'])} |",
+    ]  # fmt: skip
+    d = t["realism_distance"]
+    n = d["cases_with_features"]
+    lines += [
+        "", "### Realism distance to the ground-truth lesions", "",
+        f"Fréchet-style distance on {len(d['features'])} radiomics-style features (diagonal covariance, features scaled "
+        f"by the ground truth's spread; in-house, not certified against IBSI/pyradiomics), {d['reference_lesions']} "
+        "ground-truth lesion(s). Lower is closer. Baselines: the same masks filled flat at the report's CT value, and "
+        "a ground-truth lesion's HU offsets copied into each mask.", "",
+        "| lesions | distance | cases |", "| --- | --- | --- |",
+        f"| synthetic | {_num(d['synthetic'], '.3f')} | {n['synthetic']} |",
+        f"| flat fill (baseline) | {_num(d['flat'], '.3f')} | {n['flat']} |",
+        f"| copy-paste (baseline) | {_num(d['copy_paste'], '.3f')} | {n['copy_paste']} |",
+    ]  # fmt: skip
+    return lines
+
+
 def summary_line(report: dict[str, Any]) -> str:
     """One line: case counts and the headline figures."""
     t = report["totals"]
+    r = t["realism"]
+    d = r["realism_distance"]
     return (
         f"evaluated {t['evaluated']}/{t['requested']} case(s) ({t['missing']} missing, {t['invalid']} invalid): "
         f"inside {_pct(t['inside_rate'])}, connected {_pct(t['connected_rate'])}, preserved {_pct(t['preserved_rate'])}, "
         f"density {_pct(t['density_accuracy'])}, homogeneity {_pct(t['homogeneity_accuracy'])}, "
         f"median size error {_pct(t['median_volume_error'])}, density order {_pct(t['density_ordering'])} of "
-        f"{t['density_ordering_pairs']} pair(s)"
-    )
+        f"{t['density_ordering_pairs']} pair(s); realism: solid {_pct(r['solid_rate'])}, "
+        f"fill {_num(r['synthetic']['fill_ratio'], '.2f')}, interior {_num(r['synthetic']['interior_fraction'], '.2f')}, "
+        f"HU vs report {_pct(r['delta_ok_rate'])}, noise ratio {_num(r['synthetic']['noise_std_ratio'], '.2f')}"
+        + (
+            "" if d["synthetic"] is None
+            else f", distance {d['synthetic']:.2f} (flat {_num(d['flat'], '.2f')}, copy-paste {_num(d['copy_paste'], '.2f')})"
+        )
+    )  # fmt: skip
 
 
 # ---- contact sheet ------------------------------------------------------------------------------------
@@ -679,12 +790,15 @@ def _caption(record: dict[str, Any]) -> str:
 
 
 def evaluate_outputs(
-    pred: PathLike, requests: PathLike, out: PathLike | None = None, margin_mm: float | None = None, tile: int = 160
+    pred: PathLike, requests: PathLike, out: PathLike | None = None, margin_mm: float | None = None, tile: int = 160,
+    reference: PathLike | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate every requested case of ``pred``; write ``evaluation.json``, ``evaluation.md`` and
     ``contact_sheet.png`` into ``out`` (default: ``<pred>_evaluation`` beside ``pred``, never inside it).
 
-    ``margin_mm`` overrides each run's recorded margin. Returns the report and the written paths.
+    ``margin_mm`` overrides each run's recorded margin. ``reference``: a labelled dataset (datalist JSON
+    or the folder holding ``datalist.json``) whose lesions the realism measures are set beside
+    (:mod:`lesiondiffusion.realism`). Returns the report and the written paths.
     """
     pred = Path(pred).expanduser()
     requests_path = Path(requests).expanduser()
@@ -699,6 +813,9 @@ def evaluate_outputs(
     records: dict[str, dict[str, Any]] = {}
     cases: list[dict[str, Any]] = []
     tiles: list[tuple[str, str, Image.Image | None]] = []
+    crops: dict[str, L.LesionCrop] = {}
+    # the reference first: a wrong path fails before the cases are measured
+    pool = R.load_reference(reference) if reference is not None else None
     missing: list[dict] = []
     invalid: list[dict] = []
     for request in tqdm(wanted, desc="evaluate", unit="case"):
@@ -710,7 +827,7 @@ def evaluate_outputs(
             tiles.append((request.case, "missing", None))
             continue
         try:
-            record, image = evaluate_case(request, folder, margin_mm, tile)
+            record, image = evaluate_case(request, folder, margin_mm, tile, crops)
         except CaseError as e:
             entry = {"case": request.case, "status": "invalid", "error": str(e)}
             invalid.append(entry)
@@ -721,16 +838,23 @@ def evaluate_outputs(
         records[request.case] = record
         cases.append(record)
         tiles.append((request.case, _caption(record), image))
+    if pool is not None:
+        for case, record in records.items():
+            look = record["realism"]
+            if look and case in crops:
+                R.compare_case(look, crops[case], look["organ"], look["density"], pool)
     ordering = density_ordering(wanted, records)
+    reference_path = None if reference is None else str(Path(reference).expanduser().resolve())
     report = {
         "pred": str(pred.resolve()),
         "requests": str(requests_path.resolve()),
+        "reference": reference_path,
         "psnr_range_hu": PSNR_RANGE_HU,
         "cases": cases,
         "missing": missing,
         "invalid": invalid,
         "density_ordering": ordering,
-        "totals": totals(list(records.values()), missing, invalid, ordering),
+        "totals": totals(list(records.values()), missing, invalid, ordering, pool, reference_path),
     }
     paths = {name: out_dir / name for name in REPORT_FILES}
     write_json(paths["evaluation.json"], report)

