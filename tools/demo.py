@@ -1,27 +1,81 @@
-"""``lesiondiffusion demo`` (what ``make demo`` runs): synthesise lesions into a demo phantom and evaluate them.
+"""``lesiondiffusion demo`` (what ``make demo`` runs): write described lesions into a real CT and evaluate them.
 
-A lesion-free CT phantom is made from one of the published demo organ maps (``../shared/data/demo``),
-with three requests that differ only in density (hypo-, iso-, hyperdense; :mod:`lesiondiffusion.phantom_dataset`).
+By default the CT is TotalSegmentator's example abdomen CT shipped in ``data/ts_example`` (3 mm,
+non-contrast) with its organ map (TotalSegmentator v2 ids). :data:`DEMO_REQUESTS` asks for one lesion
+in each of the liver, a kidney, the spleen, the pancreas and the urinary bladder; the liver's is given
+as a plain sentence. The requests file is written into ``--out`` (never beside the input data),
 ``synthesize`` writes the lesions with the weights the repository ships (or ``--weights DIR``), then
-``evaluate`` measures them. Prints the output paths, seconds per lesion and the evaluation line.
+``evaluate`` measures them. Prints each preview, the seconds per lesion and the evaluation line.
+
+``--source phantom`` runs the earlier, cheaper demo instead: a lesion-free CT phantom made from one of
+the original project's demo organ maps (``data/demo``), three requests that differ only in density.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.data_paths import DEMO_DATA, TS_EXAMPLE_CT, TS_EXAMPLE_SEG
+from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.io import read_json, write_json
 from lesiondiffusion_tools.synthesize import synthesize
 
 logger = logging.getLogger(__name__)
 
-DEMO_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
+DEMO_SOURCE = DEMO_DATA  # the phantom demo's organ maps
+SOURCES = ("ct", "phantom")
+
+# One lesion per organ, in the words of the report vocabulary (lesiondiffusion/resources/description.json).
+# Sizes stay well inside each organ of the example CT (its pancreas is small: ~19 mL).
+DEMO_REQUESTS: tuple[dict[str, Any], ...] = (
+    {"case": "liver_cyst", "attributes": {  # "a 25 mm hypodense, round-like, well-defined cyst in the liver"
+        "organ type": "liver", "lesion type": "cyst", "density": "hypodense", "size": "25 mm",
+        "shape": "round-like", "surface characteristics": "well-defined margin"}},
+    {"case": "kidney_tumor", "attributes": {
+        "organ type": "right kidney", "lesion type": "tumor", "density": "hypodense", "size": "20 mm",
+        "density variations": "homogeneous"}},
+    {"case": "spleen_tumor", "attributes": {
+        "organ type": "spleen", "lesion type": "tumor", "density": "hypodense", "size": "18 mm"}},
+    {"case": "pancreas_tumor", "attributes": {
+        "organ type": "pancreas", "lesion type": "tumor", "density": "hypodense", "size": "12 mm"}},
+    {"case": "bladder_tumor", "attributes": {
+        "organ type": "urinary bladder", "lesion type": "tumor", "density": "hyperdense", "size": "20 mm",
+        "cavity": "wall thickening"}},
+)  # fmt: skip
+
+
+def write_demo_requests(path: Path, image: Path, organ_seg: Path, cases: list[dict[str, Any]]) -> Path:
+    """Write ``cases`` as a requests file at ``path``, each on ``image`` with ``organ_seg`` (paths relative to it)."""
+
+    def rel(p: Path) -> str:
+        return Path(os.path.relpath(p.resolve(), path.parent.resolve())).as_posix()
+
+    entries = [{"case": c["case"], "image": rel(image), "organ_seg": rel(organ_seg), **{k: v for k, v in c.items() if k != "case"}}
+               for c in cases]  # fmt: skip
+    return write_json(path, {"requests": entries})
+
+
+def select_requests(lesions: Any) -> list[dict[str, Any]]:
+    """:data:`DEMO_REQUESTS` whose case names are in ``lesions`` (comma-separated text or a list; None: all)."""
+    if lesions is None:
+        return list(DEMO_REQUESTS)
+    wanted = [s.strip() for s in (lesions.split(",") if isinstance(lesions, str) else lesions) if str(s).strip()]
+    known = {r["case"]: r for r in DEMO_REQUESTS}
+    unknown = [w for w in wanted if w not in known]
+    if unknown or not wanted:
+        raise LesionDiffusionError(f"--lesions: unknown demo lesion(s) {unknown or wanted!r}; choose from {', '.join(known)}")
+    return [known[w] for w in wanted]
 
 
 def demo(
     out: str = "demo_output",
+    source: str = "ct",
+    image: str = str(TS_EXAMPLE_CT),
+    organ_seg: str = str(TS_EXAMPLE_SEG),
+    lesions: Any = None,
     src: str = str(DEMO_SOURCE),
     seed: int = 0,
     steps: int = 25,
@@ -29,19 +83,39 @@ def demo(
     device: str | None = None,
     bundle_overrides: Any = None,
 ) -> dict:
-    """Build a demo phantom with three lesion requests, synthesise them, evaluate; outputs under ``--out``."""
+    """Synthesise the demo lesions and evaluate them; everything lands under ``--out``.
+
+    ``--source ct`` (default): the lesions of :data:`DEMO_REQUESTS` (or those named by ``--lesions``,
+    comma-separated) in ``--image`` with its organ map ``--organ_seg``. ``--source phantom``: three
+    density-only variants in a phantom built from ``--src``. Returns the evaluation report.
+    """
     from lesiondiffusion.evaluation import evaluate_outputs, summary_line
     from lesiondiffusion.phantom_dataset import build_requests
 
-    if not Path(src).is_dir():
-        raise LesionDiffusionError(f"{src}: demo data folder not found (pass --src DIR)")
+    if source not in SOURCES:
+        raise LesionDiffusionError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}")
     root = Path(out)
-    requests = build_requests(Path(src), root / "requests", n=1, seed=int(seed), overwrite=True) / "requests.json"
+    if source == "phantom":
+        if not Path(src).is_dir():
+            raise LesionDiffusionError(f"{src}: demo data folder not found (pass --src DIR)")
+        requests = build_requests(Path(src), root / "requests", n=1, seed=int(seed), overwrite=True) / "requests.json"
+    else:
+        for path in (image, organ_seg):
+            if not Path(path).is_file():
+                raise InputError(path, "file not found")
+        root.mkdir(parents=True, exist_ok=True)
+        requests = write_demo_requests(root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions))
+        if bundle_overrides is None:  # the example CT's organ map numbers organs as TotalSegmentator v2 does
+            bundle_overrides = {"preprocess": {"organ_seg_version": "v2"}}
     synthesis = root / "synthesis"
-    summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps), weights=weights, device=device, bundle_overrides=bundle_overrides)
+    summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps),
+                         weights=weights, device=device, bundle_overrides=bundle_overrides)  # fmt: skip
     report, paths = evaluate_outputs(str(synthesis), str(requests), str(root / "evaluation"), None, 160)
     print(f"requests:   {requests}")
     print(f"synthesis:  {synthesis} (image.nii.gz, label.nii.gz, report.json, provenance.json, preview.png per case)")
+    for entry in read_json(requests)["requests"]:
+        asked = entry.get("text") or ", ".join(f"{k}: {v}" for k, v in entry.get("attributes", {}).items())
+        print(f"  {entry['case']:<16} {synthesis / entry['case'] / 'preview.png'}  ({asked})")
     print(f"evaluation: {paths['evaluation.md']}, {paths['contact_sheet.png']}")
     print(f"seconds per lesion: {summary['seconds_per_lesion']:.1f}")
     print(f"evaluation: {summary_line(report)}")
