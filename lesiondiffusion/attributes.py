@@ -253,7 +253,7 @@ def organ_group(organ_name: str) -> str:
 
 
 def is_hollow_name(organ_name: str) -> bool:
-    """True for organs with a lumen (SPEC 4.1 hollow-organ rules)."""
+    """True for organs with a lumen (design 4.1 hollow-organ rules)."""
     return organ_name.lower() in HOLLOW_ORGANS
 
 
@@ -1236,7 +1236,7 @@ def extract_report(
     *,
     version: str = DEFAULT_VERSION,
 ) -> LesionReport:
-    """The report a labelled case would have had, measured from its CT (SPEC 4.1, train side).
+    """The report a labelled case would have had, measured from its CT (design 4.1, train side).
 
     ``image_hu`` (HU), ``label`` (0 background, 1 organ, 2 lesion) and ``organ_seg`` (TotalSegmentator
     ``version`` numbering) share one grid of voxel size ``spacing`` (mm). ``organ_id`` defaults to the

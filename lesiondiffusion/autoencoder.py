@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # VQVAE keyword arguments, PatchDiscriminator keyword arguments and training crop size per preset.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The original's sizes (SPEC 4.3): 96 channels, one x2 downsampling, codebook 2048 x 4, 128^3 crops.
+    # The original's sizes (design 4.3): 96 channels, one x2 downsampling, codebook 2048 x 4, 128^3 crops.
     "paper": {
         "vqvae": {
             "spatial_dims": 3,

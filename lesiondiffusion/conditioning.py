@@ -1,4 +1,4 @@
-"""Attribute conditioning (SPEC 4.5): reports -> fixed-size tensors -> ``[B, n_attributes, D]`` sequences.
+"""Attribute conditioning (design 4.5): reports -> fixed-size tensors -> ``[B, n_attributes, D]`` sequences.
 
 Two halves, so that the data pipeline stays tensor-only and the embedding is trained with the network:
 

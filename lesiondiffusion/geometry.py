@@ -1,6 +1,6 @@
 """The standardised working grid (RAS, 1 mm isotropic) and the way back to the input's own grid.
 
-Every stage works on the standardised grid (SPEC 4); every output goes back onto the grid of the
+Every stage works on the standardised grid (design 4); every output goes back onto the grid of the
 input the user gave: orientation, spacing, origin, shape and dtype. :class:`InputGeometry` is the
 JSON-able record of that input grid (written by preprocess as ``geometry.json``), together with the
 standardised grid it was mapped to, so a later stage can write results back without the original

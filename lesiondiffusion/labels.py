@@ -37,7 +37,7 @@ _ALIASES = {
     "right adrenal gland": "adrenal gland right",
 }
 
-# Organs with a lumen: SPEC 4.1's hollow-organ placement rules apply to these.
+# Organs with a lumen: design 4.1's hollow-organ placement rules apply to these.
 HOLLOW_ORGANS = frozenset({"urinary bladder", "stomach", "colon", "esophagus", "gallbladder"})
 
 

@@ -1,4 +1,4 @@
-"""Organ-aware lesion boxes (SPEC 4.1) and the region a lesion mask may occupy.
+"""Organ-aware lesion boxes (design 4.1) and the region a lesion mask may occupy.
 
 A box is a centre and a size in voxels of the standardised grid; it spans ``[centre - size // 2,
 centre - size // 2 + size)`` on each axis, so it holds exactly ``size`` voxels. Placement rules, by
@@ -36,7 +36,7 @@ from lesiondiffusion.vocabulary import CAVITY_CLASSES, CAVITY_LUMEN, CAVITY_PROT
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EROSION = 5  # voxels (mm on the standardised grid): SPEC 4.1's "~5 voxels"
+DEFAULT_EROSION = 5  # voxels (mm on the standardised grid): design 4.1's "~5 voxels"
 HOLLOW_CAVITIES = (CAVITY_LUMEN, CAVITY_WALL)
 SOLID_CAVITIES = (CAVITY_WITHIN, CAVITY_PROTRUDING)
 _SHRINK = 0.9  # per step when a "within" box fits nowhere

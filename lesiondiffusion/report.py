@@ -1,6 +1,6 @@
 """The structured lesion report (the original's ``type.json``): typed model, schema, read and write.
 
-File format (SPEC 3): ``{"<organ id>": [summary, note, {attributes}, [[[cx, cy, cz]], [[sx, sy, sz]]]]}``.
+File format (design 3): ``{"<organ id>": [summary, note, {attributes}, [[[cx, cy, cz]], [[sx, sy, sz]]]]}``.
 Reading validates against ``resources/report.schema.json`` (version :data:`SCHEMA_VERSION`); writing
 produces the same format, so files stay usable by the original code.
 

@@ -1,4 +1,4 @@
-"""MONAI transforms shared by the bundles: the CT intensity map of SPEC 4 and its inverse."""
+"""MONAI transforms shared by the bundles: the CT intensity map of design 4 and its inverse."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The attribute vocabulary: report fields, their value classes and synonyms.
 
 Classes and synonyms come from the original project's ``description.json``; cavity classes are
-SPEC 3's. A free-text value ("round-like,protrusion into the lumen,") is parsed into canonical classes
+design 3's. A free-text value ("round-like,protrusion into the lumen,") is parsed into canonical classes
 by greedy longest-synonym matching, so synonyms that themselves contain commas stay whole.
 """
 
@@ -28,7 +28,7 @@ CAVITY = "cavity"
 REPORT_FIELDS = (ENHANCEMENT, LOCATION, SHAPE, SIZE, DENSITY, DENSITY_VARIATIONS, CT_VALUE, SURFACE, RELATIONSHIP, SPECIFIC)
 OPTIONAL_FIELDS = (CAVITY,)
 
-# What each network is conditioned on (SPEC 4.2 and 4.4).
+# What each network is conditioned on (design 4.2 and 4.4).
 MASK_FIELDS = (ENHANCEMENT, LOCATION, SHAPE, SURFACE, RELATIONSHIP, SPECIFIC, CAVITY)
 IMAGE_FIELDS = MASK_FIELDS + (DENSITY, DENSITY_VARIATIONS, CT_VALUE)
 

@@ -188,7 +188,7 @@ def depth(organ: np.ndarray) -> np.ndarray:
 
 
 def assert_rule(organ: np.ndarray, cavity: str, box: Box) -> None:
-    """The box satisfies SPEC 4.1's organ-aware rule for its cavity, and lies inside the image."""
+    """The box satisfies design 4.1's organ-aware rule for its cavity, and lies inside the image."""
     assert box.inside(organ.shape), box
     c = box.centre
     if cavity == CAVITY_WITHIN:

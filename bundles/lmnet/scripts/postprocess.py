@@ -1,4 +1,4 @@
-"""From a sampled lesion field to one clean lesion mask (SPEC 4.2 post-processing)."""
+"""From a sampled lesion field to one clean lesion mask (design 4.2 post-processing)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prepare new scans for synthesis (SPEC 4.1, inference side): the loop behind ``configs/inference.json``.
+"""Prepare new scans for synthesis (design 4.1, inference side): the loop behind ``configs/inference.json``.
 
 Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
 

@@ -1,4 +1,4 @@
-"""Prepare a labelled dataset for training (SPEC 4.1, train side): the loop behind ``configs/train.json``.
+"""Prepare a labelled dataset for training (design 4.1, train side): the loop behind ``configs/train.json``.
 
 Input: per case a CT (HU), a label map (0 background, 1 organ, 2 lesion) and a TotalSegmentator organ
 map, from a datalist JSON or aligned list files; a report (``type.json``) per case is optional and only
