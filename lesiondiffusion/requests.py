@@ -8,8 +8,10 @@ A requests file lists one request per case::
         ...
     ]}
 
-``organ_seg`` is optional (without it the preprocess stage segments the CT). Relative paths are relative
-to the file's folder. ``lesiondiffusion synthesize --requests FILE`` runs every request and writes
+``organ_seg`` is optional (without it the preprocess stage segments the CT). An entry may describe the
+lesion in one sentence, ``"text": "a 25 mm hypodense, well-defined cyst in the liver"``, instead of or
+besides ``attributes``: the sentence is read by :func:`lesiondiffusion.text.read_description`, and the
+entry's own attributes win over what it says. Relative paths are relative to the file's folder. ``lesiondiffusion synthesize --requests FILE`` runs every request and writes
 ``<out>/<case>/``; ``lesiondiffusion evaluate --requests FILE`` checks those outputs against the requests.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.io import PathLike, read_json, write_json
+from lesiondiffusion.text import TextError, TextReading, read_description
 
 REQUIRED_ATTRIBUTES = ("organ type", "lesion type")
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -31,20 +34,60 @@ _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 @dataclass(frozen=True)
 class SynthesisRequest:
-    """One case: the CT to write into, the lesion's attributes, and optionally the CT's organ map."""
+    """One case: the CT to write into, the lesion's attributes, and optionally the CT's organ map.
+
+    For a request described in words, ``text`` is the sentence, ``reading`` what was read from it and
+    ``given`` the attributes stated explicitly; ``attributes`` is then the reading's attributes
+    overridden by ``given``.
+    """
 
     case: str
     image: Path
     attributes: dict[str, str]
     organ_seg: Path | None = None
+    text: str | None = None
+    reading: TextReading | None = None
+    given: dict[str, str] | None = None
 
     def to_json(self, base: Path) -> dict[str, Any]:
         """The entry as written, paths relative to ``base``."""
         obj: dict[str, Any] = {"case": self.case, "image": _relative(self.image, base)}
         if self.organ_seg is not None:
             obj["organ_seg"] = _relative(self.organ_seg, base)
-        obj["attributes"] = dict(self.attributes)
+        if self.text is not None:
+            obj["text"] = self.text
+            if self.given:
+                obj["attributes"] = dict(self.given)
+        else:
+            obj["attributes"] = dict(self.attributes)
         return obj
+
+    def provenance(self) -> dict[str, Any]:
+        """What was asked, for ``provenance.json``: the sentence and its reading, the explicit attributes,
+        and the attributes the case was synthesised with."""
+        out: dict[str, Any] = {}
+        if self.text is not None:
+            out["text"] = self.text
+            out["text_reading"] = None if self.reading is None else self.reading.to_json()
+            out["given_attributes"] = dict(self.given or {})
+        out["attributes"] = dict(self.attributes)
+        return out
+
+
+def describe(text: str, given: dict[str, str] | None = None) -> tuple[dict[str, str], TextReading]:
+    """The attributes of a lesion described by ``text`` with explicit ``given`` attributes (they win).
+
+    The organ may come from ``given`` instead of the sentence. Raises :class:`TextError`.
+    """
+    given = dict(given or {})
+    reading = read_description(text, require_organ=not given.get("organ type", "").strip())
+    return {**reading.attributes, **given}, reading
+
+
+def with_reading(request: SynthesisRequest, reading: TextReading) -> SynthesisRequest:
+    """``request`` with its sentence read anew (e.g. by a model): the reading's attributes under the given ones."""
+    attributes = {**reading.attributes, **(request.given or {})}
+    return SynthesisRequest(request.case, request.image, attributes, request.organ_seg, request.text, reading, request.given)
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -94,13 +137,25 @@ def _read_entry(path: Path, base: Path, index: int, entry: Any) -> SynthesisRequ
             raise bad(f"{key!r} must be a path")
         p = Path(value).expanduser()
         paths[key] = p if p.is_absolute() else base / p
+    text = entry.get("text")
+    if text is not None and (not isinstance(text, str) or not text.strip()):
+        raise bad("'text' must be a sentence describing the lesion")
     attributes = entry.get("attributes")
+    if attributes is None and text is not None:
+        attributes = {}
     if not isinstance(attributes, dict):
-        raise bad("'attributes' must be a JSON object")
+        raise bad("'attributes' must be a JSON object" + ("" if text is not None else " (or give 'text', a sentence)"))
     if any(not isinstance(v, (str, int, float)) or isinstance(v, bool) for v in attributes.values()):
         raise bad("every attribute value must be text")
     attributes = {str(k): str(v) for k, v in attributes.items()}
+    reading = given = None
+    if text is not None:
+        given = attributes
+        try:
+            attributes, reading = describe(text, given)
+        except TextError as e:
+            raise bad(f"text: {e}") from None
     missing = [k for k in REQUIRED_ATTRIBUTES if not attributes.get(k, "").strip()]
     if missing:
         raise bad(f"attributes need {' and '.join(repr(k) for k in missing)}")
-    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"])  # type: ignore[arg-type]
+    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"], text, reading, given)  # type: ignore[arg-type]

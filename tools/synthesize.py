@@ -13,6 +13,7 @@ folder is built beside ``--out`` and renamed into place, so a run never leaves h
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import platform
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,18 @@ from tqdm import tqdm
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, file_sha256, read_json, read_nifti_array, write_json
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
-from lesiondiffusion.requests import SynthesisRequest, read_requests
+from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
 from lesiondiffusion.settings import flag
+from lesiondiffusion.text import TextError, TextReading
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle
 
 logger = logging.getLogger(__name__)
 
 NETWORKS = ("vqgan", "lmnet", "linet")
 SAMPLERS = ("ddim", "rflow")
+# report.json attributes (strings, beside the type.json fields) of a lesion described by a sentence
+TEXT_ATTRIBUTE = "description text"
+TEXT_READING_ATTRIBUTE = "description reading"
 OUTPUT_FILES = ("image.nii.gz", "label.nii.gz", "organ_seg.nii.gz", "report.json", "provenance.json", "preview.png")
 
 
@@ -123,10 +128,13 @@ def gather_requests(
     lesion_type: str | None = None,
     organ_seg: str | None = None,
     organ_seg_list: str | None = None,
+    text: str | None = None,
 ) -> list[SynthesisRequest]:
     """The cases to synthesise, from exactly one of ``--image``, ``--image_list`` or ``--requests``.
 
     ``--organ`` / ``--lesion_type`` fill in (and override) ``organ type`` / ``lesion type`` of every case.
+    ``--text`` describes the lesion in one sentence (read offline here, see :mod:`lesiondiffusion.text`);
+    ``--attributes`` and those two win over what it says.
     """
     given = [name for name, v in (("--image", image), ("--image_list", image_list), ("--requests", requests)) if v]
     if len(given) != 1:
@@ -135,9 +143,14 @@ def gather_requests(
     if requests:
         if attributes_list or organ_seg or organ_seg_list:
             raise LesionDiffusionError("--requests carries images, organ maps and attributes; drop the other inputs")
+        if text:
+            raise LesionDiffusionError("--text goes with --image or --image_list; in a requests file give each entry its own \"text\"")
         found = read_requests(requests)
-        shared = json_object(attributes, "--attributes")
-        return [SynthesisRequest(r.case, r.image, {**r.attributes, **_texts(shared), **overrides}, r.organ_seg) for r in found]
+        shared = {**_texts(json_object(attributes, "--attributes")), **overrides}
+        return [
+            replace(r, attributes={**r.attributes, **shared}, given=None if r.text is None else {**(r.given or {}), **shared})
+            for r in found
+        ]
     if image:
         if attributes_list or organ_seg_list:
             raise LesionDiffusionError("--attributes_list and --organ_seg_list go with --image_list")
@@ -165,11 +178,17 @@ def gather_requests(
             attrs = [json_object(attributes, "--attributes")] * len(images)
     out = []
     for name, img, seg, attr in zip(case_names(images), images, segs, attrs):
-        merged = {**_texts(attr), **overrides}
+        merged = given = {**_texts(attr), **overrides}
+        reading = None
+        if text is not None:
+            try:
+                merged, reading = describe(str(text), given)
+            except TextError as e:
+                raise LesionDiffusionError(f"--text: {e}") from None
         missing = [k for k in ("organ type", "lesion type") if not merged.get(k, "").strip()]
         if missing:
             raise LesionDiffusionError(f"{img}: no {' and no '.join(repr(k) for k in missing)}; give --organ/--lesion_type or put them in --attributes")
-        out.append(SynthesisRequest(name, img, merged, seg))
+        out.append(SynthesisRequest(name, img, merged, seg, None if text is None else str(text), reading, None if text is None else given))
     return out
 
 
@@ -197,6 +216,43 @@ def check_inputs(requests: Sequence[SynthesisRequest]) -> None:
     with_seg = [r.organ_seg is not None for r in requests]
     if any(with_seg) and not all(with_seg):
         raise LesionDiffusionError("give an organ map for every case or for none (the preprocess stage segments the rest as a batch)")
+
+
+def _preprocess_llm() -> Any:
+    """The preprocess bundle's ``scripts/llm.py``, loaded by path under its own name (every bundle's
+    ``scripts`` package has the same name, so none is imported as ``scripts`` here)."""
+    spec = importlib.util.spec_from_file_location("lesiondiffusion_preprocess_llm", BUNDLES_DIR / "preprocess" / "scripts" / "llm.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def read_texts(requests: Sequence[SynthesisRequest], provider: str, preprocess: dict[str, Any], seed: int = 0) -> list[SynthesisRequest]:
+    """Requests given as sentences, read by the report provider: ``openai`` asks the endpoint the
+    preprocess stage is configured with (``report_base_url``, ``report_model``, ... in ``preprocess``),
+    falling back to the offline reading as its ``report_on_failure`` says; ``offline`` keeps the
+    offline reading. Prints what was understood of each sentence."""
+    out = list(requests)
+    if str(provider).strip().lower() == "openai" and any(r.text is not None for r in out):
+        llm = _preprocess_llm()
+        keys = ("base_url", "model", "api_key_env", "timeout", "max_retries", "on_failure")
+        reader = llm.make_provider("openai", **{k: preprocess.get(f"report_{k}") for k in keys})
+        readings: dict[str, TextReading] = {}
+        for i, r in enumerate(out):
+            if r.text is None:
+                continue
+            need_organ = not (r.given or {}).get("organ type", "").strip()
+            if r.text not in readings:
+                try:
+                    readings[r.text] = llm.read_text(reader, r.text, seed=int(seed), require_organ=need_organ)
+                except TextError as e:
+                    raise LesionDiffusionError(f"{r.case}: text: {e}") from None
+            out[i] = with_reading(r, readings[r.text])
+    for r in out:
+        if r.reading is not None:
+            print(f"{r.case}: {r.text!r} -> {r.reading.summary()}")
+            logger.info("%s: read %r as %s", r.case, r.text, json.dumps(r.reading.attributes))
+    return out
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -363,6 +419,10 @@ def _write_case(
         raise LesionDiffusionError(f"{state.request.case}: the LINet stage wrote no preview")
     shutil.copyfile(state.base / preview, folder / "preview.png")
     reports = [read_json(lesion.report) for lesion in entry.lesions]
+    if state.request.reading is not None:  # extra string attributes: the report schema allows them
+        for report in reports:
+            for entry in report.values():
+                entry[2].update({TEXT_ATTRIBUTE: state.request.reading.text, TEXT_READING_ATTRIBUTE: state.request.reading.summary()})
     write_json(folder / "report.json", reports[0] if len(reports) == 1 else reports)
     n_lesions = max(len(entry.lesions), 1)
     write_json(folder / "provenance.json", {
@@ -370,7 +430,7 @@ def _write_case(
         "request": {
             "image": str(state.request.image.resolve()),
             "organ_seg": None if state.request.organ_seg is None else str(state.request.organ_seg.resolve()),
-            "attributes": state.request.attributes,
+            **state.request.provenance(),
         },
         "parameters": settings.as_dict(),
         "lesions": [{"organ_id": l.organ_id, "cavity": l.cavity, "box": l.box.to_json(), "report": r} for l, r in zip(entry.lesions, reports)],
@@ -410,13 +470,15 @@ def synthesize(
     keep_work: bool = False,
     bundle_overrides: Any = None,
     verbose: bool = True,
+    text: str | None = None,
 ) -> dict[str, Any]:
     """Write a described lesion into each CT: preprocess -> LMNet -> LINet, outputs in ``out/<case>/``.
 
     Returns the summary (also written to ``out/summary.json``). Raises when any case failed, after the
     others were written. ``bundle_overrides`` sets any other key of a stage's ``inference.json``, as a
     JSON object by stage, e.g. ``'{"linet": {"context_mm": 12}}'``. ``verbose``: show each stage's
-    logs and progress as it runs (its errors are reported either way).
+    logs and progress as it runs (its errors are reported either way). ``text`` describes the lesion in
+    one sentence ("a 25 mm hypodense, well-defined cyst in the liver"); ``attributes`` win over it.
     """
     overwrite, keep_work, verbose = flag(overwrite), flag(keep_work), flag(verbose)  # "--overwrite false" is false
     extra = stage_overrides(bundle_overrides, ("preprocess", *NETWORKS[1:]))
@@ -433,8 +495,9 @@ def synthesize(
         device=None if device in (None, "", "auto") else str(device), extra={"bundle_overrides": extra},
     )  # fmt: skip
     settings.check()
-    cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list)
+    cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text)
     check_inputs(cases)
+    cases = read_texts(cases, settings.report_provider, extra["preprocess"], settings.seed)
     weight_files = weights_paths(weights)
     weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
     states = [CaseState(r) for r in cases]

@@ -32,6 +32,7 @@ from lesiondiffusion.attributes import (
 )
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.report import format_ct_value, format_size, to_report_axes
+from lesiondiffusion.text import ANSWER_INSTRUCTIONS, TextError, TextReading, answer_schema, read_description, reading_from_answer
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +234,44 @@ class OpenAIReportProvider:
             logger.warning("%s; using the offline provider", message)
             return self.offline.propose(request, organ_name, rng, organ_box_size=organ_box_size, organ_reference_hu=organ_reference_hu)
         raise LesionDiffusionError(message)
+
+
+def read_text(provider: OpenAIReportProvider, text: str, seed: int = 0, require_organ: bool = True) -> TextReading:
+    """The lesion a sentence describes, read by the endpoint into :func:`lesiondiffusion.text.answer_schema`.
+
+    The same client, key handling, schema validation and bounded retries as the report proposals; an
+    answer that cannot be a request (a cavity its organ does not admit) fails its attempt too. When every
+    attempt fails, ``on_failure="error"`` raises and ``"offline"`` reads the sentence offline
+    (:func:`lesiondiffusion.text.read_description`, ``require_organ`` as there).
+    """
+    import openai
+
+    schema = answer_schema()
+    messages = [{"role": "system", "content": ANSWER_INSTRUCTIONS}, {"role": "user", "content": str(text)}]
+    attempts = provider.max_retries + 1
+    reason = key = ""
+    try:
+        key = provider._key()
+        client = openai.OpenAI(api_key=key, base_url=provider.base_url, timeout=provider.timeout, max_retries=0)
+        for attempt in range(1, attempts + 1):
+            try:
+                answer = provider._attempt(client, messages, schema, seed)
+                try:
+                    reading = reading_from_answer(text, answer, f"openai ({provider.model})")
+                except TextError as e:
+                    raise ProviderFailure(f"the answer is not a request: {e}") from None
+                logger.info("description read by %s (model %s), attempt %d", provider.base_url, provider.model, attempt)
+                return reading
+            except ProviderFailure as e:
+                reason = _redact(str(e), key)
+                logger.warning("text reader %s: attempt %d of %d failed: %s", provider.base_url, attempt, attempts, reason)
+        message = f"text reader openai ({provider.base_url}, model {provider.model}) failed after {attempts} attempt(s): {reason}"
+    except ProviderFailure as e:  # no key: no attempt was made
+        message = f"text reader openai ({provider.base_url}): {_redact(str(e), key)}"
+    if provider.on_failure == "offline":
+        logger.warning("%s; reading the sentence offline", message)
+        return read_description(text, require_organ=require_organ)
+    raise LesionDiffusionError(message)
 
 
 def _redact(text: str, key: str) -> str:
