@@ -142,7 +142,7 @@ _FIELD_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
         _MIXED: ("mixed density", "mixed attenuation", "mixed"),
         _FLUID: ("fluid like", "fluid density", "fluid attenuation", "water density", "water attenuation", "near water density"),
         _RING: ("ring enhancing", "rim enhancing", "rim enhancement", "peripheral enhancement", "peripherally enhancing"),
-        _GGO: ("ground glass", "ground glass opacity", "ground glass nodule", "ggo", "ggn"),
+        _GGO: ("ground glass", "ground glass opacity", "ggo"),
         _SOLID: ("soft tissue density", "soft tissue attenuation"),
         _PART_SOLID: ("part solid", "partly solid", "subsolid"),
     },
@@ -166,8 +166,8 @@ _FIELD_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
         _NOT_CLOSE: ("separate from adjacent organs", "separate from surrounding organs", "isolated", "no contact with adjacent organs"),
     },
     V.ENHANCEMENT: {
-        ENHANCED.rstrip(","): ("enhanced ct", "contrast enhanced", "contrast enhanced ct", "post contrast", "portal venous phase", "venous phase", "arterial phase", "with contrast"),
-        NON_CONTRAST.rstrip(","): ("non contrast", "non contrast ct", "noncontrast", "unenhanced", "unenhanced ct", "non enhanced ct", "plain ct", "without contrast", "native ct"),
+        V.classes(V.ENHANCEMENT)[0]: ("enhanced ct", "contrast enhanced", "contrast enhanced ct", "post contrast", "portal venous phase", "venous phase", "arterial phase", "with contrast"),
+        V.classes(V.ENHANCEMENT)[1]: ("non contrast", "non contrast ct", "noncontrast", "unenhanced", "unenhanced ct", "non enhanced ct", "plain ct", "without contrast", "native ct"),
     },
     V.CAVITY: {
         V.CAVITY_LUMEN: ("intraluminal", "within the lumen", "in the lumen", "into the lumen"),
@@ -240,7 +240,8 @@ _ARTICLES = frozenset({"a", "an", "the"})
 _STOPWORDS = frozenset(
     "a an the in of with and or at on is are was were be to within which that there seen noted shows showing demonstrating "
     "located measuring measures measured size sized diameter approximately about around roughly circa ca approx mean density "
-    "attenuation value ct its it has having this one single small large big tiny lesion's by from into for as mm cm x".split()
+    "attenuation value ct its it has having this one single small large big tiny lesion's by from into for as mm cm x adjacent "
+    "surrounding organ organs structures".split()
 )
 _NUMBER_RE = r"(?<![\w)])[-\u2212]\d+(?:\.\d+)?|\d+(?:\.\d+)?"
 _TOKEN_RE = re.compile(rf"{_NUMBER_RE}|[^\W\d_]+|[\u00d7*~]|[,;.:()!?]")
