@@ -57,7 +57,7 @@ from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, write_json, write_text
 from lesiondiffusion.labels import label_table
-from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, before_after
+from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, before_after, caption_band, request_caption
 from lesiondiffusion.report import LesionReport, Report
 from lesiondiffusion.requests import SynthesisRequest, read_requests
 
@@ -459,7 +459,7 @@ def evaluate_case(
         "problems": problems,
     }
     window = LUNG_WINDOW if A.organ_group(table.name(organ_id)) == "lung" else SOFT_TISSUE_WINDOW
-    return record, case_tile(before, after, lesion, window, tile)
+    return record, case_tile(before, after, lesion, window, tile, caption=request_caption(request.attributes))
 
 
 # ---- across cases -------------------------------------------------------------------------------------
@@ -744,28 +744,32 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 # ---- contact sheet ------------------------------------------------------------------------------------
-def case_tile(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, window: Sequence[float], size: int = 160) -> Image.Image:
-    """Before | after | lesion overlay on the axial slice through the lesion's centre (square pixels, RAS)."""
+def case_tile(
+    before: StoredVolume, after: StoredVolume, lesion: np.ndarray, window: Sequence[float], size: int = 160, caption: str | None = None
+) -> Image.Image:
+    """The preview's axial row for one case: overview with the zoom box, zoomed before, after, and the
+    lesion outline (radiological orientation, physical aspect), under a one-line ``caption``."""
     return before_after(
         before.raw, after.raw, lesion, before.affine, planes=("axial",), window=window, size=size,
-        before_scaling=(before.slope, before.inter), after_scaling=(after.slope, after.inter),
+        before_scaling=(before.slope, before.inter), after_scaling=(after.slope, after.inter), caption=caption, caption_lines=1,
     )  # fmt: skip
 
 
-def contact_sheet(tiles: Sequence[tuple[str, str, Image.Image | None]], size: int = 160, columns: int = 2) -> Image.Image:
-    """Tiles ``(case, caption, image)`` in a grid, each captioned; a case without an image is a grey tile."""
-    head = 16
-    cols = max(1, min(columns, len(tiles)))
-    rows = max(1, math.ceil(len(tiles) / cols))
-    sheet = Image.new("RGB", (cols * 3 * size, rows * (size + head)), (24, 24, 24))
+def contact_sheet(tiles: Sequence[tuple[str, str, Image.Image | None]], size: int = 160) -> Image.Image:
+    """One row per case ``(case, caption, image)``: a ``case: caption`` line over its :func:`case_tile`;
+    a case without an image gets a grey block."""
+    heads = [caption_band(f"{case}: {caption}", 4 * size, size, max_lines=1) for case, caption, _ in tiles]
+    row = max((h.height for h in heads if h is not None), default=0) + max([size] + [im.height for _, _, im in tiles if im is not None])
+    sheet = Image.new("RGB", (4 * size, max(1, len(tiles)) * row), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
-    for i, (case, caption, image) in enumerate(tiles):
-        x, y = (i % cols) * 3 * size, (i // cols) * (size + head)
-        draw.text((x + 4, y + 2), f"{case}: {caption}"[: 3 * size // 6], fill=(235, 235, 235))
+    for i, ((_, _, image), head) in enumerate(zip(tiles, heads)):
+        y = i * row
+        if head is not None:
+            sheet.paste(head, (0, y))
         if image is None:
-            draw.rectangle((x + 1, y + head, x + 3 * size - 2, y + head + size - 2), fill=(70, 70, 70))
+            draw.rectangle((1, y + row - size, 4 * size - 2, y + row - 2), fill=(70, 70, 70))
         else:
-            sheet.paste(image, (x, y + head))
+            sheet.paste(image, (0, y + row - image.height))  # panels at the bottom: rows line up
     return sheet
 
 

@@ -337,7 +337,7 @@ def test_inference_manifest_label_map_and_preview(inferred, vqgan):
         preview = out / entry["preview"]
         assert preview == out / case.case / "preview.png"
         with Image.open(preview) as png:
-            assert png.format == "PNG" and png.size == (576, 576)
+            assert png.format == "PNG" and png.size == (4 * 192, 3 * 192)  # 3 planes x (overview, before, after, outline)
         assert entry["linet"]["settings"]["steps"] == 3 and entry["linet"]["settings"]["sampler"] == "ddim"
         assert entry["linet"]["network_calls"] == 3 * len(entry["lesions"])  # one call per step and lesion, counted
         assert set(entry["linet"]["weights"]) == {"weights", "vqgan_weights"}

@@ -227,9 +227,9 @@ def test_preview_png_shows_before_after_and_overlay(tmp_path):
     after[lesion] = 200.0
     path = preview.write_preview(tmp_path / "preview.png", before, after, lesion, affine, tile=96)
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    assert img.shape == (3 * 96, 3 * 96, 3)
+    assert img.shape == (3 * 96, 4 * 96, 3)  # columns: overview, zoomed before, after, lesion outline
     for row in range(3):
-        tiles = [img[row * 96 : (row + 1) * 96, c * 96 : (c + 1) * 96] for c in range(3)]
-        assert tiles[0].max() < tiles[1].max()  # the lesion is brighter after
-        red = (tiles[2][..., 0] - tiles[2][..., 1]) > 60
-        assert red.any() and not ((tiles[1][..., 0] - tiles[1][..., 1]) > 60).any()  # overlay only in column 3
+        tiles = [img[row * 96 : (row + 1) * 96, c * 96 : (c + 1) * 96] for c in range(4)]
+        assert tiles[1][40:56, 40:56].mean() + 50 < tiles[2][40:56, 40:56].mean()  # the lesion (zoomed: mid-panel) is brighter after
+        red = (tiles[3][..., 0] - tiles[3][..., 1]) > 60
+        assert red.any() and not ((tiles[2][..., 0] - tiles[2][..., 1]) > 60).any()  # outline only in the last column
