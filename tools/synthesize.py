@@ -402,6 +402,7 @@ def _write_case(
 ) -> None:  # fmt: skip
     """Write one case's outputs (see the module docstring) from its final manifest entry."""
     from lesiondiffusion.geometry import read_geometry, save_on_input_grid  # imports MONAI: only when writing
+    from lesiondiffusion.preview import write_case_preview
 
     entry = state.entry
     assert entry is not None and entry.synthetic_image is not None
@@ -414,10 +415,8 @@ def _write_case(
     geometry = read_geometry(entry.geometry)  # type: ignore[arg-type]
     seg, _ = read_nifti_array(entry.organ_seg)  # type: ignore[arg-type]
     save_on_input_grid(folder / "organ_seg.nii.gz", seg, geometry, mode="nearest", dtype="uint8")
-    preview = entry.extra.get("preview")
-    if not preview or state.base is None or not (state.base / preview).is_file():
-        raise LesionDiffusionError(f"{state.request.case}: the LINet stage wrote no preview")
-    shutil.copyfile(state.base / preview, folder / "preview.png")
+    # drawn here, not copied from LINet: the caption names the request, the window suits its organ
+    write_case_preview(folder / "preview.png", entry.source_image, folder / "image.nii.gz", folder / "label.nii.gz", state.request.attributes)  # type: ignore[arg-type]
     reports = [read_json(lesion.report) for lesion in entry.lesions]
     if state.request.reading is not None:  # extra string attributes: the report schema allows them
         for report in reports:

@@ -46,6 +46,7 @@ from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
 from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array
+from lesiondiffusion.labels import label_table
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
 from lesiondiffusion.paste import paste, read_stored, save_like, voxel_spacing
 from lesiondiffusion.preview import write_preview
@@ -347,7 +348,9 @@ class LesionInpainter:
         label_out = case.label_original
         if label_out is None:
             label_out = save_like(folder / LABEL_ORIGINAL_NAME, label_in, original, scaled=False)
-        preview = write_preview(folder / PREVIEW_NAME, original.raw, raw, all_lesions_in, original.affine, slope=original.slope, inter=original.inter)
+        organ = label_table().name(case.lesions[0].organ_id)  # picks the preview's window (lung or soft tissue)
+        preview = write_preview(folder / PREVIEW_NAME, original.raw, raw, all_lesions_in, original.affine, slope=original.slope, inter=original.inter,
+                                organ=organ)  # fmt: skip
         return {"synthetic_image": synthetic, "label_original": label_out, "preview": preview}
 
 
