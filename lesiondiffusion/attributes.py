@@ -361,14 +361,17 @@ class ScanContext:
 
 
 def contrast_phase(aorta_hu: float | None, portal_vein_hu: float | None) -> str:
-    """The contrast phase (``PHASE_*``) from the aorta's and portal vein's HU (thresholds above)."""
-    if aorta_hu is None:
-        return PHASE_UNKNOWN
-    if aorta_hu < NON_CONTRAST_MAX_AORTA_HU:
+    """The contrast phase (``PHASE_*``) from the aorta's and portal vein's HU (None: not in the map).
+
+    A dark aorta is a plain scan; a bright aorta with a portal vein well behind it is arterial; an
+    enhanced portal vein is portal venous (with or without the aorta: unenhanced blood never gets that
+    bright). Anything else is unknown (a dark portal vein alone may be an early arterial phase).
+    """
+    if aorta_hu is not None and aorta_hu < NON_CONTRAST_MAX_AORTA_HU:
         return PHASE_NON_CONTRAST
     if portal_vein_hu is None:
         return PHASE_UNKNOWN
-    if aorta_hu >= ARTERIAL_MIN_AORTA_HU and portal_vein_hu <= aorta_hu - ARTERIAL_MIN_AORTA_PORTAL_GAP_HU:
+    if aorta_hu is not None and aorta_hu >= ARTERIAL_MIN_AORTA_HU and portal_vein_hu <= aorta_hu - ARTERIAL_MIN_AORTA_PORTAL_GAP_HU:
         return PHASE_ARTERIAL
     if portal_vein_hu >= PORTAL_VENOUS_MIN_PORTAL_HU:
         return PHASE_PORTAL_VENOUS

@@ -15,12 +15,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from lesiondiffusion import attributes as A
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.attributes import OfflineReportProvider, complete_report
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.labels import label_table
+from lesiondiffusion.report import parse_ct_value
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
 KEY = "sk-test-SECRET-0123456789"
@@ -42,6 +46,9 @@ GOOD = {
     "specific features": [],
     "cavity": "within the parenchymal organ",
 }
+# answers for the real non-contrast scan (liver ~46 HU): one that agrees, two that contradict it
+PLAIN_GOOD = {**GOOD, "enhancement status": "non-contrast CT"}
+HYPO_NOT_BELOW = {**PLAIN_GOOD, "density": "hypodense lesion", "CT value": 50}
 
 
 class ChatServer:
@@ -73,6 +80,8 @@ class ChatServer:
                     "fenced": "```json\n" + json.dumps(GOOD) + "\n```",
                     "malformed": '{"shape": ["round-like"], "size": [20, 18',
                     "wrong_schema": json.dumps({**GOOD, "density": "purple lesion", "cavity": "wall thickening"}),
+                    "plain_good": json.dumps(PLAIN_GOOD),
+                    "hypo_not_below": json.dumps(HYPO_NOT_BELOW),
                 }[behaviour]
                 self._send(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -277,3 +286,57 @@ def test_bundle_run_with_the_openai_provider_writes_the_answer_and_never_the_key
     written = [p for p in out.rglob("*") if p.is_file()]
     assert written and not any(KEY.encode() in p.read_bytes() for p in written)  # not in the manifest, reports, images
     assert KEY not in run.stdout + run.stderr
+
+
+# ---- answers checked against the scan ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_scan():
+    """The real non-contrast crop of TotalSegmentator's example CT, measured (v2 organ map)."""
+    data = Path(__file__).parent / "data" / "ts_small"
+    image = nib.load(str(data / "example_ct_sm.nii.gz"))
+    seg = np.asanyarray(nib.load(str(data / "example_seg.nii.gz")).dataobj)
+    hu = np.asanyarray(image.dataobj).astype(np.float32)
+    return A.measure_scan(hu, seg, label_table("v2").id("liver"), "v2", image.header.get_zooms())
+
+
+def propose_on(server: ChatServer, scan, request=REQUEST, **kwargs) -> dict[str, str]:
+    provider = llm.OpenAIReportProvider(**{"base_url": server.url, "model": "test-model", "timeout": 5.0, **kwargs})
+    return provider.propose(request, "liver", np.random.default_rng(0), organ_box_size=(120, 100, 90), scan=scan)
+
+
+def test_the_prompt_holds_the_measured_scan(key, plain_scan):
+    with ChatServer(["plain_good"]) as server:
+        out = propose_on(server, plain_scan)
+    prompt = server.requests[0]["body"]["messages"][1]["content"]
+    assert plain_scan.describe() in prompt and f"liver {plain_scan.organ_hu:.0f} HU, non-contrast (aorta" in prompt
+    assert "The enhancement status is 'non-contrast CT'" in prompt
+    assert out["enhancement status"] == "non-contrast CT," and len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "behaviour, reason",
+    [("good", "enhancement status 'enhanced ct' contradicts the scan"), ("hypo_not_below", "'hypodense lesion' at 50 HU is not below the liver's")],
+)
+def test_an_answer_that_contradicts_the_scan_is_rejected(key, logs, plain_scan, behaviour, reason):
+    with ChatServer([behaviour]) as server:
+        with pytest.raises(LesionDiffusionError) as err:
+            propose_on(server, plain_scan, max_retries=1)
+    assert len(server.requests) == 2 and "after 2 attempt(s)" in str(err.value)
+    assert "the answer contradicts the scan" in str(err.value) and reason in str(err.value)
+    # then retried until an answer agrees
+    with ChatServer([behaviour, "plain_good"]) as server:
+        out = propose_on(server, plain_scan, max_retries=1)
+    assert len(server.requests) == 2 and out["enhancement status"] == "non-contrast CT,"
+    # or the offline provider, which measures up to the scan
+    with ChatServer([behaviour]) as server:
+        out = propose_on(server, plain_scan, max_retries=1, on_failure="offline")
+    assert "using the offline provider" in logs.text
+    assert out["enhancement status"] == "non-contrast CT," and 0.0 <= parse_ct_value(out["CT value"]) <= 20.0
+
+
+def test_the_users_own_fields_are_not_held_against_the_answer(key, plain_scan):
+    # the user asked for this contradiction: the answer repeating it is accepted (the merge warns about it)
+    request = {**REQUEST, "density": "hypodense lesion", "CT value": "50 HU", "enhancement status": "enhanced CT"}
+    with ChatServer(["good"]) as server:
+        propose_on(server, plain_scan, request=request)
+    assert len(server.requests) == 1

@@ -4,7 +4,11 @@ Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
 
 - ``image.nii.gz``: the CT on the standardised grid (RAS, 1 mm; HU) from the config's MONAI
   ``standardise`` chain, and ``geometry.json``: the input's grid, to write results back onto it;
-- ``organ_seg.nii.gz``: the organ map on that grid, v1 numbering (``scripts.segment``);
+- ``source_image.nii.gz``, only for a DICOM series folder or an NRRD file: the input as NIfTI on its own
+  grid (RAS+ affine from the reader's metadata, HU after rescale slope/intercept); the manifest's
+  ``source_image`` points to it (``input_image`` to the user's input), so later stages write onto it;
+- ``organ_seg.nii.gz``: the organ map on that grid, v1 numbering (``scripts.segment``; a user's map in
+  v1 or v2 numbering, told from its labels and anatomy unless ``organ_seg_version`` says which);
 - ``lesion_<k>.json`` for each of ``num_lesions`` lesions: the full report (``type.json`` format, user
   attributes win over generated ones) whose box (element 3) was placed by the organ-aware rules of
   :mod:`lesiondiffusion.placement`;
@@ -20,16 +24,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from lesiondiffusion.attributes import complete_report, organ_reference_hu
+from lesiondiffusion.attributes import ScanContext, complete_report, measure_scan
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
-from lesiondiffusion.geometry import cast_to, record_geometry, write_geometry
-from lesiondiffusion.io import atomic_dir, load_nifti, save_nifti
+from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_geometry
+from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, save_nifti
 from lesiondiffusion.labels import is_hollow
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
 from lesiondiffusion.placement import DEFAULT_EROSION, Box, bounding_box, place_box
@@ -45,6 +50,8 @@ logger = logging.getLogger(__name__)
 IMAGE_NAME = "image.nii.gz"
 ORGAN_SEG_NAME = "organ_seg.nii.gz"
 GEOMETRY_NAME = "geometry.json"
+SOURCE_NAME = "source_image.nii.gz"  # a DICOM series' or NRRD input's NIfTI: the grid outputs are written on
+SEG_INPUT_NAME = ".organ_seg_input.nii.gz"  # a non-NIfTI organ map, removed once standardised
 
 
 class PreprocessRunner:
@@ -102,7 +109,7 @@ class PreprocessRunner:
                 name = f"case_{request.index:03d}"
                 try:
                     with atomic_dir(tmp / name) as folder:
-                        entry = self._prepare(request, name, folder)
+                        entry = self._prepare(request, name, folder, out / name)
                     entries.append(_moved(entry, folder, tmp / name))
                     logger.info("%s: %s -> %s (%d lesion(s))", name, request.image, out / name, len(entry.lesions))
                 except Exception as e:  # one bad case never stops the others
@@ -131,68 +138,85 @@ class PreprocessRunner:
                     raise InputError(path, f"input lies inside the output folder {out}; inputs are never replaced")
 
     # ---- one case ------------------------------------------------------------------------------------
-    def _prepare(self, request: CaseRequest, name: str, folder: Path) -> CaseEntry:
-        image_path = request.image
+    def _prepare(self, request: CaseRequest, name: str, folder: Path, final: Path | None = None) -> CaseEntry:
+        """One case into ``folder``, which becomes ``final`` (where the recorded source image will lie)."""
+        final = folder if final is None else final
+        # a DICOM series or NRRD file becomes a NIfTI inside the case folder: the grid later stages paste onto
+        image_path = as_nifti(request.image, folder, SOURCE_NAME)
+        converted = image_path != request.image
         header = load_nifti(image_path, ndim=3)  # unreadable or 4D: one-line error before MONAI sees it
+        seg_path = None
         if request.organ_seg is not None:
-            seg_header = load_nifti(request.organ_seg, ndim=3)
-            if seg_header.shape[:3] != header.shape[:3]:
-                raise InputError(request.organ_seg, f"organ map shape {seg_header.shape[:3]} differs from the image's {header.shape[:3]}")
-            if not np.allclose(seg_header.affine, header.affine, atol=1e-3):
-                raise InputError(request.organ_seg, f"organ map affine differs from the image's ({image_path})")
+            seg_path = as_nifti(request.organ_seg, folder, SEG_INPUT_NAME, label=True)
+            seg_header = load_nifti(seg_path, ndim=3)
+            if not same_grid(seg_header.affine, seg_header.shape, header.affine, header.shape):
+                if sorted(seg_header.shape[:3]) != sorted(header.shape[:3]):
+                    raise InputError(request.organ_seg, f"organ map shape {seg_header.shape[:3]} differs from the image's {header.shape[:3]}")
+                raise InputError(request.organ_seg, f"organ map affine differs from the image's ({request.image})")
 
         data = {"image": str(image_path)}
-        if request.organ_seg is not None:
-            data["organ_seg"] = str(request.organ_seg)
+        if seg_path is not None:
+            data["organ_seg"] = str(seg_path)
         try:
             std = self.standardise(data)
         except Exception as e:  # truncated gzip and other decoding errors surface only here
             cause = e.__cause__ or e
-            raise InputError(image_path, f"cannot be read or standardised ({type(cause).__name__}: {_one_line(cause)})") from None
+            raise InputError(request.image, f"cannot be read or standardised ({type(cause).__name__}: {_one_line(cause)})") from None
+        if seg_path is not None and seg_path != request.organ_seg:
+            seg_path.unlink()  # only read through the standardised copy below
         image = std["image"]
         affine = np.asarray(image.affine, dtype=np.float64)
         hu = image[0].detach().cpu().numpy().astype(np.float32)
         given = std["organ_seg"][0].detach().cpu().numpy() if "organ_seg" in std else None
-        seg, seg_source = self.segmenter(hu, affine, given, image_path, request.organ_seg)
+        seg, seg_source, seg_version = self.segmenter.segment(hu, affine, given, request.image, request.organ_seg)
 
         organ = seg == request.organ_id
         if not organ.any():
-            where = request.organ_seg if seg_source == "given" else image_path
+            where = request.organ_seg if seg_source == "given" else request.image
             found = ", ".join(str(i) for i in np.unique(seg)[1:8]) or "none"
             raise InputError(
                 where,
-                f"organ {request.organ_name!r} (TotalSegmentator v1 label {request.organ_id}) is absent from the organ segmentation (labels present: {found})",
+                f"organ {request.organ_name!r} (TotalSegmentator v1 label {request.organ_id}) is absent from the organ segmentation (v1 labels present: {found})",
             )
-        lesions = self._lesions(request, hu, organ, folder)
+        # the organ's HU and the contrast phase, measured on the standardised grid (1 mm; v1 ids, as segmented)
+        scan = measure_scan(hu, seg, request.organ_id, "v1", self.pixdim)
+        logger.info("%s: %s", name, scan.describe())
+        lesions = self._lesions(request, organ, folder, scan)
 
         dtype = np.int16 if np.issubdtype(header.get_data_dtype(), np.integer) else np.float32
         save_nifti(folder / IMAGE_NAME, cast_to(hu, dtype), affine)
         save_nifti(folder / ORGAN_SEG_NAME, seg.astype(np.uint8), affine)
         geometry = record_geometry(image_path, affine, hu.shape, axcodes=self.axcodes, pixdim=self.pixdim)
+        source = final.absolute() / SOURCE_NAME if converted else image_path.absolute()
+        if converted:
+            geometry = replace(geometry, path=str(source))
         write_geometry(folder / GEOMETRY_NAME, geometry)
+        extra: dict[str, Any] = {"organ_seg_source": seg_source, "organ_seg_version": seg_version, "request": request.attributes}
+        if converted:
+            extra["input_image"] = str(request.image.absolute())  # the user's series or file; source_image is its NIfTI
         return CaseEntry(
             name,
-            source_image=image_path.absolute(),
+            source_image=source,
             geometry=folder / GEOMETRY_NAME,
             image=folder / IMAGE_NAME,
             organ_seg=folder / ORGAN_SEG_NAME,
             lesions=tuple(lesions),
-            extra={"organ_seg_source": seg_source, "request": request.attributes},
+            extra={"organ_seg_source": seg_source, "request": request.attributes, "scan": scan.to_json()},
         )
 
-    def _lesions(self, request: CaseRequest, hu: np.ndarray, organ: np.ndarray, folder: Path) -> list[LesionEntry]:
-        """Report + box for each lesion, seeded per case (same seed and inputs, same boxes)."""
+    def _lesions(self, request: CaseRequest, organ: np.ndarray, folder: Path, scan: ScanContext) -> list[LesionEntry]:
+        """Report + box for each lesion, seeded per case (same seed and inputs, same boxes); the reports
+        agree with what ``scan`` measured (organ HU, contrast phase)."""
         rng = np.random.default_rng([self.seed, request.index])
         organ_box = bounding_box(organ).size
-        reference = organ_reference_hu(hu, organ, (1.0, 1.0, 1.0))
         hollow = is_hollow(request.organ_id)
         boxes: list[Box] = []
         entries = []
         for k in range(self.num_lesions):
             proposed = self.provider.propose(
-                request.attributes, request.organ_name, rng, organ_box_size=organ_box, organ_reference_hu=reference
+                request.attributes, request.organ_name, rng, organ_box_size=organ_box, scan=scan
             )
-            report = complete_report(request.attributes, request.organ_id, organ_box, proposed, rng)
+            report = complete_report(request.attributes, request.organ_id, organ_box, proposed, rng, scan=scan)
             cavity = report.attributes[CAVITY]
             _, size = report.array_box()
             box = place_box(organ, cavity, size, rng, hollow, avoid=boxes, erosion=self.erosion)

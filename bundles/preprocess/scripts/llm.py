@@ -2,7 +2,8 @@
 
 The ``openai`` provider asks a chat-completions endpoint for the missing report fields with a JSON
 schema built from the vocabulary (``response_format`` of type ``json_schema``), validates the answer
-against the same schema, and retries a bounded number of times. When every attempt fails it raises one
+against the same schema and against what was measured in the scan (the organ's HU, the contrast phase:
+:func:`lesiondiffusion.attributes.report_conflicts`), and retries a bounded number of times. When every attempt fails it raises one
 clear error or falls back to the offline provider (``on_failure``). The API key is read from the
 environment (``OPENAI_API_KEY`` by default) and never written to logs, errors or outputs.
 """
@@ -22,13 +23,16 @@ import numpy as np
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.attributes import (
     ENHANCED,
+    ISO_HU,
     LESION_TYPE,
     NON_CONTRAST,
     ORGAN_TYPE,
     OfflineReportProvider,
+    ScanContext,
     allowed_cavities,
     density_reference_hu,
     margin_text,
+    report_conflicts,
 )
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.report import format_ct_value, format_size, to_report_axes
@@ -149,9 +153,14 @@ class OpenAIReportProvider:
         return key.strip()
 
     def messages(
-        self, request: Mapping[str, str], organ_name: str, organ_box_size: Sequence[int] | None, reference_hu: float
+        self,
+        request: Mapping[str, str],
+        organ_name: str,
+        organ_box_size: Sequence[int] | None,
+        reference_hu: float,
+        scan: ScanContext | None = None,
     ) -> list[dict[str, str]]:
-        """The chat messages of one request (no key, nothing but the request and the organ)."""
+        """The chat messages of one request (no key, nothing but the request, the organ and what was measured)."""
         given = {k: v for k, v in request.items() if k not in (ORGAN_TYPE, LESION_TYPE) and isinstance(v, str) and v.strip()}
         box = f" Its bounding box is {list(map(int, organ_box_size))} voxels of 1 mm (x, y, z)." if organ_box_size else ""
         user = (
@@ -160,6 +169,7 @@ class OpenAIReportProvider:
             f"CT value in HU consistent with its density class. The lesion size (x, y, z, in voxels) must not exceed "
             f"the organ's box. The margin class for this organ is '{margin_text(organ_name, True)}' or "
             f"'{margin_text(organ_name, False)}'. Keep these attributes as given: {json.dumps(given)}."
+            f"{scan_facts(scan, reference_hu)}"
         )
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
@@ -206,13 +216,19 @@ class OpenAIReportProvider:
         *,
         organ_box_size: Sequence[int] | None = None,
         organ_reference_hu: float | None = None,
+        scan: ScanContext | None = None,
     ) -> dict[str, str]:
-        """Every report field, as :meth:`OfflineReportProvider.propose`, asked of the endpoint."""
+        """Every report field, as :meth:`OfflineReportProvider.propose`, asked of the endpoint.
+
+        The answer must agree with the scan (``scan``, else ``organ_reference_hu``): a density class
+        its CT value does not have against the organ's HU, or an enhancement status the scan's contrast
+        contradicts, fails the attempt like an answer outside the schema.
+        """
         import openai
 
-        reference = density_reference_hu(organ_name, organ_reference_hu)
+        reference = scan.reference_hu if scan is not None else density_reference_hu(organ_name, organ_reference_hu)
         schema = response_schema(organ_name, organ_box_size)
-        messages = self.messages(request, organ_name, organ_box_size, reference)
+        messages = self.messages(request, organ_name, organ_box_size, reference, scan)
         seed = int(rng.integers(0, 2**31 - 1))
         attempts = self.max_retries + 1
         reason = key = ""
@@ -221,9 +237,10 @@ class OpenAIReportProvider:
             client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
             for attempt in range(1, attempts + 1):
                 try:
-                    answer = self._attempt(client, messages, schema, seed)
+                    answer = answer_to_attributes(self._attempt(client, messages, schema, seed))
+                    _check_against_scan(answer, request, organ_name, scan, reference)
                     logger.info("report from %s (model %s), attempt %d", self.base_url, self.model, attempt)
-                    return answer_to_attributes(answer)
+                    return answer
                 except ProviderFailure as e:
                     reason = _redact(str(e), key)
                     logger.warning("report provider %s: attempt %d of %d failed: %s", self.base_url, attempt, attempts, reason)
@@ -232,8 +249,32 @@ class OpenAIReportProvider:
             message = f"report provider openai ({self.base_url}): {_redact(str(e), key)}"
         if self.on_failure == "offline":
             logger.warning("%s; using the offline provider", message)
-            return self.offline.propose(request, organ_name, rng, organ_box_size=organ_box_size, organ_reference_hu=organ_reference_hu)
+            return self.offline.propose(
+                request, organ_name, rng, organ_box_size=organ_box_size, organ_reference_hu=organ_reference_hu, scan=scan
+            )
         raise LesionDiffusionError(message)
+
+
+def scan_facts(scan: ScanContext | None, reference_hu: float) -> str:
+    """The prompt's sentences on what was measured in the scan and what the answer must agree with."""
+    rule = (
+        f" A hypodense or fluid-like lesion's CT value lies more than {ISO_HU:g} HU below {reference_hu:.0f} HU, an "
+        f"isodense one within {ISO_HU:g} HU of it, a hyperdense one more than {ISO_HU:g} HU above it."
+    )
+    if scan is None:
+        return rule
+    status = f" The enhancement status is '{scan.enhancement.rstrip(',')}'." if scan.enhancement else ""
+    return f" Measured on this scan: {scan.describe()}.{status}{rule}"
+
+
+def _check_against_scan(
+    answer: Mapping[str, str], request: Mapping[str, str], organ_name: str, scan: ScanContext | None, reference_hu: float
+) -> None:
+    """Fail the attempt when the answer, with the user's fields in place, contradicts the scan."""
+    given = {k: v for k, v in request.items() if k in V.REPORT_FIELDS and isinstance(v, str) and v.strip()}
+    problems = report_conflicts({**answer, **given}, organ_name, scan, reference_hu=reference_hu, fixed=tuple(given))
+    if problems:
+        raise ProviderFailure(f"the answer contradicts the scan: {'; '.join(problems)}")
 
 
 def read_text(provider: OpenAIReportProvider, text: str, seed: int = 0, require_organ: bool = True) -> TextReading:
