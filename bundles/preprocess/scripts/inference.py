@@ -201,7 +201,7 @@ class PreprocessRunner:
             image=folder / IMAGE_NAME,
             organ_seg=folder / ORGAN_SEG_NAME,
             lesions=tuple(lesions),
-            extra={"organ_seg_source": seg_source, "request": request.attributes, "scan": scan.to_json()},
+            extra={**extra, "scan": scan.to_json()},
         )
 
     def _lesions(self, request: CaseRequest, organ: np.ndarray, folder: Path, scan: ScanContext) -> list[LesionEntry]:
