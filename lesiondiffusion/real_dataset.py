@@ -62,9 +62,11 @@ differ only in density; lungs: a solid nodule and a ground-glass opacity), with 
 (3D and per axial slice). Lungs: air-density (< -400 HU) connected regions inside the body that do not
 touch the image's in-plane border and hold at least a quarter of the largest one; voxels within
 :data:`MIDLINE_BAND_MM` of the body's midline (trachea, main bronchi) are left out, the rest split into
-left and right by that midline (RAS x), holes filled per axial slice (vessels, nodules). Lobes are not
-separated: the whole left lung carries the id of the left upper lobe and the whole right lung that of
-the right upper lobe (:data:`THRESHOLD_LUNG_NAMES`). Other organs are not labelled.
+left and right by that midline (RAS x), holes filled per axial slice (vessels, nodules). Fissures are not
+found: each lung is cut at half its height into an "upper lobe" (above) and a "lower lobe" (below), no
+middle lobe (:data:`THRESHOLD_LUNG_NAMES`), so a lesion's lobe is only roughly right; the four labels
+also let a map's numbering be told from its anatomy (:func:`lesiondiffusion.labels.detect_version`).
+Other organs are not labelled.
 
 Every draw comes from ``numpy.random.default_rng([seed, scan index, case index])``: same corpus and
 seed, same dataset.
@@ -162,7 +164,7 @@ LUNG_MAX_HU = -400.0
 LUNG_MIN_FRACTION = 0.25  # of the largest air region
 LUNG_MIN_ML = 20.0
 MIDLINE_BAND_MM = 12.0
-THRESHOLD_LUNG_NAMES = {"left": "lung upper lobe left", "right": "lung upper lobe right"}
+THRESHOLD_LUNG_NAMES = {(side, part): f"lung {part} lobe {side}" for side in ("left", "right") for part in ("upper", "lower")}
 
 CASE_CROP_MM = 30.0  # a case is the organ's bounding box grown by this much
 REQUEST_DENSITIES = {"abdomen": (HYPO, ISO, HYPER), "lung": (SOLID_MASS, GGO)}
@@ -332,9 +334,13 @@ def threshold_organ_map(image: np.ndarray, affine: np.ndarray, version: str = VE
     biggest = max(sizes[i] for i in keep)
     keep = [i for i in keep if sizes[i] >= LUNG_MIN_FRACTION * biggest and sizes[i] * voxel_ml >= LUNG_MIN_ML]
     lungs = np.isin(lab, keep)
-    # midline per axial slice: the body's mean world x (RAS: +x is the patient's left)
+    # midline per axial slice: the body's mean world x (RAS: +x is the patient's right)
     grid = np.ogrid[tuple(slice(0, n) for n in image.shape)]
-    world_x = (sum(np.float32(affine[0, a]) * grid[a].astype(np.float32) for a in range(3)) + np.float32(affine[0, 3])).astype(np.float32)
+
+    def world(row: int) -> np.ndarray:
+        return (sum(np.float32(affine[row, a]) * grid[a].astype(np.float32) for a in range(3)) + np.float32(affine[row, 3])).astype(np.float32)
+
+    world_x, world_z = world(0), world(2)
     moved_body = np.moveaxis(body, axial, 0)
     moved_x = np.moveaxis(world_x, axial, 0)
     midline = np.array([moved_x[k][moved_body[k]].mean() if moved_body[k].any() else 0.0 for k in range(moved_body.shape[0])])
@@ -342,12 +348,16 @@ def threshold_organ_map(image: np.ndarray, affine: np.ndarray, version: str = VE
     shape[axial] = -1
     offset = world_x - midline.reshape(shape)
     table = label_table(version)
-    for side, sign in (("left", 1.0), ("right", -1.0)):
+    for side, sign in (("left", -1.0), ("right", 1.0)):
         part = lungs & (sign * offset > MIDLINE_BAND_MM)
         if part.sum() * voxel_ml < LUNG_MIN_ML:
             continue
         part = _fill_slices(part, axial) & body
-        out[part] = table.id(THRESHOLD_LUNG_NAMES[side])
+        z = world_z[part]
+        middle = 0.5 * (float(z.min()) + float(z.max()))
+        upper = part & (world_z >= middle)
+        out[part] = table.id(THRESHOLD_LUNG_NAMES[side, "lower"])
+        out[upper] = table.id(THRESHOLD_LUNG_NAMES[side, "upper"])
     return out
 
 
@@ -630,6 +640,15 @@ def _crop_to(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tu
     return tuple(slice(max(0, int(i.min()) - g), min(n, int(i.max()) + 1 + g)) for i, g, n in zip(idx, grow, mask.shape))
 
 
+def _case_crop(seg: np.ndarray, organ_id: int, spacing: Sequence[float]) -> tuple[slice, ...]:
+    """A case's crop: its organ grown by :data:`CASE_CROP_MM`; for a lung, both lungs (every lobe), so
+    the map keeps the left/right and upper/lower relations its numbering is told by."""
+    table = label_table(VERSION)
+    if organ_group(table.name(organ_id)) == "lung":
+        return _crop_to(np.isin(seg, table.ids("lung")), spacing, CASE_CROP_MM)
+    return _crop_to(seg == organ_id, spacing, CASE_CROP_MM)
+
+
 def _cropped_affine(affine: np.ndarray, crop: Sequence[slice]) -> np.ndarray:
     shift = np.eye(4)
     shift[:3, 3] = [s.start for s in crop]
@@ -708,7 +727,7 @@ def synthetic_case(ctx: ScanContext, rng: np.random.Generator, **fixed: Any) -> 
 def _finish_synthetic(ctx: ScanContext, p: Painted) -> dict[str, Any]:
     scan, intent = ctx.scan, p.intent
     organ = scan.seg == intent.organ_id
-    crop = _crop_to(organ, scan.spacing, CASE_CROP_MM)
+    crop = _case_crop(scan.seg, intent.organ_id, scan.spacing)
     label = np.where(organ, 1, 0).astype(np.uint8)
     label[p.lesion] = 2
     image, label, seg = p.image[crop], label[crop], scan.seg[crop]
@@ -765,7 +784,7 @@ def real_case(scan: Scan) -> dict[str, Any] | None:
     seg = scan.seg.copy()
     seg[lesion] = organ_id  # the lesion lies in its organ (the map, by HU or network, may leave it out)
     organ = seg == organ_id
-    crop = _crop_to(organ, scan.spacing, CASE_CROP_MM)
+    crop = _case_crop(seg, organ_id, scan.spacing)
     label = np.where(organ, 1, 0).astype(np.uint8)
     label[lesion] = 2
     image, label, seg = scan.image[crop], label[crop], seg[crop]
@@ -992,9 +1011,9 @@ requests, built in {summary['seconds']} s. Extraction reads the painted truth ba
 {a['cases']} synthetic lesions: density {a['density']}, homogeneity {a['homogeneity']}, margin {a['margin']},
 shape {a['shape']}; median |mean HU - asked| {a['median_abs_hu_error']} HU.
 
-Approximations: organ maps made by HU thresholds ("threshold" above) label only the lungs, each whole
-lung with the id of its upper lobe (lobes not separated; trachea and main bronchi left out with a band
-around the body's midline). Real lesions are added to the organ they lie in. Synthetic lesions keep
+Approximations: organ maps made by HU thresholds ("threshold" above) label only the lungs, each lung
+cut at half its height into "upper" and "lower" lobe (fissures not found; trachea and main bronchi left
+out with a band around the body's midline). Real lesions are added to the organ they lie in. Synthetic lesions keep
 the scan's own noise (copied high-pass residual) but not the scan's reconstruction of a real lesion's
 edge; a lesion shape is parametric (ellipsoids, lobulated, irregular blobs).
 """
