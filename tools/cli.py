@@ -97,19 +97,33 @@ class Commands:
 
     def make_dataset(
         self,
-        n: int,
-        out: str,
+        n: int | None = None,
+        out: str | None = None,
         seed: int = 0,
         requests: bool = False,
         src: str = str(DEMO_SOURCE),
         val_fraction: float = 0.2,
         overwrite: bool = False,
+        source: str = "phantom",
+        corpus: str | None = None,
+        val_scans: str | None = None,
+        lesions_per_scan: int = 8,
+        requests_per_scan: int = 2,
+        segmenter: str = "auto",
     ) -> None:
         """Phantom CTs with lesions of known attributes from the demo organ maps (training set + datalist),
-        or with --requests held-out synthesis requests (lesion-free CTs, organ maps, requests.json)."""
+        or with --requests held-out synthesis requests (lesion-free CTs, organ maps, requests.json).
+        --source real --corpus DIR: lesions of known attributes written into the corpus's real CTs plus its
+        real lesions; whole scans held out (--val_scans ID,ID or --val_fraction), with requests on them."""
         from lesiondiffusion_tools.make_dataset import run_make_dataset
 
-        print(run_make_dataset(n, out, seed=seed, requests=requests, src=src, val_fraction=val_fraction, overwrite=overwrite))
+        if out is None:
+            raise LesionDiffusionError("--out is required")
+        print(run_make_dataset(
+            n, out, seed=seed, requests=requests, src=src, val_fraction=val_fraction, overwrite=overwrite, source=source,
+            corpus=corpus, val_scans=val_scans, lesions_per_scan=lesions_per_scan, requests_per_scan=requests_per_scan,
+            segmenter=segmenter,
+        ))  # fmt: skip
 
     def preprocess(
         self,
