@@ -420,8 +420,8 @@ def _write_case(
     reports = [read_json(lesion.report) for lesion in entry.lesions]
     if state.request.reading is not None:  # extra string attributes: the report schema allows them
         for report in reports:
-            for entry in report.values():
-                entry[2].update({TEXT_ATTRIBUTE: state.request.reading.text, TEXT_READING_ATTRIBUTE: state.request.reading.summary()})
+            for item in report.values():
+                item[2].update({TEXT_ATTRIBUTE: state.request.reading.text, TEXT_READING_ATTRIBUTE: state.request.reading.summary()})
     write_json(folder / "report.json", reports[0] if len(reports) == 1 else reports)
     n_lesions = max(len(entry.lesions), 1)
     write_json(folder / "provenance.json", {
