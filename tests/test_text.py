@@ -109,6 +109,11 @@ PHRASINGS = [
     ("metastases in the liver, the largest 20 mm", {"organ type": "liver", "lesion type": "metastasis", "size": "20 mm"}),
     ("a tumor with necrosis and haemorrhage in the stomach", {"organ type": "stomach", "lesion type": "tumor", "specific features": DEC + INC}),
     ("kidney_left cyst", {"organ type": "kidney left", "lesion type": "cyst"}),
+    # the README's examples
+    ("a 3 cm x 2 cm x 2 cm lobulated, heterogeneous tumour of the left kidney without calcification",
+     {"organ type": "kidney left", "lesion type": "tumour", "density variations": "heterogeneous,", "shape": "irregular,", "size": "30 x 20 x 20 mm"}),
+    ("a spiculated 9 mm nodule in the right lower lobe, about 40 HU",
+     {"organ type": "lung lower lobe right", "lesion type": "nodule", "specific features": "spiculated margins,", "size": "9 mm", "CT value": hu(40)}),
     ("a liver lesion without necrosis, with a well-circumscribed margin",
      {"organ type": "liver", "lesion type": "lesion", "surface characteristics": WELL}),
 ]  # fmt: skip
