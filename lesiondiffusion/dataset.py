@@ -19,7 +19,7 @@ import numpy as np
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, load_nifti, read_json, write_json, write_text
-from lesiondiffusion.labels import UnknownOrganError, label_table
+from lesiondiffusion.labels import AUTO, VERSION_CHOICES, UnknownOrganError, label_table, resolve_version, to_v1_map
 from lesiondiffusion.report import read_report
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Problem:
         return f"{self.where}: {self.file}: {self.message}"
 
 
-def _case_problems(index: int, case: Case) -> list[Problem]:
+def _case_problems(index: int, case: Case, organ_seg_version: str = AUTO) -> list[Problem]:
     where = case.source or f"case {index}"
     problems: list[Problem] = []
 
@@ -215,6 +215,9 @@ def _case_problems(index: int, case: Case) -> list[Problem]:
             add(case.files()[key], f"shape {img.shape[:3]} differs from the {ref_key}'s {ref.shape[:3]}")
         elif not np.allclose(img.affine, ref.affine, atol=1e-3):
             add(case.files()[key], f"affine differs from the {ref_key}'s")
+    seg_v1 = None
+    if "organ_seg" in images:
+        seg_v1 = _organ_map_v1(images["organ_seg"], case.organ_seg, organ_seg_version, add)  # type: ignore[arg-type]
     label = None
     if "label" in images:
         label = np.rint(np.asanyarray(images["label"].dataobj)).astype(np.int16)
@@ -232,7 +235,7 @@ def _case_problems(index: int, case: Case) -> list[Problem]:
                     label_table().name(organ_id)
                 except UnknownOrganError as e:
                     add(case.report, str(e))
-            organ = _case_organ(images.get("organ_seg"), label)
+            organ = _case_organ(seg_v1, label)
             if organ is not None and organ not in report:
                 add(case.report, f"no entry for the case's organ {organ} ({_organ_name(organ)}); has {list(report.organ_ids)}")
     return problems
@@ -245,20 +248,44 @@ def _organ_name(organ_id: int) -> str:
         return "unknown"
 
 
-def _case_organ(organ_seg, label: np.ndarray | None) -> int | None:
-    """The organ-map label most common under the label map's organ+lesion voxels."""
-    if organ_seg is None or label is None or organ_seg.shape[:3] != label.shape[:3]:
+def _organ_map_v1(img, path: Path, organ_seg_version: str, add) -> np.ndarray | None:
+    """The organ map in v1 ids, its numbering given or told from its anatomy; None (and a problem) if unclear."""
+    data = np.asanyarray(img.dataobj)
+    data = data.reshape(data.shape[:3])
+    try:
+        version = resolve_version(organ_seg_version, data, img.affine, path)
+    except LesionDiffusionError as e:
+        add(path, e.problem if isinstance(e, InputError) else str(e))
         return None
-    seg = np.rint(np.asanyarray(organ_seg.dataobj)).astype(np.int32).reshape(label.shape)
+    ids = np.unique(np.rint(data).astype(np.int64))
+    unknown = sorted(set(ids[ids != 0].tolist()) - set(label_table(version).names))
+    if unknown:
+        add(path, f"labels {unknown[:5]} are not TotalSegmentator {version} ids")
+        return None
+    logger.info("%s: TotalSegmentator %s numbering", path, version)
+    return to_v1_map(data, version)
+
+
+def _case_organ(seg: np.ndarray | None, label: np.ndarray | None) -> int | None:
+    """The (v1) organ-map label most common under the label map's organ+lesion voxels."""
+    if seg is None or label is None or seg.shape[:3] != label.shape[:3]:
+        return None
+    seg = seg.astype(np.int32).reshape(label.shape)
     ids = seg[(label > 0) & (seg > 0)]
     return int(np.bincount(ids).argmax()) if ids.size else None
 
 
-def validate_cases(cases: Iterable[Case]) -> list[Problem]:
-    """Every problem of every case (missing/unreadable files, geometry, label values, reports)."""
+def validate_cases(cases: Iterable[Case], organ_seg_version: str = AUTO) -> list[Problem]:
+    """Every problem of every case (missing/unreadable files, geometry, label values, reports).
+
+    Organ maps are read in ``organ_seg_version`` numbering ("v1", "v2"), or with "auto" the one told
+    from each map's labels and anatomy; a map that fits neither clearly is a problem asking for the flag.
+    """
+    if organ_seg_version not in VERSION_CHOICES:
+        raise LesionDiffusionError(f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}")
     problems: list[Problem] = []
     for i, case in enumerate(cases):
-        problems += _case_problems(i, case)
+        problems += _case_problems(i, case, organ_seg_version)
     return problems
 
 

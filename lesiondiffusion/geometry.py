@@ -129,6 +129,27 @@ def record_geometry(
     )
 
 
+def canonical_grid(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The same voxels with array axes reordered and flipped to lie closest to RAS: (affine, shape).
+
+    Two files of one scan (a DICOM series and a NIfTI converted from it) often store the same grid
+    with flipped or swapped axes; their canonical grids are equal.
+    """
+    aff = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.io_orientation(aff)
+    new_shape = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt):
+        new_shape[int(target)] = int(shape[axis])
+    return aff @ nib.orientations.inv_ornt_aff(ornt, tuple(int(s) for s in shape[:3])), tuple(new_shape)
+
+
+def same_grid(affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray, shape_b: Sequence[int], atol: float = 1e-3) -> bool:
+    """True when two grids hold the same voxel centres, whatever the order and direction of their array axes."""
+    a, sa = canonical_grid(affine_a, shape_a[:3])
+    b, sb = canonical_grid(affine_b, shape_b[:3])
+    return sa == sb and bool(np.allclose(a, b, atol=atol))
+
+
 def write_geometry(path: PathLike, geometry: InputGeometry) -> Path:
     """Write the record as JSON (atomically)."""
     return write_json(path, geometry.to_json())

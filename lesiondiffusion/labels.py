@@ -130,6 +130,22 @@ def convert_ids(src: str = "v2", dst: str = "v1") -> dict[int, int]:
     return {i: by_name[n] for i, n in a.names.items() if n in by_name}
 
 
+def relabel(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """An organ map's ids through ``mapping`` (e.g. :func:`convert_ids`), uint8; unmapped ids become 0."""
+    ids = np.rint(np.asarray(labels, dtype=np.float32)).astype(np.int64)
+    lut = np.zeros(max(int(ids.max(initial=0)), max(mapping, default=0)) + 1, dtype=np.uint8)
+    for src, dst in mapping.items():
+        lut[int(src)] = int(dst)
+    return lut[np.clip(ids, 0, None)]
+
+
+def to_v1_map(labels: np.ndarray, version: str) -> np.ndarray:
+    """An organ map in ``version`` numbering as v1 ids (uint8); ids without a v1 organ become 0."""
+    if version == "v1":
+        return np.rint(np.asarray(labels)).astype(np.uint8)
+    return relabel(labels, convert_ids(version, "v1"))
+
+
 def is_hollow(organ: str | int, version: str = DEFAULT_VERSION) -> bool:
     """True for organs with a lumen (bladder, stomach, colon, esophagus, gallbladder)."""
     table = label_table(version)
@@ -189,12 +205,58 @@ class VersionEvidence:
     @property
     def fits(self) -> bool:
         """Enough relations held and (almost) none failed."""
-        return self.held >= 3 and self.failed <= max(1, 0.1 * (self.held + self.failed))
+        return self.held >= 5 and self.failed <= max(1, 0.1 * (self.held + self.failed))
 
     @property
     def contradicted(self) -> bool:
         """Anatomy clearly disagrees with this reading."""
-        return self.failed >= 2 and self.failed > 0.2 * (self.held + self.failed)
+        return self.failed >= 3 and self.failed > 0.25 * (self.held + self.failed)
+
+    def __add__(self, other: VersionEvidence) -> VersionEvidence:
+        return VersionEvidence(self.version, self.held + other.held, self.failed + other.failed)
+
+
+# CT density of a structure's voxels (median HU): (held above, held below, failed below, failed above).
+_BONE_WORDS = {"vertebrae", "rib", "hip", "femur", "humerus", "scapula", "clavicula", "sacrum", "skull", "sternum"}
+_AIR_WORDS = {"lung", "trachea"}
+_SOFT_NAMES = {
+    "liver", "spleen", "kidney right", "kidney left", "pancreas", "adrenal gland right", "adrenal gland left",
+    "gallbladder", "urinary bladder", "prostate", "thyroid gland", "brain", "spinal cord", "heart", "heart myocardium",
+}  # fmt: skip
+_SOFT_WORDS = {"gluteus", "autochthon", "iliopsoas"}
+
+
+def _density_class(name: str) -> str | None:
+    words = set(name.split())
+    if words & _BONE_WORDS:
+        return "bone"
+    if words & _AIR_WORDS:
+        return "air"
+    if name in _SOFT_NAMES or words & _SOFT_WORDS:
+        return "soft"
+    return None  # vessels (contrast), bowel (air, contrast), cartilage: no fixed density
+
+
+def density_evidence(labels: np.ndarray, image_hu: np.ndarray, version: str) -> VersionEvidence:
+    """Each label's median CT value against its organ's tissue in ``version``: bone bright, lung dark, organs soft."""
+    ids = np.rint(np.asarray(labels)).astype(np.int64, copy=False)
+    hu = np.asarray(image_hu)
+    table = label_table(version)
+    held = failed = 0
+    counts = np.bincount(ids[ids > 0].ravel()) if ids.max(initial=0) > 0 else np.zeros(1, int)
+    for i in np.nonzero(counts >= 20)[0]:
+        kind = _density_class(table.names.get(int(i), ""))
+        if kind is None:
+            continue
+        median = float(np.median(hu[ids == i]))
+        if kind == "bone":
+            ok, bad = median > 120, median < 60
+        elif kind == "air":
+            ok, bad = median < -400, median > -200
+        else:
+            ok, bad = -60 < median < 200, median < -300 or median > 350
+        held, failed = held + int(ok), failed + int(bad)
+    return VersionEvidence(version, held, failed)
 
 
 def label_centroids(labels: np.ndarray, affine: np.ndarray) -> dict[int, np.ndarray]:
@@ -244,11 +306,12 @@ def anatomy_evidence(centroids: dict[int, np.ndarray], version: str) -> VersionE
     return VersionEvidence(version, held, failed)
 
 
-def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "organ map") -> str:
+def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "organ map", image_hu: np.ndarray | None = None) -> str:
     """The TotalSegmentator numbering ("v1" or "v2") of an organ map, from its labels and their anatomy.
 
     Labels above 104 exist only in v2. Otherwise each reading is checked against anatomy
-    (:func:`anatomy_evidence`); the one that fits while the other is contradicted wins. Labels that
+    (:func:`anatomy_evidence`, and with the CT ``image_hu`` on the same grid :func:`density_evidence`);
+    the one that fits while the other is contradicted wins. Labels that
     mean the same in both (1-6: spleen, kidneys, gallbladder, liver, stomach) need no choice. A map
     that fits both or neither is an :class:`~lesiondiffusion.errors.InputError` asking for the flag.
     """
@@ -269,6 +332,8 @@ def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "org
         return "v1"  # the two numberings agree on every label present
     centroids = label_centroids(labels, affine)
     evidence = {v: anatomy_evidence(centroids, v) for v in VERSIONS}
+    if image_hu is not None and np.shape(image_hu) == np.shape(labels):
+        evidence = {v: e + density_evidence(labels, image_hu, v) for v, e in evidence.items()}
     for mine, other in (("v1", "v2"), ("v2", "v1")):
         if evidence[mine].fits and evidence[other].contradicted:
             logger.info("%s: TotalSegmentator %s numbering (anatomy: %s)", source, mine, _summary(evidence))
@@ -280,9 +345,11 @@ def _summary(evidence: dict[str, VersionEvidence]) -> str:
     return ", ".join(f"{v}: {e.held} relations hold, {e.failed} fail" for v, e in evidence.items())
 
 
-def resolve_version(requested: str | None, labels: np.ndarray, affine: np.ndarray, source: object = "organ map") -> str:
+def resolve_version(
+    requested: str | None, labels: np.ndarray, affine: np.ndarray, source: object = "organ map", image_hu: np.ndarray | None = None
+) -> str:
     """``requested`` ("v1", "v2") as is, or for "auto"/None the numbering :func:`detect_version` finds."""
     choice = AUTO if requested is None else str(requested).strip().lower()
     if choice not in VERSION_CHOICES:
         raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {requested!r}")
-    return detect_version(labels, affine, source) if choice == AUTO else choice
+    return detect_version(labels, affine, source, image_hu) if choice == AUTO else choice

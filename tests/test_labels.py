@@ -53,3 +53,79 @@ def test_names_and_hollow_organs():
     assert label_table().name(5) == "liver"
     assert is_hollow("bladder") and is_hollow("stomach") and is_hollow("gall bladder")
     assert not is_hollow("liver")
+
+
+# ---- telling v1 from v2 -------------------------------------------------------------------------------
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lesiondiffusion.errors import InputError, LesionDiffusionError  # noqa: E402
+from lesiondiffusion.labels import detect_version, resolve_version, to_v1_map  # noqa: E402
+from lesiondiffusion.data_paths import DEMO_DATA, REPO_ROOT  # noqa: E402
+
+TS_SMALL_SEG = REPO_ROOT / "tests" / "data" / "ts_small" / "example_seg.nii.gz"
+
+
+def _map(path):
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj), img.affine
+
+
+def test_ts_small_map_is_v2():
+    seg, affine = _map(TS_SMALL_SEG)
+    assert detect_version(seg, affine) == "v2"
+
+
+@pytest.mark.parametrize("case", ["Liver_cancer", "Bladder_cancer"])
+def test_demo_maps_are_v1_by_anatomy(case):
+    seg, affine = _map(DEMO_DATA / case / "totalseg_health.nii.gz")
+    assert seg.max() <= 104  # no id beyond v1's range: only anatomy can tell
+    assert detect_version(seg, affine) == "v1"
+
+
+def test_v2_map_without_labels_above_104_is_still_v2_by_anatomy():
+    seg, affine = _map(TS_SMALL_SEG)
+    seg = np.where(seg > 104, 0, seg)
+    assert detect_version(seg, affine) == "v2"
+    # read as v1 it would be a different map: its pancreas (v2 id 7) is no aorta
+    assert (to_v1_map(seg, "v2")[seg == 7] == label_table("v1").id("pancreas")).all()
+
+
+def test_v1_map_mirrored_left_right_is_not_taken_for_v1():
+    """Anatomy is what decides: the same labels with right and left swapped fit neither numbering."""
+    seg, affine = _map(DEMO_DATA / "Liver_cancer" / "totalseg_health.nii.gz")
+    mirrored = affine @ np.diag([-1.0, 1.0, 1.0, 1.0])  # world x flipped: the liver now lies on the left
+    with pytest.raises(InputError):
+        detect_version(seg, mirrored)
+
+
+def test_a_single_blob_asks_for_the_flag_in_one_line():
+    seg = np.zeros((40, 40, 40), np.uint8)
+    seg[10:30, 10:30, 10:30] = 10  # v1 pancreas or v2 upper left lung lobe: nothing to tell them apart
+    with pytest.raises(InputError) as err:
+        detect_version(seg, np.eye(4), "blob.nii.gz")
+    message = str(err.value)
+    assert message.startswith("blob.nii.gz: cannot tell") and "--organ_seg_version" in message and "\n" not in message
+    assert resolve_version("v1", seg, np.eye(4)) == "v1"  # the flag settles it
+    with pytest.raises(LesionDiffusionError, match="organ_seg_version must be one of"):
+        resolve_version("v3", seg, np.eye(4))
+
+
+def test_labels_both_numberings_share_need_no_flag_and_out_of_range_labels_are_refused():
+    seg = np.zeros((10, 10, 10), np.uint8)
+    seg[:5] = 5  # liver is 5 in both
+    assert detect_version(seg, np.eye(4)) == "v1"
+    seg[5:] = 200
+    with pytest.raises(InputError, match="not TotalSegmentator ids"):
+        detect_version(seg, np.eye(4))
+
+
+def test_ct_density_adds_evidence():
+    """A v2 map's ids 13/14 are right lung lobes (dark in the CT); read as v1 they would be left lobes too."""
+    from lesiondiffusion.labels import density_evidence
+
+    seg, _ = _map(TS_SMALL_SEG)
+    hu = np.asanyarray(nib.load(str(TS_SMALL_SEG.parent / "example_ct_sm.nii.gz")).dataobj)
+    v1, v2 = density_evidence(seg, hu, "v1"), density_evidence(seg, hu, "v2")
+    assert v2.failed == 0 and v2.held >= 10
+    assert v1.failed >= 3  # read as v1, its lung lobes and ribs land on soft tissue and organs on bone or air

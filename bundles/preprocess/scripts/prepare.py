@@ -8,7 +8,7 @@ renamed into place when every case succeeded; inputs are only read)::
 
     cases/<case>/image.nii.gz       CT, int16 HU (linear resampling, rounded)
     cases/<case>/label.nii.gz       label map, uint8 (nearest)
-    cases/<case>/organ_seg.nii.gz   organ map (nearest)
+    cases/<case>/organ_seg.nii.gz   organ map (nearest), TotalSegmentator v1 numbering (v2 maps converted)
     cases/<case>/type.json          the report extracted from the three (lesiondiffusion.attributes)
     datalist.json                   {"training": [...], "validation": [...]}, paths relative to it
     train_*_list.txt, val_*_list.txt   the original's aligned list files (absolute paths)
@@ -32,6 +32,7 @@ from lesiondiffusion.attributes import measure_lesion, report_from_measurements
 from lesiondiffusion.dataset import Case, load_cases, validate_cases, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.io import atomic_dir, save_nifti, write_json
+from lesiondiffusion.labels import AUTO, resolve_version, to_v1_map
 from lesiondiffusion.report import Report, read_report, write_report
 from lesiondiffusion.settings import flag
 
@@ -112,7 +113,7 @@ class TrainingSetWriter:
         type_list: str | None = None,
         val_fraction: float = 0.2,
         split_seed: int = 0,
-        version: str = "v1",
+        version: str = AUTO,
         overwrite: bool = False,
         exit_on_error: bool = True,
     ) -> None:
@@ -121,7 +122,8 @@ class TrainingSetWriter:
         self.standardise = standardise
         self.output_dir = output_dir
         self.val_fraction, self.split_seed = float(val_fraction), int(split_seed)
-        self.version = version
+        self.version = version  # numbering of the given organ maps: v1, v2 or auto (told per map)
+        self.versions: dict[str, str] = {}
         self.overwrite, self.exit_on_error = flag(overwrite), flag(exit_on_error)
 
     def run(self) -> Path:
@@ -137,7 +139,7 @@ class TrainingSetWriter:
         if any(out.resolve() == p or out.resolve() in p.parents for p in inputs):
             raise InputError(out, "output folder holds input files; inputs are never written")
         train_idx, val_idx = split_indices(len(self.cases), self.val_fraction, self.split_seed)
-        problems = validate_cases(self.cases)
+        problems = validate_cases(self.cases, self.version)
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
             raise InputError(problems[0].file, f"{problems[0].message} [{problems[0].where}]{more}")
@@ -156,6 +158,7 @@ class TrainingSetWriter:
             write_list_files(tmp, "train", [final[i] for i in train_idx])
             write_list_files(tmp, "val", [final[i] for i in val_idx])
             write_json(tmp / "measurements.json", measurements)
+            write_json(tmp / "organ_seg_versions.json", self.versions)
         logger.info("training set of %d case(s) (%d training, %d validation) written to %s", len(written), len(train_idx), len(val_idx), out)
         return out / datalist.name
 
@@ -171,15 +174,17 @@ class TrainingSetWriter:
         affine = np.asarray(data["image"].affine, dtype=np.float64)
         hu = data["image"][0].numpy()
         label = np.rint(data["label"][0].numpy()).astype(np.uint8)
-        seg = np.rint(data["organ_seg"][0].numpy())
-        seg = seg.astype(np.uint8 if seg.max() <= 255 else np.int16)
+        # every prepared map is in v1 numbering, as the networks and reports use it
+        version = resolve_version(self.version, data["organ_seg"][0].numpy(), affine, case.organ_seg)
+        seg = to_v1_map(data["organ_seg"][0].numpy(), version)
+        self.versions[str(case.organ_seg)] = version
         spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
         organ_id = self._organ_id(case)
         try:
-            m = measure_lesion(hu, label, seg, spacing, organ_id, version=self.version)
+            m = measure_lesion(hu, label, seg, spacing, organ_id, version="v1")
         except LesionDiffusionError as e:
             raise InputError(case.label, str(e)) from None
-        report = report_from_measurements(m, self.version)
+        report = report_from_measurements(m, "v1")
         files = {k: dest / FILE_NAMES[k] for k in ("image", "label", "report", "organ_seg")}
         image = np.clip(np.rint(hu), *INT16_RANGE).astype(np.int16)
         save_nifti(files["image"], image, affine, dtype=np.int16)

@@ -10,7 +10,10 @@ pre-resampling affine).
 Which map a case gets: the user's ``organ_seg`` when given (unless ``prefer_totalseg``), else
 TotalSegmentator when available, else the user's map, else one error naming both options. Every map
 comes out in TotalSegmentator v1 numbering, which reports and the networks use: v2 maps (TotalSegmentator
-2.x, or a user map declared ``v2``) are converted with :func:`lesiondiffusion.labels.convert_ids`.
+2.x, or a user map declared or detected ``v2``) are converted with :func:`lesiondiffusion.labels.convert_ids`.
+A user's map is read in the numbering ``organ_seg_version`` names, or with "auto" (the default) the one
+:func:`lesiondiffusion.labels.detect_version` tells from its labels and anatomy; a map it cannot place
+is one error asking for the flag, never read in a guessed numbering.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.labels import VERSIONS, convert_ids, label_table
+from lesiondiffusion.labels import AUTO, VERSION_CHOICES, VERSIONS, convert_ids, label_table, relabel, resolve_version
 from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
@@ -158,13 +161,10 @@ def to_v1(data: np.ndarray, numbering: str | dict[int, int], source: str | Path 
         known = set(label_table("v1").names) | {0}
         unknown = sorted(set(np.unique(ids).tolist()) - known)
         if unknown:
-            raise InputError(source, f"labels {unknown[:5]} are not TotalSegmentator v1 ids (is it a v2 map? set organ_seg_version v2)")
+            raise InputError(source, f"labels {unknown[:5]} are not TotalSegmentator v1 ids (is it a v2 map? set organ_seg_version v2 or auto)")
         return ids.astype(np.uint8)
     mapping = convert_ids("v2", "v1") if numbering == "v2" else dict(numbering)
-    lut = np.zeros(max(int(ids.max(initial=0)), max(mapping, default=0)) + 1, dtype=np.uint8)
-    for src, dst in mapping.items():
-        lut[int(src)] = int(dst)
-    out = lut[ids]
+    out = relabel(ids, mapping)
     dropped = int(((ids > 0) & (out == 0)).sum())
     if dropped:
         logger.info("%s: %d voxels carry labels without a v1 counterpart; set to background", source, dropped)
@@ -172,22 +172,34 @@ def to_v1(data: np.ndarray, numbering: str | dict[int, int], source: str | Path 
 
 
 class OrganSegmenter:
-    """Chooses the organ map of each case: the user's, TotalSegmentator's, or a clear error."""
+    """Chooses the organ map of each case: the user's, TotalSegmentator's, or a clear error.
+
+    ``given_version`` is the numbering of the user's maps: "v1", "v2", or "auto" (told per map from
+    its labels and their anatomy, :func:`lesiondiffusion.labels.detect_version`).
+    """
 
     def __init__(
         self,
         totalseg: TotalSegmentatorAdapter | None = None,
-        given_version: str = "v1",
+        given_version: str = AUTO,
         prefer_totalseg: bool = False,
     ) -> None:
-        if given_version not in VERSIONS:
-            raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSIONS)}, not {given_version!r}")
+        if given_version not in VERSION_CHOICES:
+            raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {given_version!r}")
         self.totalseg, self.given_version, self.prefer_totalseg = totalseg, given_version, flag(prefer_totalseg)
 
     def __call__(
         self, image: np.ndarray, affine: np.ndarray, given: np.ndarray | None, image_path: Path, given_path: Path | None
     ) -> tuple[np.ndarray, str]:
-        """The v1 organ map on the standardised grid and its source ("given" or "totalsegmentator").
+        """The v1 organ map on the standardised grid and its source ("given" or "totalsegmentator")."""
+        seg, source, _ = self.segment(image, affine, given, image_path, given_path)
+        return seg, source
+
+    def segment(
+        self, image: np.ndarray, affine: np.ndarray, given: np.ndarray | None, image_path: Path, given_path: Path | None
+    ) -> tuple[np.ndarray, str, str]:
+        """The v1 organ map on the standardised grid, its source ("given" or "totalsegmentator") and the
+        numbering it came in ("v1", "v2", or TotalSegmentator's task numbering).
 
         ``image`` is the standardised CT (HU, 3D) with its ``affine``; ``given`` the user's map already
         resampled onto the same grid (nearest neighbour), or None.
@@ -197,9 +209,14 @@ class OrganSegmenter:
         if use_totalseg:
             assert self.totalseg is not None
             ct = nib.Nifti1Image(np.asarray(image, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-            return self.totalseg(ct), "totalsegmentator"
+            numbering = self.totalseg.numbering if self.totalseg.task == "total" else f"task {self.totalseg.task}"
+            return self.totalseg(ct), "totalsegmentator", numbering
         if given is not None:
-            return to_v1(given, self.given_version, source=given_path or "organ_seg"), "given"
+            where = given_path or "organ_seg"
+            version = resolve_version(self.given_version, given, affine, where)
+            if self.given_version == AUTO:
+                logger.info("%s: TotalSegmentator %s numbering (detected)", where, version)
+            return to_v1(given, version, source=where), "given", version
         raise InputError(
             image_path,
             f"no organ segmentation: give one (organ_seg / --organ_seg, or organ_seg_list) or make TotalSegmentator available offline: {reason}",
