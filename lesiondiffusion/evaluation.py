@@ -459,7 +459,7 @@ def evaluate_case(
         "problems": problems,
     }
     window = LUNG_WINDOW if A.organ_group(table.name(organ_id)) == "lung" else SOFT_TISSUE_WINDOW
-    return record, case_tile(before, after, lesion, window, tile, caption=request_caption(request.attributes))
+    return record, case_tile(before, after, lesion, window, tile, caption=request_caption(request.attributes, request.text))
 
 
 # ---- across cases -------------------------------------------------------------------------------------

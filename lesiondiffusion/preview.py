@@ -276,7 +276,7 @@ def before_after(
         lo, hi = found.min(axis=0), found.max(axis=0)
         middle = (lo + hi) / 2.0
         extent = float(((hi - lo + 1) * zooms).max())
-        fov = max(MIN_FOV_MM, ZOOM_FACTOR * extent)
+        fov = min(max(MIN_FOV_MM, ZOOM_FACTOR * extent), float((np.asarray(mask_ras.shape) * zooms).max()))  # never beyond the scan
     else:
         middle, fov = np.asarray(centre, float), None
     rows = []
@@ -293,7 +293,7 @@ def before_after(
         zoom = whole if fov is None else _view_box(b.shape, pixel, display_index(mask_ras.shape, middle, name), fov)
         # the zoom box on the overview: the same pixel edges through the overview's mapping
         sx, sy = size / (whole[2] - whole[0]), size / (whole[3] - whole[1])
-        marker = None if fov is None else ((zoom[0] - whole[0]) * sx, (zoom[1] - whole[1]) * sy, (zoom[2] - whole[0]) * sx, (zoom[3] - whole[1]) * sy)
+        marker = None if fov is None or fov >= 0.95 * max(h_mm, w_mm) else ((zoom[0] - whole[0]) * sx, (zoom[1] - whole[1]) * sy, (zoom[2] - whole[0]) * sx, (zoom[3] - whole[1]) * sy)
         mask_zoom = _resample(m.astype(np.uint8), zoom, size, nearest=True) > 0
         zoom_mm = fov if fov is not None else max(h_mm, w_mm)
         row = [
@@ -340,10 +340,12 @@ def write_preview(
 
 
 def write_case_preview(
-    path: PathLike, before: PathLike, after: PathLike, label: PathLike, attributes: Mapping[str, object], tile: int = 192
-) -> Path:
+    path: PathLike, before: PathLike, after: PathLike, label: PathLike, attributes: Mapping[str, object], tile: int = 192,
+    sentence: str | None = None,
+) -> Path:  # fmt: skip
     """The preview of one synthesised case from its files: input CT, synthetic CT, label map (lesion = 2),
-    captioned with the request's ``attributes`` and windowed for its organ."""
+    captioned with the request's ``attributes`` (and its ``sentence``, if it was described in words) and
+    windowed for its organ."""
     from lesiondiffusion.paste import read_stored  # imports MONAI: only when a preview is written
 
     original, synthetic = read_stored(before), read_stored(after)
@@ -353,7 +355,7 @@ def write_case_preview(
     image = before_after(
         original.raw, synthetic.raw, np.rint(labels) == LESION_LABEL, original.affine, size=tile,
         before_scaling=(original.slope, original.inter), after_scaling=(synthetic.slope, synthetic.inter),
-        organ=str(attributes.get(A.ORGAN_TYPE, "")) or None, caption=request_caption(attributes),
+        organ=str(attributes.get(A.ORGAN_TYPE, "")) or None, caption=request_caption(attributes, sentence),
     )  # fmt: skip
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")

@@ -159,15 +159,16 @@ def test_lung_and_soft_tissue_windows_render(tmp_path):
 
 
 def test_caption_names_the_request(tmp_path):
-    attributes = {"organ type": "liver", "lesion type": "cyst", "size in mm": "25", "density": "hypodense lesion,",
-                  "sentence": "A 25 mm cyst in segment VII."}  # fmt: skip
-    text = preview.request_caption(attributes)
+    attributes = {"organ type": "liver", "lesion type": "cyst", "size in mm": "25", "density": "hypodense lesion,"}
+    sentence = "A 25 mm cyst in segment VII."
+    text = preview.request_caption(attributes, sentence)
     assert text == 'organ: liver   lesion: cyst   size: 25 mm   density: hypodense lesion\n"A 25 mm cyst in segment VII."'
+    assert preview.request_caption({**attributes, "description": sentence}) == text
     assert "size" not in preview.request_caption({"organ type": "liver", "size": "[[28 29 26]] pixel,"})
     before, after, label = _case(tmp_path, ("R", "A", "S"))
     plain = np.asarray(Image.open(preview.write_preview(tmp_path / "a.png", *[np.asarray(nib.load(f).dataobj) for f in (before, after)],
                                                         np.asarray(nib.load(label).dataobj) == 2, nib.load(before).affine, tile=SIZE)))  # fmt: skip
-    captioned = np.asarray(Image.open(preview.write_case_preview(tmp_path / "b.png", before, after, label, attributes, tile=SIZE)))
+    captioned = np.asarray(Image.open(preview.write_case_preview(tmp_path / "b.png", before, after, label, attributes, SIZE, sentence)))
     assert plain.shape == (3 * SIZE, 4 * SIZE, 3)
     band = captioned.shape[0] - 3 * SIZE
     assert band > 20 and (captioned[:band] > 200).any()  # two lines of text above the panels

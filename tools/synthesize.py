@@ -416,7 +416,8 @@ def _write_case(
     seg, _ = read_nifti_array(entry.organ_seg)  # type: ignore[arg-type]
     save_on_input_grid(folder / "organ_seg.nii.gz", seg, geometry, mode="nearest", dtype="uint8")
     # drawn here, not copied from LINet: the caption names the request, the window suits its organ
-    write_case_preview(folder / "preview.png", entry.source_image, folder / "image.nii.gz", folder / "label.nii.gz", state.request.attributes)  # type: ignore[arg-type]
+    write_case_preview(folder / "preview.png", entry.source_image, folder / "image.nii.gz", folder / "label.nii.gz", state.request.attributes,
+                       sentence=state.request.text)  # type: ignore[arg-type]
     reports = [read_json(lesion.report) for lesion in entry.lesions]
     if state.request.reading is not None:  # extra string attributes: the report schema allows them
         for report in reports:
