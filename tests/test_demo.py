@@ -31,7 +31,7 @@ def organ_of(request: dict) -> str:
     return request["text"].rsplit(" in the ", 1)[1]
 
 
-def test_default_requests_cover_five_organs_of_the_shipped_ct():
+def test_default_requests_cover_five_organs_of_the_shipped_ct_and_one_is_a_sentence():
     assert TS_EXAMPLE_CT.is_file() and TS_EXAMPLE_SEG.is_file()
     present = set(np.unique(np.asarray(nib.load(str(TS_EXAMPLE_SEG)).dataobj)).tolist())
     table = label_table("v2")
@@ -41,6 +41,7 @@ def test_default_requests_cover_five_organs_of_the_shipped_ct():
     for wanted in ("liver", "kidney", "spleen", "pancreas", "urinary bladder"):
         assert any(wanted in organ for organ in organs), wanted
     assert len({r["case"] for r in DEMO_REQUESTS}) == len(DEMO_REQUESTS)
+    assert any(isinstance(r.get("text"), str) and r["text"].strip() for r in DEMO_REQUESTS), "one request is a sentence"
 
 
 def test_unknown_lesion_name_or_source_is_one_error(tmp_path):
@@ -77,6 +78,8 @@ def test_demo_writes_a_lesion_into_the_real_ct_and_evaluates_it(tmp_path, capsys
     seg = np.asarray(nib.load(str(SMALL_SEG)).dataobj)
     assert ct_out.shape == ct_in.shape and (label == 2).any()
     assert set(np.unique(seg[label == 2]).tolist()) == {5}, "the lesion lies in the liver (v2 id 5)"
+    asked = json.loads((case / "provenance.json").read_text())
+    assert "a 25 mm hypodense" in json.dumps(asked), "the sentence is recorded with the case"
     assert not np.array_equal(ct_out, ct_in)
     assert (case / "preview.png").stat().st_size > 0
 

@@ -31,9 +31,7 @@ SOURCES = ("ct", "phantom")
 # One lesion per organ, in the words of the report vocabulary (lesiondiffusion/resources/description.json).
 # Sizes stay well inside each organ of the example CT (its pancreas is small: ~19 mL).
 DEMO_REQUESTS: tuple[dict[str, Any], ...] = (
-    {"case": "liver_cyst", "attributes": {  # "a 25 mm hypodense, round-like, well-defined cyst in the liver"
-        "organ type": "liver", "lesion type": "cyst", "density": "hypodense", "size": "25 mm",
-        "shape": "round-like", "surface characteristics": "well-defined margin"}},
+    {"case": "liver_cyst", "text": "a 25 mm hypodense, round-like, well-defined cyst in the liver"},
     {"case": "kidney_tumor", "attributes": {
         "organ type": "right kidney", "lesion type": "tumor", "density": "hypodense", "size": "20 mm",
         "density variations": "homogeneous"}},
