@@ -256,7 +256,7 @@ def test_segmenter_prefers_the_given_map_then_totalsegmentator_then_errors(fake_
     adapter = segment.TotalSegmentatorAdapter()
 
     # no weights: the given map, and without one a single error naming both options
-    seg, source = segment.OrganSegmenter(adapter)(hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz"))
+    seg, source = segment.OrganSegmenter(adapter, given_version="v1")(hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz"))
     assert source == "given" and np.array_equal(seg, given.astype(np.uint8))
     with pytest.raises(InputError) as err:
         segment.OrganSegmenter(adapter)(hu, affine, None, Path("ct.nii.gz"), None)
@@ -265,7 +265,7 @@ def test_segmenter_prefers_the_given_map_then_totalsegmentator_then_errors(fake_
     assert "TotalSegmentator weights for task total" in message and "\n" not in message
 
     add_weights(tmp_path / "ts_home", [291, 292, 293, 294, 295])
-    seg, source = segment.OrganSegmenter(adapter)(hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz"))
+    seg, source = segment.OrganSegmenter(adapter, given_version="v1")(hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz"))
     assert source == "given" and calls(tmp_path) == []  # an explicit map wins
     seg, source = segment.OrganSegmenter(adapter)(hu, affine, None, Path("ct.nii.gz"), None)
     assert source == "totalsegmentator" and np.array_equal(seg, ts_map)
@@ -282,7 +282,14 @@ def test_given_maps_in_v2_are_converted_and_bad_v1_maps_rejected():
     assert (seg[0] == 104).all() and not seg[1:].any()
     v1 = np.full((4, 4, 4), 105.0, np.float32)  # 105 is no v1 label
     with pytest.raises(InputError, match=r"seg.nii.gz: labels \[105\] are not TotalSegmentator v1 ids"):
-        segment.OrganSegmenter(None)(v1, np.eye(4), v1, Path("ct"), Path("seg.nii.gz"))
+        segment.OrganSegmenter(None, given_version="v1")(v1, np.eye(4), v1, Path("ct"), Path("seg.nii.gz"))
+    # auto (the default): a lone blob of an id the numberings read differently is one line asking for the flag
+    blob = np.full((4, 4, 4), float(V2_BLADDER), np.float32)
+    with pytest.raises(InputError, match=r"seg.nii.gz: cannot tell whether .* set --organ_seg_version v1 or v2"):
+        segment.OrganSegmenter(None).segment(blob, np.eye(4), blob, Path("ct"), Path("seg.nii.gz"))
+    seg, source, version = segment.OrganSegmenter(None).segment(v1, np.eye(4), v1, Path("ct"), Path("seg.nii.gz"))
+    assert version == "v2" and source == "given"  # 105 exists only in v2 (rib right 2 -> v1 71)
+    assert (seg == label_table("v1").id("rib right 2")).all()
     with pytest.raises(LesionDiffusionError, match="organ_seg_version"):
         segment.OrganSegmenter(None, given_version="v9")
 

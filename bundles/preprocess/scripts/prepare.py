@@ -175,7 +175,7 @@ class TrainingSetWriter:
         hu = data["image"][0].numpy()
         label = np.rint(data["label"][0].numpy()).astype(np.uint8)
         # every prepared map is in v1 numbering, as the networks and reports use it
-        version = resolve_version(self.version, data["organ_seg"][0].numpy(), affine, case.organ_seg)
+        version = resolve_version(self.version, data["organ_seg"][0].numpy(), affine, case.organ_seg, image_hu=hu)
         seg = to_v1_map(data["organ_seg"][0].numpy(), version)
         self.versions[str(case.organ_seg)] = version
         spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))

@@ -213,7 +213,7 @@ class OrganSegmenter:
             return self.totalseg(ct), "totalsegmentator", numbering
         if given is not None:
             where = given_path or "organ_seg"
-            version = resolve_version(self.given_version, given, affine, where)
+            version = resolve_version(self.given_version, given, affine, where, image_hu=image)
             if self.given_version == AUTO:
                 logger.info("%s: TotalSegmentator %s numbering (detected)", where, version)
             return to_v1(given, version, source=where), "given", version
