@@ -1,9 +1,9 @@
 """``lesiondiffusion demo`` (what ``make demo`` runs): write described lesions into a real CT and evaluate them.
 
 By default the CT is TotalSegmentator's example abdomen CT shipped in ``data/ts_example`` (3 mm,
-non-contrast) with its organ map (TotalSegmentator v2 ids). :data:`DEMO_REQUESTS` asks for one lesion
-in each of the liver, a kidney, the spleen, the pancreas and the urinary bladder; the liver's is given
-as a plain sentence. The requests file is written into ``--out`` (never beside the input data),
+non-contrast) with its organ map (TotalSegmentator v2 ids, which the preprocess stage recognises).
+:data:`DEMO_REQUESTS` asks for one lesion in each of the liver, a kidney, the spleen, the pancreas and
+the urinary bladder; the liver's is given as a plain sentence. The requests file is written into ``--out`` (never beside the input data),
 ``synthesize`` writes the lesions with the weights the repository ships (or ``--weights DIR``), then
 ``evaluate`` measures them. Prints each preview, the seconds per lesion and the evaluation line.
 
@@ -103,8 +103,6 @@ def demo(
                 raise InputError(path, "file not found")
         root.mkdir(parents=True, exist_ok=True)
         requests = write_demo_requests(root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions))
-        if bundle_overrides is None:  # the example CT's organ map numbers organs as TotalSegmentator v2 does
-            bundle_overrides = {"preprocess": {"organ_seg_version": "v2"}}
     synthesis = root / "synthesis"
     summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps),
                          weights=weights, device=device, bundle_overrides=bundle_overrides)  # fmt: skip
