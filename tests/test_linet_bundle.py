@@ -28,6 +28,7 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
+from ddp_probe import check_ranks, probe_config, sharded_datalist
 from lesiondiffusion import autoencoder as ae
 from lesiondiffusion.geometry import record_geometry, standardise, write_geometry
 from lesiondiffusion.manifest import CaseEntry, LesionEntry, Manifest, read_manifest, write_manifest
@@ -172,18 +173,22 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_demo, vqgan, tmp_
 
 
 def test_two_process_ddp_on_gloo(tiny_demo, vqgan, tmp_path):
+    """Data-parallel training: both ranks end with the same weights, each trained on its own half of the cases."""
     out = tmp_path / "ddp"
+    datalist = sharded_datalist(tiny_demo, tmp_path / "data")
+    probe = probe_config(tmp_path / "probe.json", LINET / "configs" / "train.json", "@trainer", {"network": "@network"})
     run = bundle_run(
-        ["configs/train.json", "configs/multi_gpu_train.json"],
-        "--datalist", str(tiny_demo / "datalist.json"), "--vqgan_weights", str(vqgan), "--output_dir", str(out),
-        "--iter_num", "2", "--max_epochs", "1", "--batch_size", "1", *TRAIN, torchrun=True, timeout=300,
+        ["configs/train.json", "configs/multi_gpu_train.json", str(probe)],
+        "--datalist", str(datalist), "--vqgan_weights", str(vqgan), "--output_dir", str(out),
+        "--iter_num", "4", "--max_epochs", "1", "--batch_size", "1", *TRAIN, torchrun=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     log = run.stdout + run.stderr
-    assert len(losses(log)) == 2  # rank 0 logs; the other stays quiet
+    assert len(losses(log)) == 4  # rank 0 logs; the other stays quiet
     assert log.count("SupervisedTrainer - INFO - Engine run finished") == 2  # both ranks trained
+    check_ranks(out, iterations=4)
     state = torch.load(out / "checkpoint_last.pt", weights_only=True)
-    assert state["trainer"]["iteration"] == 2
+    assert state["trainer"]["iteration"] == 4
     assert not any(k.startswith("module.") for k in state["network"])
     assert set(torch.load(out / "model.pt", weights_only=True)) == set(state["ema"])
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from ddp_probe import check_ranks, probe_config, sharded_datalist
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
 from lesiondiffusion.data_paths import DEMO_DATA
@@ -110,16 +111,20 @@ def test_finetune_starts_from_given_weights(trained, tiny_demo, tmp_path):
 
 
 def test_two_process_ddp_on_gloo(tiny_demo, tmp_path):
+    """Data-parallel training: both ranks end with the same weights, each trained on its own half of the cases."""
     out = tmp_path / "ddp"
+    datalist = sharded_datalist(tiny_demo, tmp_path / "data")
+    probe = probe_config(tmp_path / "probe.json", LMNET / "configs" / "train.json", "@train#trainer", {"network": "@network"})
     run = bundle_run(
-        LMNET, ["configs/train.json", "configs/multi_gpu_train.json"],
-        "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), "--iter_num", "2", "--max_epochs", "1",
+        LMNET, ["configs/train.json", "configs/multi_gpu_train.json", str(probe)],
+        "--datalist", str(datalist), "--output_dir", str(out), "--iter_num", "4", "--max_epochs", "1",
         "--batch_size", "1", *TINY, torchrun=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    assert len(losses(run.stdout + run.stderr)) == 2  # rank 0 logs; the others stay quiet
+    assert len(losses(run.stdout + run.stderr)) == 4  # rank 0 logs; the others stay quiet
+    check_ranks(out, iterations=4)
     state = torch.load(out / "checkpoint_last.pt", weights_only=True)
-    assert state["trainer"]["iteration"] == 2
+    assert state["trainer"]["iteration"] == 4
     assert not any(k.startswith("module.") for k in state["network"])
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
+from ddp_probe import check_ranks, probe_config, sharded_datalist
 from lesiondiffusion import autoencoder as ae
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.transforms import hu_to_unit
@@ -145,20 +146,24 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_demo: Path, tmp_p
 
 @pytest.mark.slow
 def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_demo: Path, tmp_path: Path) -> None:
+    """Data-parallel training: both ranks end with the same weights, each trained on its own half of the cases."""
     out = tmp_path / "ddp"
-    files = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]
+    datalist = sharded_datalist(tiny_demo, tmp_path / "data")
+    probe = probe_config(tmp_path / "probe.json", CONFIGS / "train.json", "@train#trainer", {"network": "@network", "discriminator": "@discriminator"})
+    files = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json"), str(probe)]
     cmd = [
         str(BIN / "torchrun"), "--nproc_per_node=2", "--standalone", "-m", "monai.bundle", "run",
         "--bundle_root", str(BUNDLE), "--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]",
-        "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), *TINY_TRAIN,
-        "--iter_num", "3", "--max_epochs", "1", "--adv_start", "1", "--batch_size", "1", "--progress", "false",
+        "--datalist", str(datalist), "--output_dir", str(out), *TINY_TRAIN,
+        "--iter_num", "4", "--max_epochs", "1", "--adv_start", "1", "--batch_size", "1", "--progress", "false", "--save_every", "4",
     ]
     proc = run_bundle(cmd, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     assert text.count("VQGANTrainer - INFO - Engine run finished") == 2  # both ranks trained
-    assert text.count("checkpoint_last.pt at iteration 3") == 1  # only rank 0 writes
-    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["trainer"]["iteration"] == 3
+    assert text.count("checkpoint_last.pt at iteration 4") == 1  # only rank 0 writes
+    check_ranks(out, iterations=4, networks=("network", "discriminator"))
+    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["trainer"]["iteration"] == 4
     assert (out / "model.pt").is_file()
 
 
