@@ -6,7 +6,11 @@ Two directions, one vocabulary (:mod:`lesiondiffusion.vocabulary`):
   (``{"organ type": "liver", "lesion type": "cyst"}``) plus any report field the user wants fixed. A
   provider proposes every field (:class:`OfflineReportProvider` here; an OpenAI-compatible one lives in
   the preprocess bundle's ``scripts/llm.py``), then :func:`complete_report` merges: the user's fields
-  win, the cavity is made consistent with the organ, and the size is bounded by the organ's box.
+  win, the cavity is made consistent with the organ, and the size is bounded by the organ's box. Both
+  work against the scan the lesion goes into: :func:`measure_scan` measures the host organ's HU and the
+  contrast phase (aorta, portal vein) into a :class:`ScanContext`, so the CT value sits against the
+  organ as its density class says and the enhancement status is the scan's
+  (:func:`report_conflicts` names what disagrees).
 - **Extraction** (preprocess train, and the evaluation of synthetic lesions). :func:`extract_report`
   measures a lesion in a CT (HU), its label map (0/1/2) and organ map: arrays in, report out. Every
   threshold is a named constant below, with the reason for its value.
