@@ -131,28 +131,30 @@ def inputs(small_demo, tmp_path_factory) -> Path:
 
 def scenarios(root: Path, outs: Path) -> dict[str, Run]:
     liver, bladder, aniso, bad = root / "Liver_cancer", root / "Bladder_cancer", root / "aniso", root / "bad"
-    cli_lumen = dict(image=str(bladder / "image.nii.gz"), organ_seg=str(bladder / "organ_seg.nii.gz"), attributes=json.dumps(BLADDER_LUMEN), seed="5")
+    # the maps are 64 mm crops of v1 demo maps: too little anatomy to tell the numbering, so it is stated
+    v1 = {"organ_seg_version": "v1"}
+    cli_lumen = dict(image=str(bladder / "image.nii.gz"), organ_seg=str(bladder / "organ_seg.nii.gz"), attributes=json.dumps(BLADDER_LUMEN), seed="5", **v1)
     runs = {
         "demo": bundle_cmd(
             outs / "demo", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "demo_attrs.txt"),
-            organ_seg_list=str(root / "demo_segs.txt"), num_lesions=2,
+            organ_seg_list=str(root / "demo_segs.txt"), num_lesions=2, **v1,
         ),
         "aniso": bundle_cmd(
             outs / "aniso", image=str(aniso / "image.nii.gz"), organ_seg=str(aniso / "organ_seg.nii.gz"),
-            attributes=json.dumps(LIVER_WITHIN), num_lesions=2, seed=1,
+            attributes=json.dumps(LIVER_WITHIN), num_lesions=2, seed=1, **v1,
         ),
         "cli_a": cli_cmd(outs / "cli_a", **cli_lumen),
         "cli_b": cli_cmd(outs / "cli_b", **cli_lumen),
         "cli_seed6": cli_cmd(outs / "cli_seed6", **{**cli_lumen, "seed": "6"}),
         "batch": cli_cmd(
             outs / "batch", image_list=str(root / "batch_images.txt"), attributes_list=str(root / "batch_attrs.txt"),
-            organ_seg_list=str(root / "batch_segs.txt"),
+            organ_seg_list=str(root / "batch_segs.txt"), **v1,
         ),
         # bad inputs: each one line on stderr, exit 1, no output
         "unreadable": cli_cmd(outs / "unreadable", image=str(bad / "unreadable.nii.gz"), organ_seg=str(liver / "organ_seg.nii.gz"), attributes=json.dumps(LIVER)),
         "four_d": bundle_cmd(outs / "four_d", image=str(bad / "four_d.nii.gz"), attributes=json.dumps(LIVER)),
-        "organ_absent": cli_cmd(outs / "organ_absent", image=str(liver / "image.nii.gz"), organ_seg=str(bad / "seg_without_liver.nii.gz"), attributes=json.dumps(LIVER)),
-        "unknown_organ": cli_cmd(outs / "unknown_organ", image=str(liver / "image.nii.gz"), organ_seg=str(liver / "organ_seg.nii.gz"), attributes='{"organ type": "livr", "lesion type": "cyst"}'),
+        "organ_absent": cli_cmd(outs / "organ_absent", image=str(liver / "image.nii.gz"), organ_seg=str(bad / "seg_without_liver.nii.gz"), attributes=json.dumps(LIVER), **v1),
+        "unknown_organ": cli_cmd(outs / "unknown_organ", image=str(liver / "image.nii.gz"), organ_seg=str(liver / "organ_seg.nii.gz"), attributes='{"organ type": "livr", "lesion type": "cyst"}', **v1),
         "not_json": cli_cmd(outs / "not_json", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "not_json_attrs.txt")),
         "lengths": cli_cmd(outs / "lengths", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "three_attrs.txt")),
     }  # fmt: skip
@@ -208,7 +210,7 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def check_case(entry, request: dict, organ_id: int, num_lesions: int) -> np.ndarray:
     """Everything a prepared case must hold; returns its standardised organ map."""
-    assert entry.ok and entry.extra["request"] == request
+    assert entry.ok and entry.extra["request"] == request and entry.extra["organ_seg_version"] == "v1"
     image, affine = load(entry.image)
     seg, seg_affine = load(entry.organ_seg)
     assert nib.aff2axcodes(affine) == ("R", "A", "S") and np.allclose(nib.affines.voxel_sizes(affine), 1.0)
