@@ -50,12 +50,16 @@ class Commands:
         label_list: str | None = None,
         type_list: str | None = None,
         seg_list: str | None = None,
+        organ_seg_version: str = "auto",
     ) -> None:
-        """Check a dataset (datalist JSON, or the four list files); prints every problem, exits 1 if any."""
+        """Check a dataset (datalist JSON, or the four list files); prints every problem, exits 1 if any.
+
+        ``--organ_seg_version v1|v2|auto``: the organ maps' TotalSegmentator numbering (auto: told per map).
+        """
         from lesiondiffusion.dataset import load_cases, validate_cases
 
         cases = load_cases(datalist, image_list, label_list, type_list, seg_list)
-        problems = validate_cases(cases)
+        problems = validate_cases(cases, str(organ_seg_version))
         print(format_validation_table(cases, problems))
         if problems:
             raise SystemExit(1)

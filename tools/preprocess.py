@@ -19,7 +19,7 @@ PATH_KEYS = ("image", "image_list", "attributes_list", "organ_seg", "organ_seg_l
 
 
 # options whose command-line form must reach the bundle as a number / flag / name
-CASTS = {"seed": int, "num_lesions": int, "overwrite": flag, "report_provider": str}
+CASTS = {"seed": int, "num_lesions": int, "overwrite": flag, "report_provider": str, "organ_seg_version": str}
 
 
 def bundle_overrides(out: str | None = None, attributes: Any = None, **options: Any) -> dict[str, Any]:

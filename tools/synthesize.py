@@ -30,7 +30,8 @@ from typing import Any
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import atomic_dir, file_sha256, read_json, read_nifti_array, write_json
+from lesiondiffusion.io import atomic_dir, file_sha256, image_exists, image_stem, read_json, read_nifti_array, write_json
+from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
 from lesiondiffusion.settings import flag
@@ -70,7 +71,7 @@ def weights_paths(weights: str | Path | None = None) -> dict[str, Path]:
 
 def case_names(images: Sequence[Path]) -> list[str]:
     """One folder-safe, unique name per image: the file name without .nii/.nii.gz, numbered on clashes."""
-    stems = [re.sub(r"[^A-Za-z0-9._-]", "_", re.sub(r"\.nii(\.gz)?$", "", Path(p).name)) or "case" for p in images]
+    stems = [re.sub(r"[^A-Za-z0-9._-]", "_", image_stem(p)) or "case" for p in images]
     if len(set(stems)) == len(stems):
         return stems
     return [f"{i:04d}_{s}" for i, s in enumerate(stems)]
@@ -211,7 +212,7 @@ def check_inputs(requests: Sequence[SynthesisRequest]) -> None:
     """Fail early on inputs that do not exist (the bundles check the rest, case by case)."""
     for r in requests:
         for path in (r.image, r.organ_seg):
-            if path is not None and not path.is_file():
+            if path is not None and not image_exists(path):  # a DICOM series is a folder
                 raise InputError(path, f"case {r.case}: file not found")
     with_seg = [r.organ_seg is not None for r in requests]
     if any(with_seg) and not all(with_seg):
@@ -284,6 +285,7 @@ class SynthesisSettings:
     feather_mm: float = 2.0
     preset: str = "cpu"
     report_provider: str = "offline"
+    organ_seg_version: str = "auto"
     device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -297,6 +299,8 @@ class SynthesisSettings:
             raise LesionDiffusionError(f"--num_lesions must be at least 1, not {self.num_lesions}")
         if float(self.margin_mm) < 0 or float(self.feather_mm) < 0:
             raise LesionDiffusionError("--margin_mm and --feather_mm must not be negative")
+        if self.organ_seg_version not in VERSION_CHOICES:
+            raise LesionDiffusionError(f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {self.organ_seg_version!r}")
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "extra"}
@@ -308,7 +312,7 @@ def _stage_overrides(stage: str, settings: SynthesisSettings, weights: dict[str,
     if settings.device:
         common["device"] = settings.device
     if stage == "preprocess":
-        return {**common, "num_lesions": int(settings.num_lesions), "report_provider": settings.report_provider}
+        return {**common, "num_lesions": int(settings.num_lesions), "report_provider": settings.report_provider, "organ_seg_version": settings.organ_seg_version}
     sampling = {"steps": int(settings.steps), "sampler": settings.sampler, "guidance_scale": float(settings.guidance_scale), "preset": settings.preset}
     if stage == "lmnet":
         return {**common, **sampling, "weights": str(weights["lmnet"])}
@@ -430,6 +434,7 @@ def _write_case(
         "request": {
             "image": str(state.request.image.resolve()),
             "organ_seg": None if state.request.organ_seg is None else str(state.request.organ_seg.resolve()),
+            "organ_seg_version": entry.extra.get("organ_seg_version"),  # the numbering the organ map came in
             **state.request.provenance(),
         },
         "parameters": settings.as_dict(),
@@ -463,6 +468,7 @@ def synthesize(
     feather_mm: float = 2.0,
     preset: str = "cpu",
     report_provider: str = "offline",
+    organ_seg_version: str = "auto",
     weights: str | None = None,
     out: str | None = None,
     overwrite: bool = False,
@@ -492,7 +498,7 @@ def synthesize(
     settings = SynthesisSettings(
         seed=int(seed), num_lesions=int(num_lesions), steps=int(steps), sampler=str(sampler), guidance_scale=float(guidance),
         margin_mm=float(margin_mm), feather_mm=float(feather_mm), preset=str(preset), report_provider=str(report_provider),
-        device=None if device in (None, "", "auto") else str(device), extra={"bundle_overrides": extra},
+        organ_seg_version=str(organ_seg_version), device=None if device in (None, "", "auto") else str(device), extra={"bundle_overrides": extra},
     )  # fmt: skip
     settings.check()
     cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, check_overrides, run_bundle
 
@@ -46,6 +47,7 @@ def train(
     device: str | None = None,
     prepare: bool = False,
     val_fraction: float = 0.2,
+    organ_seg_version: str = "auto",
     bundle_overrides: Any = None,
     **overrides: Any,
 ) -> dict[str, Path]:
@@ -53,7 +55,9 @@ def train(
 
     Other keys of the bundles' ``train.json`` pass through (e.g. ``--lr 1e-4``); they go to every
     stage trained in this run; ``bundle_overrides`` (a JSON object by network) sets keys of one
-    network's ``train.json`` only. Returns the weights written, by network.
+    network's ``train.json`` only. ``organ_seg_version`` (v1, v2 or auto: told per map) is the organ
+    maps' numbering; ``--prepare`` converts them to v1, which the networks train on. Returns the weights
+    written, by network.
     """
     from lesiondiffusion_tools.synthesize import stage_overrides
 
@@ -69,10 +73,14 @@ def train(
     if not out:
         raise LesionDiffusionError("give the output folder: --out DIR")
     out_dir = Path(out).expanduser().resolve()
+    if organ_seg_version not in VERSION_CHOICES:
+        raise LesionDiffusionError(f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}")
+    if organ_seg_version == "v2" and not flag(prepare):
+        raise LesionDiffusionError("the networks train on v1 organ maps: add --prepare to convert v2 maps")
     if flag(prepare):
         prepared = out_dir / "prepared"
         logger.info("preparing the training set -> %s", prepared)
-        run_bundle("preprocess", {"datalist": str(data), "output_dir": str(prepared), "val_fraction": float(val_fraction), "split_seed": int(seed), "overwrite": True}, configs=("train.json",))
+        run_bundle("preprocess", {"datalist": str(data), "output_dir": str(prepared), "val_fraction": float(val_fraction), "split_seed": int(seed), "overwrite": True, "organ_seg_version": organ_seg_version}, configs=("train.json",))
         data = prepared / "datalist.json"
 
     if "linet" in stages:
