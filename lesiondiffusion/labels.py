@@ -321,7 +321,7 @@ def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "org
     ids = ids[ids != 0]
     ask = "set --organ_seg_version v1 or v2"
     if ids.size == 0:
-        raise InputError(source, f"the organ map is empty: no organ labels, so its numbering cannot be told; {ask}")
+        return "v1"  # no label to misread; whoever needs an organ reports its absence
     top = {v: max(label_table(v).names) for v in VERSIONS}
     if ids.min() < 0 or ids.max() > top["v2"]:
         raise InputError(source, f"labels {ids.min()}..{ids.max()} are not TotalSegmentator ids (v1: 1-{top['v1']}, v2: 1-{top['v2']})")
