@@ -324,7 +324,8 @@ def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "org
         return "v1"  # no label to misread; whoever needs an organ reports its absence
     top = {v: max(label_table(v).names) for v in VERSIONS}
     if ids.min() < 0 or ids.max() > top["v2"]:
-        raise InputError(source, f"labels {ids.min()}..{ids.max()} are not TotalSegmentator ids (v1: 1-{top['v1']}, v2: 1-{top['v2']})")
+        bad = [int(i) for i in ids if i < 0 or i > top["v2"]][:5]
+        raise InputError(source, f"labels {bad} are not TotalSegmentator ids (v1: 1-{top['v1']}, v2: 1-{top['v2']})")
     if ids.max() > top["v1"]:
         return "v2"
     v1, v2 = label_table("v1"), label_table("v2")

@@ -257,7 +257,7 @@ def test_small_anisotropic_case_in_process(tmp_path):
         ("shape", "differs from the image's"),
         ("organ_absent", "the organ map has no label under the label map's organ or lesion"),
         ("report_organ", "no entry for the case's organ 5 (liver)"),
-        ("unknown_organ", "labels 5..250 are not TotalSegmentator ids"),  # beyond v1 and v2
+        ("unknown_organ", "labels [250] are not TotalSegmentator ids"),  # beyond v1 and v2
     ],
 )
 def test_bad_case_is_one_error_and_no_output(tmp_path, breakage, message):
