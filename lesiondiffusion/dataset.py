@@ -5,6 +5,9 @@ hold one path per line, aligned by line across ``{split}_img_list.txt``, ``{spli
 ``{split}_type_list.txt`` and ``{split}_seg_list.txt``. A datalist is MONAI's decathlon-style JSON
 (``{"training": [{"image", "label", "report", "organ_seg"}], "validation": [...]}``) readable by
 ``monai.data.load_decathlon_datalist``; relative paths are relative to the file that names them.
+A datalist may declare its organ maps' numbering beside the splits, ``"organ_seg_version": "v1"``
+(:func:`datalist_version`): readers take it over telling each map's numbering from its anatomy, and an
+explicit ``--organ_seg_version`` wins over it (:func:`lesiondiffusion.labels.choose_version`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, load_nifti, read_json, write_json, write_text
-from lesiondiffusion.labels import AUTO, VERSION_CHOICES, UnknownOrganError, label_table, resolve_version, to_v1_map
+from lesiondiffusion.labels import AUTO, VERSION_CHOICES, VERSIONS, UnknownOrganError, label_table, resolve_version, to_v1_map
 from lesiondiffusion.report import read_report
 
 logger = logging.getLogger(__name__)
@@ -27,6 +31,7 @@ logger = logging.getLogger(__name__)
 KEYS = ("image", "label", "report", "organ_seg")
 LIST_SUFFIXES = {"image": "img_list", "label": "label_list", "report": "type_list", "organ_seg": "seg_list"}
 SPLITS = {"train": "training", "val": "validation"}  # list-file prefix -> datalist key
+VERSION_KEY = "organ_seg_version"  # a datalist's declared organ-map numbering (top level, beside the splits)
 
 
 @dataclass(frozen=True)
@@ -144,18 +149,35 @@ def read_datalist(path: PathLike) -> dict[str, list[Case]]:
     return out
 
 
-def write_datalist(path: PathLike, splits: dict[str, Sequence[Case]]) -> Path:
-    """Write a datalist JSON with paths relative to its own folder (movable with its data)."""
+def datalist_version(path: PathLike) -> str | None:
+    """The organ-map numbering a datalist declares (``"organ_seg_version": "v1"`` or ``"v2"``), None if none."""
     path = Path(path)
-    return write_json(path, {k: [c.to_dict(path.parent) for c in v] for k, v in splits.items()})
+    obj = read_json(path)
+    value = obj.get(VERSION_KEY) if isinstance(obj, dict) else None
+    if value is None:
+        return None
+    if value not in VERSIONS:
+        raise InputError(path, f"{VERSION_KEY!r} must be one of {', '.join(VERSIONS)}, got {value!r}")
+    return str(value)
 
 
-def lists_to_datalist(folder: PathLike, out: PathLike) -> Path:
-    """Convert the ``train_*``/``val_*`` list files of ``folder`` into a datalist JSON."""
+def write_datalist(path: PathLike, splits: dict[str, Sequence[Case]], organ_seg_version: str | None = None) -> Path:
+    """Write a datalist JSON with paths relative to its own folder (movable with its data), declaring the
+    organ maps' numbering when ``organ_seg_version`` is given."""
+    path = Path(path)
+    if organ_seg_version is not None and organ_seg_version not in VERSIONS:
+        raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSIONS)}, not {organ_seg_version!r}")
+    obj: dict[str, Any] = {} if organ_seg_version is None else {VERSION_KEY: organ_seg_version}
+    return write_json(path, {**obj, **{k: [c.to_dict(path.parent) for c in v] for k, v in splits.items()}})
+
+
+def lists_to_datalist(folder: PathLike, out: PathLike, organ_seg_version: str | None = None) -> Path:
+    """Convert the ``train_*``/``val_*`` list files of ``folder`` into a datalist JSON (declaring
+    ``organ_seg_version``, "v1" or "v2", when the maps' numbering is known; list files cannot say it)."""
     splits = {key: read_split(folder, prefix) for prefix, key in SPLITS.items() if (Path(folder) / f"{prefix}_img_list.txt").exists()}
     if not splits:
         raise InputError(folder, "no train_img_list.txt or val_img_list.txt found")
-    return write_datalist(out, splits)
+    return write_datalist(out, splits, organ_seg_version)
 
 
 def datalist_to_lists(datalist: PathLike, folder: PathLike) -> list[Path]:

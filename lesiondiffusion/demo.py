@@ -189,7 +189,7 @@ def build_demo_cases(
             built.append(Case(**files))
             # list files hold absolute paths: name where the files will be once the folder is in place
             final.append(Case(**{k: final_out / p.relative_to(tmp) for k, p in files.items()}))
-        write_datalist(tmp / "datalist.json", {"training": built, "validation": []})
+        write_datalist(tmp / "datalist.json", {"training": built, "validation": []}, "v1")  # the demo maps are v1
         write_list_files(tmp, "train", final)
     logger.info("demo cases written to %s", out)
     return out

@@ -354,3 +354,12 @@ def resolve_version(
     if choice not in VERSION_CHOICES:
         raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {requested!r}")
     return detect_version(labels, affine, source, image_hu) if choice == AUTO else choice
+
+
+def choose_version(requested: str | None, declared: str | None) -> str:
+    """The numbering to read maps in: an explicit ``requested`` ("v1", "v2") wins, then what the dataset or
+    requests file ``declared``, then "auto" (told per map by :func:`detect_version`)."""
+    choice = AUTO if requested is None else str(requested).strip().lower()
+    if choice not in VERSION_CHOICES:
+        raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {requested!r}")
+    return choice if choice != AUTO or declared is None else declared

@@ -468,7 +468,7 @@ def build_dataset(src: Path, out: Path, n: int, seed: int = 0, val_fraction: flo
             t = case["truth"]
             logger.info("%s: %s, %s, %s, %.0f HU, %d voxels", name, t["organ"], t["density"], t["cavity"], t["lesion_hu"], t["lesion_voxels"])
         n_train = n - n_val
-        write_datalist(tmp / "datalist.json", {"training": built[:n_train], "validation": built[n_train:]})
+        write_datalist(tmp / "datalist.json", {"training": built[:n_train], "validation": built[n_train:]}, VERSION)
         write_list_files(tmp, "train", final[:n_train])
         if n_val:
             write_list_files(tmp, "val", final[n_train:])

@@ -963,7 +963,7 @@ def build_real_dataset(
             scans_info.append(info)
         if not splits["training"]:
             raise LesionDiffusionError(f"{corpus}: no training case could be built (no scan has an organ that holds a lesion)")
-        write_datalist(tmp / "datalist.json", {k: [b for b, _ in v] for k, v in splits.items() if v})
+        write_datalist(tmp / "datalist.json", {k: [b for b, _ in v] for k, v in splits.items() if v}, VERSION)
         write_list_files(tmp, "train", [f for _, f in splits["training"]])
         if splits["validation"]:
             write_list_files(tmp, "val", [f for _, f in splits["validation"]])

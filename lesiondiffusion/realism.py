@@ -45,10 +45,10 @@ from tqdm import tqdm
 from lesiondiffusion import attributes as A
 from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.dataset import load_cases
+from lesiondiffusion.dataset import datalist_version, load_cases
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, read_nifti_array
-from lesiondiffusion.labels import label_table
+from lesiondiffusion.labels import label_table, to_v1_map
 from lesiondiffusion.report import read_report
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def load_reference(path: PathLike) -> list[ReferenceLesion]:
 
     datalist = _datalist(Path(path).expanduser())
     cases = load_cases(datalist=datalist)
+    version = datalist_version(datalist) or "v1"  # make-dataset writes v1 maps and says so
     table = label_table()
     out: list[ReferenceLesion] = []
     for case in tqdm(cases, desc="reference lesions", unit="case"):
@@ -132,6 +133,8 @@ def load_reference(path: PathLike) -> list[ReferenceLesion]:
         organ = label == 1
         if case.organ_seg is not None:
             seg = np.rint(read_nifti_array(case.organ_seg)[0]).astype(np.int32)
+            if version == "v2":  # reports name v1 ids
+                seg = to_v1_map(seg, version).astype(np.int32)
             if seg.shape == label.shape:
                 organ |= seg == report.organ_id
         organ &= ~lesion

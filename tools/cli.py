@@ -54,22 +54,28 @@ class Commands:
     ) -> None:
         """Check a dataset (datalist JSON, or the four list files); prints every problem, exits 1 if any.
 
-        ``--organ_seg_version v1|v2|auto``: the organ maps' TotalSegmentator numbering (auto: told per map).
+        ``--organ_seg_version v1|v2|auto``: the organ maps' TotalSegmentator numbering (auto: the one the
+        datalist declares, else told per map).
         """
-        from lesiondiffusion.dataset import load_cases, validate_cases
+        from lesiondiffusion.dataset import datalist_version, load_cases, validate_cases
+        from lesiondiffusion.labels import choose_version
 
         cases = load_cases(datalist, image_list, label_list, type_list, seg_list)
-        problems = validate_cases(cases, str(organ_seg_version))
+        version = choose_version(str(organ_seg_version), datalist_version(datalist) if datalist else None)
+        problems = validate_cases(cases, version)
         print(format_validation_table(cases, problems))
         if problems:
             raise SystemExit(1)
 
-    def convert(self, datalist: str, lists_dir: str, to: str = "datalist") -> None:
-        """Convert list files in ``lists_dir`` to a datalist (``--to datalist``) or back (``--to lists``)."""
+    def convert(self, datalist: str, lists_dir: str, to: str = "datalist", organ_seg_version: str | None = None) -> None:
+        """Convert list files in ``lists_dir`` to a datalist (``--to datalist``) or back (``--to lists``).
+
+        ``--organ_seg_version v1|v2``: the organ maps' numbering, declared in the datalist written.
+        """
         from lesiondiffusion.dataset import datalist_to_lists, lists_to_datalist
 
         if to == "datalist":
-            print(lists_to_datalist(lists_dir, datalist))
+            print(lists_to_datalist(lists_dir, datalist, None if organ_seg_version in (None, "", "auto") else str(organ_seg_version)))
         elif to == "lists":
             for path in datalist_to_lists(datalist, lists_dir):
                 print(path)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.labels import VERSION_CHOICES
+from lesiondiffusion.dataset import datalist_version
+from lesiondiffusion.labels import VERSION_CHOICES, choose_version
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, check_overrides, run_bundle
 
@@ -56,7 +57,7 @@ def train(
     Other keys of the bundles' ``train.json`` pass through (e.g. ``--lr 1e-4``); they go to every
     stage trained in this run; ``bundle_overrides`` (a JSON object by network) sets keys of one
     network's ``train.json`` only. ``organ_seg_version`` (v1, v2 or auto: told per map) is the organ
-    maps' numbering; ``--prepare`` converts them to v1, which the networks train on. Returns the weights
+    maps' numbering (auto: the one the datalist declares, else told per map); ``--prepare`` converts them to v1, which the networks train on. Returns the weights
     written, by network.
     """
     from lesiondiffusion_tools.synthesize import stage_overrides
@@ -75,6 +76,7 @@ def train(
     out_dir = Path(out).expanduser().resolve()
     if organ_seg_version not in VERSION_CHOICES:
         raise LesionDiffusionError(f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}")
+    organ_seg_version = choose_version(organ_seg_version, datalist_version(data))  # the flag, else the datalist's declaration
     if organ_seg_version == "v2" and not flag(prepare):
         raise LesionDiffusionError("the networks train on v1 organ maps: add --prepare to convert v2 maps")
     if flag(prepare):

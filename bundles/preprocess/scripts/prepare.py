@@ -1,7 +1,8 @@
 """Prepare a labelled dataset for training (design 4.1, train side): the loop behind ``configs/train.json``.
 
 Input: per case a CT (HU), a label map (0 background, 1 organ, 2 lesion) and a TotalSegmentator organ
-map, from a datalist JSON or aligned list files; a report (``type.json``) per case is optional and only
+map, from a datalist JSON (its ``organ_seg_version`` declaration is honoured unless ``version`` is set) or
+aligned list files; a report (``type.json``) per case is optional and only
 names the lesion's organ. The config's MONAI chain (``LoadImaged`` + ``Orientationd`` + ``Spacingd``)
 puts every case on the standardised grid (RAS, 1 mm). Output, in ``output_dir`` (written beside it and
 renamed into place when every case succeeded; inputs are only read)::
@@ -10,7 +11,7 @@ renamed into place when every case succeeded; inputs are only read)::
     cases/<case>/label.nii.gz       label map, uint8 (nearest)
     cases/<case>/organ_seg.nii.gz   organ map (nearest), TotalSegmentator v1 numbering (v2 maps converted)
     cases/<case>/type.json          the report extracted from the three (lesiondiffusion.attributes)
-    datalist.json                   {"training": [...], "validation": [...]}, paths relative to it
+    datalist.json                   {"organ_seg_version": "v1", "training": [...], "validation": [...]}, paths relative to it
     train_*_list.txt, val_*_list.txt   the original's aligned list files (absolute paths)
     measurements.json               the numbers behind each report (HU, mm, fractions), per case
 
@@ -29,10 +30,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lesiondiffusion.attributes import measure_lesion, report_from_measurements
-from lesiondiffusion.dataset import Case, load_cases, validate_cases, write_datalist, write_list_files
+from lesiondiffusion.dataset import Case, datalist_version, load_cases, validate_cases, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.io import atomic_dir, save_nifti, write_json
-from lesiondiffusion.labels import AUTO, resolve_version, to_v1_map
+from lesiondiffusion.labels import AUTO, choose_version, resolve_version, to_v1_map
 from lesiondiffusion.report import Report, read_report, write_report
 from lesiondiffusion.settings import flag
 
@@ -134,6 +135,9 @@ class TrainingSetWriter:
         if not self.output_dir:
             raise LesionDiffusionError("set output_dir (--output_dir DIR)")
         self.cases = read_cases(**self.inputs)
+        datalist = self.inputs["datalist"]
+        # an explicit version wins; else the numbering the datalist declares; else told per map
+        self.version = choose_version(self.version, datalist_version(datalist) if datalist else None)
         out = Path(self.output_dir)
         inputs = {Path(p).resolve() for c in self.cases for p in c.files().values()}
         if any(out.resolve() == p or out.resolve() in p.parents for p in inputs):
@@ -154,13 +158,13 @@ class TrainingSetWriter:
             built = [Case(**f) for f in written]
             final = [Case(**{k: final_out / p.relative_to(tmp) for k, p in f.items()}) for f in written]
             splits = {"training": [built[i] for i in train_idx], "validation": [built[i] for i in val_idx]}
-            datalist = write_datalist(tmp / "datalist.json", splits)
+            written_list = write_datalist(tmp / "datalist.json", splits, "v1")  # every map was converted to v1
             write_list_files(tmp, "train", [final[i] for i in train_idx])
             write_list_files(tmp, "val", [final[i] for i in val_idx])
             write_json(tmp / "measurements.json", measurements)
             write_json(tmp / "organ_seg_versions.json", self.versions)
         logger.info("training set of %d case(s) (%d training, %d validation) written to %s", len(written), len(train_idx), len(val_idx), out)
-        return out / datalist.name
+        return out / written_list.name
 
     def _organ_id(self, case: Case) -> int | None:
         """The organ named by the case's own report, if it has one (else it is inferred from the maps)."""
