@@ -527,7 +527,7 @@ def build_requests(src: Path, out: Path, n: int, seed: int = 0, overwrite: bool 
                 requests.append(SynthesisRequest(case, img_path, attributes, seg_path))
                 group["cases"].append(case)
             groups.append(group)
-        write_requests(tmp / "requests.json", requests)
+        write_requests(tmp / "requests.json", requests, VERSION)
         write_json(tmp / "dataset.json", {
             "generator": "lesiondiffusion.phantom_dataset", "mode": "requests", "n": n, "seed": seed,
             "source": [s.name for s in sources], "density_groups": groups,

@@ -968,7 +968,7 @@ def build_real_dataset(
         if splits["validation"]:
             write_list_files(tmp, "val", [f for _, f in splits["validation"]])
         if requests:
-            write_requests(tmp / "requests" / "requests.json", requests)
+            write_requests(tmp / "requests" / "requests.json", requests, VERSION)
         summary = {
             "training_cases": len(splits["training"]), "validation_cases": len(splits["validation"]),
             "requests": len(requests), "seconds": round(time.perf_counter() - start, 1), "agreement": agreement(truths),

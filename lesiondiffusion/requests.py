@@ -11,7 +11,10 @@ A requests file lists one request per case::
 ``organ_seg`` is optional (without it the preprocess stage segments the CT). An entry may describe the
 lesion in one sentence, ``"text": "a 25 mm hypodense, well-defined cyst in the liver"``, instead of or
 besides ``attributes``: the sentence is read by :func:`lesiondiffusion.text.read_description`, and the
-entry's own attributes win over what it says. Relative paths are relative to the file's folder. ``lesiondiffusion synthesize --requests FILE`` runs every request and writes
+entry's own attributes win over what it says. The organ maps' TotalSegmentator numbering may be
+declared, for the whole file (``"organ_seg_version": "v1"`` beside ``"requests"``) or per entry (the
+entry's wins): preprocessing then reads each map in it instead of telling it from the map's anatomy,
+unless ``--organ_seg_version`` names one. Relative paths are relative to the file's folder. ``lesiondiffusion synthesize --requests FILE`` runs every request and writes
 ``<out>/<case>/``; ``lesiondiffusion evaluate --requests FILE`` checks those outputs against the requests.
 """
 
@@ -20,15 +23,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lesiondiffusion.errors import InputError
+from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, read_json, write_json
+from lesiondiffusion.labels import VERSIONS
 from lesiondiffusion.text import TextError, TextReading, read_description
 
 REQUIRED_ATTRIBUTES = ("organ type", "lesion type")
+VERSION_KEY = "organ_seg_version"
 _CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -48,12 +53,15 @@ class SynthesisRequest:
     text: str | None = None
     reading: TextReading | None = None
     given: dict[str, str] | None = None
+    organ_seg_version: str | None = None  # the organ map's declared numbering ("v1", "v2"; None: not declared)
 
     def to_json(self, base: Path) -> dict[str, Any]:
         """The entry as written, paths relative to ``base``."""
         obj: dict[str, Any] = {"case": self.case, "image": _relative(self.image, base)}
         if self.organ_seg is not None:
             obj["organ_seg"] = _relative(self.organ_seg, base)
+        if self.organ_seg_version is not None:
+            obj["organ_seg_version"] = self.organ_seg_version
         if self.text is not None:
             obj["text"] = self.text
             if self.given:
@@ -87,17 +95,21 @@ def describe(text: str, given: dict[str, str] | None = None) -> tuple[dict[str, 
 def with_reading(request: SynthesisRequest, reading: TextReading) -> SynthesisRequest:
     """``request`` with its sentence read anew (e.g. by a model): the reading's attributes under the given ones."""
     attributes = {**reading.attributes, **(request.given or {})}
-    return SynthesisRequest(request.case, request.image, attributes, request.organ_seg, request.text, reading, request.given)
+    return replace(request, attributes=attributes, reading=reading)
 
 
 def _relative(path: Path, base: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
 
 
-def write_requests(path: PathLike, requests: Sequence[SynthesisRequest]) -> Path:
-    """Write ``requests`` to ``path`` atomically, paths relative to its folder."""
+def write_requests(path: PathLike, requests: Sequence[SynthesisRequest], organ_seg_version: str | None = None) -> Path:
+    """Write ``requests`` to ``path`` atomically, paths relative to its folder; ``organ_seg_version``
+    ("v1", "v2") declares the numbering of every organ map in it."""
     path = Path(path)
-    return write_json(path, {"requests": [r.to_json(path.parent) for r in requests]})
+    if organ_seg_version is not None and organ_seg_version not in VERSIONS:
+        raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSIONS)}, not {organ_seg_version!r}")
+    head: dict[str, Any] = {} if organ_seg_version is None else {VERSION_KEY: organ_seg_version}
+    return write_json(path, {**head, "requests": [r.to_json(path.parent) for r in requests]})
 
 
 def read_requests(path: PathLike) -> list[SynthesisRequest]:
@@ -109,7 +121,8 @@ def read_requests(path: PathLike) -> list[SynthesisRequest]:
     if not obj["requests"]:
         raise InputError(path, "the requests list is empty")
     base = path.parent
-    out = [_read_entry(path, base, i, entry) for i, entry in enumerate(obj["requests"])]
+    shared = _version(obj.get(VERSION_KEY), lambda problem: InputError(path, problem))
+    out = [_read_entry(path, base, i, entry, shared) for i, entry in enumerate(obj["requests"])]
     seen: set[str] = set()
     for i, request in enumerate(out):
         if request.case in seen:
@@ -118,7 +131,16 @@ def read_requests(path: PathLike) -> list[SynthesisRequest]:
     return out
 
 
-def _read_entry(path: Path, base: Path, index: int, entry: Any) -> SynthesisRequest:
+def _version(value: Any, bad: Any) -> str | None:
+    """A declared numbering ("v1", "v2"), None when absent; anything else is ``bad(problem)``."""
+    if value is None:
+        return None
+    if value not in VERSIONS:
+        raise bad(f"{VERSION_KEY!r} must be one of {', '.join(VERSIONS)}, got {value!r}")
+    return str(value)
+
+
+def _read_entry(path: Path, base: Path, index: int, entry: Any, shared_version: str | None = None) -> SynthesisRequest:
     def bad(problem: str) -> InputError:
         return InputError(path, f"requests[{index}]: {problem}")
 
@@ -158,4 +180,5 @@ def _read_entry(path: Path, base: Path, index: int, entry: Any) -> SynthesisRequ
     missing = [k for k in REQUIRED_ATTRIBUTES if not attributes.get(k, "").strip()]
     if missing:
         raise bad(f"attributes need {' and '.join(repr(k) for k in missing)}")
-    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"], text, reading, given)  # type: ignore[arg-type]
+    version = _version(entry.get(VERSION_KEY), bad) or shared_version
+    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"], text, reading, given, version)  # type: ignore[arg-type]

@@ -66,7 +66,8 @@ def test_dataset_files_lists_and_datalist(dataset: Path) -> None:
     assert read_split(dataset, "train") == splits["training"]
     assert read_split(dataset, "val") == splits["validation"]
     cases = splits["training"] + splits["validation"]
-    assert validate_cases(cases) == []
+    assert read_json(dataset / "datalist.json")["organ_seg_version"] == "v1"  # small crops: declared, not guessed
+    assert validate_cases(cases, "v1") == []
     summary = read_json(dataset / "dataset.json")
     assert summary["seed"] == 3 and len(summary["cases"]) == N_CASES
     for case in cases:

@@ -134,6 +134,8 @@ def test_provenance_records_inputs_parameters_weights_and_versions(synthesised: 
     assert {"monai", "torch", "python", "bundle:linet"} <= set(prov["versions"])
     assert prov["versions"]["lesiondiffusion-monai"] != "not installed"
     assert prov["lesions"][0]["cavity"] and prov["seconds_per_lesion"] > 0
+    # the scan context preprocess measured: the liver's HU on the phantom, a phase, and its summary line
+    assert prov["scan"]["organ"] == "liver" and -50 < prov["scan"]["organ_hu"] < 200 and prov["scan"]["phase"] and prov["scan"]["summary"]
     assert prov["network_calls"]["linet"] == 2 and prov["network_calls"]["lmnet"] in (2, 4, 6, 8)  # 2 steps; LMNet may retry
     # every stage's config (with its hash) and the settings it was given: the run's every parameter
     assert list(prov["bundles"]) == ["preprocess", "lmnet", "linet"]
@@ -241,12 +243,18 @@ def test_missing_weights_say_what_to_do(tmp_path: Path) -> None:
 def test_demo_synthesises_three_density_variants_and_evaluates_them(weights: Path, demo_src: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
-    run = cli("demo", "--out", str(out), "--src", str(demo_src), "--weights", str(weights), "--steps", "2", "--bundle_overrides", tiny)
+    # the phantom demo (the default, five organs in the real CT, is tests/test_demo.py's)
+    run = cli("demo", "--source", "phantom", "--out", str(out), "--src", str(demo_src), "--weights", str(weights), "--steps", "2",
+              "--bundle_overrides", tiny)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     cases = [c["case"] for c in json.loads((out / "synthesis" / "summary.json").read_text())["cases"]]
     assert len(cases) == 3 and {c.rsplit("_", 1)[1] for c in cases} == {"hypo", "iso", "hyper"}
+    # the phantom's small v1 crop is read in the numbering its requests file declares
+    assert json.loads((out / "requests" / "requests.json").read_text())["organ_seg_version"] == "v1"
     for case in cases:
         assert (out / "synthesis" / case / "preview.png").is_file()
+        request = json.loads((out / "synthesis" / case / "provenance.json").read_text())["request"]
+        assert request["declared_organ_seg_version"] == request["organ_seg_version"] == "v1"
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert (report["totals"]["requested"], report["totals"]["evaluated"]) == (3, 3)
     lines = run.stdout.splitlines()

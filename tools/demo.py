@@ -45,15 +45,17 @@ DEMO_REQUESTS: tuple[dict[str, Any], ...] = (
 )  # fmt: skip
 
 
-def write_demo_requests(path: Path, image: Path, organ_seg: Path, cases: list[dict[str, Any]]) -> Path:
-    """Write ``cases`` as a requests file at ``path``, each on ``image`` with ``organ_seg`` (paths relative to it)."""
+def write_demo_requests(path: Path, image: Path, organ_seg: Path, cases: list[dict[str, Any]], organ_seg_version: str | None = None) -> Path:
+    """Write ``cases`` as a requests file at ``path``, each on ``image`` with ``organ_seg`` (paths relative to it),
+    declaring the map's numbering when ``organ_seg_version`` is known."""
 
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p.resolve(), path.parent.resolve())).as_posix()
 
     entries = [{"case": c["case"], "image": rel(image), "organ_seg": rel(organ_seg), **{k: v for k, v in c.items() if k != "case"}}
                for c in cases]  # fmt: skip
-    return write_json(path, {"requests": entries})
+    head = {} if organ_seg_version is None else {"organ_seg_version": organ_seg_version}
+    return write_json(path, {**head, "requests": entries})
 
 
 def select_requests(lesions: Any) -> list[dict[str, Any]]:
@@ -102,7 +104,9 @@ def demo(
             if not Path(path).is_file():
                 raise InputError(path, "file not found")
         root.mkdir(parents=True, exist_ok=True)
-        requests = write_demo_requests(root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions))
+        # the shipped example map is v2; a user's own map is told from its anatomy (or synthesize's flag)
+        declared = "v2" if Path(organ_seg).resolve() == TS_EXAMPLE_SEG.resolve() else None
+        requests = write_demo_requests(root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions), declared)
     synthesis = root / "synthesis"
     summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps),
                          weights=weights, device=device, bundle_overrides=bundle_overrides)  # fmt: skip

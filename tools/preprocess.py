@@ -15,7 +15,7 @@ from lesiondiffusion.manifest import MANIFEST_NAME, read_manifest
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
 
-PATH_KEYS = ("image", "image_list", "attributes_list", "organ_seg", "organ_seg_list", "output_dir")
+PATH_KEYS = ("image", "image_list", "attributes_list", "organ_seg", "organ_seg_list", "organ_seg_version_list", "output_dir")
 
 
 # options whose command-line form must reach the bundle as a number / flag / name

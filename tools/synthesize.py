@@ -333,6 +333,10 @@ def _write_inputs(work: Path, states: Sequence[CaseState]) -> dict[str, str]:
         segs = work / "organ_segs.txt"
         segs.write_text("".join(f"{s.request.organ_seg.resolve()}\n" for s in states), encoding="utf-8")  # type: ignore[union-attr]
         lists["organ_seg_list"] = str(segs)
+    if any(s.request.organ_seg_version for s in states):  # declared by the requests file; an explicit flag still wins in the bundle
+        declared = work / "organ_seg_versions.txt"
+        declared.write_text("".join(f"{s.request.organ_seg_version or 'auto'}\n" for s in states), encoding="utf-8")
+        lists["organ_seg_version_list"] = str(declared)
     return lists
 
 
@@ -435,8 +439,10 @@ def _write_case(
             "image": str(state.request.image.resolve()),
             "organ_seg": None if state.request.organ_seg is None else str(state.request.organ_seg.resolve()),
             "organ_seg_version": entry.extra.get("organ_seg_version"),  # the numbering the organ map came in
+            "declared_organ_seg_version": state.request.organ_seg_version,  # what the requests file said, if anything
             **state.request.provenance(),
         },
+        "scan": entry.extra.get("scan"),  # the scan context preprocess measured (organ HU, contrast phase)
         "parameters": settings.as_dict(),
         "lesions": [{"organ_id": l.organ_id, "cavity": l.cavity, "box": l.box.to_json(), "report": r} for l, r in zip(entry.lesions, reports)],
         "weights": weights,

@@ -8,7 +8,8 @@ Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
   grid (RAS+ affine from the reader's metadata, HU after rescale slope/intercept); the manifest's
   ``source_image`` points to it (``input_image`` to the user's input), so later stages write onto it;
 - ``organ_seg.nii.gz``: the organ map on that grid, v1 numbering (``scripts.segment``; a user's map in
-  v1 or v2 numbering, told from its labels and anatomy unless ``organ_seg_version`` says which);
+  v1 or v2 numbering, told from its labels and anatomy unless ``organ_seg_version`` says which, or the
+  case's line of ``organ_seg_version_list`` declares it);
 - ``lesion_<k>.json`` for each of ``num_lesions`` lesions: the full report (``type.json`` format, user
   attributes win over generated ones) whose box (element 3) was placed by the organ-aware rules of
   :mod:`lesiondiffusion.placement`;
@@ -69,6 +70,7 @@ class PreprocessRunner:
         attributes_list: str | None = None,
         organ_seg: str | None = None,
         organ_seg_list: str | None = None,
+        organ_seg_version_list: str | None = None,
         seed: int = 0,
         num_lesions: int = 1,
         erosion: float = DEFAULT_EROSION,
@@ -81,7 +83,7 @@ class PreprocessRunner:
         self.standardise, self.segmenter, self.provider = standardise, segmenter, provider
         self.inputs = dict(
             image=image, image_list=image_list, attributes=attributes, attributes_list=attributes_list,
-            organ_seg=organ_seg, organ_seg_list=organ_seg_list,
+            organ_seg=organ_seg, organ_seg_list=organ_seg_list, organ_seg_version_list=organ_seg_version_list,
         )
         self.seed, self.num_lesions, self.erosion = int(seed), int(num_lesions), float(erosion)
         self.axcodes, self.pixdim = axcodes, tuple(float(p) for p in pixdim)
@@ -168,7 +170,9 @@ class PreprocessRunner:
         affine = np.asarray(image.affine, dtype=np.float64)
         hu = image[0].detach().cpu().numpy().astype(np.float32)
         given = std["organ_seg"][0].detach().cpu().numpy() if "organ_seg" in std else None
-        seg, seg_source, seg_version = self.segmenter.segment(hu, affine, given, request.image, request.organ_seg)
+        seg, seg_source, seg_version = self.segmenter.segment(
+            hu, affine, given, request.image, request.organ_seg, declared=request.organ_seg_version
+        )
 
         organ = seg == request.organ_id
         if not organ.any():

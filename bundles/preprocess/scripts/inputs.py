@@ -4,6 +4,8 @@ Single form: ``image`` + ``attributes`` (a JSON object, as text, a dict, or a fi
 optional ``organ_seg``. Batch form (the original's): ``image_list`` (one path per line) +
 ``attributes_list`` (one JSON object per line, aligned by line) + optional ``organ_seg_list``; a single
 ``attributes`` may stand for every line. Relative paths in a list file are relative to that file.
+``organ_seg_version_list`` (optional, aligned by line) gives each organ map's numbering, ``v1``, ``v2``
+or ``auto``, as a requests file declares it; a ``organ_seg_version`` other than auto wins over it.
 
 Everything is checked before any case is processed, so a typo never costs a long run: lists of
 different lengths, a line that is not a JSON object, a missing ``organ type`` / ``lesion type``, an
@@ -21,7 +23,7 @@ from typing import Any
 
 from lesiondiffusion.dataset import read_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.labels import UnknownOrganError, label_table
+from lesiondiffusion.labels import AUTO, VERSION_CHOICES, UnknownOrganError, label_table
 from lesiondiffusion.vocabulary import OPTIONAL_FIELDS, REPORT_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class CaseRequest:
     organ_name: str
     organ_seg: Path | None = None
     source: str = field(default="", compare=False)  # where it was listed, for messages
+    organ_seg_version: str | None = None  # the numbering declared for this case's organ map (None: not declared)
 
 
 def parse_attributes(value: Any, where: str | Path, line: int | None = None) -> dict[str, str]:
@@ -127,6 +130,7 @@ def read_requests(
     attributes_list: str | None = None,
     organ_seg: str | None = None,
     organ_seg_list: str | None = None,
+    organ_seg_version_list: str | None = None,
 ) -> list[CaseRequest]:
     """Every case's request, in input order, fully checked (see the module docstring)."""
     if (image is None) == (image_list is None):
@@ -159,8 +163,30 @@ def read_requests(
         per_line = [dict(one) for _ in images]
         where = [(origin, line_no)] * len(images)
 
+    versions: list[str | None] = [None] * len(images)
+    if organ_seg_version_list is not None:
+        versions = read_version_lines(organ_seg_version_list, len(images))
     requests = []
-    for i, ((img, seg, source), attrs, (w, line)) in enumerate(zip(images, per_line, where)):
+    for i, ((img, seg, source), attrs, (w, line), version) in enumerate(zip(images, per_line, where, versions)):
         organ_id, organ_name = _organ(attrs, w, line)
-        requests.append(CaseRequest(i, img, attrs, organ_id, organ_name, seg, source))
+        requests.append(CaseRequest(i, img, attrs, organ_id, organ_name, seg, source, version))
     return requests
+
+
+def read_version_lines(path: str | Path, n: int) -> list[str | None]:
+    """An organ-map numbering list: ``v1``, ``v2`` or ``auto`` (None: nothing declared) per line, ``n`` lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "organ_seg_version list file not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) != n:
+        raise InputError(path, f"has {len(lines)} lines but there are {n} images; the lists must be aligned line by line")
+    out: list[str | None] = []
+    for i, line in enumerate(lines, 1):
+        value = line.strip().lower()
+        if value not in VERSION_CHOICES:
+            raise InputError(path, f"{line.strip()!r} is not one of {', '.join(VERSION_CHOICES)}", i)
+        out.append(None if value == AUTO else value)
+    return out

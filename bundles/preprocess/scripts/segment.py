@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.labels import AUTO, VERSION_CHOICES, VERSIONS, convert_ids, label_table, relabel, resolve_version
+from lesiondiffusion.labels import AUTO, VERSION_CHOICES, VERSIONS, choose_version, convert_ids, label_table, relabel, resolve_version
 from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
@@ -196,13 +196,15 @@ class OrganSegmenter:
         return seg, source
 
     def segment(
-        self, image: np.ndarray, affine: np.ndarray, given: np.ndarray | None, image_path: Path, given_path: Path | None
+        self, image: np.ndarray, affine: np.ndarray, given: np.ndarray | None, image_path: Path, given_path: Path | None,
+        declared: str | None = None,
     ) -> tuple[np.ndarray, str, str]:
         """The v1 organ map on the standardised grid, its source ("given" or "totalsegmentator") and the
         numbering it came in ("v1", "v2", or TotalSegmentator's task numbering).
 
         ``image`` is the standardised CT (HU, 3D) with its ``affine``; ``given`` the user's map already
-        resampled onto the same grid (nearest neighbour), or None.
+        resampled onto the same grid (nearest neighbour), or None. ``declared`` is the numbering the
+        case's requests file or dataset declares for ``given``: used unless ``given_version`` names one.
         """
         reason = self.totalseg.unavailable_reason() if self.totalseg is not None else "TotalSegmentator is disabled"
         use_totalseg = reason is None and (given is None or self.prefer_totalseg)
@@ -213,8 +215,9 @@ class OrganSegmenter:
             return self.totalseg(ct), "totalsegmentator", numbering
         if given is not None:
             where = given_path or "organ_seg"
-            version = resolve_version(self.given_version, given, affine, where, image_hu=image)
-            if self.given_version == AUTO:
+            wanted = choose_version(self.given_version, declared)
+            version = resolve_version(wanted, given, affine, where, image_hu=image)
+            if wanted == AUTO:
                 logger.info("%s: TotalSegmentator %s numbering (detected)", where, version)
             return to_v1(given, version, source=where), "given", version
         raise InputError(
