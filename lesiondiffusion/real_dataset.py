@@ -170,6 +170,8 @@ CASE_CROP_MM = 30.0  # a case is the organ's bounding box grown by this much
 REQUEST_DENSITIES = {"abdomen": (HYPO, ISO, HYPER), "lung": (SOLID_MASS, GGO)}
 REQUEST_DIAMETER_MM = {"abdomen": 20.0, "lung": 12.0}
 REQUEST_SUFFIX = {HYPO: "hypo", ISO: "iso", HYPER: "hyper", SOLID_MASS: "solid", GGO: "ggo"}
+# more groups than organs: each further round over the organs asks a smaller or larger size, margins alternating
+REQUEST_SIZE_STEPS = (1.0, 0.6, 1.4, 0.8)
 
 
 # ---- the corpus --------------------------------------------------------------------------------------------
@@ -835,20 +837,24 @@ def split_scans(ids: Sequence[str], val_scans: Sequence[str] | None, val_fractio
 
 
 def scan_requests(ctx: ScanContext, base: str, image: Path, seg: Path, rng: np.random.Generator, per_scan: int) -> tuple[list[SynthesisRequest], list[dict]]:
-    """Requests for lesions in up to ``per_scan`` organs of a held-out scan: per organ, a group that
-    differs only in density (a lesion of the asked size must fit the organ)."""
+    """Up to ``per_scan`` groups of requests on a held-out scan, each a lesion in one organ that differs only
+    in density (a lesion of the asked size must fit the organ). The organs are taken in turn; with more
+    groups than organs, each further round asks another size (:data:`REQUEST_SIZE_STEPS`) and alternates
+    well- and ill-defined margins."""
     table = label_table(VERSION)
     requests, groups = [], []
-    names = sorted(ctx.organs, key=lambda n: -ORGAN_WEIGHTS[n])[: int(per_scan)]
-    for name in names:
+    ranked = sorted(ctx.organs, key=lambda n: -ORGAN_WEIGHTS[n])
+    rounds = [(r, name) for r in range(len(REQUEST_SIZE_STEPS)) for name in ranked][: int(per_scan)]
+    for r, name in rounds:
         organ_id = max(ctx.organs[name], key=lambda i: np.count_nonzero(ctx.scan.seg == i))
         organ = table.name(organ_id)
         kind = "lung" if name == "lung" else "abdomen"
-        size = REQUEST_DIAMETER_MM[kind]
+        well_defined = r % 2 == 0
+        size = round(REQUEST_DIAMETER_MM[kind] * REQUEST_SIZE_STEPS[r], 1)
         fits = None
         for _ in range(MAX_SHRINKS):
             probe = draw_intent(organ, organ_id, ctx.reference_hu[organ_id], rng, density=REQUEST_DENSITIES[kind][1 if kind == "abdomen" else 0],
-                                shape="round", diameter_mm=size, well_defined=True, heterogeneous=False)  # fmt: skip
+                                shape="round", diameter_mm=size, well_defined=well_defined, heterogeneous=False)  # fmt: skip
             sdf, _ = lesion_window(probe, ctx.scan.spacing, rng)
             if sdf.size and place_within(ctx.scan.seg == organ_id, sdf.shape, rng) is not None:
                 fits = size
@@ -856,14 +862,16 @@ def scan_requests(ctx: ScanContext, base: str, image: Path, seg: Path, rng: np.r
             size = round(size * SHRINK, 1)
         if fits is None:
             continue
-        group = {"image": base, "organ": organ, "organ_id": organ_id, "reference_hu": ctx.reference_hu[organ_id],
+        group = {"image": base, "organ": organ, "organ_id": organ_id, "reference_hu": ctx.reference_hu[organ_id], "round": r,
                  "size_mm": int(round(fits)), "cases": []}  # fmt: skip
         for density in REQUEST_DENSITIES[kind]:
-            case = f"{base}_{name.replace(' ', '_')}_{REQUEST_SUFFIX[density]}"
+            case = f"{base}_{name.replace(' ', '_')}{f'_r{r}' if r else ''}_{REQUEST_SUFFIX[density]}"
             attributes = {
                 "organ type": organ, "lesion type": LESION_TYPE[density], V.DENSITY: density,
                 V.DENSITY_VARIATIONS: "homogeneous", V.CAVITY: V.CAVITY_WITHIN, V.SIZE: f"{int(round(fits))} mm",
             }  # fmt: skip
+            if r:  # the first round keeps the attributes it always had
+                attributes[V.SURFACE] = "well-defined margin" if well_defined else "ill-defined margin"
             requests.append(SynthesisRequest(case, image, attributes, seg))
             group["cases"].append(case)
         groups.append(group)
