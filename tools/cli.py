@@ -90,7 +90,7 @@ class Commands:
 
     def demo_cases(self, out: str = "demo_cases", src: str = str(DEMO_SOURCE), seed: int = 0) -> None:
         """Build the demo cases (phantom CT + real label, organ map and report) and validate them."""
-        from lesiondiffusion.dataset import read_datalist, validate_cases
+        from lesiondiffusion.dataset import datalist_version, read_datalist, validate_cases
         from lesiondiffusion.demo import build_demo_cases
 
         if not Path(src).is_dir():
@@ -98,7 +98,7 @@ class Commands:
         folder = build_demo_cases(Path(src), Path(out), seed=seed, overwrite=True)
         datalist = folder / "datalist.json"
         cases = [c for split in read_datalist(datalist).values() for c in split]
-        problems = validate_cases(cases)
+        problems = validate_cases(cases, datalist_version(datalist) or "auto")
         print(format_validation_table(cases, problems))
         print(f"demo cases: {folder / 'cases'}")
         print(f"datalist:   {datalist}")
