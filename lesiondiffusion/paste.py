@@ -9,10 +9,11 @@ lesion, is brought back to the user's scan like this:
    ramp to exactly 0 at ``margin_mm``;
 3. the crop is resampled (MONAI ``SpatialResample``, trilinear) at the input voxels of the zone's
    bounding box only, through the two affines: the original voxels themselves are never resampled;
-4. the scan's own noise is kept: the patch contributes only its low-pass part (a Gaussian of
-   ``noise_sigma_vox`` input voxels) and the original's high-pass part (its noise and fine texture at
-   those very voxels) stays, so the lesion is exactly as noisy as the tissue it replaced rather than as
-   smooth as a VQ-GAN decoding (on a real CT that smoothness gave the lesion away at a glance);
+4. the scan's own noise is kept: the original's high-pass part (its noise and fine texture at those
+   very voxels, finer than a Gaussian of ``noise_sigma_vox`` input voxels) is added to the patch, so
+   the lesion is as noisy as the tissue it replaced rather than as smooth as a VQ-GAN decoding (on a
+   real CT that smoothness gave the lesion away at a glance). The patch itself is not filtered: a
+   low-pass of it would spread a small lesion's contrast over its neighbours on a coarse grid;
 5. ``out = original + w * (patch - original)`` is written only where ``w > 0``, in the input's stored
    dtype (and NIfTI scaling), so every voxel farther than the margin keeps its exact stored bits.
 
@@ -155,15 +156,13 @@ class StoredImage:
 
 
 def keep_scan_noise(patch: np.ndarray, original: np.ndarray, sigma_vox: float) -> np.ndarray:
-    """The patch's low-pass part plus the original's high-pass part (noise, fine texture), voxel by voxel.
+    """The patch plus the original's high-pass part (noise, fine texture), voxel by voxel.
 
-    Both are on the same grid (the input's); the split is a Gaussian of ``sigma_vox`` voxels, about the
-    correlation length of CT noise on its own grid.
+    Both are on the same grid (the input's); the high-pass is the original minus its Gaussian of
+    ``sigma_vox`` voxels, about the correlation length of CT noise on its own grid. A decoded patch is
+    smooth, so this brings the lesion's noise to about the tissue's without moving its mean.
     """
-    def low(a: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(a, sigma=float(sigma_vox), mode="nearest")
-
-    return low(patch) + (original - low(original))
+    return patch + (original - ndimage.gaussian_filter(original, sigma=float(sigma_vox), mode="nearest"))
 
 
 def read_stored(path: PathLike) -> StoredImage:

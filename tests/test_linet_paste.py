@@ -203,6 +203,12 @@ def test_paste_keeps_the_scan_noise_under_a_smooth_patch(tmp_path):
     assert flat[core].std() < 1.0  # without it the lesion is smoother than any real tissue
     assert 0.8 < kept[core].std() / tissue_std < 1.2  # with it, as noisy as the tissue it replaced
     assert abs(kept[core].mean() - 10.0) < 4.0  # and still at the patch's HU
+    # a small lesion on a coarse grid keeps its contrast: the patch itself is never blurred
+    small = _lesion(shape, (20, 20, 12), (3, 3, 1))
+    radii = np.array([3 * 0.8, 3 * 0.8, 1 * 3.0]) + 0.5  # mm: the small lesion's extent, a little grown
+    patch_small, _ = _ras_patch_around(centre, size=48, value_fn=lambda w: np.where((((w - centre) / radii) ** 2).sum(-1) <= 1, 10.0, 60.0))
+    kept_small = paste(original, small, patch_small, patch_affine, margin_mm=3.0, feather_mm=2.0).astype(float)
+    assert abs(kept_small[small].mean() - 10.0) < 10.0  # 16 HU (resampling); blurring the patch gave 41 HU
     far = _distance_mm(lesion, affine) >= 3.0
     assert np.array_equal(kept[far], np.asarray(original.raw, float)[far])
 
