@@ -88,7 +88,10 @@ MIN_REFERENCE_VOXELS = 50
 # Homogeneity: standard deviation of the lesion's HU after a light smoothing inside the lesion (so
 # voxel noise, ~10-20 HU in real CT, does not count as structure). Real homogeneous lesions (cysts)
 # stay under ~10 HU after smoothing; necrotic or mixed tumours exceed 15-20 HU.
+# On coarse grids the smoothing reaches at least ``SMOOTH_MIN_VOXELS`` voxels: a 1 mm Gaussian on a 3 mm
+# grid hardly smooths, and the scan's voxel noise alone then read every lesion as heterogeneous.
 SMOOTH_SIGMA_MM = 1.0
+SMOOTH_MIN_VOXELS = 0.8
 HOMOGENEOUS_MAX_STD_HU = 12.0
 # "presence of increased/decreased density areas": this fraction of the smoothed lesion lies more than
 # AREA_DELTA_HU above/below the lesion's median. Smoothed voxel noise almost never gets that far (well
@@ -191,6 +194,7 @@ class LesionKind:
 
 _HYPO, _ISO, _HYPER = "hypodense lesion", "isodense lesion", "hyperdense lesion"
 _MIXED, _FLUID = "mixed-density lesion", "hypoattenuating fluid-like lesion"
+HYPO_CLASS, FLUID_CLASS = _HYPO, _FLUID  # fluid-like is the hypodense class of water-density, homogeneous lesions
 _RING = "ring enhancement"
 _GGO, _SOLID_MASS = "low-density ground-glass opacity", "isodense soft tissue mass"
 _INC, _DEC = "presence of increased density areas", "presence of decreased density areas"
@@ -993,7 +997,7 @@ def organ_reference_hu(
 
 def _smoothed_inside(image_hu: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Gaussian smoothing restricted to ``mask`` (normalised convolution); values at ``mask`` voxels."""
-    sigma = [SMOOTH_SIGMA_MM / float(s) for s in spacing]
+    sigma = [max(SMOOTH_SIGMA_MM / float(s), SMOOTH_MIN_VOXELS) for s in spacing]
     m = mask.astype(np.float32)
     num = ndi.gaussian_filter(image_hu.astype(np.float32) * m, sigma, truncate=3.0)
     den = ndi.gaussian_filter(m, sigma, truncate=3.0)

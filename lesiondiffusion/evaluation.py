@@ -175,6 +175,12 @@ def density_of(text: str | None) -> str | None:
     return next((cls for word, cls in _DENSITY_WORDS if word in low), None)
 
 
+def density_matches(requested: str, measured: str) -> bool:
+    """Whether a measured density class fulfils a requested one. A homogeneous lesion at water density
+    is read as fluid-like, a kind of hypodense lesion: it fulfils a hypodense request (not the reverse)."""
+    return measured == requested or (requested == A.HYPO_CLASS and measured == A.FLUID_CLASS)
+
+
 def homogeneity_of(text: str | None) -> str | None:
     """"homogeneous" / "heterogeneous" from a density-variations text, None when it names neither."""
     found = V.parse_classes(V.DENSITY_VARIATIONS, text or "")[0]
@@ -348,7 +354,7 @@ def _appearance(
         "requested_density": requested,
         "density_source": source,
         "measured_density": measured,
-        "density_match": None if requested is None else measured == requested,
+        "density_match": None if requested is None else density_matches(requested, measured),
         "direction_match": None if expected is None or direction is None else direction == expected,
         "lesion_mean_hu": m.mean_hu,
         "lesion_core_hu": m.core_hu,

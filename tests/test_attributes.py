@@ -525,3 +525,22 @@ def test_lesion_organ_falls_back_to_the_lesion_then_its_surroundings():
     label[15:18, 15:18, 15:18] = 1  # label 1 names the organ first
     seg[15:18, 15:18, 15:18] = LIVER
     assert A.infer_organ_id(label, seg) == LIVER
+
+
+def test_voxel_noise_on_a_coarse_grid_is_not_heterogeneity():
+    # a homogeneous liver lesion carrying a 3 mm scan's voxel noise (16 HU): noise is not structure
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 20)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    organ = (((grid - (20, 20, 10)) / (17, 17, 8)) ** 2).sum(-1) <= 1
+    lesion = (((grid - (20, 20, 10)) / (4, 4, 4)) ** 2).sum(-1) <= 1
+    image = np.where(organ, 50.0, -100.0) + rng.normal(0, 16, shape)
+    image[lesion] -= 30.0
+    label = organ.astype(np.uint8) + lesion.astype(np.uint8)
+    seg = organ * label_table().id("liver")
+    m = A.measure_lesion(image, label, seg, spacing=(3.0, 3.0, 3.0))
+    assert m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU
+    # and real structure still counts: +-40 HU halves of the lesion
+    image[lesion & (grid[..., 0] < 20)] += 40.0
+    image[lesion & (grid[..., 0] >= 20)] -= 40.0
+    assert A.measure_lesion(image, label, seg, spacing=(3.0, 3.0, 3.0)).smoothed_std_hu > A.HOMOGENEOUS_MAX_STD_HU

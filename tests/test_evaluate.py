@@ -393,3 +393,12 @@ def test_requested_classes_from_free_text():
     assert density_of("") is None and density_of("enhancing") is None
     assert homogeneity_of("homogeneous,") == "homogeneous" and homogeneity_of("inhomogeneous") == "heterogeneous"
     assert homogeneity_of("heterogeneous") == "heterogeneous" and homogeneity_of("") is None
+
+
+def test_fluid_like_fulfils_a_hypodense_request_but_not_the_reverse():
+    from lesiondiffusion import attributes as A
+    from lesiondiffusion.evaluation import density_matches
+
+    assert density_matches(A.HYPO_CLASS, A.FLUID_CLASS)
+    assert not density_matches(A.FLUID_CLASS, A.HYPO_CLASS)
+    assert not density_matches("hyperdense lesion", A.FLUID_CLASS)
