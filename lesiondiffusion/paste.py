@@ -155,14 +155,25 @@ class StoredImage:
         return stored.astype(dtype)
 
 
-def keep_scan_noise(patch: np.ndarray, original: np.ndarray, sigma_vox: float) -> np.ndarray:
-    """The patch plus the original's high-pass part (noise, fine texture), voxel by voxel.
+def keep_scan_noise(patch: np.ndarray, original: np.ndarray, sigma_vox: float, where: np.ndarray | None = None) -> np.ndarray:
+    """The patch plus the original's high-pass part (noise, fine texture), scaled to make up the noise the
+    patch lacks.
 
-    Both are on the same grid (the input's); the high-pass is the original minus its Gaussian of
-    ``sigma_vox`` voxels, about the correlation length of CT noise on its own grid. A decoded patch is
-    smooth, so this brings the lesion's noise to about the tissue's without moving its mean.
+    Both are on the same grid (the input's); a high-pass is an array minus its Gaussian of ``sigma_vox``
+    voxels, about the correlation length of CT noise on its own grid. Over ``where`` (the lesion; default
+    everywhere) the original's high-pass is scaled by ``sqrt(1 - s_patch^2 / s_original^2)`` of their
+    standard deviations, so the sum is about as noisy as the tissue: all of it under a smooth decoded patch,
+    none under a patch already as noisy. The patch's own values are never filtered (a low-pass of a small
+    lesion on a coarse grid would spread its contrast over its neighbours).
     """
-    return patch + (original - ndimage.gaussian_filter(original, sigma=float(sigma_vox), mode="nearest"))
+    def high(a: np.ndarray) -> np.ndarray:
+        return a - ndimage.gaussian_filter(a, sigma=float(sigma_vox), mode="nearest")
+
+    noise = high(original)
+    region = np.asarray(where, dtype=bool) if where is not None and np.asarray(where).any() else np.ones(noise.shape, bool)
+    s_orig, s_patch = float(noise[region].std()), float(high(patch)[region].std())
+    scale = math.sqrt(max(1.0 - (s_patch / s_orig) ** 2, 0.0)) if s_orig > 0 else 0.0
+    return patch + scale * noise
 
 
 def read_stored(path: PathLike) -> StoredImage:
@@ -242,7 +253,7 @@ def paste(
     write = weights > 0
     current = out[box].astype(np.float64) * original.slope + original.inter
     if noise_sigma_vox > 0:
-        values = keep_scan_noise(np.where(inside, values, current), current, noise_sigma_vox)
+        values = keep_scan_noise(np.where(inside, values, current), current, noise_sigma_vox, where=mask[box] & inside)
     blended = current[write] + weights[write] * (values[write] - current[write])
     sub = out[box]
     sub[write] = original.from_hu(blended)

@@ -13,6 +13,7 @@ from scipy.spatial import cKDTree
 
 from lesiondiffusion.paste import (
     feather_weights,
+    keep_scan_noise,
     outside_margin,
     paste,
     read_stored,
@@ -209,6 +210,11 @@ def test_paste_keeps_the_scan_noise_under_a_smooth_patch(tmp_path):
     patch_small, _ = _ras_patch_around(centre, size=48, value_fn=lambda w: np.where((((w - centre) / radii) ** 2).sum(-1) <= 1, 10.0, 60.0))
     kept_small = paste(original, small, patch_small, patch_affine, margin_mm=3.0, feather_mm=2.0).astype(float)
     assert abs(kept_small[small].mean() - 10.0) < 10.0  # 16 HU (resampling); blurring the patch gave 41 HU
+    # a patch already as noisy as the tissue gets no extra noise (same grid: keep_scan_noise itself)
+    rng2 = np.random.default_rng(5)
+    tissue, noisy = 50.0 + rng2.normal(0.0, 20.0, (30, 30, 30)), 10.0 + rng2.normal(0.0, 20.0, (30, 30, 30))
+    assert keep_scan_noise(noisy, tissue, 1.0).std() < 1.1 * noisy.std()  # adding it all would give ~1.35x
+    assert abs(keep_scan_noise(np.full_like(tissue, 10.0), tissue, 1.0).std() - (tissue - ndimage.gaussian_filter(tissue, 1.0)).std()) < 0.5
     far = _distance_mm(lesion, affine) >= 3.0
     assert np.array_equal(kept[far], np.asarray(original.raw, float)[far])
 
