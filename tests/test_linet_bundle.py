@@ -430,6 +430,11 @@ def test_crop_window_grows_for_large_lesions_and_pads_beyond_the_volume():
     assert size.tolist() == [32, 32, 32] and (start < 0).all()
     crop = inpaint.crop_padded(np.ones(mask.shape, np.float32), start, size, fill=-5.0)
     assert crop.shape == (32, 32, 32) and (crop == 1).sum() == mask.size and (crop == -5).sum() == 32**3 - mask.size
+    ramp = np.broadcast_to(np.arange(20, dtype=np.float32)[:, None, None], mask.shape)
+    edged = inpaint.crop_padded(ramp, start, size, edge=True)  # the image: nearest voxel beyond the scan, never air
+    inside = tuple(slice(-a, -a + n) for a, n in zip(start, mask.shape))
+    assert edged.shape == (32, 32, 32) and np.array_equal(edged[inside], ramp)
+    assert (edged[: -start[0]] == 0).all() and (edged[-start[0] + 20 :] == 19).all()
     big = np.zeros((100, 100, 100), bool)
     big[10:60, 20:30, 30:35] = True
     start, size = inpaint.crop_window(big, (32, 32, 32), 8, 16)

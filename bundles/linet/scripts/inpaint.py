@@ -82,8 +82,11 @@ def crop_window(mask: np.ndarray, min_size: Sequence[int], context: int | Sequen
     return start.astype(int), size.astype(int)
 
 
-def crop_padded(array: Any, start: Sequence[int], size: Sequence[int], fill: float = 0.0, dtype: Any = np.float32) -> np.ndarray:
-    """``array[start:start+size]`` with ``fill`` where the window leaves the array.
+def crop_padded(
+    array: Any, start: Sequence[int], size: Sequence[int], fill: float = 0.0, dtype: Any = np.float32, edge: bool = False
+) -> np.ndarray:
+    """``array[start:start+size]`` with ``fill`` where the window leaves the array (``edge``: the nearest
+    voxel inside instead, so a scan cut through an organ is not framed by air the networks would paint in).
 
     ``array`` may be a nibabel array proxy: only the overlapping part is read.
     """
@@ -95,7 +98,11 @@ def crop_padded(array: Any, start: Sequence[int], size: Sequence[int], fill: flo
             return out
         src.append(slice(lo, hi))
         dst.append(slice(lo - int(a), hi - int(a)))
-    out[tuple(dst)] = np.asarray(array[tuple(src)], dtype=dtype)
+    inner = np.asarray(array[tuple(src)], dtype=dtype)
+    if edge:
+        pad = [(d.start, int(n) - d.stop) for d, n in zip(dst, size)]
+        return np.pad(inner, pad, mode="edge")
+    out[tuple(dst)] = inner
     return out
 
 
@@ -293,7 +300,7 @@ class LesionInpainter:
         # known tissue around the lesion: at least the paste margin plus a little, in voxels of this grid
         context = np.ceil(max(self.context_mm, self.margin_mm + 2.0) / voxel_spacing(std_affine)).astype(int)
         start, size = crop_window(lesion_std, self.crop_size, context, self.multiple)
-        hu = crop_padded(image_proxy, start, size, fill=-1000.0)
+        hu = crop_padded(image_proxy, start, size, edge=True)
         mask = crop_padded(lesion_std, start, size, fill=0.0)
         unit = torch.as_tensor(self.to_unit(hu))[None, None].float()
         decoded, timing = self.inpaint_crop(unit, torch.as_tensor(mask)[None, None], condition, seed)
