@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jsonschema
 import numpy as np
@@ -39,6 +39,7 @@ from lesiondiffusion.report import format_ct_value, format_size, to_report_axes
 from lesiondiffusion.text import ANSWER_INSTRUCTIONS, TextError, TextReading, answer_schema, read_description, reading_from_answer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -173,6 +174,29 @@ class OpenAIReportProvider:
         )
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
+    def ask(self, messages: list[dict[str, str]], schema: dict[str, Any], seed: int, accept: Callable[[Any], T], what: str) -> tuple[T | None, str]:
+        """Up to ``max_retries + 1`` schema-checked attempts; ``accept`` turns an answer into the result or
+        raises :class:`ProviderFailure` (the attempt fails). Returns ``(result, "")`` or ``(None, one-line reason)``;
+        the key never appears in a message."""
+        import openai
+
+        attempts = self.max_retries + 1
+        reason = key = ""
+        try:
+            key = self._key()
+            client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
+            for attempt in range(1, attempts + 1):
+                try:
+                    result = accept(self._attempt(client, messages, schema, seed))
+                    logger.info("%s %s (model %s): answer on attempt %d", what, self.base_url, self.model, attempt)
+                    return result, ""
+                except ProviderFailure as e:
+                    reason = _redact(str(e), key)
+                    logger.warning("%s %s: attempt %d of %d failed: %s", what, self.base_url, attempt, attempts, reason)
+            return None, f"{what} openai ({self.base_url}, model {self.model}) failed after {attempts} attempt(s): {reason}"
+        except ProviderFailure as e:  # no key: no attempt was made
+            return None, f"{what} openai ({self.base_url}): {_redact(str(e), key)}"
+
     def _attempt(self, client: Any, messages: list[dict[str, str]], schema: dict[str, Any], seed: int) -> dict[str, Any]:
         import openai
 
@@ -224,29 +248,17 @@ class OpenAIReportProvider:
         its CT value does not have against the organ's HU, or an enhancement status the scan's contrast
         contradicts, fails the attempt like an answer outside the schema.
         """
-        import openai
-
         reference = scan.reference_hu if scan is not None else density_reference_hu(organ_name, organ_reference_hu)
-        schema = response_schema(organ_name, organ_box_size)
         messages = self.messages(request, organ_name, organ_box_size, reference, scan)
-        seed = int(rng.integers(0, 2**31 - 1))
-        attempts = self.max_retries + 1
-        reason = key = ""
-        try:
-            key = self._key()
-            client = openai.OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
-            for attempt in range(1, attempts + 1):
-                try:
-                    answer = answer_to_attributes(self._attempt(client, messages, schema, seed))
-                    _check_against_scan(answer, request, organ_name, scan, reference)
-                    logger.info("report from %s (model %s), attempt %d", self.base_url, self.model, attempt)
-                    return answer
-                except ProviderFailure as e:
-                    reason = _redact(str(e), key)
-                    logger.warning("report provider %s: attempt %d of %d failed: %s", self.base_url, attempt, attempts, reason)
-            message = f"report provider openai ({self.base_url}, model {self.model}) failed after {attempts} attempt(s): {reason}"
-        except ProviderFailure as e:  # no key: no attempt was made
-            message = f"report provider openai ({self.base_url}): {_redact(str(e), key)}"
+
+        def accept(raw: Any) -> dict[str, str]:
+            answer = answer_to_attributes(raw)
+            _check_against_scan(answer, request, organ_name, scan, reference)
+            return answer
+
+        answer, message = self.ask(messages, response_schema(organ_name, organ_box_size), int(rng.integers(0, 2**31 - 1)), accept, "report provider")
+        if answer is not None:
+            return answer
         if self.on_failure == "offline":
             logger.warning("%s; using the offline provider", message)
             return self.offline.propose(
@@ -285,30 +297,17 @@ def read_text(provider: OpenAIReportProvider, text: str, seed: int = 0, require_
     attempt fails, ``on_failure="error"`` raises and ``"offline"`` reads the sentence offline
     (:func:`lesiondiffusion.text.read_description`, ``require_organ`` as there).
     """
-    import openai
-
-    schema = answer_schema()
     messages = [{"role": "system", "content": ANSWER_INSTRUCTIONS}, {"role": "user", "content": str(text)}]
-    attempts = provider.max_retries + 1
-    reason = key = ""
-    try:
-        key = provider._key()
-        client = openai.OpenAI(api_key=key, base_url=provider.base_url, timeout=provider.timeout, max_retries=0)
-        for attempt in range(1, attempts + 1):
-            try:
-                answer = provider._attempt(client, messages, schema, seed)
-                try:
-                    reading = reading_from_answer(text, answer, f"openai ({provider.model})")
-                except TextError as e:
-                    raise ProviderFailure(f"the answer is not a request: {e}") from None
-                logger.info("description read by %s (model %s), attempt %d", provider.base_url, provider.model, attempt)
-                return reading
-            except ProviderFailure as e:
-                reason = _redact(str(e), key)
-                logger.warning("text reader %s: attempt %d of %d failed: %s", provider.base_url, attempt, attempts, reason)
-        message = f"text reader openai ({provider.base_url}, model {provider.model}) failed after {attempts} attempt(s): {reason}"
-    except ProviderFailure as e:  # no key: no attempt was made
-        message = f"text reader openai ({provider.base_url}): {_redact(str(e), key)}"
+
+    def accept(raw: Any) -> TextReading:
+        try:
+            return reading_from_answer(text, raw, f"openai ({provider.model})")
+        except TextError as e:
+            raise ProviderFailure(f"the answer is not a request: {e}") from None
+
+    reading, message = provider.ask(messages, answer_schema(), seed, accept, "text reader")
+    if reading is not None:
+        return reading
     if provider.on_failure == "offline":
         logger.warning("%s; reading the sentence offline", message)
         return read_description(text, require_organ=require_organ)
