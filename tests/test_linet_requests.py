@@ -13,11 +13,8 @@ builds them) and the shipped ``cpu`` weights, on the 1 mm demo liver phantom (``
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -33,21 +30,10 @@ from lesiondiffusion.manifest import CaseEntry, LesionEntry
 from lesiondiffusion.paste import paste, read_stored
 from lesiondiffusion.placement import Box
 from lesiondiffusion.report import format_ct_value
+from test_linet_bundle import LINET, load_scripts
 
-LINET = Path(__file__).resolve().parents[1] / "bundles" / "linet"
 
 pytestmark = pytest.mark.slow
-
-
-def load_scripts() -> ModuleType:
-    """The bundle's ``scripts`` package under its own name (other bundles also have a ``scripts``)."""
-    name = "linet_bundle_scripts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, LINET / "scripts" / "__init__.py", submodule_search_locations=[str(LINET / "scripts")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def inpainter(steps: int):
