@@ -106,7 +106,7 @@ from lesiondiffusion.attributes import (
     organ_reference_hu,
     report_from_measurements,
 )
-from lesiondiffusion.data_paths import REPO_ROOT
+from lesiondiffusion.data_paths import BUNDLES
 from lesiondiffusion.dataset import Case, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_json, read_nifti_array, save_nifti, write_json, write_text
@@ -225,7 +225,7 @@ def _segment_module() -> ModuleType:
     name = "lesiondiffusion_preprocess_segment"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bundles" / "preprocess" / "scripts" / "segment.py")
+    spec = importlib.util.spec_from_file_location(name, BUNDLES / "preprocess" / "scripts" / "segment.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[name] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lesiondiffusion.data_paths import BUNDLES
 from lesiondiffusion.errors import LesionDiffusionError
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLES_DIR = REPO_ROOT / "bundles"
+BUNDLES_DIR = BUNDLES  # the installed package data, else the source tree (lesiondiffusion.data_paths)
 STAGES = ("preprocess", "vqgan", "lmnet", "linet")
 
 
