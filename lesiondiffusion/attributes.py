@@ -5,7 +5,7 @@ Two directions, one vocabulary (:mod:`lesiondiffusion.vocabulary`):
 - **Generation** (preprocess inference). A request holds at least ``organ type`` and ``lesion type``
   (``{"organ type": "liver", "lesion type": "cyst"}``) plus any report field the user wants fixed. A
   provider proposes every field (:class:`OfflineReportProvider` here; an OpenAI-compatible one lives in
-  the preprocess bundle's ``scripts/llm.py``), then :func:`complete_report` merges: the user's fields
+  ``lesiondiffusion.reports.providers``), then :func:`complete_report` merges: the user's fields
   win, the cavity is made consistent with the organ, and the size is bounded by the organ's box. Both
   work against the scan the lesion goes into: :func:`measure_scan` measures the host organ's HU and the
   contrast phase (aorta, portal vein) into a :class:`ScanContext`, so the CT value sits against the

@@ -11,7 +11,7 @@ each group of words was read as, and the words it did not use.
 A sentence that names no organ, names two (``in the liver and the spleen``), or says two things that
 exclude each other (``a hypodense hyperdense cyst``) is a :class:`TextError` naming the words.
 
-An OpenAI-compatible model can read the sentence instead (the preprocess bundle's ``scripts/llm.py``):
+An OpenAI-compatible model can read the sentence instead (``lesiondiffusion.reports.providers``):
 it answers in the JSON schema of :func:`answer_schema`, and :func:`reading_from_answer` turns that
 answer into the same attributes, so both readers write requests the same way.
 """

@@ -7,7 +7,6 @@ The provider talks to it through the real ``openai`` client.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import threading
@@ -29,10 +28,7 @@ from lesiondiffusion.report import parse_ct_value
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
 KEY = "sk-test-SECRET-0123456789"
 
-# loaded by path under its own name: two bundles' ``scripts`` packages must not meet in one process
-_spec = importlib.util.spec_from_file_location("preprocess_llm", BUNDLE / "scripts" / "llm.py")
-llm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llm)
+from lesiondiffusion.reports import providers as llm
 
 GOOD = {
     "enhancement status": "enhanced CT",

@@ -8,7 +8,6 @@ TotalSegmentator v2; until v2 maps are detected by themselves the run says so wi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "tests" / "data" / "ts_small"
 KEY = "sk-text-SECRET-42"
 
-_spec = importlib.util.spec_from_file_location("preprocess_llm_text", ROOT / "bundles" / "preprocess" / "scripts" / "llm.py")
-llm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llm)
+from lesiondiffusion.reports import providers as llm
 
 HYPO, HYPER, ISO = "hypodense lesion,", "hyperdense lesion,", "isodense lesion,"
 WELL, ILL = "well-defined margin,", "ill-defined margin,"

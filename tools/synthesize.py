@@ -13,7 +13,6 @@ folder is built beside ``--out`` and renamed into place, so a run never leaves h
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import platform
@@ -34,6 +33,7 @@ from lesiondiffusion.io import atomic_dir, file_sha256, image_exists, image_stem
 from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
+from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.settings import flag
 from lesiondiffusion.text import TextError, TextReading
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle
@@ -219,15 +219,6 @@ def check_inputs(requests: Sequence[SynthesisRequest]) -> None:
         raise LesionDiffusionError("give an organ map for every case or for none (the preprocess stage segments the rest as a batch)")
 
 
-def _preprocess_llm() -> Any:
-    """The preprocess bundle's ``scripts/llm.py``, loaded by path under its own name (every bundle's
-    ``scripts`` package has the same name, so none is imported as ``scripts`` here)."""
-    spec = importlib.util.spec_from_file_location("lesiondiffusion_preprocess_llm", BUNDLES_DIR / "preprocess" / "scripts" / "llm.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def read_texts(requests: Sequence[SynthesisRequest], provider: str, preprocess: dict[str, Any], seed: int = 0) -> list[SynthesisRequest]:
     """Requests given as sentences, read by the report provider: ``openai`` asks the endpoint the
     preprocess stage is configured with (``report_base_url``, ``report_model``, ... in ``preprocess``),
@@ -235,7 +226,6 @@ def read_texts(requests: Sequence[SynthesisRequest], provider: str, preprocess: 
     offline reading. Prints what was understood of each sentence."""
     out = list(requests)
     if str(provider).strip().lower() == "openai" and any(r.text is not None for r in out):
-        llm = _preprocess_llm()
         keys = ("base_url", "model", "api_key_env", "timeout", "max_retries", "on_failure")
         reader = llm.make_provider("openai", **{k: preprocess.get(f"report_{k}") for k in keys})
         readings: dict[str, TextReading] = {}

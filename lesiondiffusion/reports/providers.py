@@ -1,4 +1,4 @@
-"""Report providers for the preprocess bundle: ``offline`` (default) and ``openai`` (any compatible endpoint).
+"""Report providers: ``offline`` (default) and ``openai`` (any compatible endpoint), behind :class:`ReportProvider`.
 
 The ``openai`` provider asks a chat-completions endpoint for the missing report fields with a JSON
 schema built from the vocabulary (``response_format`` of type ``json_schema``), validates the answer
@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import jsonschema
 import numpy as np
@@ -51,6 +51,26 @@ SYSTEM_PROMPT = (
     "You are a radiologist writing the structured report of one lesion seen on a CT scan. "
     "Answer with one JSON object that follows the given schema exactly; use only the listed values."
 )
+
+
+@runtime_checkable
+class ReportProvider(Protocol):
+    """What the preprocess stage asks of a report provider: every report field for one request."""
+
+    name: str
+
+    def propose(
+        self,
+        request: Mapping[str, str],
+        organ_name: str,
+        rng: np.random.Generator,
+        *,
+        organ_box_size: Sequence[int] | None = None,
+        organ_reference_hu: float | None = None,
+        scan: ScanContext | None = None,
+    ) -> dict[str, str]:
+        """Every report field (the request's own values kept) as the original's strings."""
+        ...
 
 
 def response_schema(organ_name: str, organ_box_size: Sequence[int] | None = None) -> dict[str, Any]:
