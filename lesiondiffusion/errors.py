@@ -73,3 +73,30 @@ def install_error_hook() -> None:
             print(f"error: {error}", file=sys.stderr, flush=True)
 
     sys.excepthook = hook
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT, SIGTERM, SIGHUP); raised so every ``finally`` cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+def raise_on_termination() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (SIGINT already raises ``KeyboardInterrupt``).
+
+    Without this a terminated run dies at once, leaving its work folders and lock behind.
+    """
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, stop)
+        except (ValueError, OSError):  # not the main thread, or no such signal here
+            pass

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lesiondiffusion.errors import InputError
+from lesiondiffusion.errors import InputError, LesionDiffusionError
 
 PathLike = str | os.PathLike[str]
 logger = logging.getLogger(__name__)
@@ -34,6 +38,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get the usual mode
         os.replace(tmp, target)
+    except OSError as e:
+        raise _write_error(target, e) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -132,19 +138,19 @@ def save_nifti(
 def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` that becomes ``path`` only if the block succeeds.
 
-    An existing ``path`` is an error unless ``overwrite``; it is replaced only after success.
+    An existing ``path`` is an error unless ``overwrite``; it is replaced only after success, and the
+    check is made again at that moment: a folder that appeared meanwhile is never replaced without
+    ``overwrite``. The temporary folder (:func:`work_prefix`) is removed on every exit path.
     """
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise InputError(target, "output already exists (use overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    check_output_target(target, overwrite)
+    tmp = make_work_dir(target)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only folder
-        if target.exists():
-            _rmtree(target)
-        os.replace(tmp, target)
+        _commit_dir(tmp, target, overwrite)
+    except OSError as e:
+        raise _write_error(target, e) from None
     finally:
         if tmp.exists():
             _rmtree(tmp)
@@ -155,6 +161,262 @@ def _rmtree(path: Path) -> None:
 
     shutil.rmtree(path, ignore_errors=True)
 
+
+# ---- one writer per output: lock file, work folders, guarded commit ----------------------------------
+WORK_TAG = ".work-"
+LOCK_TAG = ".lock"
+# errors a full, read-only or failing disk gives: reported as one line naming the output
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM)
+
+
+def work_prefix(target: PathLike) -> str:
+    """Name prefix of the work folders a run makes beside ``target`` (one output, one prefix)."""
+    return f".{Path(target).name}{WORK_TAG}"
+
+
+def lock_file(target: PathLike) -> Path:
+    """The lock file of output ``target``: beside it, so it exists before the output does."""
+    t = Path(target)
+    return t.parent / f".{t.name}{LOCK_TAG}"
+
+
+def _write_error(target: Path, e: OSError) -> Exception:
+    """An OSError met while writing ``target`` as one line (disk full, read-only...); others unchanged."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        return LesionDiffusionError(f"{target}: cannot write the output ({e.strerror or e})")
+    return e
+
+
+def check_output_target(target: PathLike, overwrite: bool) -> None:
+    """Refuse an output that exists (unless ``overwrite``), is not a folder, or would swallow the current folder."""
+    t = Path(target)
+    if t.exists() or t.is_symlink():
+        if not overwrite:
+            raise InputError(t, "output already exists; pass --overwrite to replace it")
+        if not t.is_dir():
+            raise InputError(t, "exists and is not a folder; give --out a folder path")
+        here = Path.cwd().resolve()
+        real = t.resolve()
+        if real == Path(real.anchor) or real == Path.home().resolve() or real == here or real in here.parents:
+            raise InputError(t, "refusing to replace this folder with --overwrite (it is the current, home or root folder)")
+
+
+def make_work_dir(target: PathLike) -> Path:
+    """A fresh work folder beside ``target`` (named by :func:`work_prefix`); an unwritable place is one line."""
+    t = Path(target)
+    try:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=work_prefix(t), dir=t.parent))
+    except OSError as e:
+        raise LesionDiffusionError(f"{t}: cannot write beside it in {t.parent} ({e.strerror or e})") from None
+
+
+@contextmanager
+def work_dir(target: PathLike) -> Iterator[Path]:
+    """:func:`make_work_dir` for the length of the block, removed on every exit path."""
+    tmp = make_work_dir(target)
+    try:
+        yield tmp
+    finally:
+        _rmtree(tmp)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing if ``dst`` exists (Linux ``renameat2``; elsewhere a checked rename)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):  # filesystems without the flag fall through
+            raise OSError(err, os.strerror(err), str(dst))
+    if dst.exists() or dst.is_symlink():
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    os.rename(src, dst)
+
+
+def _commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``target``; an existing target is set aside first and only then deleted."""
+    if target.exists() or target.is_symlink():
+        check_output_target(target, overwrite)  # overwrite re-checked now, not only at the start
+        old = Path(tempfile.mkdtemp(prefix=work_prefix(target) + "old-", dir=target.parent))
+        os.rmdir(old)
+        os.rename(target, old)
+        try:
+            _rename_noreplace(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        _rmtree(old)
+        return
+    try:
+        _rename_noreplace(tmp, target)
+    except FileExistsError:
+        raise InputError(target, "appeared while this run was writing it; not replaced (pass --overwrite to replace it)") from None
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux clock ticks since boot): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class OutputLock:
+    """One writer per output folder: an ``O_EXCL`` lock file beside ``target`` holding pid, host and start.
+
+    A second run on the same output refuses at once (:class:`LesionDiffusionError`, one line). A lock
+    left by a run that no longer exists on this host (killed) is stale: it is taken over with a warning.
+    Work folders left beside the output by such runs (:func:`work_prefix`) are listed in
+    ``stale_work`` when the lock is taken; :func:`output_lock` names or removes them.
+    """
+
+    def __init__(self, target: PathLike, command: str = "") -> None:
+        self.target = Path(target)
+        self.path = lock_file(self.target)
+        self.command = command
+        self.stale_work: list[Path] = []
+        self._token: str | None = None
+
+    def _record(self) -> dict[str, Any]:
+        pid = os.getpid()
+        return {"pid": pid, "host": socket.gethostname(), "start": _process_start(pid), "since": time.time(), "command": self.command}
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(self.path.read_text(encoding="utf-8"))
+            return obj if isinstance(obj, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict[str, Any] | None) -> bool:
+        if holder is None:  # unreadable: a run killed while writing it, unless it is being written now
+            try:
+                return time.time() - self.path.stat().st_mtime > 10
+            except OSError:
+                return True
+        if holder.get("host") != socket.gethostname():
+            return False  # another machine's run: its pid cannot be checked from here
+        try:
+            return not _alive(int(holder["pid"]), holder.get("start"))
+        except (KeyError, TypeError, ValueError):
+            return True
+
+    def acquire(self) -> OutputLock:
+        """Take the lock or raise; see the class docstring."""
+        parent = self.target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LesionDiffusionError(f"{self.target}: cannot create its folder ({e.strerror or e})") from None
+        record = self._record()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if self._stale(holder):
+                    logger.warning("%s: taking over the lock of a run that is gone (%s)", self.target, _who(holder))
+                    self._break(holder)
+                    continue
+                raise LesionDiffusionError(
+                    f"{self.target}: another run is writing this output ({_who(holder)}); wait for it to end, "
+                    f"or remove {self.path} if that run is gone"
+                ) from None
+            except OSError as e:
+                raise LesionDiffusionError(f"{self.target}: cannot write in {parent} ({e.strerror or e})") from None
+            try:
+                os.write(fd, json.dumps(record).encode())
+                os.fsync(fd)
+            except OSError as e:
+                os.close(fd)
+                os.unlink(self.path)
+                raise _write_error(self.path, e) from None
+            os.close(fd)
+            self._token = json.dumps(record)
+            break
+        else:
+            raise LesionDiffusionError(f"{self.target}: could not take the lock {self.path}")
+        prefix = work_prefix(self.target)
+        self.stale_work = sorted(p for p in parent.iterdir() if p.name.startswith(prefix))
+        return self
+
+    def _break(self, holder: dict[str, Any] | None) -> None:
+        """Remove a stale lock, unless another run replaced it meanwhile (checked after moving it aside)."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            moved = None
+        if holder is not None and moved != holder:  # a live run's lock: put it back
+            try:
+                _rename_noreplace(aside, self.path)
+                return
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock file if it is still this run's."""
+        if self._token is None:
+            return
+        try:
+            if self.path.read_text(encoding="utf-8") == self._token:
+                self.path.unlink()
+        except OSError:
+            pass
+        self._token = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _who(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "lock file unreadable"
+    since = holder.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, since {when}"
+
+
+@contextmanager
+def output_lock(target: PathLike, overwrite: bool = False, command: str = "") -> Iterator[OutputLock]:
+    """Hold :class:`OutputLock` on ``target`` for the block; work folders killed runs left beside it are
+    named (a warning line) and, with ``overwrite``, removed."""
+    lock = OutputLock(target, command)
+    with lock:
+        for stale in lock.stale_work:
+            if overwrite:
+                _rmtree(stale)
+                logger.warning("removed %s, a work folder left by a run that was stopped", stale)
+            else:
+                logger.warning("%s is a work folder left by a run that was stopped; --overwrite removes it", stale)
+        yield lock
 
 
 # ---- images in other formats: DICOM series, NRRD ------------------------------------------------------

@@ -95,6 +95,17 @@ def failure_message(stage: str, stderr: str, returncode: int) -> str:
     return f"error: the {stage} bundle failed (exit status {returncode}){': ' + lines[-1] if lines else ''}"
 
 
+def _die_with_parent() -> None:
+    """In the child: be killed when this process dies, even by SIGKILL (Linux), so no orphan writes on."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class BundleRun(subprocess.CompletedProcess):
     """A finished bundle run, with the child's wall time and its own peak resident memory."""
 
@@ -130,14 +141,21 @@ def run_bundle(
         # stdout goes to a file, not a pipe: only stderr is read while the child runs, so neither can block
         with open(Path(tmp) / "stdout.txt", "w+", encoding="utf-8") as out:
             start = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=root, env=bundle_env(root), stdout=out if capture else None, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                cmd, cwd=root, env=bundle_env(root), stdout=out if capture else None, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+            )
             err = bytearray()
-            # raw chunks, not lines: progress bars redraw with carriage returns and must reach the terminal as such
-            while chunk := proc.stderr.read1(1 << 16):  # type: ignore[union-attr]
-                err += chunk
-                if echo:
-                    sys.stderr.buffer.write(chunk)
-                    sys.stderr.flush()
+            try:
+                # raw chunks, not lines: progress bars redraw with carriage returns and must reach the terminal as such
+                while chunk := proc.stderr.read1(1 << 16):  # type: ignore[union-attr]
+                    err += chunk
+                    if echo:
+                        sys.stderr.buffer.write(chunk)
+                        sys.stderr.flush()
+            except BaseException:  # interrupted or terminated: the child must not go on writing into our work folder
+                proc.kill()
+                proc.wait()
+                raise
             proc.stderr.close()  # type: ignore[union-attr]
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own resources, not all children's
             proc.returncode = os.waitstatus_to_exitcode(status)

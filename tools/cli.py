@@ -6,14 +6,22 @@ Errors the user can fix are printed as one line on stderr with a non-zero exit, 
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import logging
+import math
+import re
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import fire
 
-from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.errors import Interrupted, LesionDiffusionError, raise_on_termination
+from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.benchmark import benchmark
 from lesiondiffusion_tools.demo import DEMO_SOURCE, demo
 from lesiondiffusion_tools.evaluate import evaluate
@@ -198,14 +206,171 @@ def format_validation_table(cases, problems) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+# ---- the typed option layer ---------------------------------------------------------------------------
+# Every sub-command's options are parsed here, by the command function's type hints: a number, flag,
+# path or JSON value the user mistyped is one error line naming the option, before anything runs.
+HELP = ("-h", "--help")
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+def _kinds(annotation: Any) -> tuple[Any, ...]:
+    """The types an annotation admits (``str | None`` -> (str, NoneType)); ``Any`` for unannotated."""
+    if annotation is inspect.Parameter.empty:
+        return (Any,)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(k for a in typing.get_args(annotation) for k in _kinds(a))
+    return (annotation,)
+
+
+def convert_option(option: str, text: str | None, annotation: Any) -> Any:
+    """``text`` (None: the option was given without a value) as the type ``annotation`` names.
+
+    int: a whole number; float: a finite number; bool: true/false/yes/no/1/0 (no value: true); tuples:
+    comma- or x-separated numbers; ``Any``: JSON when it starts with ``{`` or ``[``, else the text
+    (a file name); str and paths: the text exactly as given. Anything else is a
+    :class:`LesionDiffusionError` naming ``--option``.
+    """
+    kinds = _kinds(annotation)
+    name = f"--{option}"
+    if text is None:
+        if bool in kinds or Any in kinds:
+            return True
+        raise LesionDiffusionError(f"{name}: needs a value")
+    if type(None) in kinds and text.strip().lower() in ("none", "null") and str not in kinds:
+        return None
+    if bool in kinds:
+        try:
+            return flag(text)
+        except LesionDiffusionError:
+            if str not in kinds:
+                raise LesionDiffusionError(f"{name}: expected true or false, got {text!r}") from None
+    if int in kinds:
+        if _INT_RE.match(text.strip()):
+            return int(text)
+        raise LesionDiffusionError(f"{name}: expected a whole number, got {text!r}")
+    if float in kinds:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise LesionDiffusionError(f"{name}: expected a number, got {text!r}")
+        return value
+    tuples = [k for k in kinds if typing.get_origin(k) is tuple]
+    if tuples:
+        items = typing.get_args(tuples[0])
+        parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]")) if p]
+        if len(parts) != len(items):
+            raise LesionDiffusionError(f"{name}: expected {len(items)} numbers separated by commas, got {text!r}")
+        return tuple(convert_option(option, p, t) for p, t in zip(parts, items))
+    if Any in kinds and text.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LesionDiffusionError(f"{name}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return text
+
+
+def _pass_through(text: str | None) -> Any:
+    """A value for an option the command hands on to a bundle config: JSON when it reads as JSON, else text."""
+    if text is None:
+        return True
     try:
-        fire.Fire(Commands, command=argv, name="lesiondiffusion")
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lowered = text.strip().lower()
+        return {"true": True, "false": False, "none": None}.get(lowered, text)
+
+
+def parse_options(function: Callable, args: Sequence[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Positional values and ``--option value`` / ``--option=value`` pairs of ``args``, typed per ``function``.
+
+    Options a command does not have are refused, unless it passes extra options on (``**overrides``).
+    """
+    target = inspect.unwrap(function)
+    signature = inspect.signature(target)
+    hints = typing.get_type_hints(target)
+    params = {n: p for n, p in signature.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    extra = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    positional: list[str] = []
+    given: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token.startswith("--") and len(token) > 2:
+            key, eq, value = token[2:].partition("=")
+            key = key.replace("-", "_")
+            if not eq:
+                following = args[i + 1] if i + 1 < len(args) else None
+                # a bare flag: the next token is another option (negative numbers are values)
+                if following is None or (following.startswith("--") and len(following) > 2):
+                    value = None  # type: ignore[assignment]
+                else:
+                    value = following
+                    i += 1
+            if key in given:
+                raise LesionDiffusionError(f"--{key}: given twice")
+            if key not in params and not extra:
+                known = ", ".join(f"--{n}" for n in params)
+                raise LesionDiffusionError(f"--{key}: unknown option (the options are {known})")
+            given[key] = value
+        elif token == "--":
+            raise LesionDiffusionError("unexpected '--' (for the options, add --help)")
+        else:
+            positional.append(token)
+        i += 1
+    free = [n for n in params if n not in given]
+    if len(positional) > len(free):
+        raise LesionDiffusionError(f"unexpected value(s) {', '.join(repr(p) for p in positional[len(free):])}")
+    kwargs: dict[str, Any] = {}
+    for name, text in zip(free, positional):
+        kwargs[name] = convert_option(name, text, hints.get(name, params[name].annotation))
+    for name, text in given.items():
+        if name in params:
+            kwargs[name] = convert_option(name, text, hints.get(name, params[name].annotation))
+        else:
+            kwargs[name] = _pass_through(text)
+    return [], kwargs
+
+
+def _command_names() -> dict[str, str]:
+    names = {n: n for n in dir(Commands) if not n.startswith("_") and callable(getattr(Commands, n))}
+    return {**names, **{n.replace("_", "-"): n for n in names}}
+
+
+def run_command(argv: Sequence[str]) -> None:
+    """Dispatch ``argv`` (sub-command and options); ``-h``/``--help`` anywhere shows help and runs nothing."""
+    names = _command_names()
+    if not argv or argv[0] in HELP:
+        fire.Fire(Commands, command=["--", "--help"], name="lesiondiffusion")
+        return
+    command, args = argv[0], list(argv[1:])
+    if command not in names:
+        choices = ", ".join(sorted(n for n in names if "_" not in n))
+        raise LesionDiffusionError(f"unknown command {command!r}; the commands are: {choices}")
+    if any(a in HELP for a in args):
+        fire.Fire(Commands, command=[names[command], "--", "--help"], name="lesiondiffusion")
+        return
+    method = getattr(Commands(), names[command])
+    positional, kwargs = parse_options(method, args)
+    result = method(*positional, **kwargs)
+    if result is not None:
+        print(result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: a user's mistake, or a stop by SIGINT/SIGTERM, is one line on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    raise_on_termination()  # SIGTERM/SIGHUP unwind like Ctrl-C: work folders and locks are cleaned up
+    try:
+        run_command(sys.argv[1:] if argv is None else list(argv))
     except LesionDiffusionError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as e:
+        print(f"error: {e if isinstance(e, Interrupted) else 'interrupted'}; nothing was written", file=sys.stderr)
+        raise SystemExit(128 + getattr(e, "signum", 2)) from None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.io import output_lock
 from lesiondiffusion.settings import flag
 
 DEMO_SOURCE = DEMO_DATA
@@ -46,6 +47,15 @@ def run_make_dataset(
     segmenter: str = "auto",
 ) -> Path:
     """Build the dataset (or the requests with ``requests=True``) into ``out``; returns the file to use next."""
+    with output_lock(Path(out).expanduser().absolute(), flag(overwrite), "make-dataset"):  # one writer per output folder
+        return _run_make_dataset(n, out, seed, requests, src, val_fraction, overwrite, source, corpus, val_scans, lesions_per_scan,
+                                 requests_per_scan, segmenter)
+
+
+def _run_make_dataset(
+    n: int | None, out: str, seed: int, requests: bool, src: str | None, val_fraction: float, overwrite: bool, source: str,
+    corpus: str | None, val_scans: str | Sequence[str] | None, lesions_per_scan: int, requests_per_scan: int, segmenter: str,
+) -> Path:  # fmt: skip
     if source == "real":
         return _run_real(out, seed, requests, corpus, val_fraction, overwrite, val_scans, lesions_per_scan, requests_per_scan, segmenter)
     if source != "phantom":

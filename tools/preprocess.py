@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.io import output_lock
 from lesiondiffusion.manifest import MANIFEST_NAME, read_manifest
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
@@ -56,7 +57,9 @@ def run_preprocess(**options: Any) -> Path:
     """
     overrides = bundle_overrides(**options)
     try:
-        run_bundle("preprocess", overrides)
+        # one writer per output folder; work folders killed runs left beside it are named (removed with --overwrite)
+        with output_lock(overrides["output_dir"], flag(overrides.get("overwrite", False)), "preprocess"):
+            run_bundle("preprocess", overrides)
     except BundleRunError as e:
         raise SystemExit(e.returncode) from None
     manifest = Path(overrides["output_dir"]) / MANIFEST_NAME

@@ -18,7 +18,6 @@ import logging
 import platform
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import atomic_dir, file_sha256, image_exists, image_stem, read_json, read_nifti_array, write_json
+from lesiondiffusion.io import atomic_dir, check_output_target, file_sha256, image_exists, image_stem, read_json, read_nifti_array, output_lock, work_dir, write_json
 from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
@@ -491,6 +490,7 @@ def synthesize(
     out_dir = Path(out).expanduser().absolute()  # the bundles run in their own folders
     if out_dir.exists() and not overwrite:
         raise LesionDiffusionError(f"{out_dir}: output folder exists; pass --overwrite to replace it")
+    check_output_target(out_dir, overwrite)  # a file, or the current folder, is refused before any work
     settings = SynthesisSettings(
         seed=int(seed), num_lesions=int(num_lesions), steps=int(steps), sampler=str(sampler), guidance_scale=float(guidance),
         margin_mm=float(margin_mm), feather_mm=float(feather_mm), preset=str(preset), report_provider=str(report_provider),
@@ -506,8 +506,8 @@ def synthesize(
 
     timings: dict[str, float] = {}
     memory: dict[str, float | None] = {}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".lesiondiffusion-work-", dir=out_dir.parent) as tmp:
+    # one writer per output: a second run refuses here; work folders go on every exit path
+    with output_lock(out_dir, overwrite, "synthesize"), work_dir(out_dir) as tmp:
         work = Path(tmp)
         lists = _write_inputs(work, states)
         stages = (

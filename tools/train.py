@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.io import output_lock
 from lesiondiffusion.dataset import datalist_version
 from lesiondiffusion.labels import VERSION_CHOICES, choose_version
 from lesiondiffusion.settings import flag
@@ -79,6 +80,16 @@ def train(
     organ_seg_version = choose_version(organ_seg_version, datalist_version(data))  # the flag, else the datalist's declaration
     if organ_seg_version == "v2" and not flag(prepare):
         raise LesionDiffusionError("the networks train on v1 organ maps: add --prepare to convert v2 maps")
+    with output_lock(out_dir, False, "train"):  # one training run per output folder
+        return _train(stages, data, out_dir, preset, max_epochs, iter_num, seed, vqgan_weights, resume, device, prepare, val_fraction,
+                      organ_seg_version, per_stage, overrides)
+
+
+def _train(
+    stages: tuple[str, ...], data: Path, out_dir: Path, preset: str, max_epochs: int | None, iter_num: int | None, seed: int,
+    vqgan_weights: str | None, resume: bool, device: str | None, prepare: bool, val_fraction: float, organ_seg_version: str,
+    per_stage: dict[str, dict[str, Any]], overrides: dict[str, Any],
+) -> dict[str, Path]:  # fmt: skip
     if flag(prepare):
         prepared = out_dir / "prepared"
         logger.info("preparing the training set -> %s", prepared)
