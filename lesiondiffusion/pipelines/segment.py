@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.extras import install_hint
 from lesiondiffusion.labels import AUTO, VERSION_CHOICES, VERSIONS, choose_version, convert_ids, label_table, relabel, resolve_version
 from lesiondiffusion.settings import flag
 
@@ -41,7 +42,7 @@ TASK_WEIGHTS: dict[str, dict[bool, tuple[int, ...]]] = {
     "total": {False: (291, 292, 293, 294, 295), True: (297,)},
     "total_mr": {False: (850, 851), True: (852,)},
 }
-INSTALL_HINT = "pip install '.[totalseg]'"
+INSTALL_HINT = install_hint("totalseg")
 
 
 def totalseg_weights_dir() -> Path:

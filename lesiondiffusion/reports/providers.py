@@ -35,6 +35,7 @@ from lesiondiffusion.attributes import (
     report_conflicts,
 )
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.extras import require as require_extra
 from lesiondiffusion.report import format_ct_value, format_size, to_report_axes
 from lesiondiffusion.text import ANSWER_INSTRUCTIONS, TextError, TextReading, answer_schema, read_description, reading_from_answer
 
@@ -198,7 +199,7 @@ class OpenAIReportProvider:
         """Up to ``max_retries + 1`` schema-checked attempts; ``accept`` turns an answer into the result or
         raises :class:`ProviderFailure` (the attempt fails). Returns ``(result, "")`` or ``(None, one-line reason)``;
         the key never appears in a message."""
-        import openai
+        openai = require_extra("llm", "the openai report provider")  # an extra: one line when it is missing
 
         attempts = self.max_retries + 1
         reason = key = ""
