@@ -25,10 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CPU_GFLOPS = 145.0  # this machine's fp32 matrix-product rate (2 cores), design section 8 (docs/design.md)
 
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # ``lesiondiffusion`` when run from a checkout without installing
+from lesiondiffusion.data_paths import DEMO_DATA
 
-from lesiondiffusion.data_paths import DEMO_DATA as DEMO  # noqa: E402  (needs the path above)
+DEMO = DEMO_DATA  # the demo cases every benchmark builds its inputs from
 
 
 # ---- memory ----------------------------------------------------------------------------------------
@@ -94,15 +93,12 @@ def flop_rate(flops: int, seconds: float) -> dict[str, float]:
 def bundle_parser(bundle: Path, config: str, overrides: dict[str, Any] | None = None, chdir: bool = False, globals: dict | None = None):
     """A MONAI ``ConfigParser`` of ``bundle/configs/config`` with command-line style ``overrides``.
 
-    The bundle folder goes on ``sys.path`` (its configs import the bundle's ``scripts``) as
-    ``monai.bundle run`` arranges it; ``chdir`` also makes it the working directory.
+    ``chdir`` also makes the bundle folder the working directory.
     """
     from monai.bundle import ConfigParser
 
     if chdir:
         os.chdir(bundle)
-    if str(bundle) not in sys.path:
-        sys.path.insert(0, str(bundle))
     parser = ConfigParser(globals=globals) if globals is not None else ConfigParser()
     parser.read_config(str(bundle / "configs" / config))
     parser["bundle_root"] = str(bundle)

@@ -128,7 +128,7 @@ def part_infer(work: Path, preset: str, steps: int, device: str) -> dict[str, An
     parser["network"] = network  # random weights: speed does not depend on their values
     inpainter = parser.get_parsed_content("inpainter")
     inpainter.sampler.progress = False
-    inpaint = importlib.import_module("scripts.inpaint")
+    inpaint = importlib.import_module("lesiondiffusion.pipelines.linet")
     case = inpaint.read_manifest(manifest).cases[0]
     times = []
     for repeat in range(2):  # the first pays for lazy initialisation; report the second

@@ -70,7 +70,7 @@ def round_trip(inpainter, image: Any, lesion: Any) -> Any:
     import torch
 
     from lesiondiffusion import autoencoder as ae
-    from scripts.inpaint import crop_padded, crop_window
+    from lesiondiffusion.pipelines.linet import crop_padded, crop_window
 
     start, size = crop_window(lesion, inpainter.crop_size, 8, inpainter.multiple)
     unit = torch.as_tensor(inpainter.to_unit(crop_padded(image, start, size, fill=-1000.0)))[None, None].float()
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lesiondiffusion.report import format_ct_value, read_report
 
     parser = bundle_parser(BUNDLE, "inference.json", {"preset": args.preset})
-    from scripts.inpaint import LesionInpainter  # the bundle's own code (its folder is on sys.path now)
+    from lesiondiffusion.pipelines.linet import LesionInpainter
 
     network = load_weights(parser.get_parsed_content("network_def"), args.weights)
     vq = ae.load_vqvae(args.vqgan_weights, preset=args.preset)

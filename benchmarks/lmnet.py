@@ -104,7 +104,7 @@ def sample_phase(steps: int) -> dict:
     net = parser.get_parsed_content("network_def").eval()
     sampler = parser.get_parsed_content("diffusion_sampler")
     crop = parser.get_parsed_content("crop")
-    import scripts.postprocess as post
+    import lesiondiffusion.pipelines.mask_postprocess as post
 
     extra = torch.zeros(1, 3, *crop)
     extra[:, 2, crop[0] // 4 : 3 * crop[0] // 4, crop[1] // 4 : 3 * crop[1] // 4, crop[2] // 4 : 3 * crop[2] // 4] = 1

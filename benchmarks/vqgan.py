@@ -70,7 +70,7 @@ def train_phase(iters: int, adversarial: bool) -> dict:
             "iter_num": iters, "max_epochs": 1, "adv_start": 0 if adversarial else 10**9, "num_workers": 0,
             "progress": False, "val_interval": 10**9,
         }  # fmt: skip
-        globals_ = {"monai": "monai", "torch": "torch", "np": "numpy", "numpy": "numpy", "scripts": "scripts"}
+        globals_ = {"monai": "monai", "torch": "torch", "np": "numpy", "numpy": "numpy"}
         parser = bundle_parser(BUNDLE, "train.json", overrides, chdir=True, globals=globals_)
         parser.get_parsed_content("initialize")
         t0 = time.perf_counter()

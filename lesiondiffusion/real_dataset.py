@@ -74,10 +74,8 @@ seed, same dataset.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -106,7 +104,6 @@ from lesiondiffusion.attributes import (
     organ_reference_hu,
     report_from_measurements,
 )
-from lesiondiffusion.data_paths import BUNDLES
 from lesiondiffusion.dataset import Case, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_json, read_nifti_array, save_nifti, write_json, write_text
@@ -220,16 +217,10 @@ def read_corpus(corpus: Path) -> list[CorpusScan]:
 
 @lru_cache(maxsize=1)
 def _segment_module() -> ModuleType:
-    """The preprocess bundle's ``scripts/segment.py`` (TotalSegmentator adapter, ``to_v1``), loaded by path
-    under its own name: two bundles' ``scripts`` packages must not meet in one process."""
-    name = "lesiondiffusion_preprocess_segment"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BUNDLES / "preprocess" / "scripts" / "segment.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    """The preprocess stage's organ segmentation (TotalSegmentator adapter, ``to_v1``), imported on first use."""
+    from lesiondiffusion.pipelines import segment
+
+    return segment
 
 
 @dataclass

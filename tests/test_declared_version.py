@@ -118,8 +118,7 @@ def test_declared_v1_lungs_only_map_preprocesses_without_the_flag(tmp_path: Path
 
 
 def test_an_unknown_declaration_in_a_version_list_is_one_error(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "preprocess"))
-    from scripts.inputs import read_version_lines
+    from lesiondiffusion.pipelines.preprocess_inputs import read_version_lines
 
     (tmp_path / "v.txt").write_text("v1\nauto\nv4\n")
     with pytest.raises(LesionDiffusionError, match=r"v.txt:3: 'v4' is not one of v1, v2, auto"):

@@ -10,7 +10,6 @@ than the crop.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -28,13 +26,16 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from ddp_probe import check_ranks, probe_config, sharded_datalist
 from lesiondiffusion import autoencoder as ae
 from lesiondiffusion.geometry import record_geometry, standardise, write_geometry
 from lesiondiffusion.manifest import CaseEntry, LesionEntry, Manifest, read_manifest, write_manifest
+from lesiondiffusion.networks import linet as linet_net
 from lesiondiffusion.paste import outside_margin
+from lesiondiffusion.pipelines import linet as linet_pipeline
 from lesiondiffusion.placement import Box
 from lesiondiffusion.transforms import CTIntensityMap
+
+from ddp_probe import check_ranks, probe_config, sharded_datalist
 
 ROOT = Path(__file__).resolve().parents[1]
 LINET = ROOT / "bundles" / "linet"
@@ -56,17 +57,6 @@ MARGIN_MM = 3.0
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.slow
-
-
-def load_scripts() -> ModuleType:
-    """The bundle's ``scripts`` package under its own name (other bundles also have a ``scripts``)."""
-    name = "linet_bundle_scripts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, LINET / "scripts" / "__init__.py", submodule_search_locations=[str(LINET / "scripts")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def command(config: str | list[str], *args: str, torchrun: bool = False) -> list[str]:
@@ -401,7 +391,7 @@ def test_metadata_verifies():
 
 # ---- pieces --------------------------------------------------------------------------------------
 def test_loss_is_l1_inside_the_mask_normalised_per_sample():
-    train = load_scripts().train
+    train = linet_net
     pred = torch.zeros(2, 4, 4, 4, 4)
     target = torch.ones(2, 4, 4, 4, 4)
     weight = torch.zeros(2, 1, 4, 4, 4)
@@ -415,7 +405,7 @@ def test_loss_is_l1_inside_the_mask_normalised_per_sample():
 
 
 def test_latent_mask_covers_every_lesion_voxel():
-    train = load_scripts().train
+    train = linet_net
     mask = torch.zeros(1, 1, 16, 16, 16)
     mask[0, 0, 5, 6, 7] = 1
     m = train.latent_mask(mask, 4)
@@ -423,7 +413,7 @@ def test_latent_mask_covers_every_lesion_voxel():
 
 
 def test_crop_window_grows_for_large_lesions_and_pads_beyond_the_volume():
-    inpaint = load_scripts().inpaint
+    inpaint = linet_pipeline
     mask = np.zeros((20, 18, 16), bool)
     mask[8:12, 7:11, 6:10] = True
     start, size = inpaint.crop_window(mask, (32, 32, 32), 3, 16)
@@ -442,7 +432,7 @@ def test_crop_window_grows_for_large_lesions_and_pads_beyond_the_volume():
 
 
 def test_intensity_prior_fills_the_lesion_flat_at_its_mean_or_the_asked_value():
-    train = load_scripts().train
+    train = linet_net
     to_unit, to_hu = CTIntensityMap(), CTIntensityMap(inverse=True)
     image = torch.as_tensor(to_unit(torch.linspace(-100, 100, 2 * 8**3).reshape(2, 1, 8, 8, 8)))
     mask = torch.zeros(2, 1, 8, 8, 8)
@@ -459,7 +449,7 @@ def test_intensity_prior_fills_the_lesion_flat_at_its_mean_or_the_asked_value():
 
 
 def test_prepare_batch_diffuses_the_residual_over_the_prior_inside_the_mask(vqgan):
-    train = load_scripts().train
+    train = linet_net
     from lesiondiffusion.diffusion import training_scheduler
 
     torch.manual_seed(0)
@@ -479,7 +469,7 @@ def test_prepare_batch_diffuses_the_residual_over_the_prior_inside_the_mask(vqga
 
 
 def test_prior_fill_meets_the_target_through_a_lossy_autoencoder(vqgan, monkeypatch):
-    inpaint = load_scripts().inpaint
+    inpaint = linet_pipeline
     from lesiondiffusion.diffusion import DiffusionSampler
 
     inpainter = inpaint.LesionInpainter(torch.nn.Identity(), ae.load_vqvae(str(vqgan)), DiffusionSampler("ddim", 1, progress=False))
@@ -504,7 +494,7 @@ def test_prior_fill_meets_the_target_through_a_lossy_autoencoder(vqgan, monkeypa
 
 
 def test_mask_head_adds_a_dice_term_on_the_lesion_fraction_and_is_dropped_for_sampling(vqgan):
-    train = load_scripts().train
+    train = linet_net
     from lesiondiffusion.diffusion import training_scheduler
 
     pred = torch.zeros(1, 5, 4, 4, 4)  # 4 latent channels + a mask logit

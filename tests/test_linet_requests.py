@@ -22,6 +22,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from scipy import ndimage
+from test_linet_bundle import LINET
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.conditioning import lesion_attributes
@@ -30,8 +31,6 @@ from lesiondiffusion.manifest import CaseEntry, LesionEntry
 from lesiondiffusion.paste import paste, read_stored
 from lesiondiffusion.placement import Box
 from lesiondiffusion.report import format_ct_value
-from test_linet_bundle import LINET, load_scripts
-
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +39,9 @@ def inpainter(steps: int):
     """The bundle's inpainter as its ``inference.json`` builds it: shipped weights, ``steps`` DDIM steps, CPU."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser(globals={"scripts": load_scripts()})
+    parser = ConfigParser()
     parser.read_config(LINET / "configs" / "inference.json")
-    parser["imports"] = [i for i in parser["imports"] if "scripts" not in i]
     parser.update({"bundle_root": str(LINET), "device": "$torch.device('cpu')", "steps": steps, "diffusion_sampler#progress": False})
-    parser["inpainter#_target_"] = "linet_bundle_scripts.inpaint.LesionInpainter"  # the bundle's own, loaded by path
     return parser.get_parsed_content("inpainter")
 
 

@@ -5,9 +5,6 @@ Two bundles' ``scripts`` packages share a name, so this module imports the LMNet
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +14,12 @@ from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.pipelines import lmnet as inference
+from lesiondiffusion.pipelines import mask_inputs, mask_postprocess
+from lesiondiffusion.training import split_datalist
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "bundles" / "lmnet" / "scripts"
+LMNET_NEEDS = ("label", "report", "organ_seg")
 
-
-def load_lmnet_scripts():
-    """The LMNet bundle's ``scripts`` package as ``lmnet_scripts`` (with its submodules)."""
-    name = "lmnet_scripts"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / "__init__.py", submodule_search_locations=[str(SCRIPTS)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = load_lmnet_scripts()
-inference = importlib.import_module("lmnet_scripts.inference")
 
 
 def blob(shape, centre, radius):
@@ -47,8 +33,8 @@ def test_threshold_sweep_picks_the_volume_closest_to_the_target():
     field = blob((24, 24, 24), (12, 12, 12), 8.0)
     allowed = np.ones(field.shape, bool)
     for target in (50, 400, 1500):
-        mask = S.postprocess.select_mask(field, allowed, target)
-        errors = [abs(S.postprocess.largest_component(field > t)[1] - target) for t in S.postprocess.DEFAULT_THRESHOLDS]
+        mask = mask_postprocess.select_mask(field, allowed, target)
+        errors = [abs(mask_postprocess.largest_component(field > t)[1] - target) for t in mask_postprocess.DEFAULT_THRESHOLDS]
         assert abs(int(mask.sum()) - target) == min(errors)
 
 
@@ -56,25 +42,25 @@ def test_selected_mask_is_one_component_inside_the_allowed_region():
     field = np.maximum(blob((24, 24, 24), (6, 12, 12), 5.0), blob((24, 24, 24), (18, 12, 12), 3.0))
     allowed = np.zeros(field.shape, bool)
     allowed[:, :, :14] = True
-    mask = S.postprocess.select_mask(field, allowed, target_volume=300)
+    mask = mask_postprocess.select_mask(field, allowed, target_volume=300)
     assert mask is not None and not (mask & ~allowed).any()
     assert ndi.label(mask)[1] == 1
     assert mask[6, 12, 10] and not mask[18, 12, 12]  # the larger blob wins
-    assert S.postprocess.select_mask(field, np.zeros_like(allowed), 100) is None
-    assert S.postprocess.select_mask(field, allowed, 100, min_voxels=10_000) is None
+    assert mask_postprocess.select_mask(field, np.zeros_like(allowed), 100) is None
+    assert mask_postprocess.select_mask(field, allowed, 100, min_voxels=10_000) is None
 
 
 def test_the_selected_mask_has_no_enclosed_hole():
     field = blob((24, 24, 24), (12, 12, 12), 8.0)
     field[12, 12, 12] = -1.0  # one voxel of the sampled field below every threshold, deep inside
-    mask = S.postprocess.select_mask(field, np.ones(field.shape, bool), target_volume=900)
+    mask = mask_postprocess.select_mask(field, np.ones(field.shape, bool), target_volume=900)
     assert mask[12, 12, 12] and not (ndi.binary_fill_holes(mask) & ~mask).any()
 
 
 def test_signed_distance_target_is_smooth_with_the_mask_as_its_positive_set():
     mask = np.zeros((20, 20, 12), bool)
     mask[5:15, 6:14, 3:9] = True
-    field = S.transforms.signed_distance_target(mask, spacing=2.0, softness_mm=2.0)
+    field = mask_inputs.signed_distance_target(mask, spacing=2.0, softness_mm=2.0)
     assert field.dtype == np.float32 and field.min() >= -1 and field.max() <= 1
     assert np.array_equal(field > 0, mask)  # the zero level set is the mask's border
     # one voxel on either side of the border sits at +-half a voxel (1 mm): tanh(0.5), not +-1
@@ -89,14 +75,14 @@ def test_signed_distance_target_is_smooth_with_the_mask_as_its_positive_set():
 def test_mask_target_transform_kinds():
     lesion = torch.zeros(1, 10, 10, 10)
     lesion[0, 3:7, 3:7, 3:7] = 1
-    binary = S.transforms.MaskTargetd("lesion", kind="binary")({"lesion": lesion})["lesion"]
+    binary = mask_inputs.MaskTargetd("lesion", kind="binary")({"lesion": lesion})["lesion"]
     assert torch.equal(binary, lesion * 2 - 1)
     meta = MetaTensor(lesion, meta={"filename_or_obj": "x.nii.gz"})
-    sdf = S.transforms.MaskTargetd("lesion", kind="sdf", spacing=1.0, softness_mm=1.0)({"lesion": meta})["lesion"]
+    sdf = mask_inputs.MaskTargetd("lesion", kind="sdf", spacing=1.0, softness_mm=1.0)({"lesion": meta})["lesion"]
     assert isinstance(sdf, MetaTensor) and sdf.meta["filename_or_obj"] == "x.nii.gz"
     assert torch.equal(sdf > 0, lesion > 0) and not torch.equal(sdf, binary)
     with pytest.raises(InputError, match="mask_target"):
-        S.transforms.MaskTargetd("lesion", kind="ellipse")
+        mask_inputs.MaskTargetd("lesion", kind="ellipse")
 
 
 def test_fragments_cut_off_by_resampling_become_organ():
@@ -106,22 +92,22 @@ def test_fragments_cut_off_by_resampling_become_organ():
     label[10, 10, 10] = 2  # a fragment of A, cut off on the coarse grid
     label[12:16, 12:16, 12:16] = 2  # lesion B
     label[9, 9, 9] = 1  # not part of anything: stays organ
-    out = S.postprocess.whole_lesions(label.copy(), n_lesions=2)
+    out = mask_postprocess.whole_lesions(label.copy(), n_lesions=2)
     assert out[10, 10, 10] == 1 and (out[4:9, 4:9, 4:9] == 2).all() and (out[12:16, 12:16, 12:16] == 2).all()
     assert ndi.label(out == 2, structure=np.ones((3, 3, 3)))[1] == 2
     touching = label.copy()
     touching[9, 9, 9] = 2  # diagonal bridge: A and the fragment are one 26-connected piece with it
-    assert np.array_equal(S.postprocess.whole_lesions(touching.copy(), n_lesions=2), touching)
-    assert (S.postprocess.whole_lesions(label.copy(), n_lesions=1) == 2).sum() == 125  # only A, the largest
+    assert np.array_equal(mask_postprocess.whole_lesions(touching.copy(), n_lesions=2), touching)
+    assert (mask_postprocess.whole_lesions(label.copy(), n_lesions=1) == 2).sum() == 125  # only A, the largest
 
 
 def test_crop_window_pads_outside_the_array():
     array = torch.arange(6 * 5 * 4, dtype=torch.float32).reshape(1, 6, 5, 4)
-    out = S.transforms.crop_array(array, centre=(0, 2, 3), size=(4, 4, 4), fill=-1)
+    out = mask_inputs.crop_array(array, centre=(0, 2, 3), size=(4, 4, 4), fill=-1)
     assert out.shape == (1, 4, 4, 4)
     assert torch.equal(out[0, 2:, :, :3], array[0, :2, 0:4, 1:4])  # window starts at (-2, 0, 1)
     assert (out[0, :2] == -1).all() and (out[0, :, :, 3] == -1).all()
-    src, dst = S.transforms.crop_window((100, 2, 2), (4, 4, 4), (6, 5, 4))  # fully outside on one axis
+    src, dst = mask_inputs.crop_window((100, 2, 2), (4, 4, 4), (6, 5, 4))  # fully outside on one axis
     assert src[0].stop - src[0].start == 0 and dst[0].stop - dst[0].start == 0
 
 
@@ -132,7 +118,7 @@ def test_lesion_inputs_from_label_and_organ_map():
     label[0, 10, 10, 10] = 2  # a second lesion voxel widens the box
     seg = torch.zeros_like(label)
     seg[0, 4:16, 4:16, 4:16] = 5
-    out = S.transforms.LesionInputsd(box_weight=100.0)({"label": MetaTensor(label), "organ_seg": MetaTensor(seg)})
+    out = mask_inputs.LesionInputsd(box_weight=100.0)({"label": MetaTensor(label), "organ_seg": MetaTensor(seg)})
     assert out["organ_id"] == 5
     assert torch.equal(out["lesion"], (label == 2).float())
     assert torch.equal(out["organ_mask"], (label >= 1).float())
@@ -141,11 +127,11 @@ def test_lesion_inputs_from_label_and_organ_map():
     assert torch.equal(out["box"], box)
     assert torch.equal(out["weight"], 1 + 99 * box)
     assert torch.allclose(out["organ_channel"], seg / 104)
-    cropped = S.transforms.CropAroundBoxd(["box", "lesion"], spatial_size=(8, 8, 8))(out)
+    cropped = mask_inputs.CropAroundBoxd(["box", "lesion"], spatial_size=(8, 8, 8))(out)
     assert cropped["box"].shape == (1, 8, 8, 8) and cropped["box"].sum() == box.sum()
     empty = MetaTensor(torch.zeros_like(label), meta={"filename_or_obj": "/data/case/label.nii.gz"})
     with pytest.raises(InputError, match="label.nii.gz: the label map has no lesion voxels"):
-        S.transforms.LesionInputsd()({"label": empty, "organ_seg": MetaTensor(seg)})
+        mask_inputs.LesionInputsd()({"label": empty, "organ_seg": MetaTensor(seg)})
 
 
 def test_split_datalist(tmp_path):
@@ -157,12 +143,12 @@ def test_split_datalist(tmp_path):
         (tmp_path / f"r{i}.json").write_text("{}")
     cases = [{"image": f"label{i}.nii.gz", "label": f"label{i}.nii.gz", "report": f"r{i}.json", "organ_seg": f"organ_seg{i}.nii.gz"} for i in range(4)]
     (tmp_path / "dl.json").write_text(json.dumps({"training": cases}))
-    train, val = S.data.split_datalist(tmp_path / "dl.json", val_fraction=0.25)
+    train, val = split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet", val_fraction=0.25)
     assert len(train) == 3 and len(val) == 1 and val[0]["label"] == str(tmp_path / "label3.nii.gz")
-    assert S.data.split_datalist(tmp_path / "dl.json")[1] == []
+    assert split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet")[1] == []
     (tmp_path / "bad.json").write_text(json.dumps({"training": [{"image": "label0.nii.gz"}]}))
-    with pytest.raises(InputError, match="bad.json: entry training\\[0\\] lacks label, report, organ_seg"):
-        S.data.split_datalist(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="bad.json: entry training\\[0\\] lacks label, report, organ_seg \\(LMNet needs label, report, organ_seg\\)"):
+        split_datalist(tmp_path / "bad.json", LMNET_NEEDS, "LMNet")
 
 
 # ---- drawing one lesion: retries and the gap to lesions already drawn -------------------------------

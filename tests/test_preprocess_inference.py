@@ -8,7 +8,6 @@ the liver case resliced to 0.8 x 0.8 x 2.5 mm in (P, I, L) axis order.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,18 +26,18 @@ from scipy import ndimage as ndi
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
 from lesiondiffusion.manifest import read_manifest
+from lesiondiffusion.pipelines.preprocess_inputs import read_requests
 from lesiondiffusion.placement import Box
 from lesiondiffusion.report import read_report
-from lesiondiffusion.vocabulary import CAVITY_LUMEN, CAVITY_PROTRUDING, CAVITY_WALL, CAVITY_WITHIN
+from lesiondiffusion.vocabulary import (
+    CAVITY_LUMEN,
+    CAVITY_PROTRUDING,
+    CAVITY_WALL,
+    CAVITY_WITHIN,
+)
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
 
-# loaded by path under its own name: two bundles' ``scripts`` packages must not meet in one process
-_spec = importlib.util.spec_from_file_location("preprocess_inputs", BUNDLE / "scripts" / "inputs.py")
-inputs_module = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = inputs_module  # dataclasses look their module up there
-_spec.loader.exec_module(inputs_module)
-read_requests = inputs_module.read_requests
 LIVER = {"organ type": "liver", "lesion type": "cyst", "cavity": CAVITY_PROTRUDING, "density": "hyperdense lesion,"}
 BLADDER_WALL = {"organ type": "bladder", "lesion type": "tumor", "cavity": CAVITY_WALL}
 BLADDER_LUMEN = {"organ type": "Urinary_Bladder", "lesion type": "polyp", "cavity": CAVITY_LUMEN}

@@ -7,7 +7,6 @@ reports with the demo's original ``type.json``; bad inputs are checked in-proces
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,22 +15,27 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.transforms import Compose, LoadImage, LoadImaged, Orientation, Orientationd, Spacing, Spacingd
+from monai.transforms import (
+    Compose,
+    LoadImage,
+    LoadImaged,
+    Orientation,
+    Orientationd,
+    Spacing,
+    Spacingd,
+)
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.dataset import read_datalist, read_split
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import save_nifti
+from lesiondiffusion.pipelines import prepare
 from lesiondiffusion.report import read_report
 
 from conftest import snapshot
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
 
-# loaded by path under its own name: two bundles' ``scripts`` packages must not meet in one process
-_spec = importlib.util.spec_from_file_location("preprocess_prepare", BUNDLE / "scripts" / "prepare.py")
-prepare = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare)
 
 # Where the extracted reports of the demo cases differ from the original type.json, and why. Every other
 # field that both reports fill agrees in class. (The demo has no CT: the test CT is the phantom of

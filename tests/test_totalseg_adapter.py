@@ -26,13 +26,10 @@ from monai.transforms import LoadImage
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import standardise
 from lesiondiffusion.labels import convert_ids, label_table
+from lesiondiffusion.pipelines import segment
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
 
-# loaded by path under its own name: two bundles' ``scripts`` packages must not meet in one process
-_spec = importlib.util.spec_from_file_location("preprocess_segment", BUNDLE / "scripts" / "segment.py")
-segment = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(segment)
 
 FAKE_API = '''
 import json, os
@@ -113,7 +110,8 @@ def ct_image(shape=(12, 10, 8)) -> nib.Nifti1Image:
 
 
 def test_absent_package_is_reported_with_the_install_hint(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "totalsegmentator" else _spec)
+    other = importlib.util.find_spec("lesiondiffusion")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "totalsegmentator" else other)
     reason = segment.TotalSegmentatorAdapter().unavailable_reason()
     assert "not installed" in reason and "pip install '.[totalseg]'" in reason
 

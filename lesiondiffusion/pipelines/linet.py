@@ -48,12 +48,11 @@ from lesiondiffusion.geometry import read_geometry, to_input_grid
 from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
+from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
 from lesiondiffusion.paste import paste, read_stored, save_like, voxel_spacing
 from lesiondiffusion.preview import write_preview
 from lesiondiffusion.transforms import CTIntensityMap
 from lesiondiffusion.vocabulary import CT_VALUE
-
-from .train import NoiseOnly, intensity_prior, latent_mask
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,9 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, save_on_input_grid
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
+from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
+from lesiondiffusion.pipelines.mask_postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, select_mask, whole_lesions
 from lesiondiffusion.placement import Box, PlacementError, allowed_region, box_mask
-
-from .postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, select_mask, whole_lesions
-from .transforms import ORGAN_SCALE, crop_window, working_size
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def select_mask(
     ``field`` is the sampled mask in [-1, 1]; each threshold keeps ``field > t`` within ``allowed`` and
     its largest component; components smaller than ``min_voxels`` never win. None when nothing qualifies.
     The winner's enclosed holes (voxels no path outside reaches) are filled within ``allowed``: a light
-    clean-up, the field itself being smooth (see :func:`scripts.transforms.signed_distance_target`).
+    clean-up, the field itself being smooth (see :func:`lesiondiffusion.pipelines.mask_inputs.signed_distance_target`).
     """
     allowed = np.asarray(allowed, dtype=bool)
     best, best_err = None, math.inf

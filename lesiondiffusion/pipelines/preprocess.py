@@ -7,7 +7,7 @@ Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
 - ``source_image.nii.gz``, only for a DICOM series folder or an NRRD file: the input as NIfTI on its own
   grid (RAS+ affine from the reader's metadata, HU after rescale slope/intercept); the manifest's
   ``source_image`` points to it (``input_image`` to the user's input), so later stages write onto it;
-- ``organ_seg.nii.gz``: the organ map on that grid, v1 numbering (``scripts.segment``; a user's map in
+- ``organ_seg.nii.gz``: the organ map on that grid, v1 numbering (:mod:`lesiondiffusion.pipelines.segment`; a user's map in
   v1 or v2 numbering, told from its labels and anatomy unless ``organ_seg_version`` says which, or the
   case's line of ``organ_seg_version_list`` declares it);
 - ``lesion_<k>.json`` for each of ``num_lesions`` lesions: the full report (``type.json`` format, user
@@ -38,13 +38,12 @@ from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_
 from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, save_nifti
 from lesiondiffusion.labels import is_hollow
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
+from lesiondiffusion.pipelines.preprocess_inputs import CaseRequest, read_requests
+from lesiondiffusion.pipelines.segment import OrganSegmenter
 from lesiondiffusion.placement import DEFAULT_EROSION, Box, bounding_box, place_box
 from lesiondiffusion.report import Report, write_report
 from lesiondiffusion.settings import flag
 from lesiondiffusion.vocabulary import CAVITY
-
-from .inputs import CaseRequest, read_requests
-from .segment import OrganSegmenter
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,2 @@
-"""The LINet bundle's own code (latent prepare-batch and loss, lesion inpainting)."""
-
-from . import inpaint, train
-
-__all__ = ["inpaint", "train"]
+"""The LINet bundle has no code of its own: its configs build :mod:`lesiondiffusion.pipelines.linet`
+(inference), :mod:`lesiondiffusion.networks.linet` (latent prepare-batch, loss) and :mod:`lesiondiffusion.training`."""

@@ -1,5 +1,6 @@
-"""LMNet bundle code: training inputs from label maps, crops around the box, inference and post-processing."""
+"""LMNet bundle glue: the training data split. Inference and the input transforms live in the package
+(:mod:`lesiondiffusion.pipelines.lmnet`, :mod:`lesiondiffusion.pipelines.mask_inputs`)."""
 
-from . import data, postprocess, transforms
+from . import data
 
-__all__ = ["data", "postprocess", "transforms"]
+__all__ = ["data"]

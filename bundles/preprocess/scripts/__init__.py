@@ -1,1 +1,2 @@
-"""Code of the preprocess bundle (inputs, organ segmentation, the inference loop, report providers)."""
+"""The preprocess bundle has no code of its own: its configs build :mod:`lesiondiffusion.pipelines.preprocess`
+(inference) and :mod:`lesiondiffusion.pipelines.prepare` (training-set preparation)."""

@@ -1,0 +1,107 @@
+"""Training glue every network's ``train.json`` calls: the datalist split, the epoch sampler, input checks
+and fine-tuning (design 5). One behaviour for every bundle."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from monai.data import DistributedWeightedRandomSampler
+from torch import nn
+from torch.utils.data import Dataset, RandomSampler, Sampler
+
+from lesiondiffusion.dataset import read_datalist
+from lesiondiffusion.errors import InputError
+from lesiondiffusion.io import PathLike
+
+logger = logging.getLogger(__name__)
+
+
+def split_datalist(
+    datalist: PathLike | None,
+    needed: Sequence[str],
+    network: str = "the network",
+    val_fraction: float = 0.0,
+    train_key: str = "training",
+    val_key: str = "validation",
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """``(training, validation)`` cases of a datalist, as dicts of absolute paths.
+
+    Every case needs the ``needed`` keys, each an existing file. When the datalist has no ``val_key``
+    split, the last ``val_fraction`` of the training cases (at least one, when the fraction is positive
+    and two or more cases exist) become the validation split.
+    """
+    if not datalist:
+        raise InputError(None, "no datalist given; set datalist to a datalist JSON (--datalist FILE)")
+    splits = read_datalist(datalist)
+    train = [c.to_dict() for c in splits.get(train_key, [])]
+    val = [c.to_dict() for c in splits.get(val_key, [])]
+    if not train:
+        raise InputError(datalist, f"no {train_key!r} cases")
+    for where, cases in ((train_key, train), (val_key, val)):
+        for i, case in enumerate(cases):
+            missing = [k for k in needed if k not in case]
+            if missing:
+                raise InputError(
+                    datalist, f"entry {where}[{i}] lacks {', '.join(missing)} ({network} needs {', '.join(needed)})"
+                )
+            for key in needed:
+                if not existing(case[key]):
+                    raise InputError(case[key], f"{key} file not found (listed in {datalist})")
+    if not val and float(val_fraction) > 0 and len(train) > 1:
+        n = min(len(train) - 1, max(1, round(float(val_fraction) * len(train))))
+        train, val = train[:-n], train[-n:]
+    logger.info("%s data: %d training case(s), %d validation case(s)", network, len(train), len(val))
+    return train, val
+
+
+def epoch_sampler(dataset: Dataset, iter_num: int, batch_size: int, distributed: bool = False, seed: int = 0) -> Sampler:
+    """Draw ``iter_num * batch_size`` cases at random (with replacement) per epoch (per rank when distributed).
+
+    The epoch length is independent of the dataset size (the original's ``random_sample`` + ``iter_num``).
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise InputError(None, "the training split is empty; check datalist")
+    count = int(iter_num) * int(batch_size)
+    generator = torch.Generator().manual_seed(int(seed))
+    if distributed:
+        return DistributedWeightedRandomSampler(dataset, weights=[1.0] * n, num_samples_per_rank=count, generator=generator)
+    return RandomSampler(dataset, replacement=True, num_samples=count, generator=generator)
+
+
+def existing(path: PathLike | None) -> bool:
+    """True when ``path`` names an existing file (for ``_disabled_`` switches of loaders)."""
+    return bool(path) and Path(str(path)).is_file()
+
+
+def require_file(path: PathLike | None, setting: str, what: str) -> str:
+    """``path`` when it is an existing file; otherwise an :class:`InputError` saying which setting to fix."""
+    if not existing(path):
+        raise InputError(path or None, f"{what} not found; pass --{setting} FILE")
+    return str(path)
+
+
+def check_training_inputs(settings: Mapping[str, Sequence[str]]) -> None:
+    """Check every named file before anything is built: ``{setting: (path, description)}``."""
+    for setting, (path, what) in settings.items():
+        require_file(path, setting, what)
+
+
+def finetune(network: nn.Module, ema_network: nn.Module | None, weights: PathLike | None) -> None:
+    """Start from trained weights (the original's ``*_ft`` configs): new optimiser, new data.
+
+    Loads the EMA weights of a checkpoint (else its raw network) into the network and its EMA copy;
+    nothing happens when ``weights`` is empty.
+    """
+    if not weights:
+        return
+    from lesiondiffusion.diffusion import load_weights
+
+    target = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    load_weights(target, weights, setting="finetune_from")
+    if ema_network is not None:
+        ema_network.load_state_dict(target.state_dict())
+    logger.info("fine-tuning from %s", weights)
