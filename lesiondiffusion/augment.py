@@ -59,7 +59,7 @@ META_KEY = "lesion_synthesis"
 
 # Sampling settings: the bundles' inference defaults, and the fast ones for training loops.
 FULL = {"mask_steps": None, "image_steps": None, "image_guidance": None, "calibration_rounds": None, "crop_size": None, "context_mm": None}
-FAST = {"mask_steps": 6, "image_steps": 6, "image_guidance": 1.0, "calibration_rounds": 1, "crop_size": (32, 32, 32), "context_mm": 6.0}
+FAST = {"mask_steps": 3, "image_steps": 4, "image_guidance": 1.0, "calibration_rounds": 1, "crop_size": (32, 32, 32), "context_mm": 6.0}
 
 
 @dataclass
@@ -249,6 +249,9 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         self.settings = SynthesisSettings(**{**base, **given})
         self.meta_key = meta_key
         self._engine: LesionEngine | None = None
+        # MONAI's default R is one generator per class, made at import; seeding ours from numpy's global
+        # generator makes the transform follow monai.utils.set_determinism (workers reseed it anyway)
+        self.set_random_state(seed=int(np.random.randint(0, 2**31 - 1)))
         self._do = False
         self._seed = 0
 
@@ -303,7 +306,6 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
             logger.info("no organ of %s in the sample; nothing written", list(self.distribution.organs))
             return image, label, []
 
-        engine = self.engine
         occupied = lab == self.lesion_label  # lesions already there are never overlapped nor repainted
         stored = StoredImage(hu, 1.0, 0.0, nib.Nifti1Image(hu, affine))
         out = hu.copy()
@@ -356,7 +358,7 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         box = place_box(organ_mask, cavity, size, rng, is_hollow(organ_id), avoid=boxes)
         report = report.with_array_box(box.centre, box.size)
         # LMNet's window in this grid's voxels: its trained spacing over the sample's
-        engine.synthesiser.spacing = tuple(engine.lmnet_spacing / float(s) for s in spacing)
+        engine.synthesiser.spacing = engine.lmnet_spacing / float(np.prod(spacing) ** (1.0 / 3.0))
         engine.synthesiser.window = working_size(engine.synthesiser.crop, engine.synthesiser.spacing)
         entry = LesionEntry(organ_id, cavity, report, box)  # type: ignore[arg-type]  # a report object: no file
         mask = engine.synthesiser.draw(seg, entry, occupied, seed=seed % (2**31 - 1))
