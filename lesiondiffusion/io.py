@@ -89,15 +89,31 @@ def load_nifti(path: PathLike, ndim: int | None = 3) -> nib.Nifti1Image:
     if not p.is_file():
         raise InputError(p, "file not found")
     try:
-        img = nib.load(str(p))
+        img = nib.load(str(p)) if p.name.lower().endswith(NIFTI_SUFFIXES) else _nifti_by_content(p)
         shape = img.shape
+    except InputError:
+        raise
     except Exception as e:  # nibabel raises many types for corrupt files
-        raise InputError(p, f"unreadable NIfTI ({type(e).__name__}: {e})") from None
+        raise InputError(p, f"unreadable NIfTI ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if ndim is not None:
         squeezed = tuple(s for i, s in enumerate(shape) if i < ndim or s != 1)
         if len(squeezed) != ndim:
             raise InputError(p, f"expected a {ndim}D image, got shape {tuple(shape)}")
     return img
+
+
+def _nifti_by_content(path: Path) -> nib.Nifti1Image:
+    """A NIfTI file whatever its name (a cache blob behind a symlink, no suffix): told by its header bytes."""
+    import gzip
+
+    with open(path, "rb") as f:  # through any symlink, without replacing the user's path
+        raw = f.read()
+    data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    magic = data[344:348]
+    if len(data) < 352 or magic not in (b"n+1\x00", b"n+2\x00"):
+        raise InputError(path, "not a NIfTI file (no NIfTI header), nor a DICOM folder or NRRD file (.nrrd/.nhdr)")
+    cls = nib.Nifti2Image if magic == b"n+2\x00" else nib.Nifti1Image
+    return cls.from_bytes(data)
 
 
 def read_nifti_array(path: PathLike, dtype: Any = None, ndim: int | None = 3) -> tuple[np.ndarray, nib.Nifti1Image]:

@@ -54,6 +54,8 @@ class SynthesisRequest:
     reading: TextReading | None = None
     given: dict[str, str] | None = None
     organ_seg_version: str | None = None  # the organ map's declared numbering ("v1", "v2"; None: not declared)
+    source: str | None = None  # where the user gave it, for messages ("requests.json: requests[2]", "--attributes")
+    warnings: tuple[str, ...] = ()  # what the input checks found doubtful (lesiondiffusion.sanity), kept in provenance
 
     def to_json(self, base: Path) -> dict[str, Any]:
         """The entry as written, paths relative to ``base``."""
@@ -79,6 +81,8 @@ class SynthesisRequest:
             out["text_reading"] = None if self.reading is None else self.reading.to_json()
             out["given_attributes"] = dict(self.given or {})
         out["attributes"] = dict(self.attributes)
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         return out
 
 
@@ -181,4 +185,4 @@ def _read_entry(path: Path, base: Path, index: int, entry: Any, shared_version: 
     if missing:
         raise bad(f"attributes need {' and '.join(repr(k) for k in missing)}")
     version = _version(entry.get(VERSION_KEY), bad) or shared_version
-    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"], text, reading, given, version)  # type: ignore[arg-type]
+    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"], text, reading, given, version, f"{path}: requests[{index}]")  # type: ignore[arg-type]

@@ -1,6 +1,8 @@
 """``lesiondiffusion synthesize``: CT + description -> synthetic CT, through the three inference bundles.
 
-Stages run as separate bundle processes (:mod:`lesiondiffusion_tools.bundle_runner`), handing on the
+The three bundles' inference configs run one after the other in this process (MONAI's ``ConfigWorkflow``;
+``--isolate`` runs each in its own ``python -m monai.bundle run`` process instead, with the same outputs;
+:mod:`lesiondiffusion_tools.bundle_runner`), handing on the
 manifest (:mod:`lesiondiffusion.manifest`): preprocess (standardise, organ map, report, box) -> LMNet
 (lesion mask) -> LINet (inpaint, paste back into the original CT). Case *i* of the manifest is request
 *i* throughout, so a case that fails in one stage is reported and the others go on.
@@ -32,10 +34,11 @@ from lesiondiffusion.io import atomic_dir, check_output_target, file_sha256, ima
 from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
+from lesiondiffusion.sanity import check_requests
 from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.settings import flag
 from lesiondiffusion.text import TextError, TextReading
-from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle
+from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle, run_bundle_in_process
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +191,10 @@ def gather_requests(
         missing = [k for k in ("organ type", "lesion type") if not merged.get(k, "").strip()]
         if missing:
             raise LesionDiffusionError(f"{img}: no {' and no '.join(repr(k) for k in missing)}; give --organ/--lesion_type or put them in --attributes")
-        out.append(SynthesisRequest(name, img, merged, seg, None if text is None else str(text), reading, None if text is None else given))
+        only_text = text is not None and not given
+        source = f"{attributes_list}:{len(out) + 1}" if attributes_list else ("--text" if only_text else "--attributes")
+        out.append(SynthesisRequest(name, img, merged, seg, None if text is None else str(text), reading, None if text is None else given,
+                                    source=source))  # fmt: skip
     return out
 
 
@@ -238,6 +244,8 @@ def read_texts(requests: Sequence[SynthesisRequest], provider: str, preprocess: 
                 except TextError as e:
                     raise LesionDiffusionError(f"{r.case}: text: {e}") from None
             out[i] = with_reading(r, readings[r.text])
+            if reader.fallbacks:  # what happened is kept with the request (provenance), not only logged
+                out[i] = replace(out[i], warnings=(*out[i].warnings, *reader.fallbacks))
     for r in out:
         if r.reading is not None:
             print(f"{r.case}: {r.text!r} -> {r.reading.summary()}")
@@ -315,12 +323,12 @@ def _write_inputs(work: Path, states: Sequence[CaseState]) -> dict[str, str]:
     """The batch as the preprocess bundle's aligned list files."""
     images = work / "images.txt"
     attributes = work / "attributes.txt"
-    images.write_text("".join(f"{s.request.image.resolve()}\n" for s in states), encoding="utf-8")
+    images.write_text("".join(f"{s.request.image.absolute()}\n" for s in states), encoding="utf-8")
     attributes.write_text("".join(json.dumps(s.request.attributes) + "\n" for s in states), encoding="utf-8")
     lists = {"image_list": str(images), "attributes_list": str(attributes)}
     if states[0].request.organ_seg is not None:
         segs = work / "organ_segs.txt"
-        segs.write_text("".join(f"{s.request.organ_seg.resolve()}\n" for s in states), encoding="utf-8")  # type: ignore[union-attr]
+        segs.write_text("".join(f"{s.request.organ_seg.absolute()}\n" for s in states), encoding="utf-8")  # type: ignore[union-attr]
         lists["organ_seg_list"] = str(segs)
     if any(s.request.organ_seg_version for s in states):  # declared by the requests file; an explicit flag still wins in the bundle
         declared = work / "organ_seg_versions.txt"
@@ -349,12 +357,17 @@ def _collect(stage: str, manifest: Path, states: Sequence[CaseState], failure: B
             s.entry, s.base = entry, manifest.parent
 
 
-def _run_stage(stage: str, overrides: dict[str, Any], out_dir: Path, states: Sequence[CaseState], echo: bool) -> tuple[float, float | None]:
-    """Run one bundle over the batch; returns its wall-clock seconds and peak memory (MiB, None if it failed)."""
+def _run_stage(
+    stage: str, overrides: dict[str, Any], out_dir: Path, states: Sequence[CaseState], echo: bool, isolate: bool = False
+) -> tuple[float, float | None]:
+    """Run one bundle over the batch, in this process or (``isolate``) in its own; returns its wall-clock
+    seconds and peak memory (MiB: the child's own, or this process's so far; None if it failed)."""
     t0 = time.perf_counter()
     failure, peak = None, None
+    settings = {**overrides, "output_dir": str(out_dir)}
     try:
-        peak = run_bundle(stage, {**overrides, "output_dir": str(out_dir)}, capture=True, echo=echo).peak_rss_mib
+        run = run_bundle(stage, settings, capture=True, echo=echo) if isolate else run_bundle_in_process(stage, settings)
+        peak = run.peak_rss_mib
     except BundleRunError as e:
         failure = e
         logger.error("%s stage: %s", stage, e)
@@ -425,13 +438,14 @@ def _write_case(
     write_json(folder / "provenance.json", {
         "case": state.request.case,
         "request": {
-            "image": str(state.request.image.resolve()),
-            "organ_seg": None if state.request.organ_seg is None else str(state.request.organ_seg.resolve()),
+            "image": str(state.request.image.absolute()),
+            "organ_seg": None if state.request.organ_seg is None else str(state.request.organ_seg.absolute()),
             "organ_seg_version": entry.extra.get("organ_seg_version"),  # the numbering the organ map came in
             "declared_organ_seg_version": state.request.organ_seg_version,  # what the requests file said, if anything
             **state.request.provenance(),
         },
-        "scan": entry.extra.get("scan"),  # the scan context preprocess measured (organ HU, contrast phase)
+        "scan": entry.extra.get("scan"),
+        "report_provider": entry.extra.get("report_provider"),  # the endpoint used, and any fallback to offline  # the scan context preprocess measured (organ HU, contrast phase)
         "parameters": settings.as_dict(),
         "lesions": [{"organ_id": l.organ_id, "cavity": l.cavity, "box": l.box.to_json(), "report": r} for l, r in zip(entry.lesions, reports)],
         "weights": weights,
@@ -469,20 +483,31 @@ def synthesize(
     overwrite: bool = False,
     device: str | None = None,
     keep_work: bool = False,
+    isolate: bool = False,
     bundle_overrides: Any = None,
     verbose: bool = True,
     text: str | None = None,
+    allow_unknown_values: bool = False,
+    report_base_url: str | None = None,
+    report_model: str | None = None,
+    report_api_key_env: str | None = None,
 ) -> dict[str, Any]:
     """Write a described lesion into each CT: preprocess -> LMNet -> LINet, outputs in ``out/<case>/``.
 
     Returns the summary (also written to ``out/summary.json``). Raises when any case failed, after the
-    others were written. ``bundle_overrides`` sets any other key of a stage's ``inference.json``, as a
+    others were written. The stages run in this process; ``isolate`` runs each bundle in its own process
+    (``python -m monai.bundle run``), with the same outputs for the same seed. ``bundle_overrides`` sets any other key of a stage's ``inference.json``, as a
     JSON object by stage, e.g. ``'{"linet": {"context_mm": 12}}'``. ``verbose``: show each stage's
     logs and progress as it runs (its errors are reported either way). ``text`` describes the lesion in
     one sentence ("a 25 mm hypodense, well-defined cyst in the liver"); ``attributes`` win over it.
+    ``allow_unknown_values``: accept attribute values outside the vocabulary (a warning each) instead of refusing.
     """
     overwrite, keep_work, verbose = flag(overwrite), flag(keep_work), flag(verbose)  # "--overwrite false" is false
+    isolate = flag(isolate)
     extra = stage_overrides(bundle_overrides, ("preprocess", *NETWORKS[1:]))
+    # the endpoint options win over --bundle_overrides, which win over the environment, then the default
+    endpoint = {"report_base_url": report_base_url, "report_model": report_model, "report_api_key_env": report_api_key_env}
+    extra["preprocess"].update({k: str(v) for k, v in endpoint.items() if v not in (None, "")})
     for stage, keys in extra.items():
         check_overrides(stage, ("inference.json",), keys, "--bundle_overrides: ")
     if not out:
@@ -497,8 +522,15 @@ def synthesize(
         organ_seg_version=str(organ_seg_version), device=None if device in (None, "", "auto") else str(device), extra={"bundle_overrides": extra},
     )  # fmt: skip
     settings.check()
+    if settings.report_provider.strip().lower() == "openai":  # printed and recorded; the key never is
+        used = llm.endpoint_settings(*(extra["preprocess"].get(k) for k in endpoint))
+        settings.extra["report_endpoint"] = used
+        print(f"report provider: openai at {used['base_url']} (from {used['base_url_from']}), model {used['model']}, "
+              f"key from ${used['api_key_env']}")
     cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text)
     check_inputs(cases)
+    # bad values, CT and organ map are refused before any work
+    cases = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
     cases = read_texts(cases, settings.report_provider, extra["preprocess"], settings.seed)
     weight_files = weights_paths(weights)
     weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
@@ -526,7 +558,7 @@ def synthesize(
                 else:
                     if previous is not None:
                         overrides = {**overrides, "manifest": str(previous)}
-                    timings[stage], memory[stage] = _run_stage(stage, overrides, work / stage, states, verbose)
+                    timings[stage], memory[stage] = _run_stage(stage, overrides, work / stage, states, verbose, isolate)
                     previous = work / stage / MANIFEST_NAME
                 bar.update()
         timings["total"] = sum(timings.values())

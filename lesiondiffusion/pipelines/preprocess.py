@@ -184,6 +184,7 @@ class PreprocessRunner:
         # the organ's HU and the contrast phase, measured on the standardised grid (1 mm; v1 ids, as segmented)
         scan = measure_scan(hu, seg, request.organ_id, "v1", self.pixdim)
         logger.info("%s: %s", name, scan.describe())
+        fallbacks = len(getattr(self.provider, "fallbacks", []))
         lesions = self._lesions(request, organ, folder, scan)
 
         dtype = np.int16 if np.issubdtype(header.get_data_dtype(), np.integer) else np.float32
@@ -204,7 +205,7 @@ class PreprocessRunner:
             image=folder / IMAGE_NAME,
             organ_seg=folder / ORGAN_SEG_NAME,
             lesions=tuple(lesions),
-            extra={**extra, "scan": scan.to_json()},
+            extra={**extra, "scan": scan.to_json(), **_provider_record(self.provider, fallbacks)},
         )
 
     def _lesions(self, request: CaseRequest, organ: np.ndarray, folder: Path, scan: ScanContext) -> list[LesionEntry]:
@@ -229,6 +230,14 @@ class PreprocessRunner:
             write_report(path, Report((report,)))
             entries.append(LesionEntry(request.organ_id, cavity, path, box))
         return entries
+
+
+def _provider_record(provider: Any, since: int) -> dict[str, Any]:
+    """The report provider's endpoint and this case's fallbacks (those after the first ``since``), for provenance."""
+    if not hasattr(provider, "record"):
+        return {"report_provider": {"provider": getattr(provider, "name", "offline")}}
+    record = provider.record()
+    return {"report_provider": {**record, "fallbacks": record.get("fallbacks", [])[since:]}}
 
 
 def _moved(entry: CaseEntry, old: Path, new: Path) -> CaseEntry:

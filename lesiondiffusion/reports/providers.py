@@ -37,12 +37,21 @@ from lesiondiffusion.attributes import (
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.extras import require as require_extra
 from lesiondiffusion.report import format_ct_value, format_size, to_report_axes
-from lesiondiffusion.text import ANSWER_INSTRUCTIONS, TextError, TextReading, answer_schema, read_description, reading_from_answer
+from lesiondiffusion.text import (
+    ANSWER_INSTRUCTIONS,
+    TextError,
+    TextReading,
+    answer_schema,
+    read_description,
+    reading_from_answer,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+BASE_URL_ENV = "OPENAI_BASE_URL"  # the openai client's own variable: honoured, never overridden by the default
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_MODEL = "gpt-4o-mini"
 ON_FAILURE = ("error", "offline")
 ENDPOINT_SUFFIX = "/chat/completions"  # the client appends it; a base URL that already ends in it is trimmed
@@ -144,9 +153,9 @@ class OpenAIReportProvider:
 
     def __init__(
         self,
-        base_url: str = DEFAULT_BASE_URL,
-        model: str = DEFAULT_MODEL,
-        api_key_env: str = "OPENAI_API_KEY",
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key_env: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 2,
         on_failure: str = "error",
@@ -156,9 +165,14 @@ class OpenAIReportProvider:
             raise LesionDiffusionError(f"report on_failure must be one of {', '.join(ON_FAILURE)}, not {on_failure!r}")
         if int(max_retries) < 0 or float(timeout) <= 0:
             raise LesionDiffusionError("report provider: max_retries must be >= 0 and timeout > 0")
-        self.base_url = normalise_base_url(base_url)
-        self.model = str(model)
-        self.api_key_env = str(api_key_env)
+        endpoint = endpoint_settings(base_url, model, api_key_env)
+        self.base_url = endpoint["base_url"]
+        self.base_url_from = endpoint["base_url_from"]
+        self.model = endpoint["model"]
+        self.api_key_env = endpoint["api_key_env"]
+        self.fallbacks: list[str] = []  # what fell back to the offline provider, and why (recorded in provenance)
+        logger.info("report provider openai: %s (%s), model %s, key from $%s", self.base_url, self.base_url_from, self.model,
+                    self.api_key_env)  # fmt: skip
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.on_failure = on_failure
@@ -167,6 +181,13 @@ class OpenAIReportProvider:
 
     def __repr__(self) -> str:  # never the key
         return f"OpenAIReportProvider(base_url={self.base_url!r}, model={self.model!r}, on_failure={self.on_failure!r})"
+
+    def record(self) -> dict[str, Any]:
+        """What provenance keeps of this provider: the endpoint used and where it came from, and any fallback (no key)."""
+        return {
+            "provider": self.name, "base_url": self.base_url, "base_url_from": self.base_url_from, "model": self.model,
+            "api_key_env": self.api_key_env, "fallbacks": list(self.fallbacks),
+        }  # fmt: skip
 
     def _key(self) -> str:
         key = os.environ.get(self.api_key_env, "")
@@ -282,6 +303,7 @@ class OpenAIReportProvider:
             return answer
         if self.on_failure == "offline":
             logger.warning("%s; using the offline provider", message)
+            self.fallbacks.append(f"{message}; report proposed offline")
             return self.offline.propose(
                 request, organ_name, rng, organ_box_size=organ_box_size, organ_reference_hu=organ_reference_hu, scan=scan
             )
@@ -331,6 +353,7 @@ def read_text(provider: OpenAIReportProvider, text: str, seed: int = 0, require_
         return reading
     if provider.on_failure == "offline":
         logger.warning("%s; reading the sentence offline", message)
+        provider.fallbacks.append(f"{message}; sentence read offline")
         return read_description(text, require_organ=require_organ)
     raise LesionDiffusionError(message)
 
@@ -338,6 +361,18 @@ def read_text(provider: OpenAIReportProvider, text: str, seed: int = 0, require_
 def _redact(text: str, key: str) -> str:
     """``text`` with the key (if any) replaced, should a server ever echo it."""
     return text.replace(key, "***") if key else text
+
+
+def endpoint_settings(base_url: str | None = None, model: str | None = None, api_key_env: str | None = None) -> dict[str, str]:
+    """The endpoint to use: each setting given (option or config), else the environment (``OPENAI_BASE_URL``;
+    the key from ``OPENAI_API_KEY``), else the default; ``base_url_from`` says which. Never holds the key."""
+    given = None if base_url in (None, "") else str(base_url)
+    env = os.environ.get(BASE_URL_ENV, "").strip()
+    url, origin = (given, "option") if given else ((env, BASE_URL_ENV) if env else (DEFAULT_BASE_URL, "default"))
+    key_env = str(api_key_env).strip() if api_key_env not in (None, "") else DEFAULT_KEY_ENV
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        raise LesionDiffusionError(f"report api_key_env {key_env!r} must name an environment variable (e.g. OPENAI_API_KEY)")
+    return {"base_url": normalise_base_url(url), "base_url_from": origin, "model": str(model or DEFAULT_MODEL), "api_key_env": key_env}
 
 
 def normalise_base_url(base_url: str) -> str:
