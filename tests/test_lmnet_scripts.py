@@ -204,3 +204,31 @@ def test_a_new_lesion_keeps_a_gap_to_the_lesions_already_drawn(tmp_path):
     assert mask.any()
     assert not (mask & ndi.binary_dilation(occupied)).any()  # not touching, not even face to face
     assert ndi.label(mask | occupied)[1] == 2
+
+
+def test_a_box_below_the_networks_resolution_is_drawn_enlarged_and_scaled_back(tmp_path):
+    organ_seg = np.zeros((24, 24, 24), np.int16)
+    organ_seg[2:22, 2:22, 2:22] = 5
+    seen = []
+
+    class BoxSampler(ScriptedSampler):
+        def __call__(self, network, shape, condition=None, extra=None, seed=None, device=None):
+            seen.append(int(extra[0, 2].sum()))  # the box channel the network is given
+            return super().__call__(network, shape, condition, extra, seed, device)
+
+    # the network answers with a ball filling whatever box it is shown (here the 5^3 enlarged one)
+    sampler = BoxSampler(blob((24, 24, 24), (12, 12, 12), 3.5))
+    small = liver_lesion(tmp_path, (12, 12, 12), (4, 4, 4))
+    mask = synthesiser(sampler).draw(organ_seg, small, np.zeros(organ_seg.shape, bool), seed=0)
+    assert seen == [5**3]  # 4 voxels < 5 network voxels: drawn in a box 5 wide
+    lo, hi = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
+    assert (lo >= 10).all() and (hi <= 13).all()  # scaled back inside the 4^3 box asked for
+    assert 20 <= mask.sum() <= 64 and ndi.label(mask)[1] == 1
+
+
+def test_scale_mask_shrinks_a_ball_about_its_centre():
+    ball = blob((40, 40, 40), (20, 20, 20), 10.0) > 0
+    half = mask_postprocess.scale_mask(ball, (20, 20, 20), 0.5)
+    assert abs(int(half.sum()) - 4 / 3 * np.pi * 5**3) < 0.1 * 4 / 3 * np.pi * 5**3  # a ball of radius 5
+    assert np.allclose(np.argwhere(half).mean(0), 20, atol=0.5)
+    assert not mask_postprocess.scale_mask(np.zeros((8, 8, 8), bool), (4, 4, 4), 0.5).any()

@@ -12,6 +12,7 @@ written on the standardised grid and on the input's own grid, and the manifest g
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from lesiondiffusion.geometry import read_geometry, save_on_input_grid
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
 from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
-from lesiondiffusion.pipelines.mask_postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, select_mask, whole_lesions
+from lesiondiffusion.pipelines.mask_postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, largest_component, scale_mask, select_mask, whole_lesions
 from lesiondiffusion.placement import Box, PlacementError, allowed_region, box_mask
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class LesionMaskSynthesiser:
         min_voxels, min_fraction: a mask needs at least ``max(min_voxels, min_fraction * expected)`` voxels.
         fill: expected lesion volume as a fraction of its box (an inscribed ellipsoid: pi / 6).
         gap: voxels kept free around lesions already drawn, so two lesions never touch.
+        min_box_working: the narrowest box (network voxels) drawn as it is; narrower ones are drawn enlarged
+            and scaled down (see :meth:`draw`).
     """
 
     network: nn.Module
@@ -71,6 +74,7 @@ class LesionMaskSynthesiser:
     fill: float = ELLIPSOID_FILL
     gap: int = 1
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    min_box_working: float = 5.0
     device: torch.device | str = "cpu"
     spec: ConditionSpec = field(init=False)
 
@@ -101,17 +105,40 @@ class LesionMaskSynthesiser:
     def draw(
         self, organ_seg: np.ndarray, lesion: LesionEntry, occupied: np.ndarray, seed: int
     ) -> np.ndarray:
-        """One lesion's boolean mask on the standardised grid (shape of ``organ_seg``)."""
+        """One lesion's boolean mask on the standardised grid (shape of ``organ_seg``).
+
+        A box narrower than :attr:`min_box_working` network voxels is below what the network resolves (a
+        6 mm nodule is 3 voxels at 2 mm): its shape is sampled for a box enlarged to that width about the
+        same centre, and the mask is scaled back to the requested box (:func:`scale_mask`).
+        """
         box: Box = lesion.box
         organ = organ_seg == lesion.organ_id
         if not organ.any():
             raise LesionDiffusionError(f"organ {lesion.organ_id} is absent from the organ map")
+        blocked = ndi.binary_dilation(occupied, iterations=self.gap) if self.gap and occupied.any() else occupied
         try:
-            allowed = allowed_region(organ, lesion.cavity, box)
+            allowed = allowed_region(organ, lesion.cavity, box) & ~blocked
         except PlacementError as e:
             raise LesionDiffusionError(str(e)) from None
-        if occupied.any():
-            allowed &= ~ndi.binary_dilation(occupied, iterations=self.gap) if self.gap else ~occupied
+        if not allowed.any():
+            raise LesionDiffusionError(f"the box {box.centre}/{box.size} leaves no room for the lesion (cavity rule, other lesions)")
+        scale = max(1.0, self.min_box_working * self.spacing / min(box.size))
+        if scale > 1.0:
+            big = Box(box.centre, tuple(int(math.ceil(s * scale)) for s in box.size))
+            try:
+                drawn = self._sample(organ_seg, organ, lesion, big, allowed_region(organ, lesion.cavity, big) & ~blocked, seed)
+            except (PlacementError, LesionDiffusionError) as e:
+                logger.info("lesion in organ %d: enlarged box %s not drawn (%s); drawing the box itself", lesion.organ_id, big.size, e)
+            else:
+                mask = ndi.binary_fill_holes(scale_mask(drawn, box.centre, 1.0 / scale)) & allowed
+                if mask.any():
+                    return largest_component(mask)[0]
+        return self._sample(organ_seg, organ, lesion, box, allowed, seed)
+
+    def _sample(
+        self, organ_seg: np.ndarray, organ: np.ndarray, lesion: LesionEntry, box: Box, allowed: np.ndarray, seed: int
+    ) -> np.ndarray:
+        """LMNet's mask for ``box`` within ``allowed``, retried with new seeds when the threshold sweep finds none."""
         src, dst = crop_window(box.centre, self.window, organ_seg.shape)
 
         def window(array: np.ndarray, dtype: type) -> np.ndarray:

@@ -67,3 +67,23 @@ def select_mask(
     if best is not None:
         best = ndi.binary_fill_holes(best) & allowed
     return best
+
+
+def scale_mask(mask: np.ndarray, centre: Sequence[int], factor: float) -> np.ndarray:
+    """``mask`` scaled by ``factor`` about the voxel ``centre`` (linear interpolation, kept where >= 0.5).
+
+    Only the scaled mask's bounding box is computed; the result has ``mask``'s shape.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    c = np.asarray(centre, dtype=np.float64)
+    lo_src, hi_src = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
+    lo = np.clip(np.floor(c + (lo_src - c) * factor) - 1, 0, None).astype(int)
+    hi = np.minimum(np.ceil(c + (hi_src - c) * factor) + 2, mask.shape).astype(int)
+    grid = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
+    source = [c[i] + (g - c[i]) / factor for i, g in enumerate(grid)]
+    values = ndi.map_coordinates(mask.astype(np.float32), source, order=1, mode="constant", cval=0.0)
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = values >= 0.5
+    return out
