@@ -8,9 +8,9 @@ margin class, and measured by :func:`lesiondiffusion.lesion_metrics.lesion_measu
 
 Per synthetic case (:func:`compare_cases`) the matched reference lesions are those of the same organ
 (:func:`lesiondiffusion.attributes.organ_group`) and density class, else of the organ alone, else all
-(``reference.match`` says which); for the interior fraction, those of the same size bucket
-(:data:`SIZE_BUCKETS_VOXELS`, equivalent diameter in voxels, since the interior share of a digital
-shape depends on its size in voxels) when there are any. Checks, following the design targets:
+(``reference.match`` says which); for the interior fraction, the reference lesions of the same size
+(:func:`same_size`: equivalent diameter in voxels, any organ, since the interior share of a digital
+shape depends on its size in voxels, not on the organ). Checks, following the design targets:
 
 - ``solid``: fill ratio >= :data:`MIN_FILL_RATIO`;
 - ``interior_ok``: interior fraction within :data:`INTERIOR_TOLERANCE` of the matched real lesions' median;
@@ -57,8 +57,10 @@ MIN_FILL_RATIO = 0.95
 INTERIOR_TOLERANCE = 0.15
 DELTA_TOLERANCE_HU = 15.0
 NOISE_RATIO_RANGE = (0.7, 1.5)
-# Equivalent-diameter bucket edges (voxels) for the interior fraction.
-SIZE_BUCKETS_VOXELS = (6.0, 12.0, 24.0)
+# "Same size" for the interior fraction: equivalent diameters (voxels) within this ratio, else the
+# SAME_SIZE_MIN nearest.
+SAME_SIZE_RATIO = 1.2
+SAME_SIZE_MIN = 3
 MEASURES = ("fill_ratio", "interior_fraction", "solidity", "sphericity", "median_delta_hu", "noise_std_ratio", "edge_width_mm")
 _ILL_WORDS = ("ill", "unclear", "poor", "irregular", "blur", "indistinct")
 _WELL_WORDS = ("well", "clear", "sharp", "smooth", "distinct")
@@ -72,9 +74,16 @@ def margin_class(text: str | None) -> str | None:
     return "well-defined" if any(w in low for w in _WELL_WORDS) else None
 
 
-def size_bucket(diameter_voxels: float | None) -> int:
-    """Index of the :data:`SIZE_BUCKETS_VOXELS` bucket of an equivalent diameter in voxels."""
-    return int(np.searchsorted(SIZE_BUCKETS_VOXELS, float(diameter_voxels or 0.0), side="right"))
+def same_size(pool: Sequence[ReferenceLesion], diameter_voxels: float) -> list[ReferenceLesion]:
+    """The lesions of ``pool`` whose equivalent diameter in voxels is within :data:`SAME_SIZE_RATIO` of
+    ``diameter_voxels``, or the :data:`SAME_SIZE_MIN` nearest (by ratio) when fewer are."""
+    def ratio(r: ReferenceLesion) -> float:
+        d = max(float(r.measures["equivalent_diameter_voxels"] or 0.0), 1e-6)
+        return max(d, diameter_voxels) / max(min(d, diameter_voxels), 1e-6)
+
+    ranked = sorted(pool, key=ratio)
+    within = [r for r in ranked if ratio(r) <= SAME_SIZE_RATIO]
+    return within if len(within) >= SAME_SIZE_MIN else ranked[:SAME_SIZE_MIN]
 
 
 @dataclass
@@ -221,8 +230,7 @@ def compare_case(
     """The matched reference lesions' values beside the case's, the reference checks, and the copy-paste
     baseline's features (added to ``measures``, which is returned)."""
     matched, how = match(pool, organ, density)
-    bucket = size_bucket(measures["equivalent_diameter_voxels"])
-    sized = [r for r in matched if size_bucket(r.measures["equivalent_diameter_voxels"]) == bucket] or matched
+    sized = same_size(pool, float(measures["equivalent_diameter_voxels"]))
     same_margin = [r for r in matched if r.margin == measures["margin_class"]] or matched
     deltas = [r.measures["median_delta_hu"] for r in matched if r.measures["median_delta_hu"] is not None]
     ref: dict[str, Any] = {
@@ -231,7 +239,7 @@ def compare_case(
         "sources": [r.source for r in matched][:10],
         "fill_ratio": _median(r.measures["fill_ratio"] for r in matched),
         "interior_fraction": _median(r.measures["interior_fraction"] for r in sized),
-        "interior_size_bucket_lesions": len(sized) if sized is not matched else 0,
+        "interior_same_size_lesions": len(sized),
         "solidity": _median(r.measures["solidity"] for r in matched),
         "sphericity": _median(r.measures["sphericity"] for r in matched),
         "median_delta_hu": _median(deltas),

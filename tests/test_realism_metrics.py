@@ -115,6 +115,21 @@ def test_edge_width_orders_sharp_and_blurred_edges():
 
 
 # ---- features and the distance ------------------------------------------------------------------------
+def test_interior_fraction_is_compared_with_real_lesions_of_the_same_size_in_voxels():
+    from lesiondiffusion.realism import ReferenceLesion, same_size
+
+    def ref(name, diameter):
+        return ReferenceLesion(name, "liver", None, None, None, {"equivalent_diameter_voxels": diameter})  # type: ignore[arg-type]
+
+    pool = [ref("tiny", 5.0), ref("small", 9.5), ref("small2", 10.5), ref("mid", 11.0), ref("big", 30.0)]
+    assert {r.source for r in same_size(pool, 10.0)} == {"small", "small2", "mid"}  # within 1.2x, any organ
+    # fewer than three within 1.2x: the three nearest by ratio, never the 30-voxel lesion for a 6-voxel one
+    assert [r.source for r in same_size(pool, 6.0)] == ["tiny", "small", "small2"]
+    # a solid ball's interior share grows with its size in voxels: the reason the match is by size
+    small, big = (L.interior_fraction(_ball((40, 40, 40), (20, 20, 20), r)) for r in (3, 12))
+    assert small < 0.5 < big
+
+
 def test_first_order_and_glcm_features():
     rng = np.random.default_rng(2)
     x = rng.gamma(2.0, 10.0, 5000) - 50.0
