@@ -142,11 +142,20 @@ def check_attributes(attributes: Mapping[str, Any], where: str, allow_unknown: b
 
 
 # ---- the images ----------------------------------------------------------------------------------------
+def _voxels(img: Any, index: Any, path: Path | None = None) -> np.ndarray:
+    """``img.dataobj[index]`` as float32; a truncated or corrupt file is one error naming it."""
+    try:
+        return np.asarray(img.dataobj[index], dtype=np.float32)
+    except Exception as e:  # gzip, zlib and nibabel raise many types for damaged data
+        where = path if path is not None else getattr(img, "get_filename", lambda: None)()
+        raise InputError(where, f"unreadable voxels ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
 def _sample(img: Any) -> np.ndarray:
     """A strided sample of the image's values (scaled, float32) of at most about :data:`SAMPLE_VOXELS`."""
     shape = img.shape[:3]
     step = max(1, math.ceil((float(np.prod(shape)) / SAMPLE_VOXELS) ** (1 / 3)))
-    return np.asarray(img.dataobj[::step, ::step, ::step], dtype=np.float32).reshape(-1)
+    return _voxels(img, np.s_[::step, ::step, ::step]).reshape(-1)
 
 
 def check_image(img: Any, path: Path) -> None:
@@ -166,6 +175,13 @@ def check_image(img: Any, path: Path) -> None:
         )
     if hi < -500:
         raise InputError(path, f"every value is below -500 HU (highest {hi:g}): no tissue in this image")
+
+
+def _label_voxels(img: Any, path: Path) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise InputError(path, f"unreadable voxels ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def check_labels(seg: np.ndarray, path: Path) -> np.ndarray:
@@ -233,7 +249,7 @@ def check_organ(
     extent = (hi - lo + 1) * spacing
     pad = np.ceil(NEIGHBOURHOOD_MM / spacing).astype(int)
     box = tuple(slice(max(int(a - p), 0), int(b + p + 1)) for a, b, p in zip(lo, hi, pad, strict=True))
-    region = np.asarray(image.dataobj[box], dtype=np.float32)
+    region = _voxels(image, box, image_path)
     bad = int((~np.isfinite(region)).sum())
     if bad:
         raise InputError(
@@ -287,7 +303,7 @@ def check_case(
             raise InputError(image_path, "holds non-finite voxels (NaN or infinite): fix or mask them first")
         return warnings
     seg_img = read_image(seg_path, label=True)
-    seg = check_labels(np.asanyarray(seg_img.dataobj), seg_path)
+    seg = check_labels(_label_voxels(seg_img, seg_path), seg_path)
     if seg.ndim > 3:
         seg = seg.reshape(seg.shape[:3])
     try:
