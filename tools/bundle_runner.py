@@ -1,9 +1,10 @@
-"""Run one bundle config in its own Python process (``python -m monai.bundle run``).
+"""Run one bundle config: in its own Python process (``python -m monai.bundle run``, :func:`run_bundle`) or in
+this one (MONAI's :class:`~monai.bundle.ConfigWorkflow`, :func:`run_bundle_in_process`).
 
-Each bundle imports its own ``scripts`` package; two bundles' ``scripts`` share that module name, so
-every bundle runs in a child process. Overrides travel in a temporary ``--args_file`` (JSON), so paths
-and JSON values reach the bundle verbatim. A bundle reports its own errors as one line on stderr; a
-failed run raises :class:`BundleRunError` carrying that line.
+A child process gets its overrides in a temporary ``--args_file`` (JSON), so paths and JSON values reach
+the bundle verbatim, and reports its own errors as one line on stderr. The inference configs import only
+the package (:mod:`lesiondiffusion.pipelines`), so all three stages can also run in one process, sparing
+the start-up of each. Either way a failed run raises :class:`BundleRunError` carrying the error line.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.data_paths import BUNDLES
-from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.errors import LesionDiffusionError, user_error
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +169,52 @@ def run_bundle(
     if run.returncode != 0:
         raise BundleRunError(failure_message(stage, stderr, run.returncode), run.returncode)
     return run
+
+
+def run_bundle_in_process(stage: str, overrides: dict[str, Any], configs: Sequence[str] = ("inference.json",)) -> BundleRun:
+    """Run ``configs`` of the ``stage`` bundle in this process (``initialize``, ``run``, ``finalize``).
+
+    The same configs, metadata and overrides as :func:`run_bundle`, so the same seed gives the same output;
+    the bundle's own logging configuration is not applied (this process keeps its own). A user error
+    raises :class:`BundleRunError` with its one line; any other exception is logged with its traceback
+    and raised as a :class:`BundleRunError` too, as a failed child process would be.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    root = bundle_root(stage)
+    files = [str(root / "configs" / c) for c in configs]
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise LesionDiffusionError(f"{root}: bundle config(s) not found: {', '.join(missing)}")
+    settings = {k: v for k, v in overrides.items() if v is not None}
+    if "exit_on_error" in config_keys(stage, configs):
+        settings["exit_on_error"] = False  # a user error must come back here, not end this process
+    start = time.perf_counter()
+    workflow_logger = logging.getLogger("monai.bundle.workflows")
+    level = workflow_logger.level
+    workflow_logger.setLevel(logging.ERROR)  # "logging file is set to False" is expected here
+    try:
+        workflow = ConfigWorkflow(
+            config_file=files[0] if len(files) == 1 else files,
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=None,
+            **{**settings, "bundle_root": str(root)},
+        )
+        workflow_logger.setLevel(level)
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    except SystemExit as e:
+        raise BundleRunError(f"error: the {stage} bundle exited (status {e.code})", int(e.code or 1)) from None
+    except Exception as e:
+        error = user_error(e)
+        if error is None:
+            logger.error("the %s bundle failed", stage, exc_info=True)
+            raise BundleRunError(f"error: the {stage} bundle failed: {type(e).__name__}: {e}", 1) from None
+        raise BundleRunError(f"error: {error}", 1) from None
+    finally:
+        workflow_logger.setLevel(level)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak so far (MiB)
+    return BundleRun(["monai.bundle.ConfigWorkflow", *files], 0, None, "", seconds, peak)
