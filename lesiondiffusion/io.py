@@ -259,7 +259,9 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
 def _commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``target``; an existing target is set aside first and only then deleted."""
     if target.exists() or target.is_symlink():
-        check_output_target(target, overwrite)  # overwrite re-checked now, not only at the start
+        if not overwrite:  # re-checked now, not only at the start
+            raise InputError(target, "appeared while this run was writing it; not replaced (pass --overwrite to replace it)")
+        check_output_target(target, overwrite)
         old = Path(tempfile.mkdtemp(prefix=work_prefix(target) + "old-", dir=target.parent))
         os.rmdir(old)
         os.rename(target, old)
