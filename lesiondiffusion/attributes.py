@@ -300,6 +300,30 @@ def density_reference_hu(organ_name: str, measured_hu: float | None = None) -> f
     return float(measured_hu)
 
 
+WELL_DEFINED, ILL_DEFINED = "well-defined", "ill-defined"
+# A lesion's edge by margin class: the sigma (mm) of the normal-CDF profile across its border (0.5 on the
+# border). Well-defined: a step the scan's own blur softens; ill-defined: a transition a few mm wide.
+MARGIN_SIGMA_MM = {WELL_DEFINED: (0.3, 0.3), ILL_DEFINED: (2.0, 4.0)}
+_ILL_WORDS = ("ill", "unclear", "poor", "irregular", "blur", "indistinct")
+_WELL_WORDS = ("well", "clear", "sharp", "smooth", "distinct")
+
+
+def margin_class(text: str | None) -> str | None:
+    """:data:`WELL_DEFINED` / :data:`ILL_DEFINED` from a report's surface text ("unclear boundary ..." is
+    ill-defined); None when it names neither."""
+    low = str(text or "").lower()
+    if any(w in low for w in _ILL_WORDS):
+        return ILL_DEFINED
+    return WELL_DEFINED if any(w in low for w in _WELL_WORDS) else None
+
+
+def margin_sigma_mm(text: str | None) -> float | None:
+    """The edge sigma (mm, the middle of :data:`MARGIN_SIGMA_MM`) for a report's surface text; None when
+    the text names no margin class."""
+    cls = margin_class(text)
+    return None if cls is None else float(np.mean(MARGIN_SIGMA_MM[cls]))
+
+
 def margin_text(organ_name: str, well_defined: bool) -> str:
     """The surface class for a well-/ill-defined margin in the organ's own words."""
     group = organ_group(organ_name)

@@ -14,7 +14,9 @@ lesion, is brought back to the user's scan like this:
    the lesion is as noisy as the tissue it replaced rather than as smooth as a VQ-GAN decoding (on a
    real CT that smoothness gave the lesion away at a glance). The patch itself is not filtered: a
    low-pass of it would spread a small lesion's contrast over its neighbours on a coarse grid;
-5. ``out = original + w * (patch - original)`` is written only where ``w > 0``, in the input's stored
+5. with a margin class in the report, the change gets that class's edge (:func:`shape_edge`): a step
+   for a well-defined margin, a ramp a few mm wide for an ill-defined one;
+6. ``out = original + w * (patch - original)`` is written only where ``w > 0``, in the input's stored
    dtype (and NIfTI scaling), so every voxel farther than the margin keeps its exact stored bits.
 
 Only the zone's bounding box is ever processed, so the memory needed does not grow with the scan.
@@ -34,6 +36,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import SpatialResample
 from scipy import ndimage
+from scipy.special import ndtr
 
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.io import PathLike, atomic_path, load_nifti
@@ -176,6 +179,49 @@ def keep_scan_noise(patch: np.ndarray, original: np.ndarray, sigma_vox: float, w
     return patch + scale * noise
 
 
+def signed_distance_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Distance (mm) to the border of ``mask``, positive inside, negative outside; the border lies half a
+    voxel (the finest spacing) beyond the outermost mask voxels."""
+    mask = np.asarray(mask, dtype=bool)
+    half = 0.5 * float(min(spacing))
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing) - half
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing) - half
+    return np.where(mask, inside, -outside)
+
+
+def shape_edge(delta: np.ndarray, mask: np.ndarray, spacing: Sequence[float], sigma_mm: float) -> np.ndarray:
+    """The change ``delta`` (HU) with the edge profile of a margin of ``sigma_mm``.
+
+    With ``s`` the signed distance to the border (:func:`signed_distance_mm`) and ``c`` the change's median
+    over the lesion's inner half, the mean change at each distance near the border becomes
+    ``c * Phi(s / sigma)`` (``Phi``: normal CDF; 0.5 on the border): outside the lesion the change is that
+    profile alone, on the scan's own voxels; inside, within ``2 sigma`` plus a voxel of the border, each
+    shell of equal distance is shifted to the profile (fully in the band's outer half, fading out over its
+    inner half), so the painted texture stays; deeper, ``delta`` is kept. A well-defined margin (sigma well under a voxel) becomes a step, an ill-defined one a ramp a few
+    mm wide: the edge a margin class describes, whatever edge the network painted.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return delta
+    s = signed_distance_mm(mask, spacing)
+    depth = s[mask]
+    inner = mask & (s >= np.median(depth))
+    core = float(np.median(delta[inner]))
+    target = core * ndtr(s / max(float(sigma_mm), 1e-3))
+    band = 2.0 * float(sigma_mm) + float(min(spacing))
+    out = np.where(mask, delta, target)
+    near = mask & (s < band)
+    if near.any():
+        step = 0.5 * float(min(spacing))
+        shell = np.floor(s[near] / step).astype(np.int64)
+        shell -= shell.min()
+        counts = np.bincount(shell)
+        mean = np.bincount(shell, weights=delta[near]) / np.maximum(counts, 1)
+        keep = np.clip(2.0 * s[near] / band - 1.0, 0.0, 1.0)  # all profile up to half the band, then the network's
+        out[near] = delta[near] + (1.0 - keep) * (target[near] - mean[shell])
+    return out
+
+
 def read_stored(path: PathLike) -> StoredImage:
     """Read a 3D NIfTI scan keeping its stored dtype and scaling (never modified)."""
     img = load_nifti(path, ndim=3)
@@ -223,6 +269,7 @@ def paste(
     raw: np.ndarray | None = None,
     protect: np.ndarray | None = None,
     noise_sigma_vox: float = 1.0,
+    edge_sigma_mm: float | None = None,
 ) -> np.ndarray:
     """Blend ``patch_hu`` (HU on its own grid ``patch_affine``) into the original's stored voxels.
 
@@ -230,7 +277,8 @@ def paste(
     only inside the lesion dilated by ``margin_mm`` with a ``feather_mm`` cosine feather, and returns it.
     Zone voxels outside the patch's extent, and those of ``protect`` (e.g. other lesions), are left
     untouched (the former with a warning). ``noise_sigma_vox`` > 0 keeps the original's noise under the
-    patch (:func:`keep_scan_noise`); 0 pastes the patch as it is.
+    patch (:func:`keep_scan_noise`); 0 pastes the patch as it is. ``edge_sigma_mm`` gives the change
+    the edge of that margin (:func:`shape_edge`, from the report's margin class); None keeps the patch's.
     """
     out = original.raw.copy() if raw is None else raw
     mask = np.asarray(lesion_mask, dtype=bool)
@@ -254,6 +302,8 @@ def paste(
     current = out[box].astype(np.float64) * original.slope + original.inter
     if noise_sigma_vox > 0:
         values = keep_scan_noise(np.where(inside, values, current), current, noise_sigma_vox, where=mask[box] & inside)
+    if edge_sigma_mm is not None:
+        values = current + shape_edge(np.where(inside, values - current, 0.0), mask[box], spacing, edge_sigma_mm)
     blended = current[write] + weights[write] * (values[write] - current[write])
     sub = out[box]
     sub[write] = original.from_hu(blended)

@@ -38,7 +38,7 @@ bundle's ``to_v1``).
   Ground glass keeps the lung's own texture (vessels stay visible through it). Heterogeneous lesions
   add smooth blobs (std 15-25 HU; mixed 30-40 HU).
 - *Margin*: blend weight ``w = Phi(-d / sigma)`` of the signed distance ``d`` (``Phi``: normal CDF),
-  ``sigma`` combining the margin class (:data:`MARGIN_SIGMA_MM`: well-defined 0.3 mm, ill-defined 2-4 mm)
+  ``sigma`` combining the margin class (:data:`lesiondiffusion.attributes.MARGIN_SIGMA_MM`: well-defined 0.3 mm, ill-defined 2-4 mm)
   and the voxel's partial volume (0.3 voxel). The label is ``d <= 0`` (the 50% contour).
 
 The report (``type.json``) states the TRUE attributes (organ, cavity, shape class, density class,
@@ -90,6 +90,7 @@ from scipy import ndimage as ndi
 from scipy.special import ndtr
 from tqdm import tqdm
 
+from lesiondiffusion import attributes as A
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.attributes import (
     DENSITY_ABSOLUTE_HU,
@@ -143,7 +144,6 @@ HETEROGENEOUS_P = {FLUID: 0.0, HYPO: 0.4, ISO: 0.3, HYPER: 0.4, MIXED: 1.0, SOLI
 BLOB_STD_HU = {"default": (15.0, 25.0), MIXED: (30.0, 40.0)}
 # isodense lesions and ground glass have no visible edge: always ill-defined
 WELL_DEFINED_P = {FLUID: 1.0, HYPO: 0.5, ISO: 0.0, HYPER: 0.6, MIXED: 0.3, SOLID_MASS: 0.6, GGO: 0.0}
-MARGIN_SIGMA_MM = {"well-defined": (0.3, 0.3), "ill-defined": (2.0, 4.0)}
 PARTIAL_VOLUME = 0.3  # voxel fraction added (in quadrature) to the margin's sigma: the scan's own blur
 HALO_SIGMAS = 2.0  # the margin reaches this many sigmas beyond the label (w < 2.3% further out)
 LESION_TYPE = {FLUID: "cyst", HYPO: "tumor", ISO: "tumor", HYPER: "tumor", MIXED: "tumor", SOLID_MASS: "nodule", GGO: "ground-glass opacity"}
@@ -455,7 +455,7 @@ def draw_intent(organ: str, organ_id: int, reference_hu: float, rng: np.random.G
     hu = fixed.get("hu", round(float(rng.uniform(*rng_hu)), 1))
     heterogeneous = fixed.get("heterogeneous", bool(rng.random() < HETEROGENEOUS_P[density]))
     well = fixed.get("well_defined", bool(rng.random() < WELL_DEFINED_P[density]))
-    sigma = fixed.get("margin_sigma_mm", round(float(rng.uniform(*MARGIN_SIGMA_MM["well-defined" if well else "ill-defined"])), 2))
+    sigma = fixed.get("margin_sigma_mm", round(float(rng.uniform(*A.MARGIN_SIGMA_MM[A.WELL_DEFINED if well else A.ILL_DEFINED])), 2))
     return Intent(
         organ, organ_id, kind, fixed.get("shape") or _choice(rng, SHAPE_WEIGHTS),
         float(fixed.get("diameter_mm", round(float(rng.uniform(*DIAMETER_MM[kind])), 1))),

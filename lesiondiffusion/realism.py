@@ -62,16 +62,6 @@ NOISE_RATIO_RANGE = (0.7, 1.5)
 SAME_SIZE_RATIO = 1.2
 SAME_SIZE_MIN = 3
 MEASURES = ("fill_ratio", "interior_fraction", "solidity", "sphericity", "median_delta_hu", "noise_std_ratio", "edge_width_mm")
-_ILL_WORDS = ("ill", "unclear", "poor", "irregular", "blur", "indistinct")
-_WELL_WORDS = ("well", "clear", "sharp", "smooth", "distinct")
-
-
-def margin_class(text: str | None) -> str | None:
-    """"well-defined" / "ill-defined" from a report's surface text ("unclear boundary ..." is ill-defined)."""
-    low = str(text or "").lower()
-    if any(w in low for w in _ILL_WORDS):
-        return "ill-defined"
-    return "well-defined" if any(w in low for w in _WELL_WORDS) else None
 
 
 def same_size(pool: Sequence[ReferenceLesion], diameter_voxels: float) -> list[ReferenceLesion]:
@@ -153,7 +143,7 @@ def load_reference(path: PathLike) -> list[ReferenceLesion]:
         crop = L.crop_around(image, lesion, organ, spacing, reference_hu)
         out.append(ReferenceLesion(
             where, organ_name, density_of(report.attributes.get(V.DENSITY)),
-            margin_class(report.attributes.get(V.SURFACE)), crop, L.lesion_measures(crop),
+            A.margin_class(report.attributes.get(V.SURFACE)), crop, L.lesion_measures(crop),
         ))  # fmt: skip
     if not out:
         raise InputError(datalist, "no reference case has lesion voxels (label 2)")
@@ -218,7 +208,7 @@ def case_measures(crop: L.LesionCrop, report_ct_value: float | None, surface: st
     ratio = m["noise_std_ratio"]
     m["noise_ok"] = None if ratio is None else NOISE_RATIO_RANGE[0] <= ratio <= NOISE_RATIO_RANGE[1]
     m["solid"] = None if m["fill_ratio"] is None else m["fill_ratio"] >= MIN_FILL_RATIO
-    m["margin_class"] = margin_class(surface)
+    m["margin_class"] = A.margin_class(surface)
     flat_value = report_ct_value if report_ct_value is not None else float(crop.image[crop.lesion].mean())
     m["flat_features"] = L.features(flat_crop(crop, flat_value), m)
     return m

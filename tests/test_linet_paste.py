@@ -219,6 +219,47 @@ def test_paste_keeps_the_scan_noise_under_a_smooth_patch(tmp_path):
     assert np.array_equal(kept[far], np.asarray(original.raw, float)[far])
 
 
+def test_the_edge_follows_the_margin_class(tmp_path):
+    from lesiondiffusion import lesion_metrics as L
+    from lesiondiffusion.attributes import margin_sigma_mm
+
+    shape = (48, 48, 48)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    rng = np.random.default_rng(7)
+    src = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.rint(60.0 + rng.normal(0.0, 10.0, shape)).astype(np.int16), affine), str(src))
+    original = read_stored(src)
+    lesion = _lesion(shape, (24, 24, 24), (8, 8, 8))
+    centre = _world(shape, affine)[lesion.ravel()].mean(0)
+    # the network's patch: 20 HU inside with an edge blurred over the border, leaking 2 voxels beyond it
+    blurred = ndimage.gaussian_filter(np.where(_lesion((40, 40, 40), (19.5, 19.5, 19.5), (8, 8, 8)), 20.0, 60.0), 1.5)
+    patch, patch_affine = _ras_patch_around(centre, size=40)
+    patch[:] = blurred
+    kw = dict(margin_mm=6.0, feather_mm=1.0, noise_sigma_vox=0.0)
+    dist = _distance_mm(lesion, affine)
+    ring = (dist > 7.0) & (dist < 12.0)
+
+    def edge(out):
+        return L.edge_width_mm(L.LesionCrop(out.astype(np.float32), lesion, ring, (1.0, 1.0, 1.0), 60.0))
+
+    well = paste(original, lesion, patch, patch_affine, edge_sigma_mm=margin_sigma_mm("well-defined margin"), **kw).astype(float)
+    ill = paste(original, lesion, patch, patch_affine, edge_sigma_mm=margin_sigma_mm("ill-defined margin"), **kw).astype(float)
+    net = paste(original, lesion, patch, patch_affine, **kw).astype(float)
+    raw = np.asarray(original.raw, float)
+    assert edge(well) < edge(net) < edge(ill)
+    assert edge(ill) - edge(well) > 2.0  # mm
+    # well-defined: at most a partial-volume trace just outside the lesion, and its border voxels carry
+    # the core's contrast
+    assert np.abs(well - raw)[~lesion].max() <= 3.0 and np.array_equal(well[dist >= 1.5], raw[dist >= 1.5])
+    border = lesion & ~ndimage.binary_erosion(lesion)
+    assert np.median((well - raw)[border]) == pytest.approx(-40.0, abs=6.0)
+    # ill-defined: the change reaches beyond the lesion, fading out before the margin
+    assert np.median((ill - raw)[(dist > 0.5) & (dist < 2.0)]) < -8.0
+    assert np.array_equal(ill[dist >= 6.0], raw[dist >= 6.0])
+    assert margin_sigma_mm("a smooth, round lesion") == 0.3 and margin_sigma_mm("unclear boundary") == 3.0
+    assert margin_sigma_mm(None) is None
+
+
 def test_empty_mask_pastes_nothing(tmp_path):
     original = read_stored(_scan(tmp_path, (16, 16, 16), np.eye(4)))
     patch, patch_affine = _ras_patch_around((8.0, 8.0, 8.0), size=16)

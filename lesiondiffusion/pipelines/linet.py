@@ -41,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lesiondiffusion import autoencoder as ae
+from lesiondiffusion.attributes import margin_sigma_mm
 from lesiondiffusion.conditioning import lesion_attributes
 from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
@@ -52,7 +53,7 @@ from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_ma
 from lesiondiffusion.paste import paste, read_stored, save_like, voxel_spacing
 from lesiondiffusion.preview import write_preview
 from lesiondiffusion.transforms import CTIntensityMap
-from lesiondiffusion.vocabulary import CT_VALUE
+from lesiondiffusion.vocabulary import CT_VALUE, SURFACE
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class LesionInpainter:
         margin_mm, feather_mm: the paste zone beyond the lesion and its feather width (input grid, mm).
         noise_sigma_vox: the paste keeps the scan's own noise finer than this Gaussian (input voxels; 0: off),
             see :func:`lesiondiffusion.paste.keep_scan_noise`.
+        edge_from_margin: the paste gives the lesion the edge of its report's margin class
+            (:func:`lesiondiffusion.paste.shape_edge`); False keeps the network's edge.
         mask_head: the network also outputs a mask logit (dropped for sampling).
         calibration_rounds: encode-decode rounds that set the prior's fill (:meth:`prior_fill`; 0: the
             CT value as it is).
@@ -187,6 +190,7 @@ class LesionInpainter:
     margin_mm: float = 3.0
     feather_mm: float = 2.0
     noise_sigma_vox: float = 1.0
+    edge_from_margin: bool = True
     mask_head: bool = False
     calibration_rounds: int = 2
     calibration_limit_hu: float = 150.0
@@ -344,7 +348,9 @@ class LesionInpainter:
             condition = self.condition(lesion.report, lesion.organ_id)
             patch_hu, patch_affine, timing = self.inpaint_lesion(std_img.dataobj, std_affine, m_std, condition, lesion_seed(self.seed, case.case, j))
             t0 = time.perf_counter()
-            paste(original, m_in, patch_hu, patch_affine, self.margin_mm, self.feather_mm, raw=raw, protect=all_lesions_in & ~m_in, noise_sigma_vox=self.noise_sigma_vox)
+            edge = margin_sigma_mm(lesion_attributes(lesion.report, lesion.organ_id).get(SURFACE)) if self.edge_from_margin else None
+            paste(original, m_in, patch_hu, patch_affine, self.margin_mm, self.feather_mm, raw=raw, protect=all_lesions_in & ~m_in,
+                  noise_sigma_vox=self.noise_sigma_vox, edge_sigma_mm=edge)  # fmt: skip
             timing.paste = time.perf_counter() - t0
             self.timings.append(timing)
             logger.info("%s lesion %d: encode %.2fs, sample %.2fs, decode %.2fs, paste %.2fs", case.case, j, timing.encode, timing.sample, timing.decode, timing.paste)
