@@ -111,7 +111,7 @@ def test_sigterm_then_two_runs_into_one_out(crop, tmp_path):
     proc.send_signal(signal.SIGTERM)
     code, _, err = finish(proc, 60)
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
-    assert error_lines(err) == ["error: stopped by SIGTERM; nothing was written"]
+    assert error_lines(err) == ["error: stopped by SIGTERM"]
     wait_for(lambda: all(gone(k) for k in kids), 10)
     time.sleep(1.0)  # a stray child would recreate its output folder now
     assert not out.exists() and leftovers(out) == []
@@ -240,3 +240,44 @@ def test_commit_never_replaces_what_it_was_not_told_to(tmp_path):
         with atomic_dir(tmp_path / "file", overwrite=True):
             pass
     assert (tmp_path / "file").read_text() == "x"
+
+
+TINY_VQGAN = json.dumps({"vqgan": {
+    "network_def#channels": [8, 16], "network_def#num_res_channels": [8, 16], "discriminator_def#channels": 8,
+    "spacing": [2, 2, 2], "crop_size": [24, 24, 24], "num_workers": 0, "val_fraction": 0.5,
+}})  # fmt: skip
+
+
+def start_training(datalist: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", "train", "--stage", "vqgan", "--datalist", str(datalist),
+           "--out", str(out), "--max_epochs", "3", "--iter_num", "12", "--resume", "true", "--bundle_overrides", TINY_VQGAN]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_training_stopped_then_rerun(sig, tiny_demo, tmp_path):
+    """A training run stopped at a random moment; the rerun (same command) takes the lock, resumes from the
+    last checkpoint when there is one, and writes the weights."""
+    out = tmp_path / "weights"
+    proc = start_training(tiny_demo / "datalist.json", out)
+    wait_for(lambda: lock_file(out).exists())
+    delay = RNG.uniform(1.0, 12.0)
+    print(f"{sig.name} after {delay:.2f} s")
+    time.sleep(delay)
+    kids = children(proc.pid)
+    proc.send_signal(sig)
+    code, _, err = finish(proc, 60)
+    wait_for(lambda: all(gone(k) for k in kids), 10)
+    if code != 0:  # it may have finished before the signal came
+        if sig == signal.SIGTERM:
+            assert code == 128 + signal.SIGTERM and error_lines(err) == ["error: stopped by SIGTERM"], err[-2000:]
+            assert not lock_file(out).exists()
+        else:
+            assert code == -signal.SIGKILL and lock_file(out).exists()
+    checkpoint = (out / "vqgan" / "checkpoint_last.pt").is_file()
+    code, _, err = finish(start_training(tiny_demo / "datalist.json", out))
+    assert code == 0, err[-3000:]
+    assert (out / "vqgan" / "model.pt").is_file() and not lock_file(out).exists()
+    assert ("resuming from" in err) == checkpoint
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"]

@@ -191,6 +191,20 @@ class Commands:
             print(f"{scan['id']:18s} {'x'.join(map(str, scan['shape'])):12s} {scan['region']}, {scan['contrast_phase']}")
         print(f"corpus: {folder / 'manifest.json'}")
 
+    def export_bundles(self, out: str, stages: str | None = None, weights: str | None = None, verify: str | bool = True) -> None:
+        """Write each bundle as a stand-alone model-zoo bundle and zip (the shared package vendored into its
+        scripts/, weights with SHA-256 in models/large_files.yml, TorchScript where the network scripts);
+        --stages preprocess,lmnet picks some, --weights DIR takes DIR/<network>/model.pt."""
+        from pathlib import Path
+
+        from lesiondiffusion.export import STAGES, export_bundles
+
+        chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
+        weights_dir = Path(weights).expanduser() if weights else None
+        for r in export_bundles(Path(out).expanduser(), chosen, weights_dir, verify=flag(verify)):
+            checks = ", ".join(r.get("verified", [])) or "not verified"
+            print(f"{r['stage']:10s} {r['zip']}  ({checks}; TorchScript: {r.get('torchscript', 'no network')})")
+
 
 def format_validation_table(cases, problems) -> str:
     """A plain-text table: one row per case, then one line per problem."""
@@ -369,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt as e:
-        print(f"error: {e if isinstance(e, Interrupted) else 'interrupted'}; nothing was written", file=sys.stderr)
+        print(f"error: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
         raise SystemExit(128 + getattr(e, "signum", 2)) from None
 
 
