@@ -88,9 +88,16 @@ def json_object(value: Any, where: str) -> dict[str, Any]:
     text = str(value).strip()
     if not text.startswith("{"):
         path = Path(text).expanduser()
-        if not path.is_file():
+        try:  # a long JSON list or odd text is no file name the system takes
+            exists = path.is_file()
+        except (OSError, ValueError):
+            exists = False
+        if not exists:
             raise InputError(path, f"{where}: neither a JSON object nor an existing file")
-        text = path.read_text(encoding="utf-8").strip()
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(path, f"{where}: unreadable ({type(e).__name__})") from None
         where = str(path)
     try:
         obj = json.loads(text)
