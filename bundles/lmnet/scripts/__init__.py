@@ -1,6 +1,3 @@
-"""LMNet bundle glue: the training data split. Inference and the input transforms live in the package
-(:mod:`lesiondiffusion.pipelines.lmnet`, :mod:`lesiondiffusion.pipelines.mask_inputs`)."""
-
-from . import data
-
-__all__ = ["data"]
+"""The LMNet bundle has no code of its own: its configs build :mod:`lesiondiffusion.pipelines.lmnet`
+(inference), :mod:`lesiondiffusion.pipelines.mask_inputs` (input transforms) and :mod:`lesiondiffusion.training`
+(the training data split)."""
