@@ -73,12 +73,15 @@ def _closest(word: str, choices: Sequence[str], n: int = 4) -> str:
 
 
 def lesion_words() -> tuple[str, ...]:
-    """Every lesion noun the reader and the report know (``cyst``, ``metastasis``, ``hcc``...)."""
+    """Every lesion noun the reader and the report know (``cyst``, ``metastasis``, ``hcc``...), and every
+    lesion type this package's own datasets write (``ground-glass opacity``)."""
     from lesiondiffusion.attributes import LESION_KINDS
+    from lesiondiffusion.real_dataset import LESION_TYPE as REAL_DATASET_TYPES
     from lesiondiffusion.text import LESION_WORDS
 
     words = [w for key, syns in LESION_WORDS.items() for w in (key, *syns)]
     words += [k for kind in LESION_KINDS for k in kind.keywords]
+    words += [t.replace("-", " ") for t in REAL_DATASET_TYPES.values()]
     return tuple(dict.fromkeys(words))
 
 

@@ -232,3 +232,11 @@ def test_command_line(tmp_path: Path) -> None:
     assert validate_cases(load_cases(datalist=run.stdout.strip()), "v1") == []
     bad = subprocess.run(exe + ["--source", "real", "--corpus", str(corpus), "--out", str(tmp_path / "o2"), "--val_scans", "nope"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
+
+
+def test_every_lesion_type_the_real_dataset_writes_is_a_known_request_value():
+    from lesiondiffusion.real_dataset import LESION_TYPE
+    from lesiondiffusion.sanity import known_lesion_type
+
+    assert all(known_lesion_type(t) for t in LESION_TYPE.values())  # its own held-out requests must run
+    assert not known_lesion_type("dragon egg")
