@@ -58,8 +58,22 @@ DEFAULT_LESION_TYPES = ("tumor", "cyst", "hemangioma", "metastasis")
 META_KEY = "lesion_synthesis"
 
 # Sampling settings: the bundles' inference defaults, and the fast ones for training loops.
-FULL = {"mask_steps": None, "image_steps": None, "image_guidance": None, "calibration_rounds": None, "crop_size": None, "context_mm": None}
-FAST = {"mask_steps": 3, "image_steps": 4, "image_guidance": 1.0, "calibration_rounds": 1, "crop_size": (32, 32, 32), "context_mm": 6.0}
+FULL = {
+    "mask_steps": None,
+    "image_steps": None,
+    "image_guidance": None,
+    "calibration_rounds": None,
+    "crop_size": None,
+    "context_mm": None,
+}
+FAST = {
+    "mask_steps": 3,
+    "image_steps": 4,
+    "image_guidance": 1.0,
+    "calibration_rounds": 1,
+    "crop_size": (32, 32, 32),
+    "context_mm": 6.0,
+}
 
 
 @dataclass
@@ -95,7 +109,9 @@ class LesionDistribution:
             for name in self.densities:
                 found, unknown = V.parse_classes(V.DENSITY, name)
                 if unknown or not found:
-                    raise LesionDiffusionError(f"unknown density class {name!r}; use one of: {', '.join(V.classes(V.DENSITY))}")
+                    raise LesionDiffusionError(
+                        f"unknown density class {name!r}; use one of: {', '.join(V.classes(V.DENSITY))}"
+                    )
         lo, hi = (float(v) for v in self.size_mm)
         if not 0 < lo <= hi:
             raise LesionDiffusionError(f"size_mm must be (low, high) with 0 < low <= high, got {self.size_mm}")
@@ -109,9 +125,13 @@ class LesionDistribution:
 
 
 def _weights(values: Mapping[str, float] | Sequence[str], what: str) -> dict[str, float]:
-    out = {str(k): float(v) for k, v in values.items()} if isinstance(values, Mapping) else {str(v): 1.0 for v in values}
+    out = (
+        {str(k): float(v) for k, v in values.items()} if isinstance(values, Mapping) else {str(v): 1.0 for v in values}
+    )
     if not out or any(w < 0 for w in out.values()) or sum(out.values()) <= 0:
-        raise LesionDiffusionError(f"{what} needs at least one entry and non-negative weights with a positive sum, got {values!r}")
+        raise LesionDiffusionError(
+            f"{what} needs at least one entry and non-negative weights with a positive sum, got {values!r}"
+        )
     return out
 
 
@@ -215,6 +235,8 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         fast: training-loop settings (:data:`FAST`); False: the bundles' inference defaults.
         settings: a :class:`SynthesisSettings` or its keyword arguments, overriding the above.
         meta_key: meta-data key of the JSON record of what was drawn.
+        intensity: ``"linet"`` paints the lesion with LINet; ``"flat"`` fills LMNet's mask at the report's
+            CT value (the scan's noise kept by the same paste): the flat-fill baseline.
     """
 
     def __init__(
@@ -230,6 +252,7 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         fast: bool = True,
         settings: SynthesisSettings | Mapping[str, Any] | None = None,
         meta_key: str = META_KEY,
+        intensity: str = "linet",
     ) -> None:
         keys: KeysCollection = [image_key, label_key, organ_seg_key]
         MapTransform.__init__(self, keys)
@@ -239,7 +262,9 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         self.prob = float(prob)
         if distribution is None:
             distribution = LesionDistribution()
-        self.distribution = distribution if isinstance(distribution, LesionDistribution) else LesionDistribution(**distribution)
+        self.distribution = (
+            distribution if isinstance(distribution, LesionDistribution) else LesionDistribution(**distribution)
+        )
         if organ_seg_version not in ("v1", "v2"):
             raise LesionDiffusionError(f"organ_seg_version must be 'v1' or 'v2', got {organ_seg_version!r}")
         self.organ_seg_version = organ_seg_version
@@ -248,6 +273,9 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         given = asdict(settings) if isinstance(settings, SynthesisSettings) else dict(settings or {})
         self.settings = SynthesisSettings(**{**base, **given})
         self.meta_key = meta_key
+        if intensity not in ("linet", "flat"):
+            raise LesionDiffusionError(f"intensity must be 'linet' or 'flat', got {intensity!r}")
+        self.intensity = intensity
         self._engine: LesionEngine | None = None
         # MONAI's default R is one generator per class, made at import; seeding ours from numpy's global
         # generator makes the transform follow monai.utils.set_determinism (workers reseed it anyway)
@@ -277,7 +305,9 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         self.randomize()
         records: list[dict[str, Any]] = []
         if self._do:
-            image, label, records = self.synthesise(d[self.image_key], d[self.label_key], d[self.organ_seg_key], self._seed)
+            image, label, records = self.synthesise(
+                d[self.image_key], d[self.label_key], d[self.organ_seg_key], self._seed
+            )
             d[self.image_key], d[self.label_key] = image, label
         text = json.dumps(records)
         for key in (self.image_key, self.label_key):
@@ -351,7 +381,9 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
             scans[organ_id] = measure_scan(stored.raw, seg, organ_id, "v1", tuple(spacing))
         scan = scans[organ_id]
         organ_box = bounding_box(organ_mask).size
-        proposed = OfflineReportProvider().propose(attributes, label_table("v1").name(organ_id), rng, organ_box_size=organ_box, scan=scan)
+        proposed = OfflineReportProvider().propose(
+            attributes, label_table("v1").name(organ_id), rng, organ_box_size=organ_box, scan=scan
+        )
         report = complete_report(attributes, organ_id, organ_box, proposed, rng, spacing=tuple(spacing), scan=scan)
         cavity = report.attributes[V.CAVITY]
         _, size = report.array_box()
@@ -362,8 +394,11 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         engine.synthesiser.window = working_size(engine.synthesiser.crop, engine.synthesiser.spacing)
         entry = LesionEntry(organ_id, cavity, report, box)  # type: ignore[arg-type]  # a report object: no file
         mask = engine.synthesiser.draw(seg, entry, occupied, seed=seed % (2**31 - 1))
-        condition = engine.inpainter.condition(report, organ_id)
-        patch_hu, patch_affine, _ = engine.inpainter.inpaint_lesion(out, affine, mask, condition, seed)
+        if self.intensity == "flat":
+            patch_hu, patch_affine = np.where(mask, float(report.mean_hu), out).astype(np.float64), affine
+        else:
+            condition = engine.inpainter.condition(report, organ_id)
+            patch_hu, patch_affine, _ = engine.inpainter.inpaint_lesion(out, affine, mask, condition, seed)
         s = self.settings
         paste(stored, mask, patch_hu, patch_affine, s.margin_mm, s.feather_mm, raw=out, protect=occupied & ~mask,
               noise_sigma_vox=engine.inpainter.noise_sigma_vox)  # fmt: skip

@@ -18,7 +18,12 @@ from lesiondiffusion.errors import LesionDiffusionError
 
 DATA = Path(__file__).parent / "data" / "ts_small"
 LIVER_V2 = 5
-DIST = {"size_mm": (12.0, 18.0), "lesion_types": ["tumor"], "densities": ["hypodense"], "cavity": "within the parenchymal organ"}
+DIST = {
+    "size_mm": (12.0, 18.0),
+    "lesion_types": ["tumor"],
+    "densities": ["hypodense"],
+    "cavity": "within the parenchymal organ",
+}
 
 
 def _sample() -> dict:
@@ -80,6 +85,7 @@ def test_writes_a_lesion_updates_the_label_and_keeps_meta(transform, sample):
 def test_same_random_state_same_lesion_other_state_other_lesion(transform, sample):
     a, b, c = _run(transform, sample, 3), _run(transform, sample, 3), _run(transform, sample, 4)
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
     def drawn(x: dict) -> list:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(x["image"].meta["lesion_synthesis"])]
 
@@ -102,7 +108,7 @@ def test_prob_zero_is_identity_with_an_empty_record(sample):
 
 
 def test_dataloader_workers_build_their_own_networks(transform, sample):
-    transform.engine  # built here: it must not travel to the workers
+    assert transform.engine is not None  # built here: it must not travel to the workers
     assert len(pickle.dumps(transform)) < 100_000
     data = [dict(sample) for _ in range(4)]
     loader = DataLoader(Dataset(data, Compose([transform])), batch_size=2, num_workers=2)
