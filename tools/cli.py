@@ -143,6 +143,29 @@ class Commands:
             segmenter=segmenter,
         ))  # fmt: skip
 
+    def downstream(
+        self,
+        real: str | None = None,
+        out: str = "benchmarks/results",
+        phantom: str | None = None,
+        organ: str = "liver",
+        arms: str = "real,offline,online,flat",
+        preset: str = "cpu",
+        seeds: int | None = None,
+        iterations: int | None = None,
+        eval_every: int | None = None,
+        threads: int = 1,
+    ) -> None:
+        """Lesion-segmentation benchmark: a BasicUNet trained on a few labelled scans (real), plus an offline
+        synthetic set (offline), plus online RandLesionSynthesisd (online), plus flat-filled lesions (flat);
+        tested on a real-CT dataset's held-out scans (--real DIR) and a phantom dataset's (--phantom DIR)."""
+        from lesiondiffusion_tools.downstream import run_downstream
+
+        if real is None:
+            raise LesionDiffusionError("--real is required (a make-dataset --source real folder)")
+        print(run_downstream(real, out=out, phantom=phantom, organ=organ, arms=arms, preset=preset, seeds=seeds,
+                             iterations=iterations, eval_every=eval_every, threads=threads))  # fmt: skip
+
     def preprocess(
         self,
         image: str | None = None,
