@@ -24,7 +24,9 @@ class InputError(LesionDiffusionError):
         self.path = None if path is None else str(path)
         self.problem = " ".join(str(problem).split())  # keep it on one line
         self.line = line
-        where = self.path if line is None else f"{self.path}:{line}"
+        # a file name with a newline in it still makes one line
+        shown = self.path if self.path is None or self.path.isprintable() else repr(self.path)
+        where = shown if line is None else f"{shown}:{line}"
         super().__init__(self.problem if where is None else f"{where}: {self.problem}")
 
 

@@ -139,7 +139,8 @@ def check_attributes(attributes: Mapping[str, Any], where: str, allow_unknown: b
                 clash = [c for c in found if c in group]
                 if len(clash) > 1:
                     raise LesionDiffusionError(
-                        f"{where}: {key} {value!r} names {' and '.join(repr(c) for c in clash)}, which exclude each other; give one"
+                        f"{where}: {key} {value!r} names {' and '.join(repr(c) for c in clash)}, "
+                        "which exclude each other; give one"
                     )
     return warnings
 
@@ -174,7 +175,8 @@ def check_image(img: Any, path: Path) -> None:
     if lo >= 0 and median > 500:
         raise InputError(
             path,
-            f"values {lo:g} to {hi:g} (median {median:g}) are not Hounsfield units (air is -1000, soft tissue about 40): check the rescale slope/intercept",
+            f"values {lo:g} to {hi:g} (median {median:g}) are not Hounsfield units (air is -1000, soft tissue "
+            "about 40): check the rescale slope/intercept",
         )
     if hi < -500:
         raise InputError(path, f"every value is below -500 HU (highest {hi:g}): no tissue in this image")
@@ -198,7 +200,8 @@ def check_labels(seg: np.ndarray, path: Path) -> np.ndarray:
             shown = ", ".join(f"{v:g}" for v in np.unique(frac)[:4])
             raise InputError(
                 path,
-                f"organ labels must be whole numbers; found {shown} (an interpolated organ map? resample it with nearest neighbour)",
+                f"organ labels must be whole numbers; found {shown} "
+                "(an interpolated organ map? resample it with nearest neighbour)",
             )
         arr = np.rint(arr).astype(np.int64)
     if arr.size and arr.min() < 0:
@@ -257,7 +260,8 @@ def check_organ(
     if bad:
         raise InputError(
             image_path,
-            f"{bad} non-finite voxel(s) (NaN or infinite) in or within {NEIGHBOURHOOD_MM:g} mm of the {organ}: fix or mask them first",
+            f"{bad} non-finite voxel(s) (NaN or infinite) in or within {NEIGHBOURHOOD_MM:g} mm of the {organ}: "
+            "fix or mask them first",
         )
     inside = region[mask[box]]
     median = float(np.median(inside))
@@ -265,7 +269,8 @@ def check_organ(
     if not low <= median <= high:
         raise InputError(
             image_path,
-            f"the {organ} measures {median:.0f} HU (median), not plausible for it ({low:g} to {high:g}): is the image in HU, and is {seg_path.name} its organ map?",
+            f"the {organ} measures {median:.0f} HU (median), not plausible for it ({low:g} to {high:g}): "
+            f"is the image in HU, and is {seg_path.name} its organ map?",
         )
     size = requested_size_mm(attributes)
     need = MIN_ORGAN_MM3 if size is None else max(MIN_ORGAN_MM3, math.pi / 6 * float(np.prod(size)))
@@ -273,7 +278,8 @@ def check_organ(
     if volume < need:
         raise InputError(
             seg_path,
-            f"the {organ} holds {volume:.0f} mm3 ({int(mask.sum())} voxel(s)), too small for {asked} (needs at least {need:.0f} mm3)",
+            f"the {organ} holds {volume:.0f} mm3 ({int(mask.sum())} voxel(s)), too small for {asked} "
+            f"(needs at least {need:.0f} mm3)",
         )
     # the size's axes are the standardised grid's, the map's may be ordered otherwise: compare sorted extents
     if size is not None and any(a > e + 1e-6 for a, e in zip(sorted(size), sorted(extent.tolist()), strict=True)):
@@ -285,9 +291,14 @@ def check_organ(
 
 
 def check_case(
-    image_path: Path, seg_path: Path | None, attributes: Mapping[str, Any], organ_seg_version: str = "auto", where: str = "",
-    allow_unknown: bool = False, vocabulary: Mapping[str, Any] | None = None,
-) -> list[str]:  # fmt: skip
+    image_path: Path,
+    seg_path: Path | None,
+    attributes: Mapping[str, Any],
+    organ_seg_version: str = "auto",
+    where: str = "",
+    allow_unknown: bool = False,
+    vocabulary: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Every check of one request (see the module docstring); returns its warnings, raises the first error.
 
     ``vocabulary``: the attributes whose values the user typed (default: all of ``attributes``; a

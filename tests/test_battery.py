@@ -80,7 +80,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     entry = {"case": "a", "image": "ct.nii.gz", "organ_seg": "seg.nii.gz", "attributes": LIVER}
     (d / "traversal.json").write_text(json.dumps({"requests": [{**entry, "case": "../escape"}]}))
     (d / "twice.json").write_text(json.dumps({"requests": [entry, entry]}))
-    (d / "unknown_value.json").write_text(json.dumps({"requests": [entry, {**entry, "case": "b", "attributes": {**LIVER, "shape": "star"}}]}))
+    (d / "unknown_value.json").write_text(
+        json.dumps({"requests": [entry, {**entry, "case": "b", "attributes": {**LIVER, "shape": "star"}}]})
+    )
     (d / "a_file").write_text("x\n")
     return d
 
@@ -91,7 +93,15 @@ def ok_base(d: Path, **attrs: str) -> list[str]:
 
 
 def with_image(image: str, seg: str = "seg.nii.gz", **attrs: str) -> Callable[[Path], list[str]]:
-    return lambda d: ["synthesize", "--image", str(d / image), "--organ_seg", str(d / seg), "--attributes", json.dumps({**LIVER, **attrs})]
+    return lambda d: [
+        "synthesize",
+        "--image",
+        str(d / image),
+        "--organ_seg",
+        str(d / seg),
+        "--attributes",
+        json.dumps({**LIVER, **attrs}),
+    ]
 
 
 # (id, arguments given the inputs folder (--out is added unless given), words the error line must hold)
@@ -110,9 +120,21 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ("unknown_option", lambda d: [*ok_base(d), "--sed", "1"], ("--sed", "unknown option")),
     ("option_twice", lambda d: [*ok_base(d), "--seed", "1", "--seed", "2"], ("--seed", "twice")),
     ("seed_without_value", lambda d: [*ok_base(d), "--seed"], ("--seed", "needs a value")),
-    ("attributes_bad_json", lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--attributes", "{bad"], ("--attributes", "JSON")),
-    ("attributes_list_json", lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--attributes", "[1, 2]"], ("attributes",)),
-    ("overrides_unknown_stage", lambda d: [*ok_base(d), "--bundle_overrides", '{"nosuch": {}}'], ("--bundle_overrides", "nosuch")),
+    (
+        "attributes_bad_json",
+        lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--attributes", "{bad"],
+        ("--attributes", "JSON"),
+    ),
+    (
+        "attributes_list_json",
+        lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--attributes", "[1, 2]"],
+        ("attributes",),
+    ),
+    (
+        "overrides_unknown_stage",
+        lambda d: [*ok_base(d), "--bundle_overrides", '{"nosuch": {}}'],
+        ("--bundle_overrides", "nosuch"),
+    ),
     ("overrides_unknown_key", lambda d: [*ok_base(d), "--bundle_overrides", '{"linet": {"nokey": 1}}'], ("nokey",)),
     ("organ_seg_version", lambda d: [*ok_base(d), "--organ_seg_version", "v3"], ("--organ_seg_version",)),
     ("no_out", lambda d: [*ok_base(d), "--out", ""], ("--out",)),
@@ -141,30 +163,67 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ("organ_one_voxel", with_image("ct.nii.gz", "one_voxel_seg.nii.gz"), ("one_voxel_seg.nii.gz", "liver", "mm3")),
     ("size_beyond_organ", with_image("ct.nii.gz", size="500 mm"), ("seg.nii.gz", "liver", "500 x 500 x 500 mm")),
     # vocabulary
-    ("lesion_type_unknown", with_image("ct.nii.gz", **{"lesion type": "dragon egg"}), ("--attributes", "dragon egg", "known")),
+    (
+        "lesion_type_unknown",
+        with_image("ct.nii.gz", **{"lesion type": "dragon egg"}),
+        ("--attributes", "dragon egg", "known"),
+    ),
     ("organ_unknown", with_image("ct.nii.gz", **{"organ type": "livr"}), ("--attributes", "livr", "liver")),
     ("density_conflict", with_image("ct.nii.gz", density="hypodense hyperdense"), ("--attributes", "exclude")),
     ("density_unknown", with_image("ct.nii.gz", density="purple"), ("--attributes", "purple")),
-    ("homogeneity_conflict", with_image("ct.nii.gz", **{"density variations": "homogeneous, heterogeneous"}), ("exclude",)),
+    (
+        "homogeneity_conflict",
+        with_image("ct.nii.gz", **{"density variations": "homogeneous, heterogeneous"}),
+        ("exclude",),
+    ),
     ("attribute_unknown", with_image("ct.nii.gz", colour="blue"), ("colour",)),
     ("cavity_unknown", with_image("ct.nii.gz", cavity="inside out"), ("cavity",)),
     ("size_unreadable", with_image("ct.nii.gz", size="big"), ("size",)),
-    ("text_contradiction", lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--text", "a hypodense hyperdense cyst in the liver"],
-     ("--text",)),  # fmt: skip
+    (
+        "text_contradiction",
+        lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--text", "a hypodense hyperdense cyst in the liver"],
+        ("--text",),
+    ),  # fmt: skip
     ("text_no_organ", lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--text", "a cyst"], ("--text",)),
     # lists and requests files
-    ("list_blank_line", lambda d: ["synthesize", "--image_list", str(d / "blank_line.txt"), "--attributes", json.dumps(LIVER)],
-     ("blank_line.txt:2",)),  # fmt: skip
-    ("list_lengths", lambda d: ["synthesize", "--image_list", str(d / "images.txt"), "--attributes_list", str(d / "attrs_short.txt")],
-     ("attrs_short.txt",)),  # fmt: skip
-    ("list_line_unknown_organ", lambda d: ["synthesize", "--image_list", str(d / "images.txt"), "--attributes_list",
-                                           str(d / "attrs_bad.txt")], ("attrs_bad.txt:2", "livr")),  # fmt: skip
+    (
+        "list_blank_line",
+        lambda d: ["synthesize", "--image_list", str(d / "blank_line.txt"), "--attributes", json.dumps(LIVER)],
+        ("blank_line.txt:2",),
+    ),  # fmt: skip
+    (
+        "list_lengths",
+        lambda d: [
+            "synthesize",
+            "--image_list",
+            str(d / "images.txt"),
+            "--attributes_list",
+            str(d / "attrs_short.txt"),
+        ],
+        ("attrs_short.txt",),
+    ),  # fmt: skip
+    (
+        "list_line_unknown_organ",
+        lambda d: ["synthesize", "--image_list", str(d / "images.txt"), "--attributes_list", str(d / "attrs_bad.txt")],
+        ("attrs_bad.txt:2", "livr"),
+    ),  # fmt: skip
     ("requests_bad_json", lambda d: ["synthesize", "--requests", str(d / "bad_json.json")], ("bad_json.json", "JSON")),
-    ("requests_empty", lambda d: ["synthesize", "--requests", str(d / "empty_requests.json")], ("empty_requests.json", "empty")),
-    ("requests_traversal", lambda d: ["synthesize", "--requests", str(d / "traversal.json")], ("traversal.json", "../escape")),
+    (
+        "requests_empty",
+        lambda d: ["synthesize", "--requests", str(d / "empty_requests.json")],
+        ("empty_requests.json", "empty"),
+    ),
+    (
+        "requests_traversal",
+        lambda d: ["synthesize", "--requests", str(d / "traversal.json")],
+        ("traversal.json", "../escape"),
+    ),
     ("requests_case_twice", lambda d: ["synthesize", "--requests", str(d / "twice.json")], ("twice.json", "twice")),
-    ("requests_unknown_value", lambda d: ["synthesize", "--requests", str(d / "unknown_value.json")],
-     ("unknown_value.json: requests[1]", "star")),  # fmt: skip
+    (
+        "requests_unknown_value",
+        lambda d: ["synthesize", "--requests", str(d / "unknown_value.json")],
+        ("unknown_value.json: requests[1]", "star"),
+    ),  # fmt: skip
     # other sub-commands
     ("train_no_datalist", lambda d: ["train", "--out", "x"], ("--datalist",)),
     ("train_epochs_text", lambda d: ["train", "--max_epochs", "many"], ("--max_epochs",)),
@@ -177,7 +236,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
 def tree(folder: Path) -> dict[str, str]:
     """Every entry under ``folder`` with the SHA-256 of each file (folders as "dir")."""
     return {
-        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
     }
 
 

@@ -52,8 +52,25 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def start(crop: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", "synthesize", "--image", str(crop / "ct.nii.gz"), "--organ_seg",
-           str(crop / "seg.nii.gz"), "--attributes", ATTRIBUTES, "--steps", "1", "--verbose", "false", "--out", str(out), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lesiondiffusion_tools.cli",
+        "synthesize",
+        "--image",
+        str(crop / "ct.nii.gz"),
+        "--organ_seg",
+        str(crop / "seg.nii.gz"),
+        "--attributes",
+        ATTRIBUTES,
+        "--steps",
+        "1",
+        "--verbose",
+        "false",
+        "--out",
+        str(out),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -117,7 +134,7 @@ def test_sigterm_then_two_runs_into_one_out(crop, tmp_path):
     assert not out.exists() and leftovers(out) == []
 
     first, second = start(crop, out), start(crop, out)
-    (code1, stdout1, err1), (code2, _, err2) = finish(first), finish(second)
+    (code1, _, err1), (code2, _, err2) = finish(first), finish(second)
     assert sorted([code1, code2]) == [0, 1], (err1[-2000:], err2[-2000:])
     loser = err2 if code2 else err1
     assert len(error_lines(loser)) == 1 and "another run is writing this output" in error_lines(loser)[0], loser[-2000:]
@@ -166,8 +183,23 @@ def test_full_disk_while_writing_the_output(crop, tmp_path, monkeypatch, capsys)
     out = tmp_path / "out"
     try:
         with pytest.raises(SystemExit) as stop:
-            cli.main(["synthesize", "--image", str(crop / "ct.nii.gz"), "--organ_seg", str(crop / "seg.nii.gz"), "--attributes",
-                      ATTRIBUTES, "--steps", "1", "--verbose", "false", "--out", str(out)])  # fmt: skip
+            cli.main(
+                [
+                    "synthesize",
+                    "--image",
+                    str(crop / "ct.nii.gz"),
+                    "--organ_seg",
+                    str(crop / "seg.nii.gz"),
+                    "--attributes",
+                    ATTRIBUTES,
+                    "--steps",
+                    "1",
+                    "--verbose",
+                    "false",
+                    "--out",
+                    str(out),
+                ]
+            )
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
@@ -209,7 +241,9 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):
             OutputLock(out).acquire()
     assert not lock_file(out).exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock_file(out).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "start": "1", "since": 0}))
+    lock_file(out).write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "start": "1", "since": 0})
+    )
     (tmp_path / f"{work_prefix(out)}abc").mkdir()
     with output_lock(out, overwrite=False):
         assert (tmp_path / f"{work_prefix(out)}abc").is_dir()  # named, kept without --overwrite
@@ -242,15 +276,42 @@ def test_commit_never_replaces_what_it_was_not_told_to(tmp_path):
     assert (tmp_path / "file").read_text() == "x"
 
 
-TINY_VQGAN = json.dumps({"vqgan": {
-    "network_def#channels": [8, 16], "network_def#num_res_channels": [8, 16], "discriminator_def#channels": 8,
-    "spacing": [2, 2, 2], "crop_size": [24, 24, 24], "num_workers": 0, "val_fraction": 0.5,
-}})  # fmt: skip
+TINY_VQGAN = json.dumps(
+    {
+        "vqgan": {
+            "network_def#channels": [8, 16],
+            "network_def#num_res_channels": [8, 16],
+            "discriminator_def#channels": 8,
+            "spacing": [2, 2, 2],
+            "crop_size": [24, 24, 24],
+            "num_workers": 0,
+            "val_fraction": 0.5,
+        }
+    }
+)
 
 
 def start_training(datalist: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", "train", "--stage", "vqgan", "--datalist", str(datalist),
-           "--out", str(out), "--max_epochs", "3", "--iter_num", "12", "--resume", "true", "--bundle_overrides", TINY_VQGAN]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "lesiondiffusion_tools.cli",
+        "train",
+        "--stage",
+        "vqgan",
+        "--datalist",
+        str(datalist),
+        "--out",
+        str(out),
+        "--max_epochs",
+        "3",
+        "--iter_num",
+        "12",
+        "--resume",
+        "true",
+        "--bundle_overrides",
+        TINY_VQGAN,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

@@ -29,10 +29,19 @@ KEY = "sk-endpoint-SECRET-987654"
 SMALL = Path(__file__).resolve().parent / "data" / "ts_small"
 SENTENCE = "a 20 mm hypodense cyst in the liver"
 ANSWER = {
-    "organ type": "liver", "lesion type": "cyst", "density": "hypoattenuating fluid-like lesion", "density variations": "homogeneous",
-    "shape": ["round-like"], "margin": "well-defined", "relationship with adjacent organs": None, "specific features": [],
-    "cavity": "within the parenchymal organ", "enhancement status": None, "size in mm": [20], "CT value in HU": 8,
-}  # fmt: skip
+    "organ type": "liver",
+    "lesion type": "cyst",
+    "density": "hypoattenuating fluid-like lesion",
+    "density variations": "homogeneous",
+    "shape": ["round-like"],
+    "margin": "well-defined",
+    "relationship with adjacent organs": None,
+    "specific features": [],
+    "cavity": "within the parenchymal organ",
+    "enhancement status": None,
+    "size in mm": [20],
+    "CT value in HU": 8,
+}
 DEAD = "http://127.0.0.1:9/v1"  # nothing listens there: a request sent to it would fail at once
 
 
@@ -49,17 +58,33 @@ class Server:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "model": body["model"]})
+                server.requests.append(
+                    {"path": self.path, "auth": self.headers.get("Authorization"), "model": body["model"]}
+                )
                 status = {"http401": 401, "http429": 429, "http500": 500}.get(server.behaviour)
                 if status:
                     self.send(status, {"error": {"message": "no", "type": "error"}})
                     return
                 if server.behaviour == "slow":
                     time.sleep(2.0)
-                content = {"good": json.dumps(ANSWER), "slow": json.dumps(ANSWER), "invalid_json": '{"organ type": "liv',
-                           "schema_invalid": json.dumps({**ANSWER, "density": "purple"})}[server.behaviour]  # fmt: skip
-                self.send(200, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})  # fmt: skip
+                content = {
+                    "good": json.dumps(ANSWER),
+                    "slow": json.dumps(ANSWER),
+                    "invalid_json": '{"organ type": "liv',
+                    "schema_invalid": json.dumps({**ANSWER, "density": "purple"}),
+                }[server.behaviour]
+                self.send(
+                    200,
+                    {
+                        "id": "c",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                        ],
+                    },
+                )
 
             def send(self, status: int, obj: dict) -> None:
                 data = json.dumps(obj).encode()
@@ -96,10 +121,19 @@ def test_precedence_option_then_environment_then_default(env):
     assert llm.endpoint_settings()["base_url"] == llm.DEFAULT_BASE_URL
     env.setenv("OPENAI_BASE_URL", "http://10.0.0.5:8000/v1/")
     used = llm.endpoint_settings()
-    assert used == {"base_url": "http://10.0.0.5:8000/v1", "base_url_from": "OPENAI_BASE_URL", "model": llm.DEFAULT_MODEL,
-                    "api_key_env": "OPENAI_API_KEY"}  # fmt: skip
+    assert used == {
+        "base_url": "http://10.0.0.5:8000/v1",
+        "base_url_from": "OPENAI_BASE_URL",
+        "model": llm.DEFAULT_MODEL,
+        "api_key_env": "OPENAI_API_KEY",
+    }
     used = llm.endpoint_settings("http://127.0.0.1:1234/v1/chat/completions", "local-model", "MY_KEY")
-    assert used == {"base_url": "http://127.0.0.1:1234/v1", "base_url_from": "option", "model": "local-model", "api_key_env": "MY_KEY"}
+    assert used == {
+        "base_url": "http://127.0.0.1:1234/v1",
+        "base_url_from": "option",
+        "model": "local-model",
+        "api_key_env": "MY_KEY",
+    }
     with pytest.raises(LesionDiffusionError, match="must name an environment variable"):
         llm.endpoint_settings(api_key_env="sk-looks-like-a-key!")
     assert KEY not in json.dumps(llm.make_provider("openai").record())
@@ -113,10 +147,17 @@ def test_the_environments_base_url_is_where_the_request_goes(env):
     assert reading.attributes["organ type"] == "liver"
 
 
-@pytest.mark.parametrize("behaviour, reason", [
-    ("slow", "no answer within 0.5 s"), ("http401", "HTTP 401"), ("http429", "HTTP 429"), ("http500", "HTTP 500"),
-    ("invalid_json", "not JSON"), ("schema_invalid", "does not follow the schema"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "behaviour, reason",
+    [
+        ("slow", "no answer within 0.5 s"),
+        ("http401", "HTTP 401"),
+        ("http429", "HTTP 429"),
+        ("http500", "HTTP 500"),
+        ("invalid_json", "not JSON"),
+        ("schema_invalid", "does not follow the schema"),
+    ],
+)
 def test_failures_fall_back_offline_recorded_or_are_one_error(env, tmp_path, behaviour, reason, caplog):
     cases = gather_requests(image=str(tmp_path / "ct.nii.gz"), text=SENTENCE)
     with Server(behaviour) as server:
@@ -124,7 +165,9 @@ def test_failures_fall_back_offline_recorded_or_are_one_error(env, tmp_path, beh
         read = read_texts(cases, "openai", {**settings, "report_on_failure": "offline"})
         assert read[0].reading.reader == "offline"
         recorded = read[0].provenance()["warnings"]
-        assert len(recorded) == 1 and reason in recorded[0] and server.url in recorded[0] and "read offline" in recorded[0]
+        assert (
+            len(recorded) == 1 and reason in recorded[0] and server.url in recorded[0] and "read offline" in recorded[0]
+        )
         with pytest.raises(LesionDiffusionError) as err:
             read_texts(cases, "openai", {**settings, "report_on_failure": "error"})
     assert len(server.requests) == 2 and "\n" not in str(err.value) and reason in str(err.value)
@@ -136,9 +179,27 @@ def test_the_option_beats_the_environment_on_the_command_line(env, tmp_path, cap
     env.setenv("OPENAI_BASE_URL", DEAD)
     with Server("http401") as server:
         with pytest.raises(SystemExit) as stop:
-            main(["synthesize", "--image", str(SMALL / "example_ct_sm.nii.gz"), "--organ_seg", str(SMALL / "example_seg.nii.gz"),
-                  "--text", SENTENCE, "--report_provider", "openai", "--report_base_url", server.url, "--report_model", "m1",
-                  "--bundle_overrides", '{"preprocess": {"report_max_retries": 0}}', "--out", str(tmp_path / "out")])  # fmt: skip
+            main(
+                [
+                    "synthesize",
+                    "--image",
+                    str(SMALL / "example_ct_sm.nii.gz"),
+                    "--organ_seg",
+                    str(SMALL / "example_seg.nii.gz"),
+                    "--text",
+                    SENTENCE,
+                    "--report_provider",
+                    "openai",
+                    "--report_base_url",
+                    server.url,
+                    "--report_model",
+                    "m1",
+                    "--bundle_overrides",
+                    '{"preprocess": {"report_max_retries": 0}}',
+                    "--out",
+                    str(tmp_path / "out"),
+                ]
+            )
     out, err = capsys.readouterr()
     assert stop.value.code == 1 and server.requests and server.requests[0]["model"] == "m1"
     assert f"report provider: openai at {server.url} (from option), model m1, key from $OPENAI_API_KEY" in out
@@ -163,9 +224,27 @@ def test_a_run_records_the_endpoint_and_the_fallback_never_the_key(env, tmp_path
     overrides = {"preprocess": {"report_on_failure": "offline", "report_max_retries": 0}}
     with Server("http500") as server:
         env.setenv("OPENAI_BASE_URL", server.url)
-        main(["synthesize", "--image", str(tmp_path / "ct.nii.gz"), "--organ_seg", str(tmp_path / "seg.nii.gz"), "--text", SENTENCE,
-              "--report_provider", "openai", "--bundle_overrides", json.dumps(overrides), "--steps", "1", "--verbose", "false",
-              "--out", str(out)])  # fmt: skip
+        main(
+            [
+                "synthesize",
+                "--image",
+                str(tmp_path / "ct.nii.gz"),
+                "--organ_seg",
+                str(tmp_path / "seg.nii.gz"),
+                "--text",
+                SENTENCE,
+                "--report_provider",
+                "openai",
+                "--bundle_overrides",
+                json.dumps(overrides),
+                "--steps",
+                "1",
+                "--verbose",
+                "false",
+                "--out",
+                str(out),
+            ]
+        )
     printed = capsys.readouterr()
     assert len(server.requests) == 2  # the sentence, then the report proposal: one attempt each
     assert f"report provider: openai at {server.url} (from OPENAI_BASE_URL)" in printed.out
@@ -173,7 +252,11 @@ def test_a_run_records_the_endpoint_and_the_fallback_never_the_key(env, tmp_path
     assert provenance["parameters"]["report_endpoint"]["base_url"] == server.url
     record = provenance["report_provider"]
     assert record["base_url"] == server.url and record["base_url_from"] == "OPENAI_BASE_URL"
-    assert len(record["fallbacks"]) == 1 and "HTTP 500" in record["fallbacks"][0] and "proposed offline" in record["fallbacks"][0]
+    assert (
+        len(record["fallbacks"]) == 1
+        and "HTTP 500" in record["fallbacks"][0]
+        and "proposed offline" in record["fallbacks"][0]
+    )
     assert any("read offline" in w for w in provenance["request"]["warnings"])
     assert provenance["request"]["text_reading"]["reader"] == "offline"
     for root, _, files in os.walk(out):

@@ -30,10 +30,34 @@ from lesiondiffusion_tools.synthesize import json_object
 SETTINGS = settings(max_examples=100, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 WORDS = sorted(
-    {*ORGAN_WORDS, *(w for syns in LESION_WORDS.values() for w in syns), "hypodense", "hyperdense", "isodense", "no",
-     "without", "calcification", "mm", "cm", "HU", "x", "by", "well-defined", "ill-defined", "heterogeneous", "left",
-     "right", "lobe", "upper", "the", "a", "in", ",", "."}
-)  # fmt: skip
+    {
+        *ORGAN_WORDS,
+        *(w for syns in LESION_WORDS.values() for w in syns),
+        "hypodense",
+        "hyperdense",
+        "isodense",
+        "no",
+        "without",
+        "calcification",
+        "mm",
+        "cm",
+        "HU",
+        "x",
+        "by",
+        "well-defined",
+        "ill-defined",
+        "heterogeneous",
+        "left",
+        "right",
+        "lobe",
+        "upper",
+        "the",
+        "a",
+        "in",
+        ",",
+        ".",
+    }
+)
 numbers = st.one_of(st.integers(-5, 600).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str))
 tokens = st.one_of(st.sampled_from(WORDS), numbers, st.text(string.printable, max_size=6))
 sentences = st.lists(tokens, max_size=14).map(" ".join)
@@ -64,7 +88,11 @@ def test_any_sentence_is_read_or_refused(text: str, require_organ: bool) -> None
 
 
 @SETTINGS
-@given(st.one_of(sentences, st.builds(lambda a, b, u: f"{a} x {b} {u}", numbers, numbers, st.sampled_from(["mm", "cm", "pixel"]))))
+@given(
+    st.one_of(
+        sentences, st.builds(lambda a, b, u: f"{a} x {b} {u}", numbers, numbers, st.sampled_from(["mm", "cm", "pixel"]))
+    )
+)
 def test_any_size_is_read_or_refused(text: str) -> None:
     try:
         size = parse_lesion_size(text)
@@ -93,10 +121,29 @@ def test_any_attributes_are_accepted_or_refused(attributes: dict[str, str], allo
 
 
 @SETTINGS
-@given(st.one_of(json_values, st.fixed_dictionaries({"requests": st.lists(st.one_of(json_values, st.fixed_dictionaries(
-    {"case": st.one_of(st.text(max_size=6), st.just("a")), "image": st.one_of(st.just("ct.nii.gz"), json_values),
-     "attributes": st.one_of(st.dictionaries(field_names, values, max_size=3), json_values),
-     "text": st.one_of(st.none(), sentences)})), max_size=3)})))  # fmt: skip
+@given(
+    st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "requests": st.lists(
+                    st.one_of(
+                        json_values,
+                        st.fixed_dictionaries(
+                            {
+                                "case": st.one_of(st.text(max_size=6), st.just("a")),
+                                "image": st.one_of(st.just("ct.nii.gz"), json_values),
+                                "attributes": st.one_of(st.dictionaries(field_names, values, max_size=3), json_values),
+                                "text": st.one_of(st.none(), sentences),
+                            }
+                        ),
+                    ),
+                    max_size=3,
+                )
+            }
+        ),
+    )
+)
 def test_any_requests_file_is_read_or_refused(obj: Any) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "requests.json"
@@ -142,9 +189,13 @@ def test_any_option_value_is_typed_or_refused(annotation: Any, text: str | None)
 
 
 @SETTINGS
-@given(st.sampled_from(["synthesize", "train", "preprocess", "make_dataset", "evaluate", "validate"]),
-       st.lists(st.one_of(st.sampled_from(["--seed", "--out", "--steps", "--overwrite", "--lr", "-x", "--", "--=1"]), tokens),
-                max_size=8))  # fmt: skip
+@given(
+    st.sampled_from(["synthesize", "train", "preprocess", "make_dataset", "evaluate", "validate"]),
+    st.lists(
+        st.one_of(st.sampled_from(["--seed", "--out", "--steps", "--overwrite", "--lr", "-x", "--", "--=1"]), tokens),
+        max_size=8,
+    ),
+)
 def test_any_command_line_is_parsed_or_refused(command: str, argv: list[str]) -> None:
     try:
         _, kwargs = parse_options(getattr(Commands(), command), argv)
