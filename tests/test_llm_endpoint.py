@@ -209,7 +209,7 @@ def test_the_option_beats_the_environment_on_the_command_line(env, tmp_path, cap
     assert KEY not in out + err and list(tmp_path.iterdir()) == []
 
 
-def test_a_run_records_the_endpoint_and_the_fallback_never_the_key(env, tmp_path, capsys):
+def test_a_run_records_the_endpoint_and_the_fallback_never_the_key(env, tmp_path, capsys, caplog):
     """A whole run against a failing server with ``report_on_failure: offline``: the case is written, its
     provenance names the endpoint and both fallbacks (sentence and report); the key is in no file."""
     ct, seg = nib.load(SMALL / "example_ct_sm.nii.gz"), nib.load(SMALL / "example_seg.nii.gz")
@@ -258,6 +258,7 @@ def test_a_run_records_the_endpoint_and_the_fallback_never_the_key(env, tmp_path
         and "proposed offline" in record["fallbacks"][0]
     )
     assert any("read offline" in w for w in provenance["request"]["warnings"])
+    assert any(r.levelname == "WARNING" and "report proposed offline" in r.getMessage() for r in caplog.records)
     assert provenance["request"]["text_reading"]["reader"] == "offline"
     for root, _, files in os.walk(out):
         for name in files:

@@ -600,6 +600,10 @@ def synthesize(
             write_json(staging / "summary.json", summary)
             if keep_work:
                 shutil.copytree(work, staging / "work")
+    for s in states:  # a report proposed offline after the endpoint failed: a warning line, even from a quiet stage
+        for fallback in ((s.entry.extra.get("report_provider") or {}).get("fallbacks", []) if s.ok and s.entry else []):
+            if not verbose:
+                logger.warning("%s: %s", s.request.case, fallback)
     for item in summary_cases:
         if item["status"] == "ok":
             print(f"{item['case']}: {out_dir / item['case'] / 'image.nii.gz'}")
