@@ -23,7 +23,7 @@ from lesiondiffusion.dataset import (
     write_datalist,
     write_list_files,
 )
-from lesiondiffusion.errors import InputError
+from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import save_nifti
 from lesiondiffusion.report import LesionReport, Report, write_report
 
@@ -82,7 +82,7 @@ def test_list_files_round_trip_through_datalist(cases, tmp_path):
 def test_load_cases_needs_exactly_one_form(cases, tmp_path):
     write_datalist(tmp_path / "d.json", {"training": cases})
     assert load_cases(datalist=tmp_path / "d.json") == cases
-    with pytest.raises(Exception, match="either a datalist or an image list"):
+    with pytest.raises(LesionDiffusionError, match="^give either a datalist or an image list"):
         load_cases()
 
 

@@ -44,7 +44,7 @@ def test_unknown_name_lists_close_matches():
 def test_unknown_id_and_version():
     with pytest.raises(UnknownOrganError, match="999"):
         label_table().name(999)
-    with pytest.raises(Exception, match="v3"):
+    with pytest.raises(LesionDiffusionError, match=r"^unknown TotalSegmentator version 'v3'; use one of v1, v2$"):
         label_table("v3")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import metadata
 from pathlib import Path
 
@@ -24,9 +25,13 @@ def test_bundle_layout():
 def test_metadata_verifies_offline_and_a_broken_one_does_not(tmp_path):
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))  # raises on any error
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    for broken in ({**meta, "version": None}, {k: v for k, v in meta.items() if k != "network_data_format"}):
+    broken_metas = (
+        ({**meta, "version": None}, "None is not of type 'string'"),
+        ({k: v for k, v in meta.items() if k != "network_data_format"}, "'network_data_format' is a required property"),
+    )
+    for broken, problem in broken_metas:
         (tmp_path / "bad.json").write_text(json.dumps(broken))
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match=f"^{re.escape(problem)}"):
             verify_metadata(meta_file=str(tmp_path / "bad.json"), filepath=str(SCHEMA))
 
 
