@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 from lesiondiffusion import attributes as A
 from lesiondiffusion import vocabulary as V
@@ -464,11 +465,23 @@ def test_ct_value_forms():
 
 
 # ---- whole-volume arrays: the cropped computations agree with direct whole-volume ones --------------------------
+def nearest_mm(points: np.ndarray, targets: np.ndarray, spacing) -> np.ndarray:
+    """Exact distance (mm, voxel centres) from each voxel index in ``points`` to the nearest in ``targets``."""
+    if not len(targets):
+        return np.full(len(points), np.inf)
+    return cKDTree(targets * np.asarray(spacing)).query(points * np.asarray(spacing))[0]
+
+
 def whole_volume_reference_hu(image, organ, spacing, exclude):
-    """The organ's parenchyma median computed directly on the whole volume (no cropping)."""
-    near = A._edt(~exclude, spacing, border_outside=False) <= A.LESION_MARGIN_MM
+    """The organ's parenchyma median computed directly on the whole volume, with distances found by a
+    nearest-neighbour search over voxel centres (not the module's distance transforms)."""
+    everywhere = np.argwhere(np.ones(organ.shape, bool))
+    near = (nearest_mm(everywhere, np.argwhere(exclude), spacing) <= A.LESION_MARGIN_MM).reshape(organ.shape)
     free = organ & ~near
-    core = free & (A._edt(organ, spacing) > A.ORGAN_RIM_MM)
+    # the rim: distance to the nearest voxel outside the organ, the frame just beyond the image counting as outside
+    frame = np.argwhere(np.pad(np.zeros(organ.shape, bool), 1, constant_values=True)) - 1
+    outside = np.concatenate([np.argwhere(~organ), frame])
+    core = free & (nearest_mm(everywhere, outside, spacing) > A.ORGAN_RIM_MM).reshape(organ.shape)
     for region in (core, free, organ & ~exclude):
         if np.count_nonzero(region) >= A.MIN_REFERENCE_VOXELS:
             return float(np.median(image[region]))
