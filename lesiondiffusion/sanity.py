@@ -327,21 +327,39 @@ def check_case(
     return warnings + check_organ(image, image_path, seg, seg_img, seg_path, attributes, version)
 
 
-def check_requests(requests: Sequence[Any], organ_seg_version: str = "auto", allow_unknown: bool = False) -> list[Any]:
-    """:func:`check_case` for each :class:`~lesiondiffusion.requests.SynthesisRequest`; returns them with
-    their warnings attached (each warning is also logged as one line)."""
-    out = []
+def check_requests(
+    requests: Sequence[Any], organ_seg_version: str = "auto", allow_unknown: bool = False
+) -> tuple[list[Any], dict[str, str]]:
+    """:func:`check_case` for each :class:`~lesiondiffusion.requests.SynthesisRequest`.
+
+    Returns the requests with their warnings attached (each also logged as one line) and, for a batch,
+    the cases refused with their one-line reason (the others still run). A single request, or a batch
+    whose every case is refused, raises the first error instead: nothing is run or written.
+    """
+    out, refused, first = [], {}, None
     for r in requests:
-        version = (
-            r.organ_seg_version
-            if organ_seg_version in (None, "", "auto") and r.organ_seg_version
-            else organ_seg_version
-        )
-        found = check_case(
-            Path(r.image), None if r.organ_seg is None else Path(r.organ_seg), r.attributes, version or "auto",
-            r.source or f"case {r.case}", allow_unknown, vocabulary=r.given if r.text is not None else None,
-        )  # fmt: skip
+        declared = organ_seg_version in (None, "", "auto") and r.organ_seg_version
+        version = r.organ_seg_version if declared else organ_seg_version
+        try:
+            found = check_case(
+                Path(r.image),
+                None if r.organ_seg is None else Path(r.organ_seg),
+                r.attributes,
+                version or "auto",
+                r.source or f"case {r.case}",
+                allow_unknown,
+                vocabulary=r.given if r.text is not None else None,
+            )
+        except LesionDiffusionError as e:
+            if len(requests) == 1:
+                raise
+            first = first or e
+            refused[r.case] = str(e)
+            logger.error("%s: %s", r.case, e)
+            found = []
         for w in found:
             logger.warning("%s: %s", r.case, w)
         out.append(replace(r, warnings=tuple(dict.fromkeys((*r.warnings, *found)))))
-    return out
+    if first is not None and len(refused) == len(out):
+        raise first
+    return out, refused

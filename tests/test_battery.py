@@ -74,14 +74,23 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "blank_line.txt").write_text(f"{d / 'ct.nii.gz'}\n\n{d / 'ct.nii.gz'}\n")
     (d / "images.txt").write_text(f"{d / 'ct.nii.gz'}\n{d / 'ct.nii.gz'}\n")
     (d / "attrs_short.txt").write_text(json.dumps(LIVER) + "\n")
-    (d / "attrs_bad.txt").write_text(json.dumps(LIVER) + "\n" + json.dumps({**LIVER, "organ type": "livr"}) + "\n")
+    (d / "attrs_bad.txt").write_text(
+        json.dumps({**LIVER, "organ type": "spleeen"}) + "\n" + json.dumps({**LIVER, "organ type": "livr"}) + "\n"
+    )
     (d / "bad_json.json").write_text('{"requests": [')
     (d / "empty_requests.json").write_text('{"requests": []}')
     entry = {"case": "a", "image": "ct.nii.gz", "organ_seg": "seg.nii.gz", "attributes": LIVER}
     (d / "traversal.json").write_text(json.dumps({"requests": [{**entry, "case": "../escape"}]}))
     (d / "twice.json").write_text(json.dumps({"requests": [entry, entry]}))
     (d / "unknown_value.json").write_text(
-        json.dumps({"requests": [entry, {**entry, "case": "b", "attributes": {**LIVER, "shape": "star"}}]})
+        json.dumps(
+            {
+                "requests": [
+                    {**entry, "attributes": {**LIVER, "shape": "star"}},
+                    {**entry, "case": "b", "attributes": {**LIVER, "shape": "sphere"}},
+                ]
+            }
+        )
     )
     (d / "a_file").write_text("x\n")
     return d
@@ -205,7 +214,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     (
         "list_line_unknown_organ",
         lambda d: ["synthesize", "--image_list", str(d / "images.txt"), "--attributes_list", str(d / "attrs_bad.txt")],
-        ("attrs_bad.txt:2", "livr"),
+        ("attrs_bad.txt:1", "spleeen"),
     ),  # fmt: skip
     ("requests_bad_json", lambda d: ["synthesize", "--requests", str(d / "bad_json.json")], ("bad_json.json", "JSON")),
     (
@@ -222,7 +231,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     (
         "requests_unknown_value",
         lambda d: ["synthesize", "--requests", str(d / "unknown_value.json")],
-        ("unknown_value.json: requests[1]", "star"),
+        ("unknown_value.json: requests[0]", "star"),
     ),  # fmt: skip
     # other sub-commands
     ("train_no_datalist", lambda d: ["train", "--out", "x"], ("--datalist",)),
@@ -284,3 +293,24 @@ def test_help_runs_nothing(inputs, tmp_path, capsys, keep_signals):
         out, err = capsys.readouterr()
         assert "SYNOPSIS" in out + err and "error:" not in out + err, args
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_reports_a_refused_case_and_runs_the_others(inputs):
+    """In a batch, a case the input checks refuse is reported with its reason, the others go on; when every
+    case is refused the first reason is the run's one error line."""
+    from dataclasses import replace
+
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.requests import SynthesisRequest
+    from lesiondiffusion.sanity import check_requests
+
+    good = SynthesisRequest("good", inputs / "ct.nii.gz", dict(LIVER), inputs / "seg.nii.gz", source="a.txt:1")
+    bad = SynthesisRequest("bad", inputs / "nan.nii.gz", dict(LIVER), inputs / "seg.nii.gz", source="a.txt:2")
+    big = replace(good, case="big", attributes={**LIVER, "size": "120 mm"}, source="a.txt:3")
+    checked, refused = check_requests([good, bad, big])
+    assert [r.case for r in checked] == ["good", "bad", "big"] and list(refused) == ["bad"]
+    assert "nan.nii.gz" in refused["bad"] and "non-finite" in refused["bad"]
+    assert checked[0].warnings == () and "clipped to the organ's box" in checked[2].warnings[0]
+    assert "clipped" in checked[2].provenance()["warnings"][0]
+    with pytest.raises(LesionDiffusionError, match="nan.nii.gz"):
+        check_requests([bad, replace(bad, case="bad2")])

@@ -29,16 +29,34 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lesiondiffusion import batch
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import atomic_dir, check_output_target, file_sha256, image_exists, image_stem, read_json, read_nifti_array, output_lock, work_dir, write_json
+from lesiondiffusion.io import (
+    atomic_dir,
+    check_output_target,
+    file_sha256,
+    image_exists,
+    image_stem,
+    output_lock,
+    read_json,
+    read_nifti_array,
+    work_dir,
+    write_json,
+)
 from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
+from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
 from lesiondiffusion.sanity import check_requests
-from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.settings import flag
 from lesiondiffusion.text import TextError, TextReading
-from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, BundleRunError, check_overrides, run_bundle, run_bundle_in_process
+from lesiondiffusion_tools.bundle_runner import (
+    BUNDLES_DIR,
+    BundleRunError,
+    check_overrides,
+    run_bundle,
+    run_bundle_in_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -498,6 +516,7 @@ def synthesize(
     report_base_url: str | None = None,
     report_model: str | None = None,
     report_api_key_env: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Write a described lesion into each CT: preprocess -> LMNet -> LINet, outputs in ``out/<case>/``.
 
@@ -508,7 +527,19 @@ def synthesize(
     logs and progress as it runs (its errors are reported either way). ``text`` describes the lesion in
     one sentence ("a 25 mm hypodense, well-defined cyst in the liver"); ``attributes`` win over it.
     ``allow_unknown_values``: accept attribute values outside the vocabulary (a warning each) instead of refusing.
+    Under ``torchrun``, or with ``resume`` (complete an existing ``out``), a ``requests`` file is sharded
+    across the processes case by case (:mod:`lesiondiffusion.batch`).
     """
+    params = dict(locals())
+    if requests and batch.wanted(flag(resume)):
+        if not out:
+            raise LesionDiffusionError("give the output folder: --out DIR")
+        given = {k: v for k, v in params.items() if k not in ("requests", "out", "resume", "overwrite")}
+
+        def one_case(request_file: Path, case_out: Path, case_device: str | None) -> Any:
+            return synthesize(**{**given, "device": device or case_device}, requests=str(request_file), out=str(case_out))
+
+        return batch.run_batch(Path(requests), Path(out), one_case, resume=flag(resume), overwrite=flag(overwrite))
     overwrite, keep_work, verbose = flag(overwrite), flag(keep_work), flag(verbose)  # "--overwrite false" is false
     isolate = flag(isolate)
     extra = stage_overrides(bundle_overrides, ("preprocess", *NETWORKS[1:]))
@@ -537,11 +568,12 @@ def synthesize(
     cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text)
     check_inputs(cases)
     # bad values, CT and organ map are refused before any work
-    cases = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
+    cases, refused = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
     cases = read_texts(cases, settings.report_provider, extra["preprocess"], settings.seed)
     weight_files = weights_paths(weights)
     weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
-    states = [CaseState(r) for r in cases]
+    all_states = [CaseState(r, error=refused.get(r.case), stage="input" if r.case in refused else None) for r in cases]
+    states = [s for s in all_states if s.ok]  # a batch case refused by the input checks is reported, the others run
 
     timings: dict[str, float] = {}
     memory: dict[str, float | None] = {}
@@ -573,7 +605,7 @@ def synthesize(
 
         summary_cases = []
         with atomic_dir(out_dir, overwrite=overwrite) as staging:
-            for s in states:
+            for s in all_states:
                 if s.ok:
                     try:
                         _write_case(staging / s.request.case, s, settings, weight_record, timings, n_lesions, bundle_runs)
@@ -586,8 +618,8 @@ def synthesize(
                 summary_cases.append(item)
             summary = {
                 "cases": summary_cases,
-                "succeeded": sum(s.ok for s in states),
-                "failed": sum(not s.ok for s in states),
+                "succeeded": sum(s.ok for s in all_states),
+                "failed": sum(not s.ok for s in all_states),
                 "lesions": n_lesions,
                 "network_calls": {
                     stage: sum(network_calls(s.entry)[stage] for s in states if s.ok and s.entry is not None) for stage in NETWORKS[1:]
@@ -612,5 +644,5 @@ def synthesize(
     if n_lesions:
         print(f"{n_lesions} lesion(s) in {timings['total']:.1f} s ({summary['seconds_per_lesion']:.1f} s per lesion); summary: {out_dir / 'summary.json'}")
     if summary["failed"]:
-        raise LesionDiffusionError(f"{summary['failed']} of {len(states)} case(s) failed (see {out_dir / 'summary.json'})")
+        raise LesionDiffusionError(f"{summary['failed']} of {len(all_states)} case(s) failed (see {out_dir / 'summary.json'})")
     return summary
