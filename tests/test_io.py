@@ -21,7 +21,7 @@ def test_atomic_file_appears_whole_with_the_usual_mode(tmp_path: Path) -> None:
     path = write_json(tmp_path / "a" / "x.json", {"k": 1})
     assert path.read_text() == '{\n  "k": 1\n}\n'
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^writer failed$"):
         with atomic_path(tmp_path / "a" / "y.nii.gz") as tmp:
             assert tmp.name.endswith(".nii.gz")  # writers that read the suffix still work
             tmp.write_text("half")
@@ -29,16 +29,28 @@ def test_atomic_file_appears_whole_with_the_usual_mode(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.json"]
 
 
+def test_a_failed_overwrite_leaves_the_old_file_whole(tmp_path: Path) -> None:
+    old = write_json(tmp_path / "x.json", {"k": 1}).read_bytes()
+    with pytest.raises(RuntimeError, match="^writer failed$"):
+        with atomic_path(tmp_path / "x.json") as tmp:
+            tmp.write_text('{"k": ')  # half a new file, then the writer dies
+            raise RuntimeError("writer failed")
+    assert (tmp_path / "x.json").read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    write_json(tmp_path / "x.json", {"k": 2})  # a successful overwrite replaces it
+    assert (tmp_path / "x.json").read_text() == '{\n  "k": 2\n}\n' and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
 def test_atomic_folder_appears_whole_with_the_usual_mode(tmp_path: Path) -> None:
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "f.txt").write_text("x")
     assert (tmp_path / "out" / "f.txt").read_text() == "x"
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^failed$"):
         with atomic_dir(tmp_path / "out", overwrite=True) as tmp:
             (tmp / "g.txt").write_text("y")
             raise RuntimeError("failed")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "out" / "g.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["f.txt"] and (tmp_path / "out" / "f.txt").read_text() == "x"
 
 
 def test_file_sha256(tmp_path: Path) -> None:
