@@ -41,8 +41,8 @@ MIN_ORGAN_MM3 = 500.0
 SAMPLE_VOXELS = 2_000_000
 NEIGHBOURHOOD_MM = 10.0  # non-finite voxels this close to the organ reach the lesion's crop
 # median HU an organ's parenchyma may have: outside, the image is not in HU or the map is not its map
-ORGAN_HU = (-300.0, 400.0)
-LUNG_HU = (-1024.0, -300.0)
+ORGAN_HU = (-300.0, 1500.0)  # up to cortical bone: vertebrae and ribs are organs too
+LUNG_HU = (-1100.0, -300.0)
 
 # classes of one attribute that exclude each other (a lesion is not both)
 EXCLUSIVE: dict[str, tuple[frozenset[str], ...]] = {
