@@ -567,10 +567,10 @@ def synthesize(
               f"key from ${used['api_key_env']}")
     cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text)
     check_inputs(cases)
+    weight_files = weights_paths(weights)
     # bad values, CT and organ map are refused before any work
     cases, refused = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
     cases = read_texts(cases, settings.report_provider, extra["preprocess"], settings.seed)
-    weight_files = weights_paths(weights)
     weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
     all_states = [CaseState(r, error=refused.get(r.case), stage="input" if r.case in refused else None) for r in cases]
     states = [s for s in all_states if s.ok]  # a batch case refused by the input checks is reported, the others run
