@@ -1,0 +1,39 @@
+"""Edge cases of the core modules that a mutation run found untested (``benchmarks/results/mutation.md``):
+each test fails on the mutant it was written for, and on the bug that mutant stands for."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lesiondiffusion import attributes as A
+from lesiondiffusion.pipelines import mask_postprocess
+from lesiondiffusion.transforms import CTIntensityMapd
+
+
+def test_scale_mask_maps_each_voxel_from_its_own_side_of_the_centre() -> None:
+    """An off-centre block scaled by 2 about a voxel: every output voxel samples the source on its own side
+    (a point reflection about the centre would mirror the block to the other side)."""
+    mask = np.zeros((1, 1, 40), bool)
+    mask[0, 0, 22:26] = True  # voxels 22..25, right of the centre 20
+    out = mask_postprocess.scale_mask(mask, (0, 0, 20), 2.0)
+    # source position of output voxel x is 20 + (x - 20) / 2; kept where the interpolated value >= 0.5
+    expected = [x for x in range(40) if 21.5 <= 20 + (x - 20) / 2 <= 25.5]
+    assert np.flatnonzero(out[0, 0]).tolist() == expected == list(range(23, 32))
+
+
+def test_generated_values_fall_in_each_allowed_band_in_proportion_to_its_width() -> None:
+    """The organ at 50 HU leaves out 35..44 and 56..65 (neither clearly iso nor clearly hypo/hyper) from
+    a tissue range of -100..300: three bands 135, 12 and 235 HU wide, drawn in that proportion."""
+    rng = np.random.default_rng(0)
+    values = np.array([A._sample_tissue_hu((-100.0, 300.0), 50.0, rng) for _ in range(3000)])
+    assert not ((values > 35) & (values < 44)).any() and not ((values > 56) & (values < 65)).any()
+    shares = [np.mean(values <= 35), np.mean((values >= 44) & (values <= 56)), np.mean(values >= 65)]
+    assert np.allclose(shares, np.array([135, 12, 235]) / 382, atol=0.03), shares
+
+
+def test_dictionary_intensity_map_may_skip_missing_keys() -> None:
+    data = {"image": torch.tensor([[[[-1000.0, 0.0, 3000.0]]]])}
+    out = CTIntensityMapd(keys=["image", "absent"], allow_missing_keys=True)(data)
+    assert set(out) == {"image"} and out["image"].shape == (1, 1, 1, 3)
+    assert torch.equal(out["image"], CTIntensityMapd(keys=["image"])(data)["image"])
