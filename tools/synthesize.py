@@ -48,7 +48,7 @@ from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
 from lesiondiffusion.sanity import check_requests
-from lesiondiffusion.settings import flag
+from lesiondiffusion.settings import default, flag
 from lesiondiffusion.text import TextError, TextReading
 from lesiondiffusion_tools.bundle_runner import (
     BUNDLES_DIR,
@@ -300,11 +300,11 @@ class SynthesisSettings:
 
     seed: int = 0
     num_lesions: int = 1
-    steps: int = 25
+    steps: int | None = None  # None: each network's default for the preset (lesiondiffusion.settings.DEFAULTS)
     sampler: str = "ddim"
-    guidance_scale: float = 2.0
-    margin_mm: float = 3.0
-    feather_mm: float = 2.0
+    guidance_scale: float | None = None  # None: each network's own default
+    margin_mm: float = float(default("linet", "margin_mm"))
+    feather_mm: float = float(default("linet", "feather_mm"))
     preset: str = "cpu"
     report_provider: str = "offline"
     organ_seg_version: str = "auto"
@@ -315,7 +315,7 @@ class SynthesisSettings:
         """Reject settings no stage could use, before anything runs."""
         if self.sampler not in SAMPLERS:
             raise LesionDiffusionError(f"--sampler must be one of {', '.join(SAMPLERS)}, not {self.sampler!r}")
-        if int(self.steps) < 1:
+        if self.steps is not None and int(self.steps) < 1:
             raise LesionDiffusionError(f"--steps must be at least 1, not {self.steps}")
         if int(self.num_lesions) < 1:
             raise LesionDiffusionError(f"--num_lesions must be at least 1, not {self.num_lesions}")
@@ -334,8 +334,16 @@ def _stage_overrides(stage: str, settings: SynthesisSettings, weights: dict[str,
     if settings.device:
         common["device"] = settings.device
     if stage == "preprocess":
-        return {**common, "num_lesions": int(settings.num_lesions), "report_provider": settings.report_provider, "organ_seg_version": settings.organ_seg_version}
-    sampling = {"steps": int(settings.steps), "sampler": settings.sampler, "guidance_scale": float(settings.guidance_scale), "preset": settings.preset}
+        return {
+            **common, "num_lesions": int(settings.num_lesions), "report_provider": settings.report_provider,
+            "organ_seg_version": settings.organ_seg_version, "preset": settings.preset,
+        }  # fmt: skip
+    # steps and guidance only when given: otherwise each network keeps its own default (the defaults table)
+    sampling: dict[str, Any] = {"sampler": settings.sampler, "preset": settings.preset}
+    if settings.steps is not None:
+        sampling["steps"] = int(settings.steps)
+    if settings.guidance_scale is not None:
+        sampling["guidance_scale"] = float(settings.guidance_scale)
     if stage == "lmnet":
         return {**common, **sampling, "weights": str(weights["lmnet"])}
     return {
@@ -495,11 +503,11 @@ def synthesize(
     organ_seg_list: str | None = None,
     num_lesions: int = 1,
     seed: int = 0,
-    steps: int = 25,
+    steps: int | None = None,
     sampler: str = "ddim",
-    guidance: float = 2.0,
-    margin_mm: float = 3.0,
-    feather_mm: float = 2.0,
+    guidance: float | None = None,
+    margin_mm: float = float(default("linet", "margin_mm")),
+    feather_mm: float = float(default("linet", "feather_mm")),
     preset: str = "cpu",
     report_provider: str = "offline",
     organ_seg_version: str = "auto",
@@ -522,7 +530,10 @@ def synthesize(
 
     Returns the summary (also written to ``out/summary.json``). Raises when any case failed, after the
     others were written. The stages run in this process; ``isolate`` runs each bundle in its own process
-    (``python -m monai.bundle run``), with the same outputs for the same seed. ``bundle_overrides`` sets any other key of a stage's ``inference.json``, as a
+    (``python -m monai.bundle run``), with the same outputs for the same seed.
+    ``steps`` and ``guidance`` left unset keep each network's own default for the ``preset``
+    (:data:`lesiondiffusion.settings.DEFAULTS`: LMNet DDIM 25 on cpu, 200 on paper, guidance 1; LINet 25 and 2),
+    exactly what a direct bundle run uses. ``bundle_overrides`` sets any other key of a stage's ``inference.json``, as a
     JSON object by stage, e.g. ``'{"linet": {"context_mm": 12}}'``. ``verbose``: show each stage's
     logs and progress as it runs (its errors are reported either way). ``text`` describes the lesion in
     one sentence ("a 25 mm hypodense, well-defined cyst in the liver"); ``attributes`` win over it.
@@ -555,7 +566,8 @@ def synthesize(
         raise LesionDiffusionError(f"{out_dir}: output folder exists; pass --overwrite to replace it")
     check_output_target(out_dir, overwrite)  # a file, or the current folder, is refused before any work
     settings = SynthesisSettings(
-        seed=int(seed), num_lesions=int(num_lesions), steps=int(steps), sampler=str(sampler), guidance_scale=float(guidance),
+        seed=int(seed), num_lesions=int(num_lesions), steps=None if steps is None else int(steps), sampler=str(sampler),
+        guidance_scale=None if guidance is None else float(guidance),
         margin_mm=float(margin_mm), feather_mm=float(feather_mm), preset=str(preset), report_provider=str(report_provider),
         organ_seg_version=str(organ_seg_version), device=None if device in (None, "", "auto") else str(device), extra={"bundle_overrides": extra},
     )  # fmt: skip

@@ -3,7 +3,10 @@
 Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
 
 - ``image.nii.gz``: the CT on the standardised grid (RAS, 1 mm; HU) from the config's MONAI
-  ``standardise`` chain, and ``geometry.json``: the input's grid, to write results back onto it;
+  ``standardise`` chain, and ``geometry.json``: the input's grid, to write results back onto it. With a
+  given organ map and ``crop_margin_mm`` set (the default), only the organ's neighbourhood (its box
+  grown by ``crop_margin_mm``) of that grid is resampled (:mod:`lesiondiffusion.pipelines.standard_grid`):
+  the same voxels the whole standardised scan holds there, without standardising the whole scan;
 - ``source_image.nii.gz``, only for a DICOM series folder or an NRRD file: the input as NIfTI on its own
   grid (RAS+ affine from the reader's metadata, HU after rescale slope/intercept); the manifest's
   ``source_image`` points to it (``input_image`` to the user's input), so later stages write onto it;
@@ -29,20 +32,31 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from lesiondiffusion.attributes import ScanContext, complete_report, measure_scan
+from lesiondiffusion.attributes import (
+    AORTA,
+    PORTAL_VEIN,
+    ScanContext,
+    complete_report,
+    contrast_phase,
+    measure_scan,
+    organ_reference_hu,
+    vessel_hu,
+)
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_geometry
 from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, save_nifti
-from lesiondiffusion.labels import is_hollow
+from lesiondiffusion.labels import is_hollow, label_table
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
 from lesiondiffusion.pipelines.preprocess_inputs import CaseRequest, read_requests
 from lesiondiffusion.pipelines.segment import OrganSegmenter
+from lesiondiffusion.pipelines.standard_grid import box_on_grid, resample_region, standard_grid
 from lesiondiffusion.placement import DEFAULT_EROSION, Box, bounding_box, place_box
 from lesiondiffusion.report import Report, write_report
-from lesiondiffusion.settings import flag
+from lesiondiffusion.settings import default, flag
 from lesiondiffusion.vocabulary import CAVITY
 
 logger = logging.getLogger(__name__)
@@ -52,6 +66,8 @@ ORGAN_SEG_NAME = "organ_seg.nii.gz"
 GEOMETRY_NAME = "geometry.json"
 SOURCE_NAME = "source_image.nii.gz"  # a DICOM series' or NRRD input's NIfTI: the grid outputs are written on
 SEG_INPUT_NAME = ".organ_seg_input.nii.gz"  # a non-NIfTI organ map, removed once standardised
+DEFAULT_CROP_MARGIN_MM = float(default("preprocess", "crop_margin_mm", "cpu"))
+VESSEL_MARGIN = 3  # voxels around a vessel's box: its lumen measure erodes by one
 
 
 class PreprocessRunner:
@@ -77,6 +93,7 @@ class PreprocessRunner:
         pixdim: Sequence[float] = (1.0, 1.0, 1.0),
         overwrite: bool = False,
         exit_on_error: bool = True,
+        crop_margin_mm: float | None = DEFAULT_CROP_MARGIN_MM,
     ) -> None:
         self.output_dir = output_dir
         self.standardise, self.segmenter, self.provider = standardise, segmenter, provider
@@ -87,6 +104,7 @@ class PreprocessRunner:
         self.seed, self.num_lesions, self.erosion = int(seed), int(num_lesions), float(erosion)
         self.axcodes, self.pixdim = axcodes, tuple(float(p) for p in pixdim)
         self.overwrite, self.exit_on_error = flag(overwrite), flag(exit_on_error)
+        self.crop_margin_mm = None if crop_margin_mm in (None, "") else float(crop_margin_mm)
 
     # ---- entry point ---------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -155,34 +173,13 @@ class PreprocessRunner:
                     raise InputError(request.organ_seg, f"organ map shape {seg_header.shape[:3]} differs from the image's {header.shape[:3]}")
                 raise InputError(request.organ_seg, f"organ map affine differs from the image's ({request.image})")
 
-        data = {"image": str(image_path)}
-        if seg_path is not None:
-            data["organ_seg"] = str(seg_path)
-        try:
-            std = self.standardise(data)
-        except Exception as e:  # truncated gzip and other decoding errors surface only here
-            cause = e.__cause__ or e
-            raise InputError(request.image, f"cannot be read or standardised ({type(cause).__name__}: {_one_line(cause)})") from None
-        if seg_path is not None and seg_path != request.organ_seg:
-            seg_path.unlink()  # only read through the standardised copy below
-        image = std["image"]
-        affine = np.asarray(image.affine, dtype=np.float64)
-        hu = image[0].detach().cpu().numpy().astype(np.float32)
-        given = std["organ_seg"][0].detach().cpu().numpy() if "organ_seg" in std else None
-        seg, seg_source, seg_version = self.segmenter.segment(
-            hu, affine, given, request.image, request.organ_seg, declared=request.organ_seg_version
-        )
-
+        if seg_path is not None and self.crop_margin_mm is not None and not self.segmenter.prefer_totalseg:
+            hu, affine, seg, seg_source, seg_version, scan = self._standardise_region(request, header, seg_path)
+        else:
+            hu, affine, seg, seg_source, seg_version, scan = self._standardise_scan(request, image_path, seg_path)
+        if seg_path is not None and seg_path != request.organ_seg and seg_path.exists():
+            seg_path.unlink()  # a converted organ map is only read through the standardised copy
         organ = seg == request.organ_id
-        if not organ.any():
-            where = request.organ_seg if seg_source == "given" else request.image
-            found = ", ".join(str(i) for i in np.unique(seg)[1:8]) or "none"
-            raise InputError(
-                where,
-                f"organ {request.organ_name!r} (TotalSegmentator v1 label {request.organ_id}) is absent from the organ segmentation (v1 labels present: {found})",
-            )
-        # the organ's HU and the contrast phase, measured on the standardised grid (1 mm; v1 ids, as segmented)
-        scan = measure_scan(hu, seg, request.organ_id, "v1", self.pixdim)
         logger.info("%s: %s", name, scan.describe())
         fallbacks = len(getattr(self.provider, "fallbacks", []))
         lesions = self._lesions(request, organ, folder, scan)
@@ -207,6 +204,101 @@ class PreprocessRunner:
             lesions=tuple(lesions),
             extra={**extra, "scan": scan.to_json(), **_provider_record(self.provider, fallbacks)},
         )
+
+    def _standardise_scan(
+        self, request: CaseRequest, image_path: Path, seg_path: Path | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, str, ScanContext]:
+        """The whole scan on the standardised grid (the config's ``standardise`` chain), its v1 organ map
+        (given or segmented), and the scan measured there."""
+        data = {"image": str(image_path)}
+        if seg_path is not None:
+            data["organ_seg"] = str(seg_path)
+        try:
+            std = self.standardise(data)
+        except Exception as e:  # truncated gzip and other decoding errors surface only here
+            cause = e.__cause__ or e
+            raise InputError(request.image, f"cannot be read or standardised ({type(cause).__name__}: {_one_line(cause)})") from None
+        if seg_path is not None and seg_path != request.organ_seg:
+            seg_path.unlink()  # only read through the standardised copy below
+        image = std["image"]
+        affine = np.asarray(image.affine, dtype=np.float64)
+        hu = image[0].detach().cpu().numpy().astype(np.float32)
+        given = std["organ_seg"][0].detach().cpu().numpy() if "organ_seg" in std else None
+        seg, seg_source, seg_version = self.segmenter.segment(
+            hu, affine, given, request.image, request.organ_seg, declared=request.organ_seg_version
+        )
+
+        self._check_organ(request, seg_source, seg, seg == request.organ_id)
+        # the organ's HU and the contrast phase, measured on the standardised grid (1 mm; v1 ids, as segmented)
+        scan = measure_scan(hu, seg, request.organ_id, "v1", self.pixdim)
+        return hu, affine, seg, seg_source, seg_version, scan
+
+    def _standardise_region(
+        self, request: CaseRequest, header: nib.Nifti1Image, seg_path: Path
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, str, ScanContext]:
+        """The organ's neighbourhood on the standardised grid, its v1 organ map and the scan measured there.
+
+        The organ map's numbering is told and converted on the input grid; the organ's box, grown by
+        ``crop_margin_mm``, is resampled from the input voxels it needs; the aorta and portal vein (the
+        contrast phase) are measured on small standardised boxes of their own. Same voxels, same numbers
+        as the whole-scan path.
+        """
+        seg_header = load_nifti(seg_path, ndim=3)
+        given = np.asanyarray(seg_header.dataobj)
+        if given.ndim > 3:
+            given = given.reshape(given.shape[:3])
+        proxy = header.dataobj
+        try:
+            raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+        except Exception as e:  # truncated gzip and other decoding errors surface only here
+            raise InputError(request.image, f"cannot be read or standardised ({type(e).__name__}: {_one_line(e)})") from None
+        raw = raw.reshape(raw.shape[:3])
+        slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+        scale = (float(slope), float(inter))
+        hu_in = raw if scale == (1.0, 0.0) else raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+        seg_in, seg_source, seg_version = self.segmenter.segment(
+            hu_in, np.asarray(header.affine, dtype=np.float64), given, request.image, request.organ_seg,
+            declared=request.organ_seg_version,
+        )  # fmt: skip
+        del hu_in, given
+        organ_in = seg_in == request.organ_id
+        self._check_organ(request, seg_source, seg_in, organ_in)
+        src_affine = np.asarray(header.affine, dtype=np.float64)
+        std_affine, std_shape = standard_grid(src_affine, raw.shape, self.axcodes, self.pixdim)
+        margin = self.crop_margin_mm / min(self.pixdim)
+
+        def region(mask: np.ndarray, grow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            lo, hi = _extent(mask)
+            start, stop = box_on_grid(lo, hi, src_affine, std_affine, std_shape, grow)
+            hu = resample_region(raw, src_affine, std_affine, start, stop, "bilinear", scale)
+            seg = np.rint(resample_region(seg_in, src_affine, std_affine, start, stop, "nearest")).astype(np.uint8)
+            return hu, seg, start
+
+        hu, seg, start = region(organ_in, margin)
+        shift = np.eye(4)
+        shift[:3, 3] = start
+        table = label_table("v1")
+        vessels = []
+        for vessel in (AORTA, PORTAL_VEIN):
+            inside = seg_in == table.id(vessel)
+            if not inside.any():
+                vessels.append(None)
+                continue
+            v_hu, v_seg, _ = region(inside, VESSEL_MARGIN)
+            vessels.append(vessel_hu(v_hu, v_seg == table.id(vessel), self.pixdim))
+        organ_hu = organ_reference_hu(hu, seg == request.organ_id, self.pixdim)
+        scan = ScanContext(request.organ_name, organ_hu, contrast_phase(*vessels), *vessels)
+        return hu, std_affine @ shift, seg, seg_source, seg_version, scan
+
+    def _check_organ(self, request: CaseRequest, seg_source: str, seg: np.ndarray, organ: np.ndarray) -> None:
+        """The requested organ must be in the organ map."""
+        if not organ.any():
+            where = request.organ_seg if seg_source == "given" else request.image
+            found = ", ".join(str(i) for i in np.unique(seg)[1:8]) or "none"
+            raise InputError(
+                where,
+                f"organ {request.organ_name!r} (TotalSegmentator v1 label {request.organ_id}) is absent from the organ segmentation (v1 labels present: {found})",
+            )
 
     def _lesions(self, request: CaseRequest, organ: np.ndarray, folder: Path, scan: ScanContext) -> list[LesionEntry]:
         """Report + box for each lesion, seeded per case (same seed and inputs, same boxes); the reports
@@ -262,3 +354,13 @@ def _moved(entry: CaseEntry, old: Path, new: Path) -> CaseEntry:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
+
+
+def _extent(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index box ``[lo, hi)`` of a non-empty boolean volume (from its projections: no voxel list)."""
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(int(hit[0]))
+        hi.append(int(hit[-1]) + 1)
+    return np.array(lo), np.array(hi)

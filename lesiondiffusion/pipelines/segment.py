@@ -32,7 +32,18 @@ import torch
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.extras import install_hint
-from lesiondiffusion.labels import AUTO, VERSION_CHOICES, VERSIONS, choose_version, convert_ids, label_table, relabel, resolve_version
+from lesiondiffusion.labels import (
+    AUTO,
+    VERSION_CHOICES,
+    VERSIONS,
+    choose_version,
+    convert_ids,
+    label_ids,
+    label_table,
+    present_ids,
+    relabel,
+    resolve_version,
+)
 from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
@@ -155,12 +166,12 @@ def to_v1(data: np.ndarray, numbering: str | dict[int, int], source: str | Path 
 
     Labels with no v1 counterpart become background (and are counted in the log).
     """
-    ids = np.rint(np.asarray(data, dtype=np.float32)).astype(np.int64)
+    ids = label_ids(data)
     if ids.size and (ids.min() < 0 or ids.max() > 10_000):
         raise InputError(source, f"organ map labels must be small non-negative integers, got {ids.min()}..{ids.max()}")
     if numbering == "v1":
         known = set(label_table("v1").names) | {0}
-        unknown = sorted(set(np.unique(ids).tolist()) - known)
+        unknown = sorted(set(present_ids(ids).tolist()) - known)
         if unknown:
             raise InputError(source, f"labels {unknown[:5]} are not TotalSegmentator v1 ids (is it a v2 map? set organ_seg_version v2 or auto)")
         return ids.astype(np.uint8)

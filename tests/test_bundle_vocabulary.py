@@ -1,0 +1,58 @@
+"""One bundle vocabulary: defaults from one table, booleans through ``flag``, the same key names in every bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+from lesiondiffusion.settings import DEFAULTS, default
+from lesiondiffusion_tools.synthesize import SynthesisSettings, _stage_overrides
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+WEIGHTS = {n: Path(f"/w/{n}.pt") for n in ("vqgan", "lmnet", "linet")}
+
+
+def parsed(bundle: str, config: str, key: str, **overrides):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / bundle / "configs" / config))
+    parser.update({"bundle_root": str(BUNDLES / bundle), **overrides})
+    parser.get_parsed_content("imports")
+    return parser.get_parsed_content(key)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_inference_configs_sample_with_the_defaults_table(preset: str) -> None:
+    for network in ("lmnet", "linet"):
+        assert parsed(network, "inference.json", "steps", preset=preset) == default(network, "steps", preset)
+        assert parsed(network, "inference.json", "guidance_scale", preset=preset) == DEFAULTS[network]["guidance_scale"]
+    assert parsed("lmnet", "inference.json", "steps", preset="paper") == 200  # the original's DDIM 200
+    assert parsed("lmnet", "inference.json", "guidance_scale") == 1.0 and parsed("linet", "inference.json", "guidance_scale") == 2.0
+    assert parsed("linet", "inference.json", "margin_mm") == 3.0 and parsed("linet", "inference.json", "feather_mm") == 2.0
+    assert parsed("preprocess", "inference.json", "crop_margin_mm", preset=preset) == default("preprocess", "crop_margin_mm", preset)
+
+
+def test_synthesize_leaves_each_networks_steps_and_guidance_to_its_bundle() -> None:
+    paper = SynthesisSettings(preset="paper")
+    for stage in ("lmnet", "linet"):
+        over = _stage_overrides(stage, paper, WEIGHTS)
+        assert "steps" not in over and "guidance_scale" not in over and over["preset"] == "paper"
+    assert _stage_overrides("preprocess", paper, WEIGHTS)["preset"] == "paper"
+    given = SynthesisSettings(steps=7, guidance_scale=1.5)
+    assert {k: _stage_overrides("lmnet", given, WEIGHTS)[k] for k in ("steps", "guidance_scale")} == {"steps": 7, "guidance_scale": 1.5}
+
+
+def test_resume_false_from_the_command_line_does_not_resume_lmnet(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    for value, disabled in (("false", True), ("true", False), (False, True)):
+        over = {"output_dir": str(tmp_path), "resume": value}
+        assert parsed("lmnet", "train.json", "checkpoint_handlers#0#_disabled_", **over) is disabled, value
+
+
+def test_every_bundle_names_its_last_checkpoint_and_finetune_weights_alike() -> None:
+    for bundle in ("vqgan", "lmnet", "linet"):
+        config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+        assert "checkpoint_last" in config and config["finetune_from"] is None, bundle
+        assert not {"ckpt_last", "last_checkpoint", "is_not_rank0"} & set(config), bundle
