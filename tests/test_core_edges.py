@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from lesiondiffusion import attributes as A
+from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion.pipelines import mask_postprocess
 from lesiondiffusion.transforms import CTIntensityMapd
 
@@ -37,3 +38,22 @@ def test_dictionary_intensity_map_may_skip_missing_keys() -> None:
     out = CTIntensityMapd(keys=["image", "absent"], allow_missing_keys=True)(data)
     assert set(out) == {"image"} and out["image"].shape == (1, 1, 1, 3)
     assert torch.equal(out["image"], CTIntensityMapd(keys=["image"])(data)["image"])
+
+
+def test_a_component_of_exactly_min_voxels_qualifies_and_masks_come_back_boolean() -> None:
+    field = np.full((6, 6, 6), -1.0)
+    field[1:3, 1:3, 1:3] = 1.0  # 8 voxels, one piece
+    allowed = np.ones(field.shape, np.uint8)  # a 0/1 array, not bool
+    got = mask_postprocess.select_mask(field, allowed, target_volume=8, min_voxels=8)
+    assert got is not None and got.dtype == bool and int(got.sum()) == 8
+    assert mask_postprocess.select_mask(field, allowed, target_volume=8, min_voxels=9) is None
+    empty, size = mask_postprocess.largest_component(np.zeros((3, 3, 3), np.uint8))
+    assert size == 0 and empty.dtype == bool and not empty.any()
+
+
+def test_feature_scale_is_the_spread_and_the_floor_added_in_quadrature() -> None:
+    floor = np.array([L.FEATURE_FLOOR[k] for k in L.FEATURES])
+    reference = np.stack([np.zeros(len(floor)), np.full(len(floor), 6.0), np.full(len(floor), 3.0)])
+    spread = np.full(len(floor), np.sqrt(6.0))  # population std of 0, 6, 3
+    assert np.allclose(L.feature_scale(reference), np.sqrt(spread**2 + floor**2))
+    assert np.array_equal(L.feature_scale(reference[:1]), floor)  # one lesion: no spread, the floor alone
