@@ -162,6 +162,8 @@ def test_load_vqvae_round_trip_and_errors(net: VQVAE, tmp_path) -> None:
     for path in (plain, str(ckpt)):
         loaded = ae.load_vqvae(path, "cpu")
         assert not loaded.training
+        saved, got = net.state_dict(), loaded.state_dict()
+        assert set(got) == set(saved) and all(torch.equal(got[k], saved[k]) for k in saved)  # every tensor, as saved
         assert torch.equal(ae.encode(loaded, x), ae.encode(net, x))
     with pytest.raises(InputError, match=r"missing\.pt: VQ-GAN weights not found; set vqgan_weights"):
         ae.load_vqvae(tmp_path / "missing.pt", key="vqgan_weights")
