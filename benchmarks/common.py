@@ -18,14 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from lesiondiffusion.data_paths import DEMO_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CPU_GFLOPS = 145.0  # this machine's fp32 matrix-product rate (2 cores), design section 8 (docs/design.md)
-
-from lesiondiffusion.data_paths import DEMO_DATA
 
 DEMO = DEMO_DATA  # the demo cases every benchmark builds its inputs from
 

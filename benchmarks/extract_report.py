@@ -89,7 +89,7 @@ def main() -> None:
             rows.append({"case": name, "median_s": round(times[len(times) // 2], 2), "min_s": round(times[0], 2), **result})
             print(rows[-1], flush=True)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)),
-            "repeats": args.repeats, "load_avg": [round(v, 2) for v in os.getloadavg()], "command": "python benchmarks/extract_report.py --repeats %d" % args.repeats}
+            "repeats": args.repeats, "load_avg": [round(v, 2) for v in os.getloadavg()], "command": f"python benchmarks/extract_report.py --repeats {args.repeats:d}"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "extract_report.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     lines = [

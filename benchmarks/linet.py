@@ -31,7 +31,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DEMO, REPO, RESULTS, bundle_parser, command_line, count_flops, cuda_peak_mib, finish_child, load_avg, peak_rss_mib, run_child, set_threads, time_iterations, write_report
+from common import (
+    DEMO,
+    REPO,
+    RESULTS,
+    bundle_parser,
+    command_line,
+    count_flops,
+    cuda_peak_mib,
+    finish_child,
+    load_avg,
+    peak_rss_mib,
+    run_child,
+    set_threads,
+    time_iterations,
+    write_report,
+)
 
 BUNDLE = REPO / "bundles" / "linet"
 STEPS = (10, 25, 50)
@@ -181,7 +196,7 @@ def part_flops(preset: str, device: str) -> dict[str, Any]:
         t = torch.full((1,), 500, device=dev, dtype=torch.long)
         try:
             with torch.no_grad():
-                flops = count_flops(lambda: network(x, timesteps=t, context=cond, extra=extra))
+                flops = count_flops(lambda network=network, x=x, t=t, cond=cond, extra=extra: network(x, timesteps=t, context=cond, extra=extra))
         except Exception as e:  # noqa: BLE001
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             continue

@@ -28,8 +28,22 @@ import time
 from pathlib import Path
 
 from common import (
-    CPU_GFLOPS, DEMO, REPO, best_time, bundle_parser, count_flops, finish_child, finish_report, flop_rate, machine_note,
-    rewrite_markdown, run_child, set_threads, snapshot, state_dict_mb, time_iterations,
+    CPU_GFLOPS,
+    DEMO,
+    REPO,
+    best_time,
+    bundle_parser,
+    count_flops,
+    finish_child,
+    finish_report,
+    flop_rate,
+    machine_note,
+    rewrite_markdown,
+    run_child,
+    set_threads,
+    snapshot,
+    state_dict_mb,
+    time_iterations,
 )  # fmt: skip
 
 BUNDLE = REPO / "bundles" / "vqgan"

@@ -18,7 +18,6 @@ other; each rank uses ``cuda:<LOCAL_RANK>`` when GPUs are present.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -23,7 +23,15 @@ import numpy as np
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, load_nifti, read_json, write_json, write_text
-from lesiondiffusion.labels import AUTO, VERSION_CHOICES, VERSIONS, UnknownOrganError, label_table, resolve_version, to_v1_map
+from lesiondiffusion.labels import (
+    AUTO,
+    VERSION_CHOICES,
+    VERSIONS,
+    UnknownOrganError,
+    label_table,
+    resolve_version,
+    to_v1_map,
+)
 from lesiondiffusion.report import read_report
 
 logger = logging.getLogger(__name__)

@@ -31,8 +31,16 @@ from tqdm import tqdm
 from lesiondiffusion.dataset import Case, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_nifti_array, save_nifti
-from lesiondiffusion.phantom import read_organ_map, axial_axis_of, check_label_map, make_phantom
-from lesiondiffusion.report import REPORT_BOX_AXES, Report, format_size, parse_size, read_report, to_report_axes, write_report
+from lesiondiffusion.phantom import axial_axis_of, check_label_map, make_phantom, read_organ_map
+from lesiondiffusion.report import (
+    REPORT_BOX_AXES,
+    Report,
+    format_size,
+    parse_size,
+    read_report,
+    to_report_axes,
+    write_report,
+)
 from lesiondiffusion.vocabulary import SIZE
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import difflib
 import logging
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import numpy as np
@@ -115,7 +115,7 @@ def _read_table(version: str) -> LabelTable:
     return LabelTable(version, names, synonyms)
 
 
-@lru_cache(maxsize=None)
+@cache
 def label_table(version: str = DEFAULT_VERSION) -> LabelTable:
     """The label table of TotalSegmentator ``version`` ("v1" or "v2")."""
     if version not in VERSIONS:

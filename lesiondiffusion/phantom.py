@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import nibabel as nib
@@ -143,7 +143,7 @@ def organ_hu(name: str) -> float:
     return DEFAULT_HU if key is None else ORGAN_HU[key]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lookup_tables(version: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per label id: mean HU, texture std (HU), is-bone. Index 0 is background (unused)."""
     table = label_table(version)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 # type.json attribute keys, in the original's order
@@ -77,7 +77,7 @@ def is_categorical(field: str) -> bool:
     return field in synonym_table()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _matchers(field: str) -> list[tuple[str, str]]:
     pairs = [(syn, cls[0]) for cls in synonym_table()[field] for syn in cls]
     return sorted(pairs, key=lambda p: -len(p[0]))

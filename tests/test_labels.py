@@ -59,9 +59,9 @@ def test_names_and_hollow_organs():
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lesiondiffusion.data_paths import DEMO_DATA, REPO_ROOT  # noqa: E402
 from lesiondiffusion.errors import InputError, LesionDiffusionError  # noqa: E402
 from lesiondiffusion.labels import detect_version, resolve_version, to_v1_map  # noqa: E402
-from lesiondiffusion.data_paths import DEMO_DATA, REPO_ROOT  # noqa: E402
 
 TS_SMALL_SEG = REPO_ROOT / "tests" / "data" / "ts_small" / "example_seg.nii.gz"
 

@@ -296,7 +296,7 @@ def stored(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
 
 
 def test_inference_changes_only_the_lesion_neighbourhood(inferred):
-    for source_case, case in zip(inferred["inputs"].cases, inferred["a"].cases):
+    for _source_case, case in zip(inferred["inputs"].cases, inferred["a"].cases):
         assert case.ok and case.synthetic_image == inferred["root"] / "out_a" / case.case / "synthetic.nii.gz"
         before, src = stored(case.source_image)
         after, out = stored(case.synthetic_image)

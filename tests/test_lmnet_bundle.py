@@ -19,13 +19,14 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from ddp_probe import check_ranks, probe_config, sharded_datalist
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
 from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.diffusion import DiffusionSampler, load_weights
 from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.placement import allowed_region
+
+from ddp_probe import check_ranks, probe_config, sharded_datalist
 
 ROOT = Path(__file__).resolve().parents[1]
 LMNET = ROOT / "bundles" / "lmnet"

@@ -11,8 +11,6 @@ import pytest
 from monai.data import load_decathlon_datalist
 from scipy import ndimage as ndi
 
-from conftest import snapshot as _snapshot
-
 from lesiondiffusion.dataset import read_datalist, read_split
 from lesiondiffusion.demo import REPORT_BOX_AXES, build_demo_cases
 from lesiondiffusion.errors import InputError
@@ -20,6 +18,8 @@ from lesiondiffusion.io import read_nifti_array
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.phantom import DEFAULT_HU, body_mask, make_phantom, make_phantom_file, organ_hu
 from lesiondiffusion.report import read_report
+
+from conftest import snapshot as _snapshot
 
 CASES = ("Bladder_cancer", "Liver_cancer")
 

@@ -24,11 +24,10 @@ from lesiondiffusion.attributes import OfflineReportProvider, complete_report
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.report import parse_ct_value
+from lesiondiffusion.reports import providers as llm
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
 KEY = "sk-test-SECRET-0123456789"
-
-from lesiondiffusion.reports import providers as llm
 
 GOOD = {
     "enhancement status": "enhanced CT",

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from lesiondiffusion.io import file_sha256
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.requests import SynthesisRequest, write_requests
-from lesiondiffusion.io import file_sha256
 from lesiondiffusion_tools.synthesize import OUTPUT_FILES, gather_requests, weights_paths
 
 # the cpu VQ-GAN (LINet loads it by preset) on small crops; LMNet and LINet shrunk to a few channels

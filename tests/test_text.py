@@ -20,14 +20,13 @@ from lesiondiffusion.attributes import GENERIC_KIND, lesion_kind, parse_lesion_s
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.report import parse_ct_value, validate_report
+from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.text import LESION_WORDS, TextError, answer_schema, read_description
 from lesiondiffusion_tools.synthesize import TEXT_ATTRIBUTE, TEXT_READING_ATTRIBUTE, gather_requests, read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "tests" / "data" / "ts_small"
 KEY = "sk-text-SECRET-42"
-
-from lesiondiffusion.reports import providers as llm
 
 HYPO, HYPER, ISO = "hypodense lesion,", "hyperdense lesion,", "isodense lesion,"
 WELL, ILL = "well-defined margin,", "ill-defined margin,"

@@ -19,10 +19,11 @@ import pytest
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from ddp_probe import check_ranks, probe_config, sharded_datalist
 from lesiondiffusion import autoencoder as ae
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.transforms import hu_to_unit
+
+from ddp_probe import check_ranks, probe_config, sharded_datalist
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "vqgan"

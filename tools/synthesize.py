@@ -480,7 +480,7 @@ def _write_case(
         "scan": entry.extra.get("scan"),
         "report_provider": entry.extra.get("report_provider"),  # the endpoint used, and any fallback to offline  # the scan context preprocess measured (organ HU, contrast phase)
         "parameters": settings.as_dict(),
-        "lesions": [{"organ_id": l.organ_id, "cavity": l.cavity, "box": l.box.to_json(), "report": r} for l, r in zip(entry.lesions, reports)],
+        "lesions": [{"organ_id": e.organ_id, "cavity": e.cavity, "box": e.box.to_json(), "report": r} for e, r in zip(entry.lesions, reports)],
         "weights": weights,
         "bundles": bundle_runs,
         "versions": versions(),

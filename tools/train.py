@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lesiondiffusion.dataset import datalist_version
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import output_lock
-from lesiondiffusion.dataset import datalist_version
 from lesiondiffusion.labels import VERSION_CHOICES, choose_version
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, check_overrides, run_bundle

@@ -11,6 +11,7 @@ written on the standardised grid and on the input's own grid, and the manifest g
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -32,7 +33,14 @@ from lesiondiffusion.geometry import read_geometry, save_on_input_grid
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
 from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
-from lesiondiffusion.pipelines.mask_postprocess import DEFAULT_THRESHOLDS, ELLIPSOID_FILL, largest_component, scale_mask, select_mask, whole_lesions
+from lesiondiffusion.pipelines.mask_postprocess import (
+    DEFAULT_THRESHOLDS,
+    ELLIPSOID_FILL,
+    largest_component,
+    scale_mask,
+    select_mask,
+    whole_lesions,
+)
 from lesiondiffusion.placement import Box, PlacementError, allowed_region, box_mask
 
 logger = logging.getLogger(__name__)
@@ -219,9 +227,10 @@ def run_manifest(
                 raise InputError(case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}")
             folder = out_dir / case.case
             std = save_nifti(folder / LABEL_NAME, label, img.affine, dtype=np.uint8)
+            n_lesions = len(case.lesions)
             original = save_on_input_grid(
                 folder / LABEL_ORIGINAL_NAME, label, geometry, mode="nearest", dtype=np.uint8,
-                postprocess=lambda a: whole_lesions(a, len(case.lesions)),
+                postprocess=functools.partial(whole_lesions, n_lesions=n_lesions),
             )  # fmt: skip
             extra = {**case.extra, "lmnet": {"network_calls": calls}}
             cases[i] = replace(case, label=std, label_original=original, synthetic_image=None, extra=extra)

@@ -338,7 +338,7 @@ def _moved(entry: CaseEntry, old: Path, new: Path) -> CaseEntry:
     def move(p: Path | None) -> Path | None:
         return None if p is None or old not in p.parents else new / p.relative_to(old)
 
-    lesions = tuple(LesionEntry(l.organ_id, l.cavity, move(l.report), l.box, l.extra) for l in entry.lesions)  # type: ignore[arg-type]
+    lesions = tuple(LesionEntry(e.organ_id, e.cavity, move(e.report), e.box, e.extra) for e in entry.lesions)  # type: ignore[arg-type]
     return CaseEntry(
         entry.case,
         entry.status,
