@@ -68,7 +68,8 @@ def only_required_env(dest: Path, metadata: dict) -> Path:
 
 def bundle_run(python: Path, root: Path, args: dict, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run --config_file configs/inference.json`` from the bundle's root."""
-    args_file = root.parent / f"{root.name}_args.json"
+    args_file = Path(args["output_dir"]).parent / f"{root.name}_args.json"  # beside the outputs, never in the bundle
+    args_file.parent.mkdir(parents=True, exist_ok=True)
     args_file.write_text(json.dumps(args), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PYTHONWARNINGS"] = "ignore"
