@@ -245,8 +245,11 @@ def check_organ(
     """The organ the lesion goes into: present, finite and plausible HU around it, large enough for the size asked."""
     organ = str(attributes.get(ORGAN_TYPE, "")).strip()
     mask = _organ_mask(seg, organ, version)
-    if not mask.any() or tuple(seg.shape) != tuple(image.shape[:3]):
-        return []  # absent organ, other grid: preprocessing reports these with the labels it finds
+    if tuple(seg.shape) != tuple(image.shape[:3]):
+        return []  # another grid: preprocessing lays the map onto the image or reports it
+    if not mask.any():
+        present = ", ".join(str(int(i)) for i in np.unique(seg) if i)[:200] or "none"
+        raise InputError(seg_path, f"the {organ} is not in this organ map (TotalSegmentator {version} labels present: {present})")
     spacing = np.sqrt((np.asarray(seg_img.affine)[:3, :3] ** 2).sum(axis=0))
     voxel_mm3 = float(np.prod(spacing))
     volume = float(mask.sum()) * voxel_mm3

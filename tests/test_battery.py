@@ -170,6 +170,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ("float_labels", with_image("ct.nii.gz", "float_seg.nii.gz"), ("float_seg.nii.gz", "whole numbers", "104.4")),
     ("negative_labels", with_image("ct.nii.gz", "negative_seg.nii.gz"), ("negative_seg.nii.gz", "negative")),
     ("organ_one_voxel", with_image("ct.nii.gz", "one_voxel_seg.nii.gz"), ("one_voxel_seg.nii.gz", "liver", "mm3")),
+    (
+        "organ_absent",
+        with_image("ct.nii.gz", **{"organ type": "urinary bladder"}),
+        ("seg.nii.gz", "urinary bladder", "not in"),
+    ),
     ("size_beyond_organ", with_image("ct.nii.gz", size="500 mm"), ("seg.nii.gz", "liver", "500 x 500 x 500 mm")),
     # vocabulary
     (

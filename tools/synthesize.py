@@ -584,8 +584,11 @@ def synthesize(
     cases, refused = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
     cases = read_texts(cases, settings.report_provider, extra["preprocess"], settings.seed)
     weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
-    all_states = [CaseState(r, error=refused.get(r.case), stage="input" if r.case in refused else None) for r in cases]
-    states = [s for s in all_states if s.ok]  # a batch case refused by the input checks is reported, the others run
+    # a batch case the input checks refuse fails in the preprocess stage (they open it); the others run
+    all_states = [
+        CaseState(r, error=refused.get(r.case), stage="preprocess" if r.case in refused else None) for r in cases
+    ]
+    states = [s for s in all_states if s.ok]
 
     timings: dict[str, float] = {}
     memory: dict[str, float | None] = {}
