@@ -192,7 +192,8 @@ class LesionEngine:
         self.lmnet_spacing = float(lm.get_parsed_content("spacing"))
         self.synthesiser = LesionMaskSynthesiser(
             network=lm.get_parsed_content("network_def"), weights=s.weights("lmnet"), sampler=sampler,
-            crop=lm.get_parsed_content("crop"), spacing=self.lmnet_spacing, retries=int(lm.get_parsed_content("retries")),
+            crop=lm.get_parsed_content("crop"), spacing=self.lmnet_spacing,
+            retries=int(lm.get_parsed_content("retries")),
             min_voxels=int(lm.get_parsed_content("min_voxels")), device=s.device,
         )  # fmt: skip
         li_over = {**common, "vqgan_preset": s.preset}
@@ -213,7 +214,8 @@ class LesionEngine:
             network=network, autoencoder=autoencoder, sampler=image_sampler,
             crop_size=tuple(s.crop_size) if s.crop_size else tuple(li.get_parsed_content("crop_size")),
             context_mm=float(li.get_parsed_content("context_mm") if s.context_mm is None else s.context_mm),
-            margin_mm=s.margin_mm, feather_mm=s.feather_mm, noise_sigma_vox=float(li.get_parsed_content("noise_sigma_vox")),
+            margin_mm=s.margin_mm, feather_mm=s.feather_mm,
+            noise_sigma_vox=float(li.get_parsed_content("noise_sigma_vox")),
             calibration_rounds=int(rounds), mask_head=bool(li.get_parsed_content("mask_head")), device=s.device,
         )  # fmt: skip
         logger.info("lesion synthesis networks loaded (preset %s, %s)", s.preset, s.device)
@@ -323,7 +325,8 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         seg_t = _channel_first(organ_seg, self.organ_seg_key)
         if not image_t.shape == label_t.shape == seg_t.shape:
             raise LesionDiffusionError(
-                f"image {tuple(image_t.shape)}, label {tuple(label_t.shape)} and organ map {tuple(seg_t.shape)} must share one grid"
+                f"image {tuple(image_t.shape)}, label {tuple(label_t.shape)} and organ map {tuple(seg_t.shape)} "
+                "must share one grid"
             )
         affine = _affine(image)
         spacing = voxel_spacing(affine)
@@ -353,8 +356,8 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
                 attributes[V.CAVITY] = self.distribution.cavity
             lesion_seed = int(rng.randint(0, 2**31 - 1))
             try:
-                record = self._one_lesion(out, seg, organ_id, organ, attributes, spacing, affine, stored, occupied, boxes,
-                                          scans, lesion_seed)  # fmt: skip
+                record = self._one_lesion(out, seg, organ_id, organ, attributes, spacing, affine, stored, occupied,
+                                          boxes, scans, lesion_seed)  # fmt: skip
             except (PlacementError, LesionDiffusionError) as e:
                 # a crowded or tiny organ: skip this lesion, the sample stays usable
                 logger.info("lesion %d in the %s skipped: %s", j, organ, e)
@@ -371,7 +374,8 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
         return _like(image, out), _like(label, new_lab), records
 
     def _one_lesion(
-        self, out: np.ndarray, seg: np.ndarray, organ_id: int, organ: str, attributes: dict[str, str], spacing: np.ndarray,
+        self, out: np.ndarray, seg: np.ndarray, organ_id: int, organ: str, attributes: dict[str, str],
+        spacing: np.ndarray,
         affine: np.ndarray, stored: StoredImage, occupied: np.ndarray, boxes: list, scans: dict, seed: int,
     ) -> dict[str, Any]:  # fmt: skip
         engine = self.engine

@@ -30,7 +30,8 @@ def _sample() -> dict:
     keys = ["image", "organ_seg"]
     load = Compose([
         LoadImaged(keys), EnsureChannelFirstd(keys),
-        SpatialCropd(keys, roi_center=(73, 55, 15), roi_size=(32, 32, 32)), SpatialPadd(keys, (32, 32, 32), mode="edge"),
+        SpatialCropd(keys, roi_center=(73, 55, 15), roi_size=(32, 32, 32)),
+        SpatialPadd(keys, (32, 32, 32), mode="edge"),
     ])  # fmt: skip
     d = load({"image": str(DATA / "example_ct_sm.nii.gz"), "organ_seg": str(DATA / "example_seg.nii.gz")})
     d["label"] = (d["organ_seg"] == LIVER_V2).to(torch.uint8)

@@ -49,7 +49,8 @@ PRESETS = {
     # CPU: small crops, a small network, a few hundred iterations at most (design: <= 2 h in all)
     "cpu": {"crop": 64, "patch": 48, "spacing": 2.0, "features": (8, 8, 16, 32, 64, 8), "batch": 2, "iterations": 120,
             "eval_every": 40, "seeds": 3, "online_prob": 0.25, "offline_per_case": 2},
-    "gpu": {"crop": 96, "patch": 96, "spacing": 1.5, "features": (16, 16, 32, 64, 128, 16), "batch": 4, "iterations": 2000,
+    "gpu": {"crop": 96, "patch": 96, "spacing": 1.5, "features": (16, 16, 32, 64, 128, 16), "batch": 4,
+            "iterations": 2000,
             "eval_every": 200, "seeds": 3, "online_prob": 0.5, "offline_per_case": 8},
 }  # fmt: skip
 
@@ -305,7 +306,8 @@ def summarise(runs: list[dict[str, Any]], tests: Sequence[str]) -> dict[str, Any
                 entry[f"sensitivity_{name}"] = _mean_std(rates)
             entry["dice_curve"] = [
                 {"iteration": h["iteration"], **dict(zip(("mean", "std"), _mean_std(
-                    [float(np.mean([row["dice"] for row in r["history"][i]["scores"][test]])) for r in seeds]), strict=False))}
+                    [float(np.mean([row["dice"] for row in r["history"][i]["scores"][test]])) for r in seeds]),
+                    strict=False))}
                 for i, h in enumerate(seeds[0]["history"])
             ]  # fmt: skip
             per_arm[arm] = entry
@@ -390,14 +392,16 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
     ]  # fmt: skip
     for test, arms in summary.items():
         lines += [f"## {test} test set ({report['data']['tests'][test]} scans)", "",
-                  "| arm | DSC | NSD | sens. < 20 mm | sens. >= 20 mm | FP / scan | DSC gain over real | beyond seed spread |",
+                  "| arm | DSC | NSD | sens. < 20 mm | sens. >= 20 mm | FP / scan | DSC gain over real "
+                  "| beyond seed spread |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for arm, e in arms.items():
             gain = e.get("dice_gain_over_real")
             lines.append(
                 f"| {arm} | {_fmt(e['dice'])} | {_fmt(e['nsd'])} | {_fmt(e['sensitivity_small'])} | "
                 f"{_fmt(e['sensitivity_large'])} | {_fmt(e['false_positives'], 1.0)} | "
-                f"{'-' if gain is None else f'{gain * 100:+.1f}'} | {'-' if gain is None else e['gain_exceeds_seed_spread']} |"
+                f"{'-' if gain is None else f'{gain * 100:+.1f}'} | "
+                f"{'-' if gain is None else e['gain_exceeds_seed_spread']} |"
             )
         lines.append("")
     lines += ["## Reading", "", *report["reading"], "", "![DSC against iterations](downstream_dsc.png)", ""]
@@ -428,7 +432,8 @@ def reading(summary: dict[str, Any]) -> list[str]:
                         a, b = arms[arm][f"sensitivity_{size}"][0], r[f"sensitivity_{size}"][0]
                         if np.isfinite(a) and np.isfinite(b) and a < b:
                             lines.append(
-                                f"- {test}: `{arm}` detects fewer {size} lesions than `real` ({a * 100:.0f}% vs {b * 100:.0f}%)."
+                                f"- {test}: `{arm}` detects fewer {size} lesions than `real` "
+                                f"({a * 100:.0f}% vs {b * 100:.0f}%)."
                             )
     return lines
 
@@ -499,10 +504,11 @@ def run_downstream(
             runs.append(run)
     summary = summarise(runs, list(tests))
     report = {
-        "command": "lesiondiffusion downstream " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lesiondiffusion downstream",
+        "command": " ".join(["lesiondiffusion downstream", *sys.argv[2:]]),
         "settings": {**p, "organ": organ, "arms": arm_list, "seed_list": list(range(p["seeds"])), "preset": preset,
                      "nsd_tolerance_mm": nsd_tolerance_mm, "distribution": distribution, "threads": threads},
-        "data": {"train": len(train), "offline": len(offline), "offline_source": offline_source, "tests": {k: len(v) for k, v in tests.items()},
+        "data": {"train": len(train), "offline": len(offline), "offline_source": offline_source,
+                 "tests": {k: len(v) for k, v in tests.items()},
                  "train_images": [c["image"] for c in train_cases],
                  "test_images": {k: [c["image"] for c in v] for k, v in tests_cases.items()}},
         "machine": f"{os.cpu_count()} CPUs shared, {threads} torch thread(s), load {os.getloadavg()[0]:.1f} at the end",
