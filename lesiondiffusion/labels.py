@@ -19,6 +19,9 @@ from lesiondiffusion.errors import LesionDiffusionError
 
 logger = logging.getLogger(__name__)
 
+# the values of a lesion label map (label.nii.gz, the original's format): background, target organ, lesion
+BACKGROUND_LABEL, ORGAN_LABEL, LESION_LABEL = 0, 1, 2
+
 VERSIONS = ("v1", "v2")
 DEFAULT_VERSION = "v1"  # the original's numbering; type.json keys and demo organ maps use it
 

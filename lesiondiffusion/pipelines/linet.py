@@ -47,7 +47,7 @@ from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
 from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array
-from lesiondiffusion.labels import label_table
+from lesiondiffusion.labels import LESION_LABEL, label_table
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
 from lesiondiffusion.paste import paste, read_stored, save_like, voxel_spacing
@@ -57,7 +57,6 @@ from lesiondiffusion.vocabulary import CT_VALUE, SURFACE
 
 logger = logging.getLogger(__name__)
 
-LESION = 2
 SYNTHETIC_NAME = "synthetic.nii.gz"
 LABEL_ORIGINAL_NAME = "label_original.nii.gz"
 PREVIEW_NAME = "preview.png"
@@ -118,7 +117,7 @@ def split_lesions(label: np.ndarray, affine: np.ndarray, centres_world: Sequence
 
     LMNet keeps lesions apart, so a component never belongs to two lesions.
     """
-    lesion = np.asarray(label) == LESION
+    lesion = np.asarray(label) == LESION_LABEL
     if len(centres_world) == 1:
         return [lesion]
     components, n = ndimage.label(lesion)
@@ -340,7 +339,7 @@ class LesionInpainter:
         centres = [std_affine[:3, :3] @ np.asarray(les.box.centre, dtype=np.float64) + std_affine[:3, 3] for les in case.lesions]
         masks_std = split_lesions(label_std, std_affine, centres)
         masks_in = split_lesions(label_in, original.affine, centres)
-        all_lesions_in = label_in == LESION
+        all_lesions_in = label_in == LESION_LABEL
         raw = original.raw.copy()
         for j, (lesion, m_std, m_in) in enumerate(zip(case.lesions, masks_std, masks_in)):
             if not m_std.any() or not m_in.any():

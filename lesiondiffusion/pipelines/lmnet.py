@@ -31,6 +31,7 @@ from lesiondiffusion.diffusion import DiffusionSampler, load_weights
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, save_on_input_grid
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
+from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
 from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
 from lesiondiffusion.pipelines.mask_postprocess import (
@@ -187,12 +188,12 @@ class LesionMaskSynthesiser:
         organ_seg, img = read_nifti_array(case.organ_seg, dtype=np.int32)
         label = np.zeros(organ_seg.shape, dtype=np.uint8)
         for lesion in case.lesions:
-            label[organ_seg == lesion.organ_id] = 1
+            label[organ_seg == lesion.organ_id] = ORGAN_LABEL
         occupied = np.zeros(organ_seg.shape, dtype=bool)
         for j, lesion in enumerate(case.lesions):
             mask = self.draw(organ_seg, lesion, occupied, seed=self.seed + 1_000_003 * case_index + 10_007 * j)
             occupied |= mask
-        label[occupied] = 2
+        label[occupied] = LESION_LABEL
         return label, img
 
 
@@ -234,7 +235,7 @@ def run_manifest(
             )  # fmt: skip
             extra = {**case.extra, "lmnet": {"network_calls": calls}}
             cases[i] = replace(case, label=std, label_original=original, synthetic_image=None, extra=extra)
-            logger.info("%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == 2).sum()))
+            logger.info("%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == LESION_LABEL).sum()))
         except LesionDiffusionError as e:
             logger.error("%s: %s", case.case, e)
             cases[i] = case.failed(str(e))

@@ -13,6 +13,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage as ndi
 
 from lesiondiffusion.errors import InputError
+from lesiondiffusion.labels import LESION_LABEL
 
 LESION, ORGAN_CHANNEL, ORGAN_MASK, BOX, WEIGHT = "lesion", "organ_channel", "organ_mask", "box", "weight"
 INPUT_KEYS = (LESION, ORGAN_CHANNEL, ORGAN_MASK, BOX, WEIGHT)
@@ -63,7 +64,7 @@ class LesionInputsd(MapTransform):
         d = dict(data)
         label, seg = d[self.label_key], d[self.organ_seg_key]
         label_t = torch.as_tensor(label).round()
-        lesion = (label_t == 2).float()
+        lesion = (label_t == LESION_LABEL).float()
         if not bool(lesion.any()):
             source = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
             raise InputError(source, "the label map has no lesion voxels (value 2)")

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL
+
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(-0.9, 0.9, 19), 2))
 ELLIPSOID_FILL = math.pi / 6  # volume of an ellipsoid inscribed in its box, as a fraction of the box
 
@@ -28,7 +30,7 @@ def whole_lesions(label: np.ndarray, n_lesions: int) -> np.ndarray:
     Nearest-neighbour resampling onto a coarser grid can cut a thin part off a lesion; every piece of
     label 2 but the ``n_lesions`` largest becomes organ (1). Only the lesions' bounding box is examined.
     """
-    lesion = label == 2
+    lesion = label == LESION_LABEL
     if not lesion.any():
         return label
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lesion))
@@ -37,7 +39,7 @@ def whole_lesions(label: np.ndarray, n_lesions: int) -> np.ndarray:
         return label
     sizes = np.bincount(pieces.ravel())[1:]
     keep = np.argsort(sizes)[::-1][:n_lesions] + 1
-    label[box][(pieces > 0) & ~np.isin(pieces, keep)] = 1
+    label[box][(pieces > 0) & ~np.isin(pieces, keep)] = ORGAN_LABEL
     return label
 
 
