@@ -69,17 +69,9 @@ class ReportProvider(Protocol):
 
     name: str
 
-    def propose(
-        self,
-        request: Mapping[str, str],
-        organ_name: str,
-        rng: np.random.Generator,
-        *,
-        organ_box_size: Sequence[int] | None = None,
-        organ_reference_hu: float | None = None,
-        scan: ScanContext | None = None,
-    ) -> dict[str, str]:
-        """Every report field (the request's own values kept) as the original's strings."""
+    def propose(self, request: Mapping[str, str], organ_name: str, rng: np.random.Generator, **context: Any) -> dict[str, str]:
+        """Every report field (the request's own values kept) as the original's strings; ``context`` holds the
+        keywords ``organ_box_size``, ``organ_reference_hu`` and ``scan`` (:class:`ScanContext`)."""
         ...
 
 
