@@ -8,6 +8,7 @@ import torch
 
 from lesiondiffusion import attributes as A
 from lesiondiffusion import lesion_metrics as L
+from lesiondiffusion import placement as P
 from lesiondiffusion.pipelines import mask_postprocess
 from lesiondiffusion.transforms import CTIntensityMapd
 
@@ -57,3 +58,46 @@ def test_feature_scale_is_the_spread_and_the_floor_added_in_quadrature() -> None
     spread = np.full(len(floor), np.sqrt(6.0))  # population std of 0, 6, 3
     assert np.allclose(L.feature_scale(reference), np.sqrt(spread**2 + floor**2))
     assert np.array_equal(L.feature_scale(reference[:1]), floor)  # one lesion: no spread, the floor alone
+
+
+def _fits(shape, size) -> np.ndarray:
+    """Centres whose box (``size``, starting half a size before the centre) lies inside the image, by loops."""
+    out = np.zeros(shape, bool)
+    for c in np.ndindex(*shape):
+        out[c] = all(ci - s // 2 >= 0 and ci - s // 2 + s <= n for ci, s, n in zip(c, size, shape))
+    return out
+
+
+def test_lumen_and_wall_centres_are_their_rule_within_the_image() -> None:
+    organ = np.zeros((30, 26, 26), bool)
+    organ[1:29, 1:25, 1:25] = True  # thick enough for a lumen deeper than the erosion
+    size = (3, 4, 5)
+    depth = P._depth(organ)
+    fits = _fits(organ.shape, size)
+    lumen = P.centre_region(organ, P.CAVITY_LUMEN, size, hollow=True)
+    assert np.array_equal(lumen, fits & (depth > P.DEFAULT_EROSION))
+    assert lumen.any() and depth[lumen].min() < depth.max()  # not only the deepest voxels
+    wall = P.centre_region(organ, P.CAVITY_WALL, size, hollow=True)
+    assert np.array_equal(wall, fits & organ & (depth <= P.DEFAULT_EROSION)) and wall.any()
+
+
+def test_fluid_needs_a_homogeneous_value_within_the_fluid_range_inclusive() -> None:
+    for hu in (A.FLUID_MIN_HU, 5.0, A.FLUID_MAX_HU):
+        assert A.density_for_value(hu, 60.0, "liver") == A._FLUID
+        assert A.density_for_value(hu, 60.0, "liver", homogeneous=False) == A._HYPO
+    assert A.density_for_value(A.FLUID_MAX_HU + 0.5, 60.0, "liver") == A._HYPO
+
+
+def test_proposals_keep_the_given_variations_and_know_colon_and_lung_nodules() -> None:
+    provider = A.OfflineReportProvider()
+
+    def proposals(request: dict, organ: str, key: str) -> set[str]:
+        return {provider.propose(request, organ, np.random.default_rng(s))[key] for s in range(20)}
+
+    for given in ("heterogeneous", "homogeneous"):
+        request = {"organ type": "liver", "lesion type": "tumor", "density variations": given}
+        assert proposals(request, "liver", "density variations") == {given}
+    colon = proposals({"organ type": "colon", "lesion type": "colon cancer"}, "colon", "shape")
+    assert "irregular wall thickening,luminal narrowing," in colon and "irregular wall thickening," in colon
+    nodule = proposals({"organ type": "lung", "lesion type": "nodule"}, "lung upper lobe left", "density")
+    assert nodule == {"isodense soft tissue mass,", "low-density ground-glass opacity,"}
