@@ -4,6 +4,7 @@ each test fails on the mutant it was written for, and on the bug that mutant sta
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lesiondiffusion import attributes as A
@@ -101,3 +102,23 @@ def test_proposals_keep_the_given_variations_and_know_colon_and_lung_nodules() -
     assert "irregular wall thickening,luminal narrowing," in colon and "irregular wall thickening," in colon
     nodule = proposals({"organ type": "lung", "lesion type": "nodule"}, "lung upper lobe left", "density")
     assert nodule == {"isodense soft tissue mass,", "low-density ground-glass opacity,"}
+
+
+def test_edge_width_is_the_distance_between_the_10_and_90_percent_crossings() -> None:
+    """A lesion filling x < 10 of the crop: each shell is one plane of voxels, so the profile is known."""
+    lesion = np.zeros((20, 6, 6), bool)
+    lesion[:10] = True
+    by_x = {7: 100.0, 8: 90.0, 9: 60.0, 10: 20.0, 11: 5.0}
+    image = np.array([by_x.get(x, 100.0 if x < 7 else 0.0) for x in range(20)], np.float32)[:, None, None]
+    image = np.broadcast_to(image, lesion.shape).copy()
+    crop = L.LesionCrop(image, lesion, ~lesion, (1.0, 1.0, 1.0), 60.0)
+    assert L.edge_profile(crop) == ([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5], [100.0, 90.0, 60.0, 20.0, 5.0, 0.0])
+    # fractions of the 100 HU step: 0, .1, .4, .8, .95, 1; the 10% crossing at -1.5 mm, the 90% one at 0.5 + 2/3
+    assert L.edge_width_mm(crop) == pytest.approx(1.5 + 0.5 + 2 / 3)
+
+
+def test_absolute_density_classes_draw_their_ct_value_in_their_own_range() -> None:
+    rng = np.random.default_rng(0)
+    for density, (lo, hi) in ((A._GGO, (-700, -400)), (A._SOLID_MASS, (20, 50))):
+        values = [A._sample_ct_value(density, False, 60.0, rng) for _ in range(50)]
+        assert all(lo <= v <= hi and v == int(v) for v in values) and len(set(values)) > 10
