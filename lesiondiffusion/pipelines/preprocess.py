@@ -123,7 +123,9 @@ class PreprocessRunner:
         entries: list[CaseEntry] = []
         errors: list[str] = []
         # everything is written into a sibling folder that becomes ``out`` only at the end
-        with atomic_dir(out, overwrite=True) as tmp:
+        # replaced only when told to, or when it was the empty folder _check_output let through: a folder
+        # that appears meanwhile is never deleted without overwrite
+        with atomic_dir(out, overwrite=bool(self.overwrite) or out.exists()) as tmp:
             for request in tqdm(requests, desc="preprocess", unit="case", disable=None):
                 name = f"case_{request.index:03d}"
                 try:
