@@ -125,6 +125,21 @@ def check_attributes(attributes: Mapping[str, Any], where: str, allow_unknown: b
         elif key == LESION_TYPE:
             if not known_lesion_type(value):
                 unknown(f"unknown lesion type {value!r}{_closest(value, lesion_words())}")
+        elif key == V.SIZE:
+            from lesiondiffusion.attributes import parse_lesion_size
+
+            try:
+                parse_lesion_size(value)
+            except LesionDiffusionError as e:
+                raise LesionDiffusionError(f"{where}: {e}") from None
+        elif key == V.CT_VALUE:
+            from lesiondiffusion.attributes import read_hu
+
+            hu = read_hu(value)
+            if hu is None or not -1100 <= hu <= 4000:
+                raise LesionDiffusionError(
+                    f"{where}: CT value {value!r} is not a number of HU between -1100 and 4000 (e.g. '40 HU')"
+                )
         elif key == V.CAVITY:
             if parse_cavity(value) is None:
                 raise LesionDiffusionError(
@@ -249,7 +264,9 @@ def check_organ(
         return []  # another grid: preprocessing lays the map onto the image or reports it
     if not mask.any():
         present = ", ".join(str(int(i)) for i in np.unique(seg) if i)[:200] or "none"
-        raise InputError(seg_path, f"the {organ} is not in this organ map (TotalSegmentator {version} labels present: {present})")
+        raise InputError(
+            seg_path, f"the {organ} is not in this organ map (TotalSegmentator {version} labels present: {present})"
+        )
     spacing = np.sqrt((np.asarray(seg_img.affine)[:3, :3] ** 2).sum(axis=0))
     voxel_mm3 = float(np.prod(spacing))
     volume = float(mask.sum()) * voxel_mm3

@@ -192,7 +192,10 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ),
     ("attribute_unknown", with_image("ct.nii.gz", colour="blue"), ("colour",)),
     ("cavity_unknown", with_image("ct.nii.gz", cavity="inside out"), ("cavity",)),
-    ("size_unreadable", with_image("ct.nii.gz", size="big"), ("size",)),
+    ("size_unreadable", with_image("ct.nii.gz", size="big"), ("--attributes", "lesion size 'big'")),
+    ("size_negative", with_image("ct.nii.gz", size="-5 mm"), ("--attributes", "-5 mm")),
+    ("ct_value_unreadable", with_image("ct.nii.gz", **{"CT value": "bright"}), ("--attributes", "CT value 'bright'")),
+    ("ct_value_absurd", with_image("ct.nii.gz", **{"CT value": "90000 HU"}), ("--attributes", "90000")),
     (
         "text_contradiction",
         lambda d: ["synthesize", "--image", str(d / "ct.nii.gz"), "--text", "a hypodense hyperdense cyst in the liver"],
