@@ -11,7 +11,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,16 @@ def check_output_target(target: PathLike, overwrite: bool) -> None:
         real = t.resolve()
         if real == Path(real.anchor) or real == Path.home().resolve() or real == here or real in here.parents:
             raise InputError(t, "refusing to replace this folder with --overwrite (it is the current, home or root folder)")
+
+
+def check_inputs_outside(target: PathLike, inputs: Sequence[PathLike]) -> None:
+    """Refuse an output folder that holds (or is) one of the inputs: replacing it would delete them."""
+    t = Path(target).absolute()
+    real = t.resolve()
+    for p in inputs:
+        a = Path(p).absolute()
+        if a == t or t in a.parents or a.resolve() == real or real in a.resolve().parents:
+            raise InputError(p, f"lies inside the output folder {t}; choose another --out (inputs are never replaced)")
 
 
 def make_work_dir(target: PathLike) -> Path:

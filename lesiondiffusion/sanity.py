@@ -160,6 +160,24 @@ def check_attributes(attributes: Mapping[str, Any], where: str, allow_unknown: b
     return warnings
 
 
+def check_device(device: str | None) -> None:
+    """``--device``: one torch knows and this machine has (a CUDA device asked for on a machine without one)."""
+    if device in (None, "", "auto"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise LesionDiffusionError(f"--device: {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise LesionDiffusionError(f"--device {device}: this machine has {count} CUDA device(s); use --device cpu")
+    elif dev.type not in ("cpu", "mps"):
+        raise LesionDiffusionError(f"--device: {device!r} is not supported (use cpu or cuda)")
+
+
 # ---- the images ----------------------------------------------------------------------------------------
 def _voxels(img: Any, index: Any, path: Path | None = None) -> np.ndarray:
     """``img.dataobj[index]`` as float32; a truncated or corrupt file is one error naming it."""
@@ -187,6 +205,10 @@ def check_image(img: Any, path: Path) -> None:
     if hi - lo < 1.0:
         raise InputError(path, f"the image is constant ({lo:g} everywhere): not a CT scan")
     median = float(np.median(finite))
+    if lo >= 0 and np.all(finite == np.rint(finite)) and np.unique(finite).size <= 255:
+        raise InputError(
+            path, f"holds only {np.unique(finite).size} whole values from {lo:g} to {hi:g}: a label map, not a CT"
+        )
     if lo >= 0 and median > 500:
         raise InputError(
             path,

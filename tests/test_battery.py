@@ -149,6 +149,13 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ("no_out", lambda d: [*ok_base(d), "--out", ""], ("--out",)),
     ("out_is_a_file", lambda d: [*ok_base(d), "--out", str(d / "a_file"), "--overwrite"], ("a_file", "not a folder")),
     ("out_under_a_file", lambda d: [*ok_base(d), "--out", str(d / "a_file" / "sub")], ("a_file",)),
+    (
+        "out_holds_the_inputs",
+        lambda d: [*ok_base(d), "--out", str(d), "--overwrite"],
+        ("ct.nii.gz", "inside the output"),
+    ),
+    ("device_unknown", lambda d: [*ok_base(d), "--device", "gpu7"], ("--device",)),
+    ("device_cuda_absent", lambda d: [*ok_base(d), "--device", "cuda:3"], ("--device", "CUDA")),
     ("unknown_command", lambda d: ["synthesise", "--out", "x"], ("unknown command",)),
     # files
     ("image_missing", with_image("nope.nii.gz"), ("nope.nii.gz", "not found")),
@@ -162,6 +169,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ("folder_empty", with_image("empty_dir"), ("empty_dir", "DICOM")),
     ("folder_not_dicom", with_image("not_dicom"), ("not_dicom", "DICOM")),
     # scan content
+    ("label_map_as_ct", with_image("seg.nii.gz"), ("seg.nii.gz", "label map")),
     ("nan_in_organ", with_image("nan.nii.gz"), ("nan.nii.gz", "non-finite", "liver")),
     ("inf_in_organ", with_image("inf.nii.gz"), ("inf.nii.gz", "non-finite")),
     ("constant_ct", with_image("constant.nii.gz"), ("constant.nii.gz", "image is constant")),

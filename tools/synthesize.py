@@ -33,6 +33,7 @@ from lesiondiffusion import batch
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import (
     atomic_dir,
+    check_inputs_outside,
     check_output_target,
     file_sha256,
     image_exists,
@@ -47,7 +48,7 @@ from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
-from lesiondiffusion.sanity import check_requests
+from lesiondiffusion.sanity import check_device, check_requests
 from lesiondiffusion.settings import default, flag
 from lesiondiffusion.text import TextError, TextReading
 from lesiondiffusion_tools.bundle_runner import (
@@ -572,6 +573,7 @@ def synthesize(
         organ_seg_version=str(organ_seg_version), device=None if device in (None, "", "auto") else str(device), extra={"bundle_overrides": extra},
     )  # fmt: skip
     settings.check()
+    check_device(settings.device)
     if settings.report_provider.strip().lower() == "openai":  # printed and recorded; the key never is
         used = llm.endpoint_settings(*(extra["preprocess"].get(k) for k in endpoint))
         settings.extra["report_endpoint"] = used
@@ -579,6 +581,7 @@ def synthesize(
               f"key from ${used['api_key_env']}")
     cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text)
     check_inputs(cases)
+    check_inputs_outside(out_dir, [p for r in cases for p in (r.image, r.organ_seg) if p is not None])
     weight_files = weights_paths(weights)
     # bad values, CT and organ map are refused before any work
     cases, refused = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
@@ -629,7 +632,7 @@ def synthesize(
                         shutil.rmtree(staging / s.request.case, ignore_errors=True)
                 item = {"case": s.request.case, "status": "ok" if s.ok else "error"}
                 if not s.ok:
-                    item.update(error=s.error, stage=s.stage)
+                    item.update(error=" ".join(str(s.error).split()), stage=s.stage)  # one line, whatever the cause
                 summary_cases.append(item)
             summary = {
                 "cases": summary_cases,
