@@ -3,6 +3,8 @@ each test fails on the mutant it was written for, and on the bug that mutant sta
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from lesiondiffusion import attributes as A
 from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import placement as P
 from lesiondiffusion.pipelines import mask_postprocess
+from lesiondiffusion.pipelines.linet import lesion_seed
 from lesiondiffusion.transforms import CTIntensityMapd
 
 
@@ -122,3 +125,28 @@ def test_absolute_density_classes_draw_their_ct_value_in_their_own_range() -> No
     for density, (lo, hi) in ((A._GGO, (-700, -400)), (A._SOLID_MASS, (20, 50))):
         values = [A._sample_ct_value(density, False, 60.0, rng) for _ in range(50)]
         assert all(lo <= v <= hi and v == int(v) for v in values) and len(set(values)) > 10
+
+
+def test_a_thin_organ_with_an_excluded_comb_falls_back_to_its_voxels_outside_it() -> None:
+    """A one-voxel sheet (no core) with excluded lines every 4 voxels (nothing 3 mm away from them): the
+    reference is the median of the organ's voxels outside the excluded ones, never of the excluded ones."""
+    organ = np.zeros((24, 24, 21), bool)
+    organ[2:22, 2:22, 10] = True
+    excluded = np.zeros_like(organ)
+    excluded[2:22:4, 2:22, 10] = True
+    image = np.where(excluded, 500.0, np.where(organ, 10.0, -100.0))
+    assert A.organ_reference_hu(image, organ, (1.0, 1.0, 1.0), exclude=excluded) == 10.0
+    assert A.organ_reference_hu(image, organ & ~excluded, (1.0, 1.0, 1.0), exclude=excluded) == 10.0
+
+
+def test_shape_of_fewer_than_four_voxels_is_solid_and_round() -> None:
+    lesion = np.zeros((5, 5, 5), bool)
+    lesion[2, 2, 1:4] = True
+    assert A._shape_metrics(lesion, (1.0, 1.0, 1.0)) == (1.0, 1.0)
+
+
+def test_lesion_seed_is_an_integer_from_seed_case_and_index_only() -> None:
+    assert lesion_seed(0, "case_a", 1) == zlib.crc32(b"case_a:1")
+    assert lesion_seed(7, "case_a", 1) == 7 * 1_000_003 + zlib.crc32(b"case_a:1")
+    big = lesion_seed(2**62, "x", 0)
+    assert isinstance(big, int) and big == (2**62 * 1_000_003 + zlib.crc32(b"x:0")) % (2**63 - 1)
