@@ -252,6 +252,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     # other sub-commands
     ("train_no_datalist", lambda d: ["train", "--out", "x"], ("--datalist",)),
     ("train_epochs_text", lambda d: ["train", "--max_epochs", "many"], ("--max_epochs",)),
+    (
+        "make_dataset_into_its_source",
+        lambda d: ["make-dataset", "--n", "1", "--src", str(d), "--out", str(d), "--overwrite"],
+        ("inside the output",),
+    ),
     ("make_dataset_n_fraction", lambda d: ["make-dataset", "--n", "2.5"], ("--n",)),
     ("preprocess_seed_text", lambda d: ["preprocess", "--seed", "x"], ("--seed",)),
     ("evaluate_tile_text", lambda d: ["evaluate", "--pred", "p", "--requests", "r", "--tile", "big"], ("--tile",)),

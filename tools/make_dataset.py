@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.io import output_lock
+from lesiondiffusion.io import check_inputs_outside, output_lock
 from lesiondiffusion.settings import flag
 
 DEMO_SOURCE = DEMO_DATA
@@ -47,6 +47,8 @@ def run_make_dataset(
     segmenter: str = "auto",
 ) -> Path:
     """Build the dataset (or the requests with ``requests=True``) into ``out``; returns the file to use next."""
+    inputs = [Path(p).expanduser() for p in (src if src is not None else DEMO_SOURCE, corpus) if p is not None]
+    check_inputs_outside(Path(out).expanduser(), inputs)  # --overwrite would delete them
     with output_lock(Path(out).expanduser().absolute(), flag(overwrite), "make-dataset"):  # one writer per output folder
         return _run_make_dataset(n, out, seed, requests, src, val_fraction, overwrite, source, corpus, val_scans, lesions_per_scan,
                                  requests_per_scan, segmenter)
