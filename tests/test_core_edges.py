@@ -150,3 +150,12 @@ def test_lesion_seed_is_an_integer_from_seed_case_and_index_only() -> None:
     assert lesion_seed(7, "case_a", 1) == 7 * 1_000_003 + zlib.crc32(b"case_a:1")
     big = lesion_seed(2**62, "x", 0)
     assert isinstance(big, int) and big == (2**62 * 1_000_003 + zlib.crc32(b"x:0")) % (2**63 - 1)
+
+
+def test_a_protruding_box_that_finds_no_room_fails_at_its_own_size() -> None:
+    """Only a box wholly within the organ is shrunk to fit; others fail at the size asked for."""
+    organ = np.zeros((16, 16, 16), bool)
+    organ[2:14, 2:14, 2:14] = True
+    first = P.place_box(organ, P.CAVITY_PROTRUDING, (10, 10, 10), np.random.default_rng(0), hollow=False)
+    with pytest.raises(P.PlacementError, match=r"lesion box of size \(10, 10, 10\) without overlapping the 1 already"):
+        P.place_box(organ, P.CAVITY_PROTRUDING, (10, 10, 10), np.random.default_rng(0), hollow=False, avoid=[first])
