@@ -45,7 +45,9 @@ def run(procs: int, req: Path, out: Path, steps: int) -> dict:
            "-m", "lesiondiffusion", "synthesize", "--requests", str(req), "--out", str(out), "--steps", str(steps)]  # fmt: skip
     before = load_avg()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{procs} process(es) failed:\n{proc.stderr[-3000:]}")
@@ -69,7 +71,13 @@ def main() -> None:
     base = rows[0]["cases_per_hour"]
     for r in rows:
         r["speed_up"] = round(r["cases_per_hour"] / base, 2)
-    report = {"cases": args.cases, "steps": args.steps, "cpu_count": os.cpu_count(), "uptime_after": uptime(), "runs": rows}
+    report = {
+        "cases": args.cases,
+        "steps": args.steps,
+        "cpu_count": os.cpu_count(),
+        "uptime_after": uptime(),
+        "runs": rows,
+    }
     lines = [
         "# Batch synthesis: cases per hour, 1 vs N processes",
         "",

@@ -160,7 +160,9 @@ def run_batch(
     out = Path(out).expanduser().absolute()
     requests = read_requests(requests_file)  # every rank checks the whole file before any work
     if out.exists() and not (resume or overwrite):
-        raise LesionDiffusionError(f"{out}: output folder exists; pass --resume to complete it or --overwrite to replace it")
+        raise LesionDiffusionError(
+            f"{out}: output folder exists; pass --resume to complete it or --overwrite to replace it"
+        )
     if out.exists() and not out.is_dir():
         raise InputError(out, "not a folder")
     with process_group(ranks):
@@ -185,7 +187,9 @@ def run_batch(
                 logger.info("%s: complete and verified, skipped", request.case)
             else:
                 shutil.rmtree(folder, ignore_errors=True)  # a partial or changed case is redone
-                mine[request.case] = _one_case(requests_file, index, request.case, work, folder, run_case, device, ranks)
+                mine[request.case] = _one_case(
+                    requests_file, index, request.case, work, folder, run_case, device, ranks
+                )
             write_json(record_path, {"rank": ranks.rank, "world_size": ranks.world_size, "cases": list(mine.values())})
             bar.set_postfix_str(_progress(out, len(requests)))
         bar.close()
@@ -196,7 +200,9 @@ def run_batch(
         barrier()  # the merged summary is written before any rank returns
     failed = [c for c in mine.values() if c["status"] != "ok"]
     if ranks.rank == 0:
-        print(f"{summary['succeeded']} of {len(requests)} case(s) complete ({summary['skipped']} verified and skipped); summary: {out / SUMMARY}")
+        print(
+            f"{summary['succeeded']} of {len(requests)} case(s) complete ({summary['skipped']} verified and skipped); summary: {out / SUMMARY}"
+        )
         if summary["failed"]:
             raise LesionDiffusionError(f"{summary['failed']} of {len(requests)} case(s) failed (see {out / SUMMARY})")
         return summary
@@ -219,7 +225,13 @@ def _one_case(
         run_case(single_request(requests_file, index, work / "request.json"), work / "out", device)
         os.replace(work / "out" / case, folder)  # the case appears whole or not at all
         files = case_files(folder)
-        return {"case": case, "status": "ok", "rank": ranks.rank, "seconds": round(time.perf_counter() - start, 3), "files": files}
+        return {
+            "case": case,
+            "status": "ok",
+            "rank": ranks.rank,
+            "seconds": round(time.perf_counter() - start, 3),
+            "files": files,
+        }
     except Exception as e:  # noqa: BLE001 -- one failed case never stops the rank's other cases
         message = " ".join(str(e).split()) or type(e).__name__
         logger.error("%s: failed: %s", case, message)
@@ -236,7 +248,10 @@ def _merge(out: Path, requests: list[Any], ranks: Ranks) -> dict[str, Any]:
         path = out / BATCH_DIR / f"rank{r}.json"
         for item in read_json(path).get("cases", []) if path.is_file() else []:
             records[item["case"]] = item
-    cases = [records.get(r.case, {"case": r.case, "status": "error", "error": "no rank recorded this case"}) for r in requests]
+    cases = [
+        records.get(r.case, {"case": r.case, "status": "error", "error": "no rank recorded this case"})
+        for r in requests
+    ]
     summary = {
         "cases": cases,
         "succeeded": sum(c["status"] == "ok" for c in cases),

@@ -53,7 +53,7 @@ VENDORED_NEEDS = (
 )  # fmt: skip
 SCHEMA = PACKAGE_DIR / "resources" / "meta_schema_20240725.json"
 NOT_VENDORED = {"bundles", "data", "__pycache__"}
-SCRIPTS_INIT = '''
+SCRIPTS_INIT = """
 # Exported bundle: the shared package is vendored beside this file (scripts/lesiondiffusion); every
 # config imports ``scripts`` first, so ``import lesiondiffusion`` finds that copy.
 import os as _os
@@ -62,7 +62,7 @@ import sys as _sys
 _here = _os.path.dirname(_os.path.abspath(__file__))
 if _here not in _sys.path:
     _sys.path.insert(0, _here)
-'''
+"""
 
 
 def bundle_name(stage: str) -> str:
@@ -78,7 +78,9 @@ def required_packages() -> dict[str, str]:
 def vendor_package(dest: Path) -> None:
     """Copy the ``lesiondiffusion`` package's code and resources (not the bundles or data) to ``dest``."""
     shutil.copytree(
-        PACKAGE_DIR, dest, ignore=lambda d, names: [n for n in names if n in NOT_VENDORED or n.endswith((".pyc", ".whl"))]
+        PACKAGE_DIR,
+        dest,
+        ignore=lambda d, names: [n for n in names if n in NOT_VENDORED or n.endswith((".pyc", ".whl"))],
     )
 
 
@@ -134,7 +136,9 @@ def torchscript(root: Path, stage: str) -> str:
             return f"models/model.ts ({how})"
         (root / "models" / "model.ts").unlink(missing_ok=True)
         lines = [line.strip() for line in run.stderr.splitlines() if line.strip() and not line.startswith(" ")]
-        at = max((i for i, line in enumerate(lines) if re.match(r"^\w+(\.\w+)*(Error|Exception)\b", line)), default=None)
+        at = max(
+            (i for i, line in enumerate(lines) if re.match(r"^\w+(\.\w+)*(Error|Exception)\b", line)), default=None
+        )
         reason = " ".join(lines[at : at + 2]) if at is not None else f"exit status {run.returncode}"
         reasons.append(f"not {how}: {reason[:200]}")
     return "; ".join(reasons)
@@ -220,7 +224,9 @@ if net:
     return [line.split()[1] for line in run.stdout.splitlines() if line.startswith("VERIFIED ")]
 
 
-def export_bundles(out: Path, stages: tuple[str, ...] = STAGES, weights: Path | None = None, verify: bool = True) -> list[dict[str, Any]]:
+def export_bundles(
+    out: Path, stages: tuple[str, ...] = STAGES, weights: Path | None = None, verify: bool = True
+) -> list[dict[str, Any]]:
     """Export ``stages`` into ``out`` (created; an existing bundle folder or zip is refused), verify each."""
     out.mkdir(parents=True, exist_ok=True)
     taken = [p for s in stages for p in (out / bundle_name(s), out / f"{bundle_name(s)}.zip") if p.exists()]

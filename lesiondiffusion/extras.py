@@ -36,4 +36,6 @@ def require(extra: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise LesionDiffusionError(f"{purpose} needs the optional package {module!r}, not installed: {install_hint(extra)}") from None
+        raise LesionDiffusionError(
+            f"{purpose} needs the optional package {module!r}, not installed: {install_hint(extra)}"
+        ) from None

@@ -28,21 +28,55 @@ COMPARED = ("image.nii.gz", "label.nii.gz", "organ_seg.nii.gz", "report.json")  
 def requests_file(folder: Path, bad: bool) -> Path:
     common = {"image": str(TS_SMALL / "example_ct_sm.nii.gz"), "organ_seg": str(TS_SMALL / "example_seg.nii.gz")}
     entries = [
-        {"case": "c0", **common, "attributes": {"organ type": "liver", "lesion type": "cyst", "density": "hypodense", "size": "15 mm"}},
-        {"case": "c1", **common, "attributes": {"organ type": "liver", "lesion type": "tumor", "density": "hyperdense", "size": "12 mm"}},
+        {
+            "case": "c0",
+            **common,
+            "attributes": {"organ type": "liver", "lesion type": "cyst", "density": "hypodense", "size": "15 mm"},
+        },
+        {
+            "case": "c1",
+            **common,
+            "attributes": {"organ type": "liver", "lesion type": "tumor", "density": "hyperdense", "size": "12 mm"},
+        },
     ]
     if bad:
-        entries.append({"case": "bad", "image": str(folder / "missing.nii.gz"), "attributes": {"organ type": "liver", "lesion type": "cyst"}})
+        entries.append(
+            {
+                "case": "bad",
+                "image": str(folder / "missing.nii.gz"),
+                "attributes": {"organ type": "liver", "lesion type": "cyst"},
+            }
+        )
     path = folder / ("requests_bad.json" if bad else "requests.json")
     path.write_text(json.dumps({"organ_seg_version": "v2", "requests": entries}))
     return path
 
 
 def command(requests: Path, out: Path, *extra: str, nproc: int | None = None) -> list[str]:
-    synth = ["-m", "lesiondiffusion", "synthesize", "--requests", str(requests), "--out", str(out), "--steps", "1", *extra]
+    synth = [
+        "-m",
+        "lesiondiffusion",
+        "synthesize",
+        "--requests",
+        str(requests),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        *extra,
+    ]
     if nproc is None:
         return [sys.executable, *synth]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(29500 + nproc + os.getpid() % 500), *synth]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(29500 + nproc + os.getpid() % 500),
+        *synth,
+    ]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -58,7 +92,9 @@ def hashes(out: Path, case: str) -> dict[str, str]:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("batch")
     out = tmp / "out2"
-    run = subprocess.run(command(requests_file(tmp, bad=True), out, nproc=2), env=env(), capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        command(requests_file(tmp, bad=True), out, nproc=2), env=env(), capture_output=True, text=True, timeout=900
+    )
     return {"tmp": tmp, "out": out, "run": run}
 
 
@@ -85,7 +121,9 @@ def test_two_processes_write_every_case_and_a_failure_stays_alone(two_ranks: dic
 def test_one_process_then_sigkill_then_resume_matches_two(two_ranks: dict) -> None:
     tmp, reference = two_ranks["tmp"], two_ranks["out"]
     requests, out = requests_file(tmp, bad=False), tmp / "out1"
-    proc = subprocess.Popen(command(requests, out), env=env(WORLD_SIZE="1", RANK="0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(requests, out), env=env(WORLD_SIZE="1", RANK="0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 600
     while not (out / "c0").is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -98,9 +136,13 @@ def test_one_process_then_sigkill_then_resume_matches_two(two_ranks: dict) -> No
     (out / "c1").mkdir()  # what a half-written case would look like if it were not renamed into place whole
     (out / "c1" / "image.nii.gz").write_bytes(b"partial")
 
-    refused = subprocess.run(command(requests, out), env=env(WORLD_SIZE="1", RANK="0"), capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        command(requests, out), env=env(WORLD_SIZE="1", RANK="0"), capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode == 1 and "--resume" in refused.stderr
-    resumed = subprocess.run(command(requests, out, "--resume", "true", nproc=1), env=env(), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        command(requests, out, "--resume", "true", nproc=1), env=env(), capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     by_case = {c["case"]: c for c in summary["cases"]}

@@ -75,7 +75,16 @@ def bundle_run(python: Path, root: Path, args: dict, pythonpath: Path | None = N
     env["PYTHONWARNINGS"] = "ignore"
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
-    cmd = [str(python), "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--args_file", str(args_file)]
+    cmd = [
+        str(python),
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--args_file",
+        str(args_file),
+    ]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -106,7 +115,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_every_bundle_has_the_zoo_layout_and_verifies(exported: dict) -> None:
     by_stage = {r["stage"]: r for r in exported["results"]}
     for stage, root in exported["roots"].items():
-        for part in ("configs/inference.json", "configs/metadata.json", "docs/README.md", "LICENSE", "models/large_files.yml"):
+        for part in (
+            "configs/inference.json",
+            "configs/metadata.json",
+            "docs/README.md",
+            "LICENSE",
+            "models/large_files.yml",
+        ):
             assert (root / part).is_file(), f"{stage}: {part}"
         meta = json.loads((root / "configs" / "metadata.json").read_text())
         assert "lesiondiffusion-monai" not in json.dumps(meta)
@@ -133,9 +148,15 @@ def test_every_bundle_has_the_zoo_layout_and_verifies(exported: dict) -> None:
 def test_unzipped_bundles_run_alone_and_match_the_repository(exported: dict) -> None:
     roots = exported["roots"]
     metas = [json.loads((roots[s] / "configs" / "metadata.json").read_text()) for s in ("preprocess", "lmnet", "linet")]
-    assert metas[0]["required_packages_version"] == metas[1]["required_packages_version"] == metas[2]["required_packages_version"]
+    assert (
+        metas[0]["required_packages_version"]
+        == metas[1]["required_packages_version"]
+        == metas[2]["required_packages_version"]
+    )
     python = only_required_env(exported["tmp"] / "env", metas[0])
-    alone = subprocess.run([str(python), "-c", "import lesiondiffusion"], capture_output=True, text=True, cwd=exported["tmp"])
+    alone = subprocess.run(
+        [str(python), "-c", "import lesiondiffusion"], capture_output=True, text=True, cwd=exported["tmp"]
+    )
     assert alone.returncode != 0 and "No module named 'lesiondiffusion'" in alone.stderr  # the environment is bare
     zoo = chain(python, roots, exported["tmp"] / "zoo_run", in_repo=False)
     repo = chain(Path(sys.executable), {s: BUNDLES / s for s in STAGES}, exported["tmp"] / "repo_run", in_repo=True)

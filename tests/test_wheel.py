@@ -29,7 +29,10 @@ EXCLUDED = ("runs/", "demo_output/", "mutants/")
 def source_files() -> list[str]:
     """The tracked and untracked-but-not-ignored files of the source tree (what a checkout holds)."""
     out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO_ROOT, capture_output=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
     ).stdout.decode()
     return [f for f in out.split("\0") if f and not f.startswith(EXCLUDED) and (REPO_ROOT / f).is_file()]
 
@@ -40,7 +43,19 @@ def build_wheel(dest: Path) -> Path:
     for name in source_files():
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, src / name)
-    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(dest / "dist"), str(src)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        str(dest / "dist"),
+        str(src),
+    ]
     subprocess.run(pip, check=True, capture_output=True, cwd=dest)
     (wheel,) = (dest / "dist").glob("lesiondiffusion_monai-*.whl")
     return wheel
@@ -52,7 +67,18 @@ def wheel_venv(dest: Path, wheel: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     purelib = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
     (purelib / "third_party.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")
-    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index", "-q", str(wheel)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(venv / "bin" / "python"),
+        "install",
+        "--no-deps",
+        "--no-index",
+        "-q",
+        str(wheel),
+    ]
     subprocess.run(pip, check=True, capture_output=True)
     return venv
 
@@ -82,7 +108,8 @@ def test_wheel_carries_bundles_data_and_every_module(installed: dict) -> None:
     # pyproject's package list fails here), and the bundles and data are the installed ones
     src = installed["dest"] / "src"
     modules = sorted(
-        ".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__") for p in (src / "lesiondiffusion").rglob("*.py")
+        ".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__")
+        for p in (src / "lesiondiffusion").rglob("*.py")
     )
     modules += [f"lesiondiffusion_tools.{p.stem}" for p in (src / "tools").glob("*.py") if p.stem != "__init__"]
     venv = installed["venv"]
