@@ -197,6 +197,9 @@ def _sample(img: Any) -> np.ndarray:
 
 def check_image(img: Any, path: Path) -> None:
     """A CT that cannot be one: constant, or not in Hounsfield units (non-finite voxels: :func:`check_organ`)."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, "the header gives no valid voxel-to-world matrix (zero or missing voxel spacing?)")
     values = _sample(img)
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -362,6 +365,14 @@ def check_case(
     seg = check_labels(_label_voxels(seg_img, seg_path), seg_path)
     if seg.ndim > 3:
         seg = seg.reshape(seg.shape[:3])
+    from lesiondiffusion.geometry import same_grid
+
+    if not same_grid(seg_img.affine, seg.shape, image.affine, image.shape):
+        if sorted(seg.shape[:3]) != sorted(image.shape[:3]):
+            raise InputError(
+                seg_path, f"organ map shape {seg.shape[:3]} differs from the image's {tuple(image.shape[:3])}"
+            )
+        raise InputError(seg_path, f"organ map affine differs from the image's ({image_path})")
     try:
         version = resolve_version(organ_seg_version, seg, seg_img.affine, source=seg_path)
     except LesionDiffusionError:

@@ -63,6 +63,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     one[60, 50, 15] = 5
     save("one_voxel_seg.nii.gz", one)
     save("flat.nii.gz", hu[:, :, 0])
+    save("cropped_seg.nii.gz", labels[:-4])
+    shifted = seg.affine.copy()
+    shifted[:3, 3] += 15.0
+    save("shifted_seg.nii.gz", labels, shifted)
     save("frames.nii.gz", np.stack([hu, hu], axis=-1))
     (d / "empty.nii.gz").write_bytes(b"")
     (d / "truncated.nii.gz").write_bytes((d / "ct.nii.gz").read_bytes()[:2000])
@@ -168,6 +172,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ("image_4d", with_image("frames.nii.gz"), ("frames.nii.gz", "3D")),
     ("folder_empty", with_image("empty_dir"), ("empty_dir", "DICOM")),
     ("folder_not_dicom", with_image("not_dicom"), ("not_dicom", "DICOM")),
+    ("grid_shape_mismatch", with_image("ct.nii.gz", "cropped_seg.nii.gz"), ("cropped_seg.nii.gz", "shape")),
+    ("grid_affine_mismatch", with_image("ct.nii.gz", "shifted_seg.nii.gz"), ("shifted_seg.nii.gz", "affine")),
     # scan content
     ("label_map_as_ct", with_image("seg.nii.gz"), ("seg.nii.gz", "label map")),
     ("nan_in_organ", with_image("nan.nii.gz"), ("nan.nii.gz", "non-finite", "liver")),
