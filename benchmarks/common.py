@@ -91,7 +91,9 @@ def flop_rate(flops: int, seconds: float) -> dict[str, float]:
 
 
 # ---- bundle configs --------------------------------------------------------------------------------
-def bundle_parser(bundle: Path, config: str, overrides: dict[str, Any] | None = None, chdir: bool = False, globals: dict | None = None):
+def bundle_parser(
+    bundle: Path, config: str, overrides: dict[str, Any] | None = None, chdir: bool = False, globals: dict | None = None
+):
     """A MONAI ``ConfigParser`` of ``bundle/configs/config`` with command-line style ``overrides``.
 
     ``chdir`` also makes the bundle folder the working directory.
@@ -231,7 +233,14 @@ def time_iterations(trainer, sync: Callable[[], Any] | None = None) -> dict[str,
     }
 
 
-def finish_report(name: str, script: str | Path, report: dict[str, Any], before: dict[str, Any], threads: int, markdown: Callable[[dict], str]) -> None:
+def finish_report(
+    name: str,
+    script: str | Path,
+    report: dict[str, Any],
+    before: dict[str, Any],
+    threads: int,
+    markdown: Callable[[dict], str],
+) -> None:
     """Add the machine entry and the command to ``report``, write it as ``<name>.{json,md}`` and print the markdown."""
     from lesiondiffusion.io import write_json
 

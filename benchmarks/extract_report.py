@@ -83,24 +83,40 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in build_inputs(Path(tmp)).items():
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(path), str(args.repeats)], capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, "-c", CHILD, str(path), str(args.repeats)], capture_output=True, text=True, check=True
+            )
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             times = sorted(result.pop("times_s"))
-            rows.append({"case": name, "median_s": round(times[len(times) // 2], 2), "min_s": round(times[0], 2), **result})
+            rows.append(
+                {"case": name, "median_s": round(times[len(times) // 2], 2), "min_s": round(times[0], 2), **result}
+            )
             print(rows[-1], flush=True)
-    meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)),
-            "repeats": args.repeats, "load_avg": [round(v, 2) for v in os.getloadavg()], "command": f"python benchmarks/extract_report.py --repeats {args.repeats:d}"}
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "repeats": args.repeats,
+        "load_avg": [round(v, 2) for v in os.getloadavg()],
+        "command": f"python benchmarks/extract_report.py --repeats {args.repeats:d}",
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "extract_report.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     lines = [
-        "# extract_report on whole volumes", "",
+        "# extract_report on whole volumes",
+        "",
         f"`{meta['command']}` ({meta['cpus']} CPU cores, Python {meta['python']}). Wall time of one call (median and",
         "minimum of the repeats); the call's own peak allocation beyond its inputs (tracemalloc, which numpy",
         "reports its buffers to; one more call) and the child process's peak RSS (imports and inputs included).",
-        f"Load average at the end: {meta['load_avg']}.", "",
-        "| case | median s | min s | inputs MiB | added peak MiB | process peak RSS MiB | density | shape |", "|---|---|---|---|---|---|---|---|",
+        f"Load average at the end: {meta['load_avg']}.",
+        "",
+        "| case | median s | min s | inputs MiB | added peak MiB | process peak RSS MiB | density | shape |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['case']} | {r['median_s']} | {r['min_s']} | {r['inputs_mib']} | {r['added_peak_mib']} | {r['process_peak_rss_mib']} | {r['density']} | {r['shape']} |" for r in rows]
+    lines += [
+        f"| {r['case']} | {r['median_s']} | {r['min_s']} | {r['inputs_mib']} | {r['added_peak_mib']} | {r['process_peak_rss_mib']} | {r['density']} | {r['shape']} |"
+        for r in rows
+    ]
     (RESULTS / "extract_report.md").write_text("\n".join(lines) + "\n")
 
 

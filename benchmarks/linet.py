@@ -115,9 +115,19 @@ def build_case(work: Path) -> Path:
     demo = shared / "cases" / "Liver_cancer"
     img = nib.load(demo / "image.nii.gz")
     case = work / "case"
-    std = standardise(MetaTensor(torch.as_tensor(np.asarray(img.dataobj), dtype=torch.float32)[None], affine=torch.as_tensor(img.affine)))
+    std = standardise(
+        MetaTensor(
+            torch.as_tensor(np.asarray(img.dataobj), dtype=torch.float32)[None], affine=torch.as_tensor(img.affine)
+        )
+    )
     label_img = nib.load(demo / "label.nii.gz")
-    label = standardise(MetaTensor(torch.as_tensor(np.asarray(label_img.dataobj), dtype=torch.float32)[None], affine=torch.as_tensor(img.affine)), mode="nearest")
+    label = standardise(
+        MetaTensor(
+            torch.as_tensor(np.asarray(label_img.dataobj), dtype=torch.float32)[None],
+            affine=torch.as_tensor(img.affine),
+        ),
+        mode="nearest",
+    )
     affine = np.asarray(std.affine, dtype=np.float64)
     label_std = np.asarray(label[0]).astype(np.uint8)
     image = save_nifti(case / "image.nii.gz", np.asarray(std[0]).astype(np.int16), affine)
@@ -126,7 +136,9 @@ def build_case(work: Path) -> Path:
     geometry = write_geometry(case / "geometry.json", record_geometry(demo / "image.nii.gz", affine, label_std.shape))
     idx = np.argwhere(label_std == 2)
     lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
-    lesion = LesionEntry(5, "within the parenchymal organ", demo / "type.json", Box(tuple((lo + hi) // 2), tuple(hi - lo)))
+    lesion = LesionEntry(
+        5, "within the parenchymal organ", demo / "type.json", Box(tuple((lo + hi) // 2), tuple(hi - lo))
+    )
     entry = CaseEntry("liver", source_image=demo / "image.nii.gz", geometry=geometry, image=image, organ_seg=organ, lesions=(lesion,),
                       label=label_path, label_original=demo / "label.nii.gz")  # fmt: skip
     return write_manifest(work / "manifest.json", Manifest((entry,)))
@@ -137,7 +149,9 @@ def part_infer(work: Path, preset: str, steps: int, device: str) -> dict[str, An
 
     manifest = build_case(work)
     vqgan = random_vqgan(work / "vqgan.pt")
-    parser = parser_for("inference.json", {"preset": preset, "steps": steps, "device": device, "vqgan_weights": str(vqgan)})
+    parser = parser_for(
+        "inference.json", {"preset": preset, "steps": steps, "device": device, "vqgan_weights": str(vqgan)}
+    )
     network = parser.get_parsed_content("network_def")
     torch.manual_seed(0)
     parser["network"] = network  # random weights: speed does not depend on their values
@@ -191,12 +205,18 @@ def part_flops(preset: str, device: str) -> dict[str, Any]:
         channels = parser.get_parsed_content("latent_channels")
         spec = network.encoder.spec
         x = torch.randn(1, channels, *latent, device=dev)
-        extra = torch.cat([torch.ones(1, 1, *latent, device=dev), torch.randn(1, channels, *latent, device=dev)], dim=1)  # mask, prior latent
+        extra = torch.cat(
+            [torch.ones(1, 1, *latent, device=dev), torch.randn(1, channels, *latent, device=dev)], dim=1
+        )  # mask, prior latent
         cond = torch.zeros(1, *spec.shape, device=dev)
         t = torch.full((1,), 500, device=dev, dtype=torch.long)
         try:
             with torch.no_grad():
-                flops = count_flops(lambda network=network, x=x, t=t, cond=cond, extra=extra: network(x, timesteps=t, context=cond, extra=extra))
+                flops = count_flops(
+                    lambda network=network, x=x, t=t, cond=cond, extra=extra: network(
+                        x, timesteps=t, context=cond, extra=extra
+                    )
+                )
         except Exception as e:  # noqa: BLE001
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             continue
@@ -270,7 +290,9 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         sec = f"{e['seconds_per_forward']:.3f}" if "seconds_per_forward" in e else "not run"
         rate = f"{e['achieved_gflop_per_s']:.1f}" if "achieved_gflop_per_s" in e else "-"
-        lines.append(f"| {name} | {e['crop']} | {e['latent']} | {e['unet_parameters'] / 1e6:.2f} | {e['flops_per_forward'] / 1e9:.2f} | {sec} | {rate} |")
+        lines.append(
+            f"| {name} | {e['crop']} | {e['latent']} | {e['unet_parameters'] / 1e6:.2f} | {e['flops_per_forward'] / 1e9:.2f} | {sec} | {rate} |"
+        )
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -280,7 +302,9 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iterations", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the child processes (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="OMP_NUM_THREADS for the child processes (0: torch's default)"
+    )
     ap.add_argument("--work", default=None)
     ap.add_argument("--markdown_only", action="store_true", help="rewrite linet.md from an existing linet.json")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -314,8 +338,13 @@ def main() -> None:
         "training": training,
         "inference": inference,
         "flops": flops,
-        "machine": {"cpus": os.cpu_count(), "threads": training["torch_threads"], "load_before": load_before,
-                    "load_after": load_avg(), "python": platform.python_version()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": training["torch_threads"],
+            "load_before": load_before,
+            "load_after": load_avg(),
+            "python": platform.python_version(),
+        },  # fmt: skip
         "command": command_line(__file__),
     }
     write_report("linet", report, markdown(report))

@@ -109,11 +109,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         label = np.rint(d["label"][0].numpy()).astype(np.uint8)
         seg = np.rint(d["organ_seg"][0].numpy()).astype(np.int32)
         report = read_report(case["report"]).lesions[0]
-        return image, label, seg, report, label_table().name(report.organ_id), A.measure_lesion(image, label, seg, organ_id=report.organ_id)
+        return (
+            image,
+            label,
+            seg,
+            report,
+            label_table().name(report.organ_id),
+            A.measure_lesion(image, label, seg, organ_id=report.organ_id),
+        )
 
     # the autoencoder alone, on the true lesions: the best any LINet on these weights could do
     baseline = []
-    probe = LesionInpainter(network, vq, DiffusionSampler("ddim", 1, progress=False), crop_size=parser.get_parsed_content("crop_size"))
+    probe = LesionInpainter(
+        network, vq, DiffusionSampler("ddim", 1, progress=False), crop_size=parser.get_parsed_content("crop_size")
+    )
     for case in cases:
         image, label, seg, report, organ, truth = read(case)
         m = A.measure_lesion(round_trip(probe, image, label == 2), label, seg, organ_id=report.organ_id)
@@ -125,14 +134,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         })  # fmt: skip
     runs = []
     for guidance in args.guidance:
-        sampler = DiffusionSampler("ddim", args.steps, prediction_type=prediction_type, guidance_scale=guidance, clip_sample=False, progress=False)
-        inpainter = LesionInpainter(network, vq, sampler, crop_size=parser.get_parsed_content("crop_size"), seed=args.seed)
+        sampler = DiffusionSampler(
+            "ddim",
+            args.steps,
+            prediction_type=prediction_type,
+            guidance_scale=guidance,
+            clip_sample=False,
+            progress=False,
+        )
+        inpainter = LesionInpainter(
+            network, vq, sampler, crop_size=parser.get_parsed_content("crop_size"), seed=args.seed
+        )
         rows, t0 = [], time.perf_counter()
         for case in cases:
             image, label, seg, report, organ, truth = read(case)
             reference = truth.reference_hu
             for density, hu in requested_ct_values(reference).items():
-                attributes = {**report.attributes, V.DENSITY: density, V.DENSITY_VARIATIONS: "homogeneous", V.CT_VALUE: format_ct_value(hu)}
+                attributes = {
+                    **report.attributes,
+                    V.DENSITY: density,
+                    V.DENSITY_VARIATIONS: "homogeneous",
+                    V.CT_VALUE: format_ct_value(hu),
+                }
                 painted = paint(inpainter, image, label == 2, attributes, args.seed)
                 m = A.measure_lesion(painted, label, seg, organ_id=report.organ_id)
                 measured = A.density_class(m, organ, m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU)
@@ -141,7 +164,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "requested_hu": round(hu, 1), "mean_hu": round(m.mean_hu, 1), "delta_hu": round(m.core_hu - reference, 1),
                     "requested_delta_hu": round(hu - reference, 1), "smoothed_std_hu": round(m.smoothed_std_hu, 1),
                 })  # fmt: skip
-        runs.append({"guidance_scale": guidance, "seconds": round(time.perf_counter() - t0, 1), "lesions": rows, "totals": totals(rows)})
+        runs.append(
+            {
+                "guidance_scale": guidance,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "lesions": rows,
+                "totals": totals(rows),
+            }
+        )
     return {
         "weights": str(Path(args.weights).resolve()), "vqgan_weights": str(Path(args.vqgan_weights).resolve()),
         "datalist": str(Path(args.datalist).resolve()), "split": args.split, "cases": len(cases), "steps": args.steps,
@@ -169,7 +199,9 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "density_accuracy": sum(r["measured"] == r["requested"] for r in rows) / len(rows),
         "ordered_triples": sum(a["mean_hu"] < b["mean_hu"] < c["mean_hu"] for a, b, c in triples) / len(triples),
-        "median_abs_ct_value_error_hu": round(statistics.median(abs(r["mean_hu"] - r["requested_hu"]) for r in rows), 1),
+        "median_abs_ct_value_error_hu": round(
+            statistics.median(abs(r["mean_hu"] - r["requested_hu"]) for r in rows), 1
+        ),
         "per_class": per_class,
     }
 
@@ -185,7 +217,10 @@ def markdown(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     for r in report["runs"]:
         t = r["totals"]
-        per = "; ".join(f"{k.split()[0]} {v['mean_delta_hu']:+.1f} ({v['mean_requested_delta_hu']:+.1f})" for k, v in t["per_class"].items())
+        per = "; ".join(
+            f"{k.split()[0]} {v['mean_delta_hu']:+.1f} ({v['mean_requested_delta_hu']:+.1f})"
+            for k, v in t["per_class"].items()
+        )
         lines.append(
             f"| {r['guidance_scale']:g} | {t['density_accuracy']:.1%} | {t['ordered_triples']:.1%} | {t['median_abs_ct_value_error_hu']:.1f} HU | {per} | {r['seconds']:.0f} |"
         )
@@ -196,7 +231,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"mean {rt['mean_core_hu_error']:+.1f} HU.",
     ]  # fmt: skip
     best = max(report["runs"], key=lambda r: r["totals"]["density_accuracy"])
-    lines += ["", f"## Lesions at guidance {best['guidance_scale']:g}", "", "| case | organ | requested | measured | requested HU | mean HU | lesion - organ HU |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Lesions at guidance {best['guidance_scale']:g}",
+        "",
+        "| case | organ | requested | measured | requested HU | mean HU | lesion - organ HU |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in best["lesions"]:
         lines.append(
             f"| {row['case']} | {row['organ']} | {row['requested']} | {row['measured']} | {row['requested_hu']:.0f} | {row['mean_hu']:.0f} | {row['delta_hu']:+.1f} |"

@@ -88,7 +88,11 @@ def train_phase(iters: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-lmnet-") as tmp:
         demo = build_demo_cases(DEMO, Path(tmp) / "demo")
         parser = parser_for(
-            "train.json", datalist=str(demo / "datalist.json"), output_dir=str(Path(tmp) / "out"), iter_num=iters, max_epochs=1
+            "train.json",
+            datalist=str(demo / "datalist.json"),
+            output_dir=str(Path(tmp) / "out"),
+            iter_num=iters,
+            max_epochs=1,
         )
         parser["train#handlers"] = [h for h in parser["train#handlers"] if "ProgressBar" not in str(h)]
         parser.get_parsed_content("initialize")  # seeds, as a bundle run does
@@ -131,7 +135,13 @@ def sample_phase(steps: int) -> dict:
     allowed = np.ones(crop, bool)
     post.select_mask(sample[0, 0].numpy(), allowed, float(extra[0, 2].sum()) * post.ELLIPSOID_FILL, 8)
     post_s = time.perf_counter() - start
-    return {"steps": steps, "crop": list(crop), "network_evaluations": steps, "sample_s": round(sample_s, 2), "postprocess_s": round(post_s, 3)}
+    return {
+        "steps": steps,
+        "crop": list(crop),
+        "network_evaluations": steps,
+        "sample_s": round(sample_s, 2),
+        "postprocess_s": round(post_s, 3),
+    }
 
 
 def markdown(report: dict) -> str:
@@ -183,7 +193,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.phase:
         set_threads(args.threads)
-        phases = {"network": lambda: network_phase(args.repeats), "train": lambda: train_phase(args.iters), "sample": lambda: sample_phase(args.steps[0])}
+        phases = {
+            "network": lambda: network_phase(args.repeats),
+            "train": lambda: train_phase(args.iters),
+            "sample": lambda: sample_phase(args.steps[0]),
+        }
         finish_child(phases[args.phase](), args.result)
         return
     if args.markdown_only:
@@ -191,13 +205,17 @@ def main() -> None:
         return
     before = snapshot()
     report: dict = {"benchmark": "LMNet bundle, cpu preset", "repeats": args.repeats}
-    report["network"] = run_child(__file__, ["--phase", "network", "--repeats", str(args.repeats)], threads=args.threads)
+    report["network"] = run_child(
+        __file__, ["--phase", "network", "--repeats", str(args.repeats)], threads=args.threads
+    )
     print("network", report["network"], flush=True)
     report["training"] = run_child(__file__, ["--phase", "train", "--iters", str(args.iters)], threads=args.threads)
     print("training", report["training"], flush=True)
     report["sampling"] = []
     for steps in args.steps:
-        report["sampling"].append(run_child(__file__, ["--phase", "sample", "--steps", str(steps)], threads=args.threads))
+        report["sampling"].append(
+            run_child(__file__, ["--phase", "sample", "--steps", str(steps)], threads=args.threads)
+        )
         print("sampling", report["sampling"][-1], flush=True)
     finish_report("lmnet", __file__, report, before, args.threads, markdown)
 

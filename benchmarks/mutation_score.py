@@ -42,7 +42,9 @@ def main() -> int:
         tested = c["killed"] + c["survived"]
         print(f"{module:40} {c['killed']:7d} {c['survived']:9d} {c['no tests']:9d} {c['killed'] / max(tested, 1):7.1%}")
     tested = total["killed"] + total["survived"]
-    print(f"{'all':40} {total['killed']:7d} {total['survived']:9d} {total['no tests']:9d} {total['killed'] / max(tested, 1):7.1%}")
+    print(
+        f"{'all':40} {total['killed']:7d} {total['survived']:9d} {total['no tests']:9d} {total['killed'] / max(tested, 1):7.1%}"
+    )
     return 0
 
 

@@ -50,7 +50,9 @@ def build_input(work: Path, shape: tuple[int, int, int], spacing: tuple[float, f
     for name, mode, dtype, offset in (("image", "bilinear", np.int16, 1000.0), ("organ_seg", "nearest", np.uint8, 0.0)):
         img = LoadImage(image_only=True, ensure_channel_first=True)(str(case / f"{name}.nii.gz"))
         # zero padding outside the phantom: shift HU so that zero is air (-1000 HU)
-        moved = SpatialResample(mode=mode, padding_mode="zeros")(img + offset, dst_affine=torch.as_tensor(affine), spatial_size=shape)
+        moved = SpatialResample(mode=mode, padding_mode="zeros")(
+            img + offset, dst_affine=torch.as_tensor(affine), spatial_size=shape
+        )
         data = np.rint(moved[0].numpy() - offset).astype(dtype)
         path = work / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(data, affine), str(path))
@@ -100,7 +102,16 @@ def main() -> None:
             t0 = time.perf_counter()
             inputs.mkdir(parents=True, exist_ok=True)
             # built in a child process: a child forked from a big parent inherits its memory high-water mark
-            build = [sys.executable, __file__, "--build", str(inputs), "--shape", *map(str, shape), "--spacing", *map(str, spacing)]
+            build = [
+                sys.executable,
+                __file__,
+                "--build",
+                str(inputs),
+                "--shape",
+                *map(str, shape),
+                "--spacing",
+                *map(str, spacing),
+            ]
             subprocess.run(build, check=True)
             print(f"input built in {time.perf_counter() - t0:.1f} s: {shape} at {spacing} mm")
         bad = work / "unreadable.nii.gz"

@@ -54,7 +54,16 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     if reference is None:
         reference = work / "reference"
         start = time.perf_counter()
-        cli("make-dataset", "--n", str(args.reference_n), "--seed", str(args.seed + 100), "--out", str(reference), "--overwrite")
+        cli(
+            "make-dataset",
+            "--n",
+            str(args.reference_n),
+            "--seed",
+            str(args.seed + 100),
+            "--out",
+            str(reference),
+            "--overwrite",
+        )
         timings["reference_dataset_s"] = time.perf_counter() - start
     if (args.pred is None) != (args.requests is None):
         raise SystemExit("give --pred and --requests together (or neither, to synthesise phantom requests here)")
@@ -62,7 +71,17 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         pred, requests = Path(args.pred).resolve(), Path(args.requests).resolve()
     else:
         requests_dir, pred = work / "requests", work / "synthesis"
-        cli("make-dataset", "--n", str(args.requests_n), "--seed", str(args.seed + 1000), "--requests", "--out", str(requests_dir), "--overwrite")
+        cli(
+            "make-dataset",
+            "--n",
+            str(args.requests_n),
+            "--seed",
+            str(args.seed + 1000),
+            "--requests",
+            "--out",
+            str(requests_dir),
+            "--overwrite",
+        )
         requests = requests_dir / "requests.json"
         start = time.perf_counter()
         proc = subprocess.run([*CLI, "synthesize", "--requests", str(requests), "--out", str(pred), "--seed", str(args.seed),
@@ -79,7 +98,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = prepare(args)
     start = time.perf_counter()
-    report, paths = evaluate_outputs(inputs["pred"], inputs["requests"], inputs["work"] / "evaluation", reference=inputs["reference"])
+    report, paths = evaluate_outputs(
+        inputs["pred"], inputs["requests"], inputs["work"] / "evaluation", reference=inputs["reference"]
+    )
     inputs["timings"]["evaluation_s"] = time.perf_counter() - start
     realism = report["totals"]["realism"]
     cases = []
@@ -100,7 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     targets = {}
     for name, (key, op, threshold) in TARGETS.items():
         value = realism[key]
-        targets[name] = {"value": value, "target": f"{op} {100 * threshold:g}%", "met": None if value is None else value >= threshold}
+        targets[name] = {
+            "value": value,
+            "target": f"{op} {100 * threshold:g}%",
+            "met": None if value is None else value >= threshold,
+        }
     d = realism["realism_distance"]
     for name, key in (("flat fill's", "flat"), ("copy-paste's", "copy_paste")):
         targets[f"realism distance below the {name}"] = {
@@ -147,7 +172,13 @@ def markdown(r: dict[str, Any]) -> str:
         value = _num(g["value"], ".3f") if "distance" in name else _pct(g["value"])
         met = "-" if g["met"] is None else "yes" if g["met"] else "**no**"
         lines.append(f"| {name} | {value} | {g['target']} | {met} |")
-    lines += ["", "## Synthetic beside ground truth (medians)", "", "| measure | synthetic | ground truth |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "## Synthetic beside ground truth (medians)",
+        "",
+        "| measure | synthetic | ground truth |",
+        "| --- | --- | --- |",
+    ]
     for key, name, fmt in (("fill_ratio", "fill ratio", ".3f"), ("interior_fraction", "interior fraction", ".3f"),
                            ("solidity", "solidity", ".3f"), ("sphericity", "sphericity", ".3f"),
                            ("median_delta_hu", "lesion - organ median HU", "+.1f"),
@@ -155,9 +186,13 @@ def markdown(r: dict[str, Any]) -> str:
                            ("edge_width_mm", "edge width (mm)", ".2f")):  # fmt: skip
         lines.append(f"| {name} | {_num(syn.get(key), fmt)} | {_num(gt.get(key), fmt)} |")
     for cls, v in t["delta_by_density"].items():
-        lines.append(f"| lesion - organ HU, {cls} ({v['cases']} / {v['reference_lesions']}) | {_num(v['synthetic'], '+.1f')} | {_num(v['ground_truth'], '+.1f')} |")
+        lines.append(
+            f"| lesion - organ HU, {cls} ({v['cases']} / {v['reference_lesions']}) | {_num(v['synthetic'], '+.1f')} | {_num(v['ground_truth'], '+.1f')} |"
+        )
     for cls, v in t["edge_width_by_margin"].items():
-        lines.append(f"| edge width (mm), {cls} ({v['cases']} / {v['reference_lesions']}) | {_num(v['synthetic'])} | {_num(v['ground_truth'])} |")
+        lines.append(
+            f"| edge width (mm), {cls} ({v['cases']} / {v['reference_lesions']}) | {_num(v['synthetic'])} | {_num(v['ground_truth'])} |"
+        )
     lines += [
         "", f"One 6-connected piece per lesion: {_pct(t['one_piece_rate'])}; lesion - organ HU within the matched real "
         f"lesions' 10th-90th percentiles (+-10 HU): {_pct(t['delta_in_reference_range_rate'])}.", "",
@@ -180,17 +215,30 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {_num(c['median_delta_hu'], '+.1f')} / {_num(c['report_delta_hu'], '+.1f')} ({_num(c['reference_median_delta_hu'], '+.1f')}) "
             f"| {_num(c['noise_std_ratio'])} ({_num(c['reference_noise_std_ratio'])}) | {_num(c['edge_width_mm'])} ({_num(c['reference_edge_width_mm'])}) |"
         )
-    lines += ["", f"Seconds: {', '.join(f'{k} {v}' for k, v in r['timings_s'].items())}.", "", r.get("machine_note", "")]
+    lines += [
+        "",
+        f"Seconds: {', '.join(f'{k} {v}' for k, v in r['timings_s'].items())}.",
+        "",
+        r.get("machine_note", ""),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pred", help="synthesis output folder to evaluate (default: synthesise phantom requests here)")
+    parser.add_argument(
+        "--pred", help="synthesis output folder to evaluate (default: synthesise phantom requests here)"
+    )
     parser.add_argument("--requests", help="the requests file that produced --pred")
-    parser.add_argument("--reference", help="ground-truth datalist or its folder (default: a phantom dataset made here)")
-    parser.add_argument("--reference_n", type=int, default=16, help="phantom ground-truth cases when --reference is not given")
-    parser.add_argument("--requests_n", type=int, default=4, help="phantom request images (x3 densities) when --pred is not given")
+    parser.add_argument(
+        "--reference", help="ground-truth datalist or its folder (default: a phantom dataset made here)"
+    )
+    parser.add_argument(
+        "--reference_n", type=int, default=16, help="phantom ground-truth cases when --reference is not given"
+    )
+    parser.add_argument(
+        "--requests_n", type=int, default=4, help="phantom request images (x3 densities) when --pred is not given"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--work", default="runs/realism", help="working folder (relative to the repository)")

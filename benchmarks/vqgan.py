@@ -119,7 +119,12 @@ def crop_phase(size: int, repeats: int) -> dict:
     with torch.no_grad():
         seconds = best_time(round_trip, repeats, warmup=1)
     assert out["y"].shape == x.shape
-    return {"shape": [size] * 3, "latent_shape": list(out["z"].shape[1:]), "encode_decode_s": round(seconds, 3), "repeats": repeats}
+    return {
+        "shape": [size] * 3,
+        "latent_shape": list(out["z"].shape[1:]),
+        "encode_decode_s": round(seconds, 3),
+        "repeats": repeats,
+    }
 
 
 def volume_phase(size: int) -> dict:
@@ -173,7 +178,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=6, help="training iterations per training measurement")
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--volume", type=int, default=280)
-    ap.add_argument("--repeats", type=int, default=2, help="timed repetitions of the forward and the crop round trip (best kept)")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="timed repetitions of the forward and the crop round trip (best kept)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement process (0: torch's default)")
     ap.add_argument("--markdown_only", action="store_true", help="rewrite vqgan.md from an existing vqgan.json")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
@@ -195,7 +202,16 @@ def main() -> None:
         return
     before = snapshot()
     report: dict = {"benchmark": "VQ-GAN bundle, cpu preset", "repeats": args.repeats}
-    common = ["--iters", str(args.iters), "--crop", str(args.crop), "--volume", str(args.volume), "--repeats", str(args.repeats)]
+    common = [
+        "--iters",
+        str(args.iters),
+        "--crop",
+        str(args.crop),
+        "--volume",
+        str(args.volume),
+        "--repeats",
+        str(args.repeats),
+    ]
     for phase in PHASES:
         report[phase] = run_child(__file__, ["--phase", phase, *common], threads=args.threads)
         print(phase, report[phase], flush=True)

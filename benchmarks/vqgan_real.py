@@ -90,7 +90,14 @@ def measure(case: dict, net, roi: int, context: int) -> dict:
 
 
 def summarise(cases: list[dict]) -> dict:
-    keys = ("psnr_organ_db", "psnr_lesion_db", "ssim_organ_box", "mae_organ_hu", "mae_lesion_hu", "lesion_median_shift_hu")
+    keys = (
+        "psnr_organ_db",
+        "psnr_lesion_db",
+        "ssim_organ_box",
+        "mae_organ_hu",
+        "mae_lesion_hu",
+        "lesion_median_shift_hu",
+    )
     return {k: statistics.median(v) for k in keys if (v := [c[k] for c in cases if c.get(k) is not None])}
 
 

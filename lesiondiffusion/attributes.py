@@ -139,7 +139,12 @@ MIN_VESSEL_VOXELS = 10
 # The vessel's HU is taken this far inside it, away from partial volume with its wall.
 VESSEL_CORE_MM = 1.5
 AORTA, PORTAL_VEIN = "aorta", "portal_vein_and_splenic_vein"
-PHASE_NON_CONTRAST, PHASE_ARTERIAL, PHASE_PORTAL_VENOUS, PHASE_UNKNOWN = "non-contrast", "arterial", "portal venous", "unknown"
+PHASE_NON_CONTRAST, PHASE_ARTERIAL, PHASE_PORTAL_VENOUS, PHASE_UNKNOWN = (
+    "non-contrast",
+    "arterial",
+    "portal venous",
+    "unknown",
+)
 
 # ---- generation: typical organ HU and lesion kinds -------------------------------------------------
 # Typical mean HU of each organ in a contrast-enhanced (portal venous) CT: the reference the offline
@@ -202,24 +207,122 @@ _INC, _DEC = "presence of increased density areas", "presence of decreased densi
 # The first kind with a keyword in the lesion type wins: a "haemorrhagic cyst" is blood, a "cystic
 # teratoma" fat-containing.
 LESION_KINDS: tuple[LesionKind, ...] = (
-    LesionKind("haemorrhage", ("hemorrhag", "haemorrhag", "hematoma", "haematoma", "bleed"), {_HYPER: 0.6, _ISO: 0.4},
-               0.3, 0.6, 0.6, 0.2, 0.5, 0.8, (15, 50), tissue_hu=BLOOD_HU),
-    LesionKind("fat-containing", ("lipoma", "teratoma", "dermoid", "fat"), {_HYPO: 1.0},
-               0.2, 0.8, 0.9, 0.0, 0.5, 0.7, (10, 50), tissue_hu=FAT_HU),
-    LesionKind("cyst", ("cyst", "cystic", "pseudocyst"), {_FLUID: 1.0}, 0.0, 0.9, 1.0, 0.0, 0.8, 0.7, (8, 40),
-               tissue_hu=FLUID_HU),
-    LesionKind("stone", ("stone", "calculus", "calculi", "lith", "calcification", "calcified"), {_HYPER: 1.0},
-               0.0, 0.8, 1.0, 0.0, 1.0, 0.9, (3, 12), {"stone": 1.0}, STONE_HU),
+    LesionKind(
+        "haemorrhage",
+        ("hemorrhag", "haemorrhag", "hematoma", "haematoma", "bleed"),
+        {_HYPER: 0.6, _ISO: 0.4},
+        0.3,
+        0.6,
+        0.6,
+        0.2,
+        0.5,
+        0.8,
+        (15, 50),
+        tissue_hu=BLOOD_HU,
+    ),
+    LesionKind(
+        "fat-containing",
+        ("lipoma", "teratoma", "dermoid", "fat"),
+        {_HYPO: 1.0},
+        0.2,
+        0.8,
+        0.9,
+        0.0,
+        0.5,
+        0.7,
+        (10, 50),
+        tissue_hu=FAT_HU,
+    ),
+    LesionKind(
+        "cyst",
+        ("cyst", "cystic", "pseudocyst"),
+        {_FLUID: 1.0},
+        0.0,
+        0.9,
+        1.0,
+        0.0,
+        0.8,
+        0.7,
+        (8, 40),
+        tissue_hu=FLUID_HU,
+    ),
+    LesionKind(
+        "stone",
+        ("stone", "calculus", "calculi", "lith", "calcification", "calcified"),
+        {_HYPER: 1.0},
+        0.0,
+        0.8,
+        1.0,
+        0.0,
+        1.0,
+        0.9,
+        (3, 12),
+        {"stone": 1.0},
+        STONE_HU,
+    ),
     LesionKind("polyp", ("polyp", "papilloma"), {_ISO: 0.7, _HYPER: 0.3}, 0.1, 0.8, 0.8, 0.0, 1.0, 0.6, (5, 20)),
-    LesionKind("hemangioma", ("hemangioma", "haemangioma", "angioma"), {_HYPER: 0.6, _HYPO: 0.4}, 0.3, 0.8, 0.9, 0.0, 0.5, 0.8, (10, 40)),
-    LesionKind("abscess", ("abscess", "infection", "collection"), {_RING: 0.5, _HYPO: 0.5}, 0.7, 0.5, 0.3, 0.3, 0.5, 0.7, (20, 60), {_DEC: 0.5}),
-    LesionKind("nodule", ("nodule", "nodular", "granuloma"), {_ISO: 0.5, _HYPO: 0.3, _HYPER: 0.2}, 0.1, 0.8, 0.7, 0.1, 0.5, 0.8, (5, 15)),
+    LesionKind(
+        "hemangioma",
+        ("hemangioma", "haemangioma", "angioma"),
+        {_HYPER: 0.6, _HYPO: 0.4},
+        0.3,
+        0.8,
+        0.9,
+        0.0,
+        0.5,
+        0.8,
+        (10, 40),
+    ),
+    LesionKind(
+        "abscess",
+        ("abscess", "infection", "collection"),
+        {_RING: 0.5, _HYPO: 0.5},
+        0.7,
+        0.5,
+        0.3,
+        0.3,
+        0.5,
+        0.7,
+        (20, 60),
+        {_DEC: 0.5},
+    ),
+    LesionKind(
+        "nodule",
+        ("nodule", "nodular", "granuloma"),
+        {_ISO: 0.5, _HYPO: 0.3, _HYPER: 0.2},
+        0.1,
+        0.8,
+        0.7,
+        0.1,
+        0.5,
+        0.8,
+        (5, 15),
+    ),
     LesionKind(
         "tumour",
-        ("cancer", "carcinoma", "tumor", "tumour", "malignan", "neoplasm", "mass", "metasta", "lymphoma", "sarcoma",
-         "hcc", "adenoma"),
+        (
+            "cancer",
+            "carcinoma",
+            "tumor",
+            "tumour",
+            "malignan",
+            "neoplasm",
+            "mass",
+            "metasta",
+            "lymphoma",
+            "sarcoma",
+            "hcc",
+            "adenoma",
+        ),
         {_HYPO: 0.55, _ISO: 0.2, _MIXED: 0.15, _HYPER: 0.1},
-        0.6, 0.35, 0.35, 0.3, 0.4, 0.6, (15, 60), {_INC: 0.2, _DEC: 0.4, "spiculated margins": 0.1},
+        0.6,
+        0.35,
+        0.35,
+        0.3,
+        0.4,
+        0.6,
+        (15, 60),
+        {_INC: 0.2, _DEC: 0.4, "spiculated margins": 0.1},
     ),
 )
 HOLLOW_TUMOUR_DENSITY = {_ISO: 0.6, _HYPO: 0.2, _HYPER: 0.2}
@@ -265,9 +368,15 @@ def is_hollow_name(organ_name: str) -> bool:
     return organ_name.lower() in HOLLOW_ORGANS
 
 
-_CAVITY_WORDS = (("lumen", V.CAVITY_LUMEN), ("wall", V.CAVITY_WALL), ("protrud", V.CAVITY_PROTRUDING),
-                 ("exophytic", V.CAVITY_PROTRUDING), ("within", V.CAVITY_WITHIN), ("parenchym", V.CAVITY_WITHIN),
-                 ("intra", V.CAVITY_WITHIN))
+_CAVITY_WORDS = (
+    ("lumen", V.CAVITY_LUMEN),
+    ("wall", V.CAVITY_WALL),
+    ("protrud", V.CAVITY_PROTRUDING),
+    ("exophytic", V.CAVITY_PROTRUDING),
+    ("within", V.CAVITY_WITHIN),
+    ("parenchym", V.CAVITY_WITHIN),
+    ("intra", V.CAVITY_WITHIN),
+)
 
 
 def parse_cavity(text: str) -> str | None:
@@ -328,7 +437,9 @@ def margin_text(organ_name: str, well_defined: bool) -> str:
     """The surface class for a well-/ill-defined margin in the organ's own words."""
     group = organ_group(organ_name)
     if group == "kidney":
-        return "clear boundary with the renal parenchyma" if well_defined else "unclear boundary with the renal parenchyma"
+        return (
+            "clear boundary with the renal parenchyma" if well_defined else "unclear boundary with the renal parenchyma"
+        )
     if group == "esophagus" and not well_defined:
         return "poorly defined boundary with normal esophageal tissue"
     if is_hollow_name(organ_name) and group != "gallbladder":
@@ -375,10 +486,19 @@ class ScanContext:
     def describe(self) -> str:
         """One line for logs and provenance: ``liver 48 HU, non-contrast (aorta 41 HU, portal vein 37 HU)``."""
         organ = f"{self.organ} {self.organ_hu:.0f} HU" if self.organ_hu is not None else f"{self.organ} HU not measured"
-        phase = self.phase if self.phase != PHASE_UNKNOWN else (
-            "contrast-enhanced, phase unknown" if self.contrast else "contrast phase unknown")
-        vessels = [f"{name} {hu:.0f} HU" for name, hu in (("aorta", self.aorta_hu), ("portal vein", self.portal_vein_hu)) if hu is not None]
-        return f"{organ}, {phase}" + (f" ({', '.join(vessels)})" if vessels else " (no aorta or portal vein in the organ map)")
+        phase = (
+            self.phase
+            if self.phase != PHASE_UNKNOWN
+            else ("contrast-enhanced, phase unknown" if self.contrast else "contrast phase unknown")
+        )
+        vessels = [
+            f"{name} {hu:.0f} HU"
+            for name, hu in (("aorta", self.aorta_hu), ("portal vein", self.portal_vein_hu))
+            if hu is not None
+        ]
+        return f"{organ}, {phase}" + (
+            f" ({', '.join(vessels)})" if vessels else " (no aorta or portal vein in the organ map)"
+        )
 
     def to_json(self) -> dict[str, object]:
         """The measurement as plain JSON values (HU rounded to 0.1), with :meth:`describe`'s line."""
@@ -403,7 +523,11 @@ def contrast_phase(aorta_hu: float | None, portal_vein_hu: float | None) -> str:
         return PHASE_NON_CONTRAST
     if portal_vein_hu is None:
         return PHASE_UNKNOWN
-    if aorta_hu is not None and aorta_hu >= ARTERIAL_MIN_AORTA_HU and portal_vein_hu <= aorta_hu - ARTERIAL_MIN_AORTA_PORTAL_GAP_HU:
+    if (
+        aorta_hu is not None
+        and aorta_hu >= ARTERIAL_MIN_AORTA_HU
+        and portal_vein_hu <= aorta_hu - ARTERIAL_MIN_AORTA_PORTAL_GAP_HU
+    ):
         return PHASE_ARTERIAL
     if portal_vein_hu >= PORTAL_VENOUS_MIN_PORTAL_HU:
         return PHASE_PORTAL_VENOUS
@@ -442,7 +566,9 @@ def measure_scan(
     spacing = tuple(float(v) for v in spacing)
     organ_name = table.name(organ_id)
     organ_hu = organ_reference_hu(image, seg == int(organ_id), spacing)
-    vessels = [vessel_hu(image, seg == table.id(name), spacing) if _has(table, name) else None for name in (AORTA, PORTAL_VEIN)]
+    vessels = [
+        vessel_hu(image, seg == table.id(name), spacing) if _has(table, name) else None for name in (AORTA, PORTAL_VEIN)
+    ]
     return ScanContext(organ_name, organ_hu, contrast_phase(*vessels), *vessels)
 
 
@@ -533,7 +659,9 @@ with_array_box = LesionReport.with_array_box
 
 _NUM = r"\d+(?:\.\d+)?"
 _PIXEL_RE = re.compile(rf"^\[\[\s*({_NUM})[\s,]+({_NUM})[\s,]+({_NUM})\s*\]\]\s*(?:pixels?|voxels?)?\s*,?$", re.I)
-_METRIC_RE = re.compile(rf"^({_NUM})(?:\s*(?:mm|cm))?(?:\s*[x×*,]\s*({_NUM})(?:\s*(?:mm|cm))?\s*[x×*,]\s*({_NUM}))?\s*(mm|cm)\s*,?$", re.I)
+_METRIC_RE = re.compile(
+    rf"^({_NUM})(?:\s*(?:mm|cm))?(?:\s*[x×*,]\s*({_NUM})(?:\s*(?:mm|cm))?\s*[x×*,]\s*({_NUM}))?\s*(mm|cm)\s*,?$", re.I
+)
 
 
 def parse_lesion_size(text: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[int, int, int]:
@@ -637,7 +765,9 @@ class OfflineReportProvider:
 
         round_like = rng.random() < kind.round_like
         if cavity == wall:
-            shape = ["irregular wall thickening"] + (["luminal narrowing"] if group in ("esophagus", "colon") and rng.random() < 0.5 else [])
+            shape = ["irregular wall thickening"] + (
+                ["luminal narrowing"] if group in ("esophagus", "colon") and rng.random() < 0.5 else []
+            )
         elif cavity == lumen:
             shape = ["round-like" if round_like else "irregular", "protrusion into the lumen"]
         elif kind.name == "cyst" and rng.random() < 0.3:
@@ -653,7 +783,9 @@ class OfflineReportProvider:
         density = user_density
         if not density:
             if group == "lung":
-                weights = {_GGO: 0.5, _SOLID_MASS: 0.5} if kind.name in ("tumour", "nodule", "generic") else kind.density
+                weights = (
+                    {_GGO: 0.5, _SOLID_MASS: 0.5} if kind.name in ("tumour", "nodule", "generic") else kind.density
+                )
             elif hollow and kind.name in ("tumour", "generic"):
                 weights = HOLLOW_TUMOUR_DENSITY  # wall tumours enhance about like the wall
             else:
@@ -869,15 +1001,23 @@ def complete_report(
         size = _sample_size(lesion_kind(request.get(LESION_TYPE, "")), True, organ_box_size, rng)
     bounded = bound_size(size, organ_box_size)
     if bounded != tuple(size):
-        logger.warning("lesion size %s exceeds the %s box %s; using %s", tuple(size), organ_name, tuple(organ_box_size), bounded)
+        logger.warning(
+            "lesion size %s exceeds the %s box %s; using %s", tuple(size), organ_name, tuple(organ_box_size), bounded
+        )
     attrs[V.SIZE] = format_size(to_report_axes(bounded))
 
     hu = read_hu(attrs[V.CT_VALUE])
     hu_from_proposal = hu is not None and _given(request, V.CT_VALUE) is None and V.CT_VALUE not in missing
     if hu is None:
         if _given(request, V.CT_VALUE) is not None:
-            raise LesionDiffusionError(f"cannot read the CT value {attrs[V.CT_VALUE]!r}: give a number of HU, e.g. '40 HU'")
-        hu = parse_ct_value(fallback[V.CT_VALUE]) if fallback else _sample_ct_value(_HYPO, False, typical_organ_hu(organ_name), rng)
+            raise LesionDiffusionError(
+                f"cannot read the CT value {attrs[V.CT_VALUE]!r}: give a number of HU, e.g. '40 HU'"
+            )
+        hu = (
+            parse_ct_value(fallback[V.CT_VALUE])
+            if fallback
+            else _sample_ct_value(_HYPO, False, typical_organ_hu(organ_name), rng)
+        )
     attrs[V.CT_VALUE] = format_ct_value(hu)
     _agree_with_scan(attrs, request, organ_name, scan, rng, density_from_value=hu_from_proposal)
 
@@ -904,7 +1044,11 @@ def _agree_with_scan(
     reference = scan.reference_hu if scan is not None else typical_organ_hu(organ_name)
     densities = V.parse_classes(V.DENSITY, attrs[V.DENSITY])[0]
     hu = read_hu(attrs[V.CT_VALUE])
-    conflict = None if hu is None else next((c for c in (density_conflict(d, hu, reference, organ_name) for d in densities) if c), None)
+    conflict = (
+        None
+        if hu is None
+        else next((c for c in (density_conflict(d, hu, reference, organ_name) for d in densities) if c), None)
+    )
     if conflict and not {V.DENSITY, V.CT_VALUE} <= user:
         if V.CT_VALUE in user or (V.DENSITY not in user and density_from_value):
             homogeneous = "heterogeneous" not in V.parse_classes(V.DENSITY_VARIATIONS, attrs[V.DENSITY_VARIATIONS])[0]
@@ -916,7 +1060,9 @@ def _agree_with_scan(
             logger.info("%s; CT value set to %s", conflict, attrs[V.CT_VALUE])
     if scan is not None and V.ENHANCEMENT not in user and scan.contrast is not None:
         if report_conflicts({V.ENHANCEMENT: attrs[V.ENHANCEMENT]}, organ_name, scan):
-            logger.info("enhancement status %r replaced by %r (%s)", attrs[V.ENHANCEMENT], scan.enhancement, scan.describe())
+            logger.info(
+                "enhancement status %r replaced by %r (%s)", attrs[V.ENHANCEMENT], scan.enhancement, scan.describe()
+            )
             attrs[V.ENHANCEMENT] = scan.enhancement
     for problem in report_conflicts(attrs, organ_name, scan, reference_hu=reference):
         logger.warning("the request's own fields disagree with the scan: %s (kept as given)", problem)
@@ -985,7 +1131,9 @@ def infer_organ_id(label: np.ndarray, organ_seg: np.ndarray) -> int:
         if found is None:
             found = most_common(seg[box][ndi.binary_dilation(lesion[box], iterations=2)])
     if found is None:
-        raise LesionDiffusionError("cannot tell the lesion's organ: the organ map has no label under the label map's organ or lesion")
+        raise LesionDiffusionError(
+            "cannot tell the lesion's organ: the organ map has no label under the label map's organ or lesion"
+        )
     return found
 
 

@@ -190,7 +190,9 @@ def _pad_to_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
 def _check_input(x: torch.Tensor, what: str = "input") -> None:
     if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise LesionDiffusionError(f"autoencoder {what} must be a [B, C, *spatial] tensor with 2 or 3 spatial dims, got {shape}")
+        raise LesionDiffusionError(
+            f"autoencoder {what} must be a [B, C, *spatial] tensor with 2 or 3 spatial dims, got {shape}"
+        )
 
 
 def encode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -315,7 +317,11 @@ def load_weights(net: nn.Module, weights: str | Path, key: str = "autoencoder_we
 
 
 def load_vqvae(
-    weights: str | Path, preset: str = "cpu", device: str | torch.device = "cpu", key: str = "autoencoder_weights", **overrides: Any
+    weights: str | Path,
+    preset: str = "cpu",
+    device: str | torch.device = "cpu",
+    key: str = "autoencoder_weights",
+    **overrides: Any,
 ) -> VQVAE:
     """Build the preset's VQVAE, load ``weights`` (local file only) and return it in eval mode on ``device``."""
     net = build_vqvae(preset, **overrides)

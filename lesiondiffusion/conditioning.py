@@ -96,7 +96,9 @@ class ConditionSpec:
         object.__setattr__(self, "fields", tuple(self.fields))
         for name in self.fields:
             if not (V.is_categorical(name) or name == V.LOCATION or name in NUMERIC_FIELDS):
-                raise LesionDiffusionError(f"unknown condition field {name!r}; known: {', '.join(V.REPORT_FIELDS + V.OPTIONAL_FIELDS)}")
+                raise LesionDiffusionError(
+                    f"unknown condition field {name!r}; known: {', '.join(V.REPORT_FIELDS + V.OPTIONAL_FIELDS)}"
+                )
 
     def kind(self, name: str) -> str:
         """``categorical``, ``organ`` (lesion location) or ``number``."""
@@ -144,7 +146,9 @@ class ConditionSpec:
             if kind == NUMBER:
                 numbers = _parse_numbers(name, str(text))
                 if numbers is None:
-                    logger.warning("%s: cannot read a number from %s=%r; treated as unknown", source or "report", name, text)
+                    logger.warning(
+                        "%s: cannot read a number from %s=%r; treated as unknown", source or "report", name, text
+                    )
                     continue
                 out[row, 0] = 1.0
                 out[row, 1 : 1 + len(numbers)] = torch.tensor(numbers)
@@ -158,7 +162,13 @@ class ConditionSpec:
                 names = self.class_names(name)
                 indices = [names.index(c) + 1 for c in found]
             if len(indices) > self.max_values:
-                logger.warning("%s: %s has %d values; keeping the first %d", source or "report", name, len(indices), self.max_values)
+                logger.warning(
+                    "%s: %s has %d values; keeping the first %d",
+                    source or "report",
+                    name,
+                    len(indices),
+                    self.max_values,
+                )
             for j, index in enumerate(indices[: self.max_values]):
                 out[row, j] = float(index)
         return out
@@ -199,7 +209,9 @@ def lesion_attributes(
         elif len(report.lesions) == 1:
             report = report.lesions[0]
         else:
-            raise InputError(source, f"has {len(report.lesions)} lesion entries {list(report.organ_ids)}; say which organ id to use")
+            raise InputError(
+                source, f"has {len(report.lesions)} lesion entries {list(report.organ_ids)}; say which organ id to use"
+            )
     if isinstance(report, LesionReport):
         return dict(report.attributes)
     if isinstance(report, Mapping):
@@ -248,7 +260,11 @@ class RandConditionDropoutd(RandomizableTransform, MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection = "condition", prob_attribute: float = 0.1, prob_all: float = 0.1, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection = "condition",
+        prob_attribute: float = 0.1,
+        prob_all: float = 0.1,
+        allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob=1.0)
@@ -311,7 +327,9 @@ class FourierFeatures(nn.Module):
 
     def __init__(self, num_frequencies: int = 6) -> None:
         super().__init__()
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "freqs", math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32), persistent=False
+        )
 
     @property
     def multiplier(self) -> int:
@@ -330,7 +348,9 @@ class ConditionEncoder(nn.Module):
     categorical and organ fields; numeric fields, field embeddings, null vectors and pooling live here.
     """
 
-    def __init__(self, fields: Sequence[str] = V.MASK_FIELDS, dim: int = 64, max_values: int = 4, num_frequencies: int = 6) -> None:
+    def __init__(
+        self, fields: Sequence[str] = V.MASK_FIELDS, dim: int = 64, max_values: int = 4, num_frequencies: int = 6
+    ) -> None:
         super().__init__()
         self.spec = ConditionSpec(tuple(fields), max_values)
         self.dim = dim
@@ -339,7 +359,9 @@ class ConditionEncoder(nn.Module):
         self.null_embedding = nn.Parameter(torch.randn(len(self.spec.fields), dim) * 0.02)
         self.numeric = nn.ModuleDict(
             {
-                str(i): nn.Sequential(nn.Linear(NUMERIC_FIELDS[f] * self.fourier.multiplier, dim), nn.SiLU(), nn.Linear(dim, dim))
+                str(i): nn.Sequential(
+                    nn.Linear(NUMERIC_FIELDS[f] * self.fourier.multiplier, dim), nn.SiLU(), nn.Linear(dim, dim)
+                )
                 for i, f in enumerate(self.spec.fields)
                 if self.spec.kind(f) == NUMBER
             }
@@ -364,7 +386,9 @@ class ConditionEncoder(nn.Module):
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         if condition.ndim != 3 or tuple(condition.shape[1:]) != self.spec.shape:
-            raise LesionDiffusionError(f"condition must be [B, {self.spec.shape[0]}, {self.spec.shape[1]}], got {tuple(condition.shape)}")
+            raise LesionDiffusionError(
+                f"condition must be [B, {self.spec.shape[0]}, {self.spec.shape[1]}], got {tuple(condition.shape)}"
+            )
         k = self.spec.max_values
         idx = condition[..., :k].round().long().clamp_min(0)  # [B, n, k]
         valid = (idx > 0) & self.class_rows[None, :, None]
@@ -389,7 +413,9 @@ class ConditionEncoder(nn.Module):
 class VocabConditionEncoder(ConditionEncoder):
     """``vocab`` encoder (default, offline): learned embeddings of the vocabulary's canonical classes."""
 
-    def __init__(self, fields: Sequence[str] = V.MASK_FIELDS, dim: int = 64, max_values: int = 4, num_frequencies: int = 6) -> None:
+    def __init__(
+        self, fields: Sequence[str] = V.MASK_FIELDS, dim: int = 64, max_values: int = 4, num_frequencies: int = 6
+    ) -> None:
         super().__init__(fields, dim, max_values, num_frequencies)
         self.classes = nn.Embedding(self.num_classes_total + 1, dim, padding_idx=0)
         nn.init.normal_(self.classes.weight, std=0.02)
@@ -407,7 +433,9 @@ class TextEmbeddingCache:
     (or a machine without the text tower) reuses it; it is read with ``weights_only=True``.
     """
 
-    def __init__(self, embed: Callable[[list[str]], torch.Tensor] | None, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, embed: Callable[[list[str]], torch.Tensor] | None, path: str | os.PathLike[str] | None = None
+    ) -> None:
         self.embed = embed
         self.path = None if path is None else Path(path)
         self.cache: dict[str, torch.Tensor] = {}
@@ -422,10 +450,14 @@ class TextEmbeddingCache:
         missing = list(dict.fromkeys(s for s in strings if s not in self.cache))
         if missing:
             if self.embed is None:
-                raise LesionDiffusionError(f"no text encoder to embed {len(missing)} new string(s), e.g. {missing[0]!r}")
+                raise LesionDiffusionError(
+                    f"no text encoder to embed {len(missing)} new string(s), e.g. {missing[0]!r}"
+                )
             vectors = self.embed(missing).detach().float().cpu()
             if vectors.shape[0] != len(missing):
-                raise LesionDiffusionError(f"text encoder returned {vectors.shape[0]} vectors for {len(missing)} strings")
+                raise LesionDiffusionError(
+                    f"text encoder returned {vectors.shape[0]} vectors for {len(missing)} strings"
+                )
             self.cache.update(zip(missing, vectors))
             if self.path is not None:
                 from lesiondiffusion.io import atomic_path
@@ -435,7 +467,9 @@ class TextEmbeddingCache:
         return torch.stack([self.cache[s] for s in strings])
 
 
-def load_biomedclip_text_encoder(weights_path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Callable[[list[str]], torch.Tensor]:
+def load_biomedclip_text_encoder(
+    weights_path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> Callable[[list[str]], torch.Tensor]:
     """A function embedding strings with BiomedCLIP's text tower, loaded from a LOCAL open_clip folder.
 
     ``weights_path`` is a folder with ``open_clip_config.json``, ``open_clip_pytorch_model.bin`` and the
@@ -444,13 +478,17 @@ def load_biomedclip_text_encoder(weights_path: str | os.PathLike[str], device: s
     """
     path = Path(weights_path).expanduser()
     if not (path / "open_clip_config.json").is_file():
-        raise InputError(path, "no BiomedCLIP weights here (expected a folder with open_clip_config.json); set biomedclip_path")
+        raise InputError(
+            path, "no BiomedCLIP weights here (expected a folder with open_clip_config.json); set biomedclip_path"
+        )
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     try:
         import open_clip  # noqa: PLC0415  (optional dependency, imported only when this encoder is chosen)
     except ImportError:
-        raise LesionDiffusionError("the biomedclip encoder needs open_clip: pip install open_clip_torch transformers") from None
+        raise LesionDiffusionError(
+            "the biomedclip encoder needs open_clip: pip install open_clip_torch transformers"
+        ) from None
     model, _ = open_clip.create_model_from_pretrained(f"local-dir:{path}", device=device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     model.eval()
@@ -507,7 +545,9 @@ class BiomedCLIPConditionEncoder(ConditionEncoder):
             nonlocal encoder
             if encoder is None:
                 if self.weights_path is None:
-                    raise LesionDiffusionError("the biomedclip encoder has no class table yet; set biomedclip_path to a local BiomedCLIP folder")
+                    raise LesionDiffusionError(
+                        "the biomedclip encoder has no class table yet; set biomedclip_path to a local BiomedCLIP folder"
+                    )
                 encoder = load_biomedclip_text_encoder(self.weights_path)
             return encoder(strings)
 
@@ -543,6 +583,8 @@ def build_condition_encoder(
         return VocabConditionEncoder(fields, dim, max_values)
     if kind == "biomedclip":
         if biomedclip_path is not None and not Path(biomedclip_path).expanduser().exists():
-            raise InputError(biomedclip_path, "BiomedCLIP weights folder not found; set biomedclip_path to a local copy")
+            raise InputError(
+                biomedclip_path, "BiomedCLIP weights folder not found; set biomedclip_path to a local copy"
+            )
         return BiomedCLIPConditionEncoder(fields, dim, max_values, weights_path=biomedclip_path, cache_path=cache_path)
     raise LesionDiffusionError(f"unknown condition encoder {kind!r}; use one of {', '.join(ENCODERS)}")

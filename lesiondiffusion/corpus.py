@@ -72,7 +72,9 @@ def load_sources(path: PathLike | None = None) -> tuple[dict[str, Package], list
     """The pinned packages (by name) and scan definitions: the shipped table, or ``path`` (same format)."""
     if path is None:
         where = "lesiondiffusion/resources/corpus_sources.json"
-        table = json.loads(resources.files("lesiondiffusion").joinpath("resources/corpus_sources.json").read_text("utf-8"))
+        table = json.loads(
+            resources.files("lesiondiffusion").joinpath("resources/corpus_sources.json").read_text("utf-8")
+        )
     else:
         where, table = str(path), read_json(path)
     try:
@@ -137,7 +139,9 @@ class _Links(HTMLParser):
 
 
 def _open(url: str):
-    request = urllib.request.Request(url, headers={"Accept": f"{_SIMPLE_JSON}, text/html;q=0.1", "User-Agent": "lesiondiffusion"})
+    request = urllib.request.Request(
+        url, headers={"Accept": f"{_SIMPLE_JSON}, text/html;q=0.1", "User-Agent": "lesiondiffusion"}
+    )
     return urllib.request.urlopen(request, timeout=TIMEOUT_S)
 
 
@@ -152,16 +156,24 @@ def _sdist_url(package: Package, index_url: str) -> str:
             body = response.read().decode("utf-8", errors="replace")
     except urllib.error.HTTPError as e:
         if e.code == 404:
-            raise LesionDiffusionError(f"{package.name}=={package.version}: the package index at {index_url} has no project {package.name!r} ({page})") from None
-        raise LesionDiffusionError(f"{package.name}=={package.version}: cannot reach the package index at {index_url}: HTTP {e.code} {e.reason} ({page})") from None
+            raise LesionDiffusionError(
+                f"{package.name}=={package.version}: the package index at {index_url} has no project {package.name!r} ({page})"
+            ) from None
+        raise LesionDiffusionError(
+            f"{package.name}=={package.version}: cannot reach the package index at {index_url}: HTTP {e.code} {e.reason} ({page})"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise LesionDiffusionError(f"{package.name}=={package.version}: cannot reach the package index at {index_url}: {reason}") from None
+        raise LesionDiffusionError(
+            f"{package.name}=={package.version}: cannot reach the package index at {index_url}: {reason}"
+        ) from None
     if kind == _SIMPLE_JSON or body.lstrip().startswith("{"):
         try:
             links = [(f["filename"], f["url"]) for f in json.loads(body)["files"]]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise LesionDiffusionError(f"{package.name}=={package.version}: the package index page {page} is not a simple-API project page") from None
+            raise LesionDiffusionError(
+                f"{package.name}=={package.version}: the package index page {page} is not a simple-API project page"
+            ) from None
     else:
         parser = _Links()
         parser.feed(body)
@@ -169,7 +181,9 @@ def _sdist_url(package: Package, index_url: str) -> str:
     for filename, href in links:
         if filename.lower() == package.sdist.lower():
             return urllib.parse.urljoin(page, href).split("#", 1)[0]
-    raise LesionDiffusionError(f"{package.name}=={package.version}: the package index at {index_url} lists no {package.sdist}")
+    raise LesionDiffusionError(
+        f"{package.name}=={package.version}: the package index at {index_url} lists no {package.sdist}"
+    )
 
 
 def _download(package: Package, index_url: str, folder: Path) -> Path:
@@ -185,7 +199,9 @@ def _download(package: Package, index_url: str, folder: Path) -> Path:
                     bar.update(len(block))
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise LesionDiffusionError(f"{package.name}=={package.version}: cannot reach the package index at {index_url}: {reason} ({url})") from None
+        raise LesionDiffusionError(
+            f"{package.name}=={package.version}: cannot reach the package index at {index_url}: {reason} ({url})"
+        ) from None
     return target
 
 
@@ -198,12 +214,16 @@ def _local_sdist(package: Package, find_links: Path) -> Path:
     raise InputError(find_links, f"no {package.sdist} ({package.name}=={package.version}) in this package folder")
 
 
-def fetch_sdist(package: Package, folder: Path, index_url: str = DEFAULT_INDEX_URL, find_links: PathLike | None = None) -> Path:
+def fetch_sdist(
+    package: Package, folder: Path, index_url: str = DEFAULT_INDEX_URL, find_links: PathLike | None = None
+) -> Path:
     """The package's sdist, from a local folder or downloaded from the index into ``folder``, hash-checked."""
     path = _local_sdist(package, Path(find_links)) if find_links is not None else _download(package, index_url, folder)
     actual = file_sha256(path)
     if actual != package.sha256:
-        raise InputError(path, f"SHA-256 {actual} does not match the pinned {package.sha256} of {package.name}=={package.version}")
+        raise InputError(
+            path, f"SHA-256 {actual} does not match the pinned {package.sha256} of {package.name}=={package.version}"
+        )
     return path
 
 
@@ -227,7 +247,10 @@ def extract_pinned(package: Package, sdist: Path, dest: Path) -> dict[str, Path]
                         digest.update(block)
                         out.write(block)
                 if digest.hexdigest() != package.files[rel]:
-                    raise InputError(f"{sdist.name}:{rel}", f"SHA-256 {digest.hexdigest()} does not match the pinned {package.files[rel]}")
+                    raise InputError(
+                        f"{sdist.name}:{rel}",
+                        f"SHA-256 {digest.hexdigest()} does not match the pinned {package.files[rel]}",
+                    )
                 found[rel] = target
     except (tarfile.TarError, EOFError, OSError) as e:
         raise InputError(sdist, f"unreadable sdist ({type(e).__name__}: {e})") from None
@@ -261,7 +284,14 @@ def _as_hu(data: np.ndarray) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def on_grid(label: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], target_affine: np.ndarray, path: PathLike, tol: float = 1e-3) -> np.ndarray:
+def on_grid(
+    label: np.ndarray,
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    target_affine: np.ndarray,
+    path: PathLike,
+    tol: float = 1e-3,
+) -> np.ndarray:
     """``label`` laid on the image grid (``shape``, ``target_affine``): the same voxels, possibly stored
     with other axis order or directions (DICOM as dcm2niix writes it); any other grid is an error."""
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
@@ -270,8 +300,11 @@ def on_grid(label: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], targe
     moved = apply_orientation(label, transform)
     moved_affine = affine @ inv_ornt_aff(transform, label.shape)
     if tuple(moved.shape) != tuple(shape) or not np.allclose(moved_affine, target_affine, atol=tol):
-        raise InputError(path, f"not on the image's grid (shape {tuple(label.shape)}, affine {np.round(affine, 3).tolist()}; "
-                               f"image: shape {tuple(shape)}, affine {np.round(target_affine, 3).tolist()})")
+        raise InputError(
+            path,
+            f"not on the image's grid (shape {tuple(label.shape)}, affine {np.round(affine, 3).tolist()}; "
+            f"image: shape {tuple(shape)}, affine {np.round(target_affine, 3).tolist()})",
+        )
     return np.ascontiguousarray(moved)
 
 
@@ -353,7 +386,10 @@ def build_corpus(
     ``find_links``: a local folder holding the sdists (no network); ``sources``: another sources table.
     """
     packages, scans = load_sources(sources)
-    with atomic_dir(out, overwrite=overwrite) as stage, tempfile.TemporaryDirectory(prefix="lesiondiffusion-sdists-") as downloads:
+    with (
+        atomic_dir(out, overwrite=overwrite) as stage,
+        tempfile.TemporaryDirectory(prefix="lesiondiffusion-sdists-") as downloads,
+    ):
         for package in packages.values():
             sdist = fetch_sdist(package, Path(downloads), index_url=index_url, find_links=find_links)
             logger.info("%s: SHA-256 checked, extracting %d files", sdist.name, len(package.files))

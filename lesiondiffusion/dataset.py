@@ -182,7 +182,11 @@ def write_datalist(path: PathLike, splits: dict[str, Sequence[Case]], organ_seg_
 def lists_to_datalist(folder: PathLike, out: PathLike, organ_seg_version: str | None = None) -> Path:
     """Convert the ``train_*``/``val_*`` list files of ``folder`` into a datalist JSON (declaring
     ``organ_seg_version``, "v1" or "v2", when the maps' numbering is known; list files cannot say it)."""
-    splits = {key: read_split(folder, prefix) for prefix, key in SPLITS.items() if (Path(folder) / f"{prefix}_img_list.txt").exists()}
+    splits = {
+        key: read_split(folder, prefix)
+        for prefix, key in SPLITS.items()
+        if (Path(folder) / f"{prefix}_img_list.txt").exists()
+    }
     if not splits:
         raise InputError(folder, "no train_img_list.txt or val_img_list.txt found")
     return write_datalist(out, splits, organ_seg_version)
@@ -267,7 +271,10 @@ def _case_problems(index: int, case: Case, organ_seg_version: str = AUTO) -> lis
                     add(case.report, str(e))
             organ = _case_organ(seg_v1, label)
             if organ is not None and organ not in report:
-                add(case.report, f"no entry for the case's organ {organ} ({_organ_name(organ)}); has {list(report.organ_ids)}")
+                add(
+                    case.report,
+                    f"no entry for the case's organ {organ} ({_organ_name(organ)}); has {list(report.organ_ids)}",
+                )
     return problems
 
 
@@ -312,7 +319,9 @@ def validate_cases(cases: Iterable[Case], organ_seg_version: str = AUTO) -> list
     from each map's labels and anatomy; a map that fits neither clearly is a problem asking for the flag.
     """
     if organ_seg_version not in VERSION_CHOICES:
-        raise LesionDiffusionError(f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}")
+        raise LesionDiffusionError(
+            f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}"
+        )
     problems: list[Problem] = []
     for i, case in enumerate(cases):
         problems += _case_problems(i, case, organ_seg_version)

@@ -46,7 +46,12 @@ from lesiondiffusion.vocabulary import SIZE
 logger = logging.getLogger(__name__)
 
 SOURCE_FILES = {"organ_seg": "totalseg_health.nii.gz", "label": "label.nii.gz", "report": "type.json"}
-OUTPUT_FILES = {"image": "image.nii.gz", "label": "label.nii.gz", "organ_seg": "organ_seg.nii.gz", "report": "type.json"}
+OUTPUT_FILES = {
+    "image": "image.nii.gz",
+    "label": "label.nii.gz",
+    "organ_seg": "organ_seg.nii.gz",
+    "report": "type.json",
+}
 __all__ = [  # REPORT_BOX_AXES stays importable from here
     "OUTPUT_FILES", "REPORT_BOX_AXES", "SOURCE_FILES",
     "build_case", "build_demo_cases", "crop_slices", "find_demo_cases", "transform_report",
@@ -68,7 +73,9 @@ def find_demo_cases(src: Path) -> list[Path]:
             cases.append(folder)
         elif any(present.values()):
             missing = next(n for k, n in SOURCE_FILES.items() if not present[k])
-            raise InputError(folder / missing, "file not found (a demo case needs " + ", ".join(SOURCE_FILES.values()) + ")")
+            raise InputError(
+                folder / missing, "file not found (a demo case needs " + ", ".join(SOURCE_FILES.values()) + ")"
+            )
     if not cases:
         raise InputError(src, "no demo cases (folders with " + ", ".join(SOURCE_FILES.values()) + ")")
     return cases
@@ -109,7 +116,9 @@ def transform_report(report: Report, region: Sequence[slice], step: int, shape: 
             moved = [int(round((c - s0) / step)) for c, s0 in zip(centre, starts)]
             clamped = [int(np.clip(c, 0, d - 1)) for c, d in zip(moved, dims)]
             if clamped != moved:
-                logger.warning("organ %s: box centre %s is outside the new grid; clamped to %s", lesion.organ_id, moved, clamped)
+                logger.warning(
+                    "organ %s: box centre %s is outside the new grid; clamped to %s", lesion.organ_id, moved, clamped
+                )
             centre, size = tuple(clamped), size_of(size)
         lesions.append(replace(lesion, attributes=attrs, centre=centre, size=size))  # type: ignore[arg-type]
     return Report(tuple(lesions))

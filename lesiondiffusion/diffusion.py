@@ -60,7 +60,9 @@ BETA_END = 0.0195
 
 def _check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
-        raise LesionDiffusionError(f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+        raise LesionDiffusionError(
+            f"unknown prediction_type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}"
+        )
 
 
 def training_scheduler(
@@ -73,7 +75,9 @@ def training_scheduler(
     """The scheduler a network is trained with: DDPM (``epsilon``/``v_prediction``/``sample``) or rectified flow (``rflow``)."""
     _check_prediction_type(prediction_type)
     if prediction_type == "rflow":
-        return RFlowScheduler(num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True, sample_method="uniform")
+        return RFlowScheduler(
+            num_train_timesteps=num_train_timesteps, use_discrete_timesteps=True, sample_method="uniform"
+        )
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         schedule=schedule,
@@ -290,7 +294,10 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") ->
 
 
 def load_weights(
-    network: nn.Module, path: str | os.PathLike[str], key: str | Sequence[str] = ("ema", "network"), setting: str = "weights"
+    network: nn.Module,
+    path: str | os.PathLike[str],
+    key: str | Sequence[str] = ("ema", "network"),
+    setting: str = "weights",
 ) -> nn.Module:
     """Load trained weights from a local file (``weights_only=True``) into ``network`` and return it.
 
@@ -300,7 +307,10 @@ def load_weights(
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise InputError(p, f"weights file not found; set {setting} to a trained model.pt (each training run writes <output_dir>/model.pt)")
+        raise InputError(
+            p,
+            f"weights file not found; set {setting} to a trained model.pt (each training run writes <output_dir>/model.pt)",
+        )
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types
@@ -424,7 +434,12 @@ class DiffusionSampler:
         self.model_space = _Parametrisation(prediction_type, num_train_timesteps, ddpm.alphas_cumprod)
         if method == "ddim":
             self.scheduler: Scheduler = DDIMScheduler(
-                num_train_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end, clip_sample=clip_sample, prediction_type="epsilon"
+                num_train_timesteps,
+                schedule=schedule,
+                beta_start=beta_start,
+                beta_end=beta_end,
+                clip_sample=clip_sample,
+                prediction_type="epsilon",
             )
             self.state_space = _Parametrisation("epsilon", num_train_timesteps, ddpm.alphas_cumprod)
         else:
@@ -462,7 +477,9 @@ class DiffusionSampler:
             ext = None if extra is None else torch.cat([extra, extra])
         else:
             inputs, cond, ext = x_m, condition, extra
-        timesteps = torch.full((inputs.shape[0],), t_m, device=x.device, dtype=torch.float32 if isinstance(t_m, float) else torch.long)
+        timesteps = torch.full(
+            (inputs.shape[0],), t_m, device=x.device, dtype=torch.float32 if isinstance(t_m, float) else torch.long
+        )
         out = model(inputs, timesteps=timesteps, context=cond, extra=ext)
         self.network_calls += 1
         if out.shape[0] != batch:
@@ -499,13 +516,18 @@ class DiffusionSampler:
                 generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
             noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
         x = noise.to(dev)
-        move = {k: (None if v is None else v.to(dev).float()) for k, v in {"c": condition, "e": extra, "k": known, "m": known_mask}.items()}
+        move = {
+            k: (None if v is None else v.to(dev).float())
+            for k, v in {"c": condition, "e": extra, "k": known, "m": known_mask}.items()
+        }
         timesteps = [int(t) for t in self.scheduler.timesteps]
         nexts = timesteps[1:] + [0]
         was_training = model.training
         model.eval()
         try:
-            for t, t_next in tqdm(list(zip(timesteps, nexts)), desc=f"{self.method} sampling", disable=not self.progress, leave=False):
+            for t, t_next in tqdm(
+                list(zip(timesteps, nexts)), desc=f"{self.method} sampling", disable=not self.progress, leave=False
+            ):
                 x0, eps = self._model_output(model, x, t, move["c"], move["e"], move["k"], move["m"])
                 if self.method == "ddim":
                     x, _ = self.scheduler.step(eps, t, x)  # type: ignore[call-arg]

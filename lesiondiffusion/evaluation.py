@@ -182,7 +182,7 @@ def density_matches(requested: str, measured: str) -> bool:
 
 
 def homogeneity_of(text: str | None) -> str | None:
-    """"homogeneous" / "heterogeneous" from a density-variations text, None when it names neither."""
+    """ "homogeneous" / "heterogeneous" from a density-variations text, None when it names neither."""
     found = V.parse_classes(V.DENSITY_VARIATIONS, text or "")[0]
     if found:
         return found[0]
@@ -298,7 +298,9 @@ def preservation(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, 
                 examples += [[i, *map(int, jk)] for jk in np.argwhere(changed[i])[: MAX_LISTED_VOXELS - len(examples)]]
                 if len(examples) >= MAX_LISTED_VOXELS:
                     break
-    return Preservation(float(margin_mm), int(total - np.count_nonzero(near)), far_changed, examples, zone_voxels, rmse, psnr)
+    return Preservation(
+        float(margin_mm), int(total - np.count_nonzero(near)), far_changed, examples, zone_voxels, rmse, psnr
+    )
 
 
 # ---- one case -----------------------------------------------------------------------------------------
@@ -313,7 +315,9 @@ def _check_grid(path: Path, vol: StoredVolume, ref: StoredVolume, problems: list
     if stored and vol.raw.dtype != ref.raw.dtype:
         problems.append(f"{name}: stored dtype {vol.raw.dtype} differs from the input CT's {ref.raw.dtype}")
     if stored and not np.allclose((vol.slope, vol.inter), (ref.slope, ref.inter)):
-        problems.append(f"{name}: scaling {vol.slope:g}/{vol.inter:g} differs from the input CT's {ref.slope:g}/{ref.inter:g}")
+        problems.append(
+            f"{name}: scaling {vol.slope:g}/{vol.inter:g} differs from the input CT's {ref.slope:g}/{ref.inter:g}"
+        )
     return len(problems) == before
 
 
@@ -328,8 +332,13 @@ def _margin(provenance: dict[str, Any], override: float | None, problems: list[s
 
 
 def _appearance(
-    volume: StoredVolume, label: np.ndarray, seg: np.ndarray, organ_id: int, request: SynthesisRequest,
-    report: LesionReport, problems: list[str],
+    volume: StoredVolume,
+    label: np.ndarray,
+    seg: np.ndarray,
+    organ_id: int,
+    request: SynthesisRequest,
+    report: LesionReport,
+    problems: list[str],
 ) -> dict[str, Any]:
     requested = density_of(request.attributes.get(V.DENSITY))
     source = "request" if requested else "report"
@@ -370,7 +379,10 @@ def _appearance(
 
 
 def evaluate_case(
-    request: SynthesisRequest, folder: Path, margin_mm: float | None = None, tile: int = 160,
+    request: SynthesisRequest,
+    folder: Path,
+    margin_mm: float | None = None,
+    tile: int = 160,
     crops: dict[str, L.LesionCrop] | None = None,
 ) -> tuple[dict[str, Any], Image.Image | None]:
     """Measure one case folder against its request; returns its record and its contact-sheet tile.
@@ -390,7 +402,10 @@ def evaluate_case(
     before = read_volume(request.image)  # the user's own input: a problem here stops the run
     after = _case_file(read_volume, folder / "image.nii.gz")
     grid_ok = _check_grid(folder / "image.nii.gz", after, before, problems, stored=True)
-    label_vol, seg_vol = _case_file(read_volume, folder / "label.nii.gz"), _case_file(read_volume, folder / "organ_seg.nii.gz")
+    label_vol, seg_vol = (
+        _case_file(read_volume, folder / "label.nii.gz"),
+        _case_file(read_volume, folder / "organ_seg.nii.gz"),
+    )
     _check_grid(folder / "label.nii.gz", label_vol, before, problems, stored=False)
     _check_grid(folder / "organ_seg.nii.gz", seg_vol, before, problems, stored=False)
     label, seg = _labels(label_vol), _labels(seg_vol)
@@ -408,7 +423,9 @@ def evaluate_case(
         raise CaseError(f"organ type {organ_text!r}: {e}") from None
     organ_id = reports[0].organ_id
     if organ_id not in organ_ids:
-        problems.append(f"report.json places the lesion in organ {organ_id}, not the requested {organ_text!r} {list(organ_ids)}")
+        problems.append(
+            f"report.json places the lesion in organ {organ_id}, not the requested {organ_text!r} {list(organ_ids)}"
+        )
         organ_id = organ_ids[0]
 
     lesion = label == 2
@@ -435,7 +452,9 @@ def evaluate_case(
         "cavity": cavities,
         "requested_size_mm": [list(s) if s else None for s in sizes],
         "requested_volume_mm3": requested_volume,
-        "volume_error": None if not requested_volume or not n_lesion else (volume - requested_volume) / requested_volume,
+        "volume_error": None
+        if not requested_volume or not n_lesion
+        else (volume - requested_volume) / requested_volume,
     }
     # the same error as a diameter: a sphere 10% too wide is 33% too large in volume
     mask["diameter_error"] = None if mask["volume_error"] is None else (1.0 + mask["volume_error"]) ** (1.0 / 3.0) - 1.0
@@ -465,7 +484,9 @@ def evaluate_case(
         "problems": problems,
     }
     window = LUNG_WINDOW if A.organ_group(table.name(organ_id)) == "lung" else SOFT_TISSUE_WINDOW
-    return record, case_tile(before, after, lesion, window, tile, caption=request_caption(request.attributes, request.text))
+    return record, case_tile(
+        before, after, lesion, window, tile, caption=request_caption(request.attributes, request.text)
+    )
 
 
 # ---- across cases -------------------------------------------------------------------------------------
@@ -502,7 +523,13 @@ def density_ordering(requests: Sequence[SynthesisRequest], records: dict[str, di
             })  # fmt: skip
             pairs += group_pairs
             ordered += group_ordered
-    return {"groups": len(details), "pairs": pairs, "ordered_pairs": ordered, "fraction": ordered / pairs if pairs else None, "details": details}
+    return {
+        "groups": len(details),
+        "pairs": pairs,
+        "ordered_pairs": ordered,
+        "fraction": ordered / pairs if pairs else None,
+        "details": details,
+    }
 
 
 def _rate(values: Iterable[bool | None]) -> tuple[float | None, int]:
@@ -516,8 +543,12 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 
 def totals(
-    records: Sequence[dict[str, Any]], missing: list[dict], invalid: list[dict], ordering: dict[str, Any],
-    pool: Sequence[R.ReferenceLesion] | None = None, reference: str | None = None,
+    records: Sequence[dict[str, Any]],
+    missing: list[dict],
+    invalid: list[dict],
+    ordering: dict[str, Any],
+    pool: Sequence[R.ReferenceLesion] | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Rates, accuracies and medians over the evaluated cases (see the module notes); ``realism`` holds
     :func:`lesiondiffusion.realism.realism_totals` (beside ``pool``, the reference lesions, when given)."""
@@ -548,14 +579,18 @@ def totals(
         "min_inside_fraction": min((v or 0.0 for v in inside), default=None),
         "connected_rate": sum(bool(m["connected"]) for m in masks) / n if n else None,
         "median_volume_error": _median(None if m["volume_error"] is None else abs(m["volume_error"]) for m in masks),
-        "median_diameter_error": _median(None if m["diameter_error"] is None else abs(m["diameter_error"]) for m in masks),
+        "median_diameter_error": _median(
+            None if m["diameter_error"] is None else abs(m["diameter_error"]) for m in masks
+        ),
         "density_accuracy": density_accuracy,
         "density_cases": density_cases,
         "density_per_class": dict(sorted(per_class.items())),
         "direction_accuracy": direction_accuracy,
         "homogeneity_accuracy": homogeneity_accuracy,
         "homogeneity_cases": homogeneity_cases,
-        "median_abs_ct_value_error_hu": _median(None if a.get("ct_value_error_hu") is None else abs(a["ct_value_error_hu"]) for a in looks),
+        "median_abs_ct_value_error_hu": _median(
+            None if a.get("ct_value_error_hu") is None else abs(a["ct_value_error_hu"]) for a in looks
+        ),
         "preserved_rate": sum(bool(k["preserved"]) for k in kept) / n if n else None,
         "far_voxels_changed": sum(k["far_changed"] for k in kept),
         "grid_match_rate": sum(bool(k["grid_matches"]) for k in kept) / n if n else None,
@@ -646,7 +681,9 @@ def markdown(report: dict[str, Any]) -> str:
     if ordering["details"]:
         lines += ["", "## Density groups (same image, seed and attributes but density)", ""]
         for g in ordering["details"]:
-            members = ", ".join(f"{case} {_short(v['density'])} {v['mean_hu']:.1f} HU" for case, v in g["cases"].items())
+            members = ", ".join(
+                f"{case} {_short(v['density'])} {v['mean_hu']:.1f} HU" for case, v in g["cases"].items()
+            )
             lines.append(f"- {members}: {g['ordered_pairs']} of {g['pairs']} pairs ordered")
     return "\n".join(lines) + "\n"
 
@@ -660,7 +697,11 @@ def realism_markdown(report: dict[str, Any]) -> list[str]:
     """The realism sections: a row per case beside the matched ground-truth lesions, totals, the distance."""
     t = report["totals"]["realism"]
     has_ref = report.get("reference") is not None
-    note = "ground-truth lesions of the same organ and density class in brackets" if has_ref else "no reference dataset given"
+    note = (
+        "ground-truth lesions of the same organ and density class in brackets"
+        if has_ref
+        else "no reference dataset given"
+    )
     lines = [
         "", "## Realism", "", f"Reference: `{report.get('reference') or '-'}` ({note}).", "",
         "| case | fill ratio | interior fraction | solidity | sphericity | pieces (6 / 26-conn.) "
@@ -751,7 +792,12 @@ def summary_line(report: dict[str, Any]) -> str:
 
 # ---- contact sheet ------------------------------------------------------------------------------------
 def case_tile(
-    before: StoredVolume, after: StoredVolume, lesion: np.ndarray, window: Sequence[float], size: int = 160, caption: str | None = None
+    before: StoredVolume,
+    after: StoredVolume,
+    lesion: np.ndarray,
+    window: Sequence[float],
+    size: int = 160,
+    caption: str | None = None,
 ) -> Image.Image:
     """The preview's axial row for one case: overview with the zoom box, zoomed before, after, and the
     lesion outline (radiological orientation, physical aspect), under a one-line ``caption``."""
@@ -765,7 +811,9 @@ def contact_sheet(tiles: Sequence[tuple[str, str, Image.Image | None]], size: in
     """One row per case ``(case, caption, image)``: a ``case: caption`` line over its :func:`case_tile`;
     a case without an image gets a grey block."""
     heads = [caption_band(f"{case}: {caption}", 4 * size, size, max_lines=1) for case, caption, _ in tiles]
-    row = max((h.height for h in heads if h is not None), default=0) + max([size] + [im.height for _, _, im in tiles if im is not None])
+    row = max((h.height for h in heads if h is not None), default=0) + max(
+        [size] + [im.height for _, _, im in tiles if im is not None]
+    )
     sheet = Image.new("RGB", (4 * size, max(1, len(tiles)) * row), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     for i, ((_, _, image), head) in enumerate(zip(tiles, heads)):
@@ -787,7 +835,11 @@ def _failure_reasons(pred: Path) -> dict[str, str]:
         return {}
     try:
         cases = read_json(path).get("cases", [])
-        return {c["case"]: f"failed in {c.get('stage', '?')}: {c.get('error', '')}" for c in cases if c.get("status") == "error"}
+        return {
+            c["case"]: f"failed in {c.get('stage', '?')}: {c.get('error', '')}"
+            for c in cases
+            if c.get("status") == "error"
+        }
     except (InputError, AttributeError, KeyError, TypeError):
         logger.warning("%s: not a synthesis summary; failure reasons are not shown", path)
         return {}
@@ -800,7 +852,11 @@ def _caption(record: dict[str, Any]) -> str:
 
 
 def evaluate_outputs(
-    pred: PathLike, requests: PathLike, out: PathLike | None = None, margin_mm: float | None = None, tile: int = 160,
+    pred: PathLike,
+    requests: PathLike,
+    out: PathLike | None = None,
+    margin_mm: float | None = None,
+    tile: int = 160,
     reference: PathLike | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate every requested case of ``pred``; write ``evaluation.json``, ``evaluation.md`` and

@@ -143,7 +143,9 @@ def canonical_grid(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray
     return aff @ nib.orientations.inv_ornt_aff(ornt, tuple(int(s) for s in shape[:3])), tuple(new_shape)
 
 
-def same_grid(affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray, shape_b: Sequence[int], atol: float = 1e-3) -> bool:
+def same_grid(
+    affine_a: np.ndarray, shape_a: Sequence[int], affine_b: np.ndarray, shape_b: Sequence[int], atol: float = 1e-3
+) -> bool:
     """True when two grids hold the same voxel centres, whatever the order and direction of their array axes."""
     a, sa = canonical_grid(affine_a, shape_a[:3])
     b, sb = canonical_grid(affine_b, shape_b[:3])
@@ -196,7 +198,9 @@ def to_input_grid(
     if dtype is None:
         dtype = geometry.numpy_dtype if mode == "linear" else _numpy_dtype(data.dtype)
     if mode == "linear":
-        return cast_to(_resample(data, geometry.standard_affine_array, geometry.input_affine, geometry.shape, mode), dtype)
+        return cast_to(
+            _resample(data, geometry.standard_affine_array, geometry.input_affine, geometry.shape, mode), dtype
+        )
     # A label map is zero almost everywhere: resample only the input-grid block its non-zero voxels
     # reach. The full-grid resampling of a 512 x 512 x 300 scan needs several GB for its sampling grid.
     out = np.zeros(geometry.shape, dtype=np.dtype(dtype))
@@ -204,14 +208,24 @@ def to_input_grid(
     if window is not None:
         (src, src_start), (dst, dst_start) = window
         size = tuple(sl.stop - sl.start for sl in dst)
-        block = _resample(data[src], _shifted(geometry.standard_affine_array, src_start), _shifted(geometry.input_affine, dst_start), size, mode)
+        block = _resample(
+            data[src],
+            _shifted(geometry.standard_affine_array, src_start),
+            _shifted(geometry.input_affine, dst_start),
+            size,
+            mode,
+        )
         out[dst] = cast_to(block, dtype)
     return out
 
 
-def _resample(data: torch.Tensor, src_affine: np.ndarray, dst_affine: np.ndarray, shape: Sequence[int], mode: Mode) -> np.ndarray:
+def _resample(
+    data: torch.Tensor, src_affine: np.ndarray, dst_affine: np.ndarray, shape: Sequence[int], mode: Mode
+) -> np.ndarray:
     """MONAI ``SpatialResample`` of a 3D array from one grid onto another (border padding)."""
-    src = MetaTensor(data[None].to(torch.float64 if mode == "linear" else torch.float32), affine=torch.as_tensor(src_affine))
+    src = MetaTensor(
+        data[None].to(torch.float64 if mode == "linear" else torch.float32), affine=torch.as_tensor(src_affine)
+    )
     resample = SpatialResample(mode=_MONAI_MODE[mode], padding_mode="border", dtype=torch.float64)
     out = resample(src, dst_affine=torch.as_tensor(dst_affine), spatial_size=tuple(int(s) for s in shape))
     return np.asarray(out.array if isinstance(out, MetaTensor) else out)[0]
@@ -224,7 +238,9 @@ def _shifted(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
     return np.asarray(affine, dtype=np.float64) @ shift
 
 
-def _support_window(data: torch.Tensor, geometry: InputGeometry, pad: int = 2) -> tuple[tuple[tuple[slice, ...], list[int]], tuple[tuple[slice, ...], list[int]]] | None:
+def _support_window(
+    data: torch.Tensor, geometry: InputGeometry, pad: int = 2
+) -> tuple[tuple[tuple[slice, ...], list[int]], tuple[tuple[slice, ...], list[int]]] | None:
     """``((source slices, start), (input-grid slices, start))`` covering every non-zero voxel, or None if all zero.
 
     The source block is the non-zero bounding box grown by ``pad`` voxels, so its rim is zero (or the

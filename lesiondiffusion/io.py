@@ -214,7 +214,9 @@ def check_output_target(target: PathLike, overwrite: bool) -> None:
         here = Path.cwd().resolve()
         real = t.resolve()
         if real == Path(real.anchor) or real == Path.home().resolve() or real == here or real in here.parents:
-            raise InputError(t, "refusing to replace this folder with --overwrite (it is the current, home or root folder)")
+            raise InputError(
+                t, "refusing to replace this folder with --overwrite (it is the current, home or root folder)"
+            )
 
 
 def check_inputs_outside(target: PathLike, inputs: Sequence[PathLike]) -> None:
@@ -270,7 +272,9 @@ def _commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``target``; an existing target is set aside first and only then deleted."""
     if target.exists() or target.is_symlink():
         if not overwrite:  # re-checked now, not only at the start
-            raise InputError(target, "appeared while this run was writing it; not replaced (pass --overwrite to replace it)")
+            raise InputError(
+                target, "appeared while this run was writing it; not replaced (pass --overwrite to replace it)"
+            )
         check_output_target(target, overwrite)
         old = Path(tempfile.mkdtemp(prefix=work_prefix(target) + "old-", dir=target.parent))
         os.rmdir(old)
@@ -285,7 +289,9 @@ def _commit_dir(tmp: Path, target: Path, overwrite: bool) -> None:
     try:
         _rename_noreplace(tmp, target)
     except FileExistsError:
-        raise InputError(target, "appeared while this run was writing it; not replaced (pass --overwrite to replace it)") from None
+        raise InputError(
+            target, "appeared while this run was writing it; not replaced (pass --overwrite to replace it)"
+        ) from None
 
 
 def _process_start(pid: int) -> str | None:
@@ -326,7 +332,13 @@ class OutputLock:
 
     def _record(self) -> dict[str, Any]:
         pid = os.getpid()
-        return {"pid": pid, "host": socket.gethostname(), "start": _process_start(pid), "since": time.time(), "command": self.command}
+        return {
+            "pid": pid,
+            "host": socket.gethostname(),
+            "start": _process_start(pid),
+            "since": time.time(),
+            "command": self.command,
+        }
 
     def _holder(self) -> dict[str, Any] | None:
         try:
@@ -455,7 +467,7 @@ _INT16 = np.iinfo(np.int16)
 
 
 def image_format(path: PathLike) -> str:
-    """"dicom" for a folder (a DICOM series), "nrrd" for ``.nrrd``/``.nhdr``, else "nifti"."""
+    """ "dicom" for a folder (a DICOM series), "nrrd" for ``.nrrd``/``.nhdr``, else "nifti"."""
     p = Path(path)
     if p.is_dir():
         return "dicom"
@@ -569,10 +581,14 @@ def _check_nrrd_header(path: Path) -> None:
     except Exception as e:
         raise InputError(path, f"unreadable NRRD header ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if "space directions" not in header or "space origin" not in header:
-        raise InputError(path, "the NRRD header has no 'space directions'/'space origin': the image's position is unknown")
+        raise InputError(
+            path, "the NRRD header has no 'space directions'/'space origin': the image's position is unknown"
+        )
     space = header.get("space", "left-posterior-superior")
     if space not in ("left-posterior-superior", "right-anterior-superior"):
-        raise InputError(path, f"NRRD space {space!r} is not supported (use left-posterior-superior or right-anterior-superior)")
+        raise InputError(
+            path, f"NRRD space {space!r} is not supported (use left-posterior-superior or right-anterior-superior)"
+        )
 
 
 def _check_dicom_series(folder: Path) -> None:
@@ -597,7 +613,11 @@ def _check_dicom_series(folder: Path) -> None:
     series = {str(getattr(h, "SeriesInstanceUID", "")) for h in headers}
     if len(series) > 1:
         raise InputError(folder, f"holds {len(series)} DICOM series; give a folder with one series")
-    missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "InstanceNumber") if any(k not in h for h in headers)]
+    missing = [
+        k
+        for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "InstanceNumber")
+        if any(k not in h for h in headers)
+    ]
     if missing:
         raise InputError(folder, f"DICOM slices lack {', '.join(missing)}: the series' geometry is unknown")
     headers.sort(key=lambda h: int(h.InstanceNumber))
@@ -611,4 +631,7 @@ def _check_dicom_series(folder: Path) -> None:
         if np.any(np.abs(steps) < 1e-3) or not (np.all(steps > 0) or np.all(steps < 0)):
             raise InputError(folder, "slice positions repeat or are out of InstanceNumber order")
         if np.ptp(np.abs(steps)) > max(0.01, 0.01 * float(np.abs(steps).mean())):
-            raise InputError(folder, f"slices are unevenly spaced ({np.abs(steps).min():.3g} to {np.abs(steps).max():.3g} mm): missing slices?")
+            raise InputError(
+                folder,
+                f"slices are unevenly spaced ({np.abs(steps).min():.3g} to {np.abs(steps).max():.3g} mm): missing slices?",
+            )

@@ -69,7 +69,9 @@ class LabelTable:
         try:
             return self.names[int(label_id)]
         except (KeyError, ValueError, TypeError):
-            raise UnknownOrganError(f"label id {label_id!r} is not in the TotalSegmentator {self.version} table") from None
+            raise UnknownOrganError(
+                f"label id {label_id!r} is not in the TotalSegmentator {self.version} table"
+            ) from None
 
     def ids(self, name: str | int) -> tuple[int, ...]:
         """All ids a name denotes: one for an organ, several for a group word ("kidney", "lung")."""
@@ -188,7 +190,11 @@ _LEVELS: dict[str, float] = {
     "gluteus medius": 26, "gluteus minimus": 26.5, "gluteus maximus": 28, "urinary bladder": 29,
     "prostate": 30, "femur": 31,
 }  # fmt: skip
-_VERTEBRAE = {f"vertebrae {p}{i}": float(base + i) for p, base, n in (("c", 0, 7), ("t", 7, 12), ("l", 19, 5)) for i in range(1, n + 1)}
+_VERTEBRAE = {
+    f"vertebrae {p}{i}": float(base + i)
+    for p, base, n in (("c", 0, 7), ("t", 7, 12), ("l", 19, 5))
+    for i in range(1, n + 1)
+}
 _VERTEBRAE["vertebrae s1"] = 25.0
 _LEVEL_GAP = 3.0  # compare only structures at least this many vertebrae apart: their centres never swap
 _MIN_VOLUME_MM3 = 100.0  # specks (a few stray voxels) say nothing about where an organ lies
@@ -329,7 +335,9 @@ def anatomy_evidence(centroids: dict[int, np.ndarray], version: str) -> VersionE
     return VersionEvidence(version, held, failed)
 
 
-def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "organ map", image_hu: np.ndarray | None = None) -> str:
+def detect_version(
+    labels: np.ndarray, affine: np.ndarray, source: object = "organ map", image_hu: np.ndarray | None = None
+) -> str:
     """The TotalSegmentator numbering ("v1" or "v2") of an organ map, from its labels and their anatomy.
 
     Labels above 104 exist only in v2. Otherwise each reading is checked against anatomy
@@ -362,7 +370,10 @@ def detect_version(labels: np.ndarray, affine: np.ndarray, source: object = "org
         if evidence[mine].fits and evidence[other].contradicted:
             logger.info("%s: TotalSegmentator %s numbering (anatomy: %s)", source, mine, _summary(evidence))
             return mine
-    raise InputError(source, f"cannot tell whether the organ map uses TotalSegmentator v1 or v2 numbering ({_summary(evidence)}); {ask}")
+    raise InputError(
+        source,
+        f"cannot tell whether the organ map uses TotalSegmentator v1 or v2 numbering ({_summary(evidence)}); {ask}",
+    )
 
 
 def _summary(evidence: dict[str, VersionEvidence]) -> str:
@@ -370,7 +381,11 @@ def _summary(evidence: dict[str, VersionEvidence]) -> str:
 
 
 def resolve_version(
-    requested: str | None, labels: np.ndarray, affine: np.ndarray, source: object = "organ map", image_hu: np.ndarray | None = None
+    requested: str | None,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    source: object = "organ map",
+    image_hu: np.ndarray | None = None,
 ) -> str:
     """``requested`` ("v1", "v2") as is, or for "auto"/None the numbering :func:`detect_version` finds."""
     choice = AUTO if requested is None else str(requested).strip().lower()

@@ -344,7 +344,10 @@ def features(crop: LesionCrop, shape: Mapping[str, float | int | None] | None = 
     offset = crop.image.astype(np.float64) - crop.reference_hu
     out = first_order(offset[crop.lesion])
     # a box just around the lesion: the GLCM needs the lesion's neighbours only
-    box = tuple(slice(max(int(lo) - 1, 0), int(hi) + 2) for lo, hi in zip(np.argwhere(crop.lesion).min(0), np.argwhere(crop.lesion).max(0)))
+    box = tuple(
+        slice(max(int(lo) - 1, 0), int(hi) + 2)
+        for lo, hi in zip(np.argwhere(crop.lesion).min(0), np.argwhere(crop.lesion).max(0))
+    )
     sub = crop.lesion[box]
     levels = np.zeros(sub.shape, np.int64)
     levels[sub] = _levels(offset[box][sub])

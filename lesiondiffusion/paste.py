@@ -158,7 +158,9 @@ class StoredImage:
         return stored.astype(dtype)
 
 
-def keep_scan_noise(patch: np.ndarray, original: np.ndarray, sigma_vox: float, where: np.ndarray | None = None) -> np.ndarray:
+def keep_scan_noise(
+    patch: np.ndarray, original: np.ndarray, sigma_vox: float, where: np.ndarray | None = None
+) -> np.ndarray:
     """The patch plus the original's high-pass part (noise, fine texture), scaled to make up the noise the
     patch lacks.
 
@@ -169,11 +171,14 @@ def keep_scan_noise(patch: np.ndarray, original: np.ndarray, sigma_vox: float, w
     none under a patch already as noisy. The patch's own values are never filtered (a low-pass of a small
     lesion on a coarse grid would spread its contrast over its neighbours).
     """
+
     def high(a: np.ndarray) -> np.ndarray:
         return a - ndimage.gaussian_filter(a, sigma=float(sigma_vox), mode="nearest")
 
     noise = high(original)
-    region = np.asarray(where, dtype=bool) if where is not None and np.asarray(where).any() else np.ones(noise.shape, bool)
+    region = (
+        np.asarray(where, dtype=bool) if where is not None and np.asarray(where).any() else np.ones(noise.shape, bool)
+    )
     s_orig, s_patch = float(noise[region].std()), float(high(patch)[region].std())
     scale = math.sqrt(max(1.0 - (s_patch / s_orig) ** 2, 0.0)) if s_orig > 0 else 0.0
     return patch + scale * noise

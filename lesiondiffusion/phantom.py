@@ -186,7 +186,12 @@ def _lowres_depth(union: np.ndarray, spacing: np.ndarray, axial_axis: int) -> tu
     padded_shape = [int(np.ceil(s / f)) * f for s, f in zip(union.shape, factors)]
     pad = [(0, p - s) for s, p in zip(union.shape, padded_shape)]
     blocks = np.pad(union, pad).reshape(
-        padded_shape[0] // factors[0], factors[0], padded_shape[1] // factors[1], factors[1], padded_shape[2] // factors[2], factors[2]
+        padded_shape[0] // factors[0],
+        factors[0],
+        padded_shape[1] // factors[1],
+        factors[1],
+        padded_shape[2] // factors[2],
+        factors[2],
     )
     low = blocks.any(axis=(1, 3, 5))
     low_spacing = spacing * factors
@@ -306,7 +311,9 @@ def make_phantom(
     if spacing_arr.shape != (3,) or np.any(spacing_arr <= 0):
         raise LesionDiffusionError(f"spacing must be three positive numbers, got {tuple(spacing)}")
     if lesion_mask is not None and np.shape(lesion_mask) != seg.shape:
-        raise LesionDiffusionError(f"lesion mask shape {np.shape(lesion_mask)} differs from the organ map's {seg.shape}")
+        raise LesionDiffusionError(
+            f"lesion mask shape {np.shape(lesion_mask)} differs from the organ map's {seg.shape}"
+        )
     region = _full_region(seg.shape, region)
 
     rng = np.random.default_rng(seed)
@@ -350,7 +357,11 @@ def make_phantom(
         if lesion_hu is None:
             host = labels[lesion]
             lesion_hu = float(hu_lut[host].mean()) + LESION_DEFAULT_CONTRAST_HU
-            logger.info("no lesion HU given: painting it %.0f HU below its organ (%.1f HU)", -LESION_DEFAULT_CONTRAST_HU, lesion_hu)
+            logger.info(
+                "no lesion HU given: painting it %.0f HU below its organ (%.1f HU)",
+                -LESION_DEFAULT_CONTRAST_HU,
+                lesion_hu,
+            )
         value[lesion] = lesion_hu
         body |= lesion
 
@@ -402,7 +413,9 @@ def axial_axis_of(affine: np.ndarray) -> int:
 def check_label_map(organ_img: nib.Nifti1Image, label_img: nib.Nifti1Image, label_path: PathLike) -> None:
     """A label map must share the organ map's grid; a mismatch is an :class:`InputError` naming it."""
     if tuple(label_img.shape[:3]) != tuple(organ_img.shape[:3]):
-        raise InputError(label_path, f"shape {tuple(label_img.shape[:3])} differs from the organ map's {tuple(organ_img.shape[:3])}")
+        raise InputError(
+            label_path, f"shape {tuple(label_img.shape[:3])} differs from the organ map's {tuple(organ_img.shape[:3])}"
+        )
     if not np.allclose(label_img.affine, organ_img.affine, atol=1e-3):
         raise InputError(label_path, "affine differs from the organ map's")
 
@@ -454,7 +467,9 @@ def make_phantom_file(
         if not report.lesions:
             raise InputError(report_path, "the report has no lesion entry")
         if len(report.lesions) > 1:
-            logger.warning("%s: %d lesions; painting all label-2 voxels with the first one's HU", report_path, len(report.lesions))
+            logger.warning(
+                "%s: %d lesions; painting all label-2 voxels with the first one's HU", report_path, len(report.lesions)
+            )
         first = report.lesions[0]
         lesion_hu = first.mean_hu
         heterogeneous = "heterogeneous" in first.classes("density variations")

@@ -127,17 +127,23 @@ def load_sources(src: Path) -> list[SourceMap]:
         seg, img = read_organ_map(folder / SOURCE_FILES["organ_seg"])
         zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
         if not np.allclose(zooms, 1.0, atol=0.05):
-            raise InputError(folder / SOURCE_FILES["organ_seg"], f"expected a 1 mm organ map, got voxel size {tuple(zooms)}")
+            raise InputError(
+                folder / SOURCE_FILES["organ_seg"], f"expected a 1 mm organ map, got voxel size {tuple(zooms)}"
+            )
         label, _ = read_nifti_array(folder / SOURCE_FILES["label"])
         if label.shape != seg.shape:
-            raise InputError(folder / SOURCE_FILES["label"], f"shape {label.shape} differs from the organ map's {seg.shape}")
+            raise InputError(
+                folder / SOURCE_FILES["label"], f"shape {label.shape} differs from the organ map's {seg.shape}"
+            )
         lesion = np.rint(label) == 2
         if not lesion.any():
             raise InputError(folder / SOURCE_FILES["label"], "no lesion voxels (label 2)")
         box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lesion))
         seg = np.rint(seg).astype(np.int16)
         ids, counts = np.unique(seg, return_counts=True)
-        out.append(SourceMap(folder.name, seg, img.affine.copy(), lesion[box].copy(), dict(zip(ids.tolist(), counts.tolist()))))
+        out.append(
+            SourceMap(folder.name, seg, img.affine.copy(), lesion[box].copy(), dict(zip(ids.tolist(), counts.tolist())))
+        )
     return out
 
 
@@ -316,7 +322,9 @@ def _candidates(organ: np.ndarray, spacing: float, reach_mm: float, cavity: str)
     return organ & (depth >= need)
 
 
-def place_lesion(grid: Grid, intent: Intent, templates: Sequence[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, Intent] | None:
+def place_lesion(
+    grid: Grid, intent: Intent, templates: Sequence[np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, Intent] | None:
     """A lesion mask in ``grid`` for ``intent`` (shrunk until it fits); None when the organ cannot hold one."""
     organ = grid.seg == intent.organ_id
     if organ.sum() < 30:
@@ -440,7 +448,9 @@ def _check_out(src: Path, out: Path, n: int) -> None:
 
 
 # ---- the two products --------------------------------------------------------------------------------------
-def build_dataset(src: Path, out: Path, n: int, seed: int = 0, val_fraction: float = 0.2, overwrite: bool = False) -> Path:
+def build_dataset(
+    src: Path, out: Path, n: int, seed: int = 0, val_fraction: float = 0.2, overwrite: bool = False
+) -> Path:
     """Write ``n`` ground-truth cases into ``out`` (atomically): cases, list files, datalist, summary.
 
     The last ``round(n * val_fraction)`` cases (at least one when ``n >= 2`` and the fraction is > 0)
@@ -466,7 +476,15 @@ def build_dataset(src: Path, out: Path, n: int, seed: int = 0, val_fraction: flo
             final.append(Case(**{k: final_out / p.relative_to(tmp) for k, p in files.items()}))
             truths.append({"case": name, **case["truth"]})
             t = case["truth"]
-            logger.info("%s: %s, %s, %s, %.0f HU, %d voxels", name, t["organ"], t["density"], t["cavity"], t["lesion_hu"], t["lesion_voxels"])
+            logger.info(
+                "%s: %s, %s, %s, %.0f HU, %d voxels",
+                name,
+                t["organ"],
+                t["density"],
+                t["cavity"],
+                t["lesion_hu"],
+                t["lesion_voxels"],
+            )
         n_train = n - n_val
         write_datalist(tmp / "datalist.json", {"training": built[:n_train], "validation": built[n_train:]}, VERSION)
         write_list_files(tmp, "train", final[:n_train])
@@ -500,7 +518,9 @@ def build_requests(src: Path, out: Path, n: int, seed: int = 0, overwrite: bool 
                 holders = [s for s in sources if s.organ_voxels.get(organ_id, 0) >= MIN_ORGAN_VOXELS_1MM]
                 grid = sample_grid(holders[int(rng.integers(len(holders)))], organ_id, rng)
                 intent = draw_intent(organ, rng, density=ISO)
-                intent = replace(intent, heterogeneous=False, cavity=V.CAVITY_LUMEN if is_hollow_name(organ) else V.CAVITY_WITHIN)
+                intent = replace(
+                    intent, heterogeneous=False, cavity=V.CAVITY_LUMEN if is_hollow_name(organ) else V.CAVITY_WITHIN
+                )
                 placed = place_lesion(grid, intent, templates, rng)  # the requested size must fit this organ
                 if placed is not None:
                     break

@@ -138,8 +138,14 @@ def _box_counts(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
         return np.zeros((0, 0, 0), dtype=np.int64)
     # inclusion-exclusion over the 8 corners of each box in the summed-volume table
     return (
-        s[a:, b:, c:] - s[:nx, b:, c:] - s[a:, :ny, c:] - s[a:, b:, :nz]
-        + s[:nx, :ny, c:] + s[:nx, b:, :nz] + s[a:, :ny, :nz] - s[:nx, :ny, :nz]
+        s[a:, b:, c:]
+        - s[:nx, b:, c:]
+        - s[a:, :ny, c:]
+        - s[a:, b:, :nz]
+        + s[:nx, :ny, c:]
+        + s[:nx, b:, :nz]
+        + s[a:, :ny, :nz]
+        - s[:nx, :ny, :nz]
     )
 
 
@@ -176,7 +182,11 @@ def centre_region(
             candidates = depth > erosion if cavity == CAVITY_LUMEN else organ & (depth <= erosion)
             if cavity == CAVITY_LUMEN and not candidates.any() and organ.any():
                 deepest = depth.max()
-                logger.warning("organ is thinner than 2 x %s voxels: lumen centres taken at its deepest voxels (%.1f)", erosion, deepest)
+                logger.warning(
+                    "organ is thinner than 2 x %s voxels: lumen centres taken at its deepest voxels (%.1f)",
+                    erosion,
+                    deepest,
+                )
                 candidates = depth >= deepest
         if cavity == CAVITY_PROTRUDING:
             counts = _box_counts(organ, size_arr)
@@ -236,7 +246,9 @@ def place_box(
             break
         if cavity != CAVITY_WITHIN or max(current) == 1:
             if avoid:
-                raise PlacementError(f"no room for another {cavity!r} lesion box of size {current} without overlapping the {len(avoid)} already placed")
+                raise PlacementError(
+                    f"no room for another {cavity!r} lesion box of size {current} without overlapping the {len(avoid)} already placed"
+                )
             raise PlacementError(f"no position satisfies {cavity!r} for a lesion box of size {current}")
         current = tuple(max(1, int(s * _SHRINK)) for s in current)  # type: ignore[assignment]
     if current != fitted:

@@ -78,7 +78,9 @@ def centre_of(mask: np.ndarray) -> np.ndarray:
     return centre
 
 
-def plane(volume: np.ndarray, zooms: Sequence[float], centre: Sequence[int], name: str) -> tuple[np.ndarray, tuple[float, float]]:
+def plane(
+    volume: np.ndarray, zooms: Sequence[float], centre: Sequence[int], name: str
+) -> tuple[np.ndarray, tuple[float, float]]:
     """The ``name`` plane (axial, coronal or sagittal) of a RAS volume through ``centre``, in radiological
     display orientation (see the module docstring), and its (row, column) pixel size in mm."""
     if name not in _VIEWS:
@@ -128,7 +130,12 @@ def request_caption(attributes: Mapping[str, object], sentence: str | None = Non
     in voxels ("[[28 29 26]] pixel") is left out: it means nothing on the picture.
     """
     parts = []
-    for label, keys in (("organ", (A.ORGAN_TYPE,)), ("lesion", (A.LESION_TYPE,)), ("size", (A.SIZE_MM, V.SIZE)), ("density", (V.DENSITY,))):
+    for label, keys in (
+        ("organ", (A.ORGAN_TYPE,)),
+        ("lesion", (A.LESION_TYPE,)),
+        ("size", (A.SIZE_MM, V.SIZE)),
+        ("density", (V.DENSITY,)),
+    ):
         for key in keys:
             value = _clean(attributes.get(key, ""))
             if value and not (key == V.SIZE and any(w in value.lower() for w in ("pixel", "voxel", "[["))):
@@ -156,14 +163,18 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=max(9, size // 15))
 
 
-def _view_box(shape: Sequence[int], pixel: tuple[float, float], centre: tuple[float, float], fov_mm: float) -> tuple[float, float, float, float]:
+def _view_box(
+    shape: Sequence[int], pixel: tuple[float, float], centre: tuple[float, float], fov_mm: float
+) -> tuple[float, float, float, float]:
     """PIL box (left, top, right, bottom; pixel edges) of a square ``fov_mm`` field centred on ``centre``."""
     half_r, half_c = fov_mm / 2.0 / pixel[0], fov_mm / 2.0 / pixel[1]
     r, c = centre[0] + 0.5, centre[1] + 0.5  # pixel centres sit half a pixel in from their edges
     return (c - half_c, r - half_r, c + half_c, r + half_r)
 
 
-def _resample(image: np.ndarray, box: tuple[float, float, float, float], size: int, nearest: bool, fill: int = 0) -> np.ndarray:
+def _resample(
+    image: np.ndarray, box: tuple[float, float, float, float], size: int, nearest: bool, fill: int = 0
+) -> np.ndarray:
     """``image[box]`` resampled to ``size`` x ``size`` (box in pixel edges; outside the array: ``fill``)."""
     pad = int(math.ceil(max(-box[0], -box[1], box[2] - image.shape[1], box[3] - image.shape[0], 0.0))) + 1
     padded = np.pad(image, pad, constant_values=fill)
@@ -177,7 +188,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndi.binary_erosion(mask, structure=ndi.generate_binary_structure(2, 1), border_value=0)
 
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, anchor: str = "la", fill=TEXT_RGB) -> None:
+def _text(
+    draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, anchor: str = "la", fill=TEXT_RGB
+) -> None:
     # a dark halo keeps letters readable on white bone and black air alike
     draw.text(xy, text, font=font, anchor=anchor, fill=fill, stroke_width=2, stroke_fill=(0, 0, 0))
 
@@ -276,7 +289,9 @@ def before_after(
         lo, hi = found.min(axis=0), found.max(axis=0)
         middle = (lo + hi) / 2.0
         extent = float(((hi - lo + 1) * zooms).max())
-        fov = min(max(MIN_FOV_MM, ZOOM_FACTOR * extent), float((np.asarray(mask_ras.shape) * zooms).max()))  # never beyond the scan
+        fov = min(
+            max(MIN_FOV_MM, ZOOM_FACTOR * extent), float((np.asarray(mask_ras.shape) * zooms).max())
+        )  # never beyond the scan
     else:
         middle, fov = np.asarray(centre, float), None
     rows = []
@@ -293,7 +308,16 @@ def before_after(
         zoom = whole if fov is None else _view_box(b.shape, pixel, display_index(mask_ras.shape, middle, name), fov)
         # the zoom box on the overview: the same pixel edges through the overview's mapping
         sx, sy = size / (whole[2] - whole[0]), size / (whole[3] - whole[1])
-        marker = None if fov is None or fov >= 0.95 * max(h_mm, w_mm) else ((zoom[0] - whole[0]) * sx, (zoom[1] - whole[1]) * sy, (zoom[2] - whole[0]) * sx, (zoom[3] - whole[1]) * sy)
+        marker = (
+            None
+            if fov is None or fov >= 0.95 * max(h_mm, w_mm)
+            else (
+                (zoom[0] - whole[0]) * sx,
+                (zoom[1] - whole[1]) * sy,
+                (zoom[2] - whole[0]) * sx,
+                (zoom[3] - whole[1]) * sy,
+            )
+        )
         mask_zoom = _resample(m.astype(np.uint8), zoom, size, nearest=True) > 0
         zoom_mm = fov if fov is not None else max(h_mm, w_mm)
         row = [
@@ -351,7 +375,9 @@ def write_case_preview(
     original, synthetic = read_stored(before), read_stored(after)
     labels, _ = read_nifti_array(label)
     if labels.shape != original.raw.shape or synthetic.raw.shape != original.raw.shape:
-        raise InputError(label, f"shape {labels.shape} / {synthetic.raw.shape} differs from the input CT's {original.raw.shape}")
+        raise InputError(
+            label, f"shape {labels.shape} / {synthetic.raw.shape} differs from the input CT's {original.raw.shape}"
+        )
     image = before_after(
         original.raw, synthetic.raw, np.rint(labels) == LESION_LABEL, original.affine, size=tile,
         before_scaling=(original.slope, original.inter), after_scaling=(synthetic.slope, synthetic.inter),

@@ -121,7 +121,14 @@ VERSION = "v1"  # the numbering written (what training and validation read)
 MANIFEST_VERSION = 1
 
 # ---- what is drawn ------------------------------------------------------------------------------------
-ORGAN_WEIGHTS: dict[str, float] = {"liver": 0.3, "spleen": 0.15, "kidney right": 0.1, "kidney left": 0.1, "pancreas": 0.05, "lung": 0.3}
+ORGAN_WEIGHTS: dict[str, float] = {
+    "liver": 0.3,
+    "spleen": 0.15,
+    "kidney right": 0.1,
+    "kidney left": 0.1,
+    "pancreas": 0.05,
+    "lung": 0.3,
+}
 MIN_ORGAN_ML = 20.0  # an organ smaller than this in the scan holds no lesion
 MIN_REFERENCE_HU = 20.0  # abdominal organs measured darker than this (fatty, partial volume) are skipped
 SHAPE_WEIGHTS = {"round": 0.3, "oval": 0.25, "lobulated": 0.2, "irregular": 0.25}
@@ -146,7 +153,15 @@ BLOB_STD_HU = {"default": (15.0, 25.0), MIXED: (30.0, 40.0)}
 WELL_DEFINED_P = {FLUID: 1.0, HYPO: 0.5, ISO: 0.0, HYPER: 0.6, MIXED: 0.3, SOLID_MASS: 0.6, GGO: 0.0}
 PARTIAL_VOLUME = 0.3  # voxel fraction added (in quadrature) to the margin's sigma: the scan's own blur
 HALO_SIGMAS = 2.0  # the margin reaches this many sigmas beyond the label (w < 2.3% further out)
-LESION_TYPE = {FLUID: "cyst", HYPO: "tumor", ISO: "tumor", HYPER: "tumor", MIXED: "tumor", SOLID_MASS: "nodule", GGO: "ground-glass opacity"}
+LESION_TYPE = {
+    FLUID: "cyst",
+    HYPO: "tumor",
+    ISO: "tumor",
+    HYPER: "tumor",
+    MIXED: "tumor",
+    SOLID_MASS: "nodule",
+    GGO: "ground-glass opacity",
+}
 
 # ---- texture ---------------------------------------------------------------------------------------------
 LOWPASS_MM = 4.0  # residual = image - Gaussian low-pass of this sigma within the region
@@ -161,7 +176,9 @@ LUNG_MAX_HU = -400.0
 LUNG_MIN_FRACTION = 0.25  # of the largest air region
 LUNG_MIN_ML = 20.0
 MIDLINE_BAND_MM = 12.0
-THRESHOLD_LUNG_NAMES = {(side, part): f"lung {part} lobe {side}" for side in ("left", "right") for part in ("upper", "lower")}
+THRESHOLD_LUNG_NAMES = {
+    (side, part): f"lung {part} lobe {side}" for side in ("left", "right") for part in ("upper", "lower")
+}
 
 CASE_CROP_MM = 30.0  # a case is the organ's bounding box grown by this much
 REQUEST_DENSITIES = {"abdomen": (HYPO, ISO, HYPER), "lung": (SOLID_MASS, GGO)}
@@ -207,7 +224,9 @@ def read_corpus(corpus: Path) -> list[CorpusScan]:
                 raise InputError(path, f"scans[{i}] ({s['id']}): {key} file {rel} not found")
         version = s.get("organ_seg_version") or ("v1" if files["organ_seg"] else None)
         if files["organ_seg"] is not None and version not in VERSIONS:
-            raise InputError(path, f"scans[{i}] ({s['id']}): organ_seg_version must be one of {', '.join(VERSIONS)}, got {version!r}")
+            raise InputError(
+                path, f"scans[{i}] ({s['id']}): organ_seg_version must be one of {', '.join(VERSIONS)}, got {version!r}"
+            )
         scans.append(CorpusScan(s["id"], files["image"], files["organ_seg"], version, files["lesion"],
                                 str(s.get("contrast_phase") or ""), str(s.get("region") or ""), s))  # fmt: skip
     if not scans:
@@ -255,7 +274,9 @@ def load_scan(meta: CorpusScan, segmenter: str = "auto") -> Scan:
 
     if meta.organ_seg is not None:
         seg = _segment_module().to_v1(on_grid(meta.organ_seg), meta.organ_seg_version, source=meta.organ_seg)
-        source = f"corpus ({meta.organ_seg_version}" + (", converted to v1)" if meta.organ_seg_version != VERSION else ")")
+        source = f"corpus ({meta.organ_seg_version}" + (
+            ", converted to v1)" if meta.organ_seg_version != VERSION else ")"
+        )
     else:
         seg, source = segment_scan(image, affine, segmenter)
     lesion = None
@@ -331,12 +352,16 @@ def threshold_organ_map(image: np.ndarray, affine: np.ndarray, version: str = VE
     grid = np.ogrid[tuple(slice(0, n) for n in image.shape)]
 
     def world(row: int) -> np.ndarray:
-        return (sum(np.float32(affine[row, a]) * grid[a].astype(np.float32) for a in range(3)) + np.float32(affine[row, 3])).astype(np.float32)
+        return (
+            sum(np.float32(affine[row, a]) * grid[a].astype(np.float32) for a in range(3)) + np.float32(affine[row, 3])
+        ).astype(np.float32)
 
     world_x, world_z = world(0), world(2)
     moved_body = np.moveaxis(body, axial, 0)
     moved_x = np.moveaxis(world_x, axial, 0)
-    midline = np.array([moved_x[k][moved_body[k]].mean() if moved_body[k].any() else 0.0 for k in range(moved_body.shape[0])])
+    midline = np.array(
+        [moved_x[k][moved_body[k]].mean() if moved_body[k].any() else 0.0 for k in range(moved_body.shape[0])]
+    )
     shape = [1, 1, 1]
     shape[axial] = -1
     offset = world_x - midline.reshape(shape)
@@ -455,7 +480,9 @@ def draw_intent(organ: str, organ_id: int, reference_hu: float, rng: np.random.G
     hu = fixed.get("hu", round(float(rng.uniform(*rng_hu)), 1))
     heterogeneous = fixed.get("heterogeneous", bool(rng.random() < HETEROGENEOUS_P[density]))
     well = fixed.get("well_defined", bool(rng.random() < WELL_DEFINED_P[density]))
-    sigma = fixed.get("margin_sigma_mm", round(float(rng.uniform(*A.MARGIN_SIGMA_MM[A.WELL_DEFINED if well else A.ILL_DEFINED])), 2))
+    sigma = fixed.get(
+        "margin_sigma_mm", round(float(rng.uniform(*A.MARGIN_SIGMA_MM[A.WELL_DEFINED if well else A.ILL_DEFINED])), 2)
+    )
     return Intent(
         organ, organ_id, kind, fixed.get("shape") or _choice(rng, SHAPE_WEIGHTS),
         float(fixed.get("diameter_mm", round(float(rng.uniform(*DIAMETER_MM[kind])), 1))),
@@ -470,7 +497,9 @@ def _lowpass_inside(image: np.ndarray, region: np.ndarray, sigma_vox: Sequence[f
     return num / np.maximum(den, 1e-3)
 
 
-def _crop_around(box_lo: Sequence[int], box_hi: Sequence[int], shape: Sequence[int], grow: Sequence[int]) -> tuple[slice, ...]:
+def _crop_around(
+    box_lo: Sequence[int], box_hi: Sequence[int], shape: Sequence[int], grow: Sequence[int]
+) -> tuple[slice, ...]:
     return tuple(slice(max(0, a - g), min(n, b + g)) for a, b, n, g in zip(box_lo, box_hi, shape, grow))
 
 
@@ -515,7 +544,9 @@ def donor_residual(
     return donor.astype(np.float32), own.astype(np.float32)
 
 
-def _blob_field(shape: Sequence[int], spacing: Sequence[float], diameter_mm: float, rng: np.random.Generator) -> np.ndarray:
+def _blob_field(
+    shape: Sequence[int], spacing: Sequence[float], diameter_mm: float, rng: np.random.Generator
+) -> np.ndarray:
     sigma = [max(diameter_mm / 6.0, 2.0) / sp for sp in spacing]
     f = ndi.gaussian_filter(rng.standard_normal(tuple(shape)).astype(np.float32), sigma)
     return f / max(float(f.std()), 1e-6)
@@ -557,7 +588,9 @@ def lesion_window(intent: Intent, spacing: Sequence[float], rng: np.random.Gener
     sigma = float(np.hypot(intent.margin_sigma_mm, PARTIAL_VOLUME * np.mean(spacing)))
     half = [int(np.ceil((reach + HALO_SIGMAS * sigma) / sp)) + 1 for sp in spacing]
     jitter = rng.uniform(-0.5, 0.5, 3)  # the lesion's centre falls anywhere within its voxel
-    coords = np.meshgrid(*[(np.arange(-h, h + 1) + j) * sp / fine for h, sp, j in zip(half, spacing, jitter)], indexing="ij")
+    coords = np.meshgrid(
+        *[(np.arange(-h, h + 1) + j) * sp / fine for h, sp, j in zip(half, spacing, jitter)], indexing="ij"
+    )
     sdf = ndi.map_coordinates(sdf_fine, [c + ce for c, ce in zip(coords, centre)], order=1, cval=float(sdf_fine.max()))
     weight = ndtr(-sdf / sigma).astype(np.float32)
     keep = (sdf <= HALO_SIGMAS * sigma) | (sdf <= 0)
@@ -568,7 +601,9 @@ def lesion_window(intent: Intent, spacing: Sequence[float], rng: np.random.Gener
     return sdf[sl], weight[sl]
 
 
-def paint_lesion(scan: Scan, intent: Intent, rng: np.random.Generator, avoid: np.ndarray | None = None) -> Painted | None:
+def paint_lesion(
+    scan: Scan, intent: Intent, rng: np.random.Generator, avoid: np.ndarray | None = None
+) -> Painted | None:
     """Write one lesion of ``intent`` into a copy of ``scan``'s image (shrunk until it fits the organ);
     None when the organ cannot hold it."""
     spacing = scan.spacing
@@ -630,7 +665,9 @@ def paint_lesion(scan: Scan, intent: Intent, rng: np.random.Generator, avoid: np
 def _crop_to(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, ...]:
     idx = np.nonzero(mask)
     grow = [int(np.ceil(margin_mm / sp)) for sp in spacing]
-    return tuple(slice(max(0, int(i.min()) - g), min(n, int(i.max()) + 1 + g)) for i, g, n in zip(idx, grow, mask.shape))
+    return tuple(
+        slice(max(0, int(i.min()) - g), min(n, int(i.max()) + 1 + g)) for i, g, n in zip(idx, grow, mask.shape)
+    )
 
 
 def _case_crop(seg: np.ndarray, organ_id: int, spacing: Sequence[float]) -> tuple[slice, ...]:
@@ -736,7 +773,9 @@ def _finish_synthetic(ctx: ScanContext, p: Painted) -> dict[str, Any]:
         V.SURFACE: margin_text(intent.organ, intent.well_defined) + ",",
         V.CAVITY: V.CAVITY_WITHIN,
     })  # fmt: skip
-    report = LesionReport(intent.organ_id, attrs, read.centre, read.size, summary=attrs[V.SHAPE], note=LESION_TYPE[intent.density])
+    report = LesionReport(
+        intent.organ_id, attrs, read.centre, read.size, summary=attrs[V.SHAPE], note=LESION_TYPE[intent.density]
+    )
     truth = {
         "kind": "synthetic", "scan": scan.meta.id, "organ": intent.organ, "organ_id": intent.organ_id,
         "shape": intent.shape, "shape_class": intent.shape_class, "diameter_mm": intent.diameter_mm,
@@ -827,7 +866,9 @@ def split_scans(ids: Sequence[str], val_scans: Sequence[str] | None, val_fractio
     return sorted(ids[i] for i in order[:n_val])
 
 
-def scan_requests(ctx: ScanContext, base: str, image: Path, seg: Path, rng: np.random.Generator, per_scan: int) -> tuple[list[SynthesisRequest], list[dict]]:
+def scan_requests(
+    ctx: ScanContext, base: str, image: Path, seg: Path, rng: np.random.Generator, per_scan: int
+) -> tuple[list[SynthesisRequest], list[dict]]:
     """Up to ``per_scan`` groups of requests on a held-out scan, each a lesion in one organ that differs only
     in density (a lesion of the asked size must fit the organ). The organs are taken in turn; with more
     groups than organs, each further round asks another size (:data:`REQUEST_SIZE_STEPS`) and alternates
@@ -887,7 +928,9 @@ def agreement(truths: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "homogeneity": _rate([t["read"]["heterogeneous"] == t["heterogeneous"] for t in syn]),
         "margin": _rate([t["read"]["well_defined"] == (t["margin"] == "well-defined") for t in syn]),
         "shape": _rate([t["read"]["shape_class"] == t["shape_class"] for t in syn]),
-        "median_abs_hu_error": round(float(np.median([abs(t["measured_mean_hu"] - t["lesion_hu"]) for t in syn])), 2) if syn else None,
+        "median_abs_hu_error": round(float(np.median([abs(t["measured_mean_hu"] - t["lesion_hu"]) for t in syn])), 2)
+        if syn
+        else None,
     }
 
 
@@ -936,7 +979,9 @@ def build_real_dataset(
                     built.append((f"{meta.id}_{ci:03d}", case))
             for name, case in built:
                 files = _save_case(tmp / "cases" / name, case)
-                splits[split].append((Case(**files), Case(**{k: final_out / p.relative_to(tmp) for k, p in files.items()})))
+                splits[split].append(
+                    (Case(**files), Case(**{k: final_out / p.relative_to(tmp) for k, p in files.items()}))
+                )
                 truths.append({"case": name, "split": split, **case["truth"]})
                 t = case["truth"]
                 logger.info("%s: %s %s, %s HU", name, t["kind"], t["organ"], t["measured_mean_hu"])
@@ -961,7 +1006,9 @@ def build_real_dataset(
                     info["requests"] = len(r)
             scans_info.append(info)
         if not splits["training"]:
-            raise LesionDiffusionError(f"{corpus}: no training case could be built (no scan has an organ that holds a lesion)")
+            raise LesionDiffusionError(
+                f"{corpus}: no training case could be built (no scan has an organ that holds a lesion)"
+            )
         write_datalist(tmp / "datalist.json", {k: [b for b, _ in v] for k, v in splits.items() if v}, VERSION)
         write_list_files(tmp, "train", [f for _, f in splits["training"]])
         if splits["validation"]:

@@ -61,12 +61,21 @@ NOISE_RATIO_RANGE = (0.7, 1.5)
 # SAME_SIZE_MIN nearest.
 SAME_SIZE_RATIO = 1.2
 SAME_SIZE_MIN = 3
-MEASURES = ("fill_ratio", "interior_fraction", "solidity", "sphericity", "median_delta_hu", "noise_std_ratio", "edge_width_mm")
+MEASURES = (
+    "fill_ratio",
+    "interior_fraction",
+    "solidity",
+    "sphericity",
+    "median_delta_hu",
+    "noise_std_ratio",
+    "edge_width_mm",
+)
 
 
 def same_size(pool: Sequence[ReferenceLesion], diameter_voxels: float) -> list[ReferenceLesion]:
     """The lesions of ``pool`` whose equivalent diameter in voxels is within :data:`SAME_SIZE_RATIO` of
     ``diameter_voxels``, or the :data:`SAME_SIZE_MIN` nearest (by ratio) when fewer are."""
+
     def ratio(r: ReferenceLesion) -> float:
         d = max(float(r.measures["equivalent_diameter_voxels"] or 0.0), 1e-6)
         return max(d, diameter_voxels) / max(min(d, diameter_voxels), 1e-6)
@@ -96,7 +105,9 @@ def _datalist(path: Path) -> Path:
     if path.is_dir():
         found = path / "datalist.json"
         if not found.is_file():
-            raise InputError(path, "reference folder holds no datalist.json (give the datalist or the folder make-dataset wrote)")
+            raise InputError(
+                path, "reference folder holds no datalist.json (give the datalist or the folder make-dataset wrote)"
+            )
         return found
     if not path.is_file():
         raise InputError(path, "reference dataset not found")
@@ -204,7 +215,11 @@ def case_measures(crop: L.LesionCrop, report_ct_value: float | None, surface: st
     m["report_delta_hu"] = want
     m["delta_error_hu"] = None if delta is None or want is None else delta - want
     m["delta_sign_ok"] = None if delta is None or want is None else (_sign(want) == 0 or delta * want > 0)
-    m["delta_ok"] = None if m["delta_error_hu"] is None else bool(m["delta_sign_ok"] and abs(m["delta_error_hu"]) <= DELTA_TOLERANCE_HU)
+    m["delta_ok"] = (
+        None
+        if m["delta_error_hu"] is None
+        else bool(m["delta_sign_ok"] and abs(m["delta_error_hu"]) <= DELTA_TOLERANCE_HU)
+    )
     ratio = m["noise_std_ratio"]
     m["noise_ok"] = None if ratio is None else NOISE_RATIO_RANGE[0] <= ratio <= NOISE_RATIO_RANGE[1]
     m["solid"] = None if m["fill_ratio"] is None else m["fill_ratio"] >= MIN_FILL_RATIO
@@ -243,13 +258,20 @@ def compare_case(
     measures["interior_ok"] = None if mine is None or theirs is None else abs(mine - theirs) <= INTERIOR_TOLERANCE
     delta = measures["median_delta_hu"]
     measures["delta_in_reference_range"] = (
-        None if delta is None or not deltas else ref["delta_p10_hu"] - A.ISO_HU <= delta <= ref["delta_p90_hu"] + A.ISO_HU
+        None
+        if delta is None or not deltas
+        else ref["delta_p10_hu"] - A.ISO_HU <= delta <= ref["delta_p90_hu"] + A.ISO_HU
     )
     # copy-paste: the matched real lesion closest in size, its texture and contrast in this mask
     with_features = [r for r in matched if r.measures["features"] is not None]
     if with_features and crop.reference_hu is not None:
         size = measures["equivalent_diameter_voxels"] * float(np.prod(crop.spacing)) ** (1 / 3)
-        source = min(with_features, key=lambda r: abs(r.measures["equivalent_diameter_voxels"] * float(np.prod(r.crop.spacing)) ** (1 / 3) - size))
+        source = min(
+            with_features,
+            key=lambda r: abs(
+                r.measures["equivalent_diameter_voxels"] * float(np.prod(r.crop.spacing)) ** (1 / 3) - size
+            ),
+        )
         measures["copy_paste_source"] = source.source
         measures["copy_paste_features"] = L.features(copy_paste_crop(crop, source), measures)
     else:
@@ -303,13 +325,23 @@ def realism_totals(
             continue
         mine = [c.get("edge_width_mm") for c in cases if c.get("margin_class") == cls]
         theirs = [r.measures["edge_width_mm"] for r in refs if r.margin == cls]
-        by_margin[cls] = {"synthetic": _median(mine), "ground_truth": _median(theirs), "cases": len(mine), "reference_lesions": len(theirs)}
+        by_margin[cls] = {
+            "synthetic": _median(mine),
+            "ground_truth": _median(theirs),
+            "cases": len(mine),
+            "reference_lesions": len(theirs),
+        }
     out["edge_width_by_margin"] = by_margin
     by_density: dict[str, dict[str, Any]] = {}
     for cls in sorted({c.get("density") for c in cases if c.get("density")}):
         mine = [c.get("median_delta_hu") for c in cases if c.get("density") == cls]
         theirs = [r.measures["median_delta_hu"] for r in refs if r.density == cls]
-        by_density[cls] = {"synthetic": _median(mine), "ground_truth": _median(theirs), "cases": len(mine), "reference_lesions": len(theirs)}
+        by_density[cls] = {
+            "synthetic": _median(mine),
+            "ground_truth": _median(theirs),
+            "cases": len(mine),
+            "reference_lesions": len(theirs),
+        }
     out["delta_by_density"] = by_density
     truth = _rows(r.measures["features"] for r in refs)
     sets = {name: _rows(c.get(key) for c in cases) for name, key in
@@ -322,6 +354,8 @@ def realism_totals(
         "cases_with_features": {name: len(rows) for name, rows in sets.items()},
         "reference_lesions": len(truth),
         "beats_flat": None if fd["synthetic"] is None or fd["flat"] is None else fd["synthetic"] < fd["flat"],
-        "beats_copy_paste": None if fd["synthetic"] is None or fd["copy_paste"] is None else fd["synthetic"] < fd["copy_paste"],
+        "beats_copy_paste": None
+        if fd["synthetic"] is None or fd["copy_paste"] is None
+        else fd["synthetic"] < fd["copy_paste"],
     }
     return out

@@ -185,4 +185,14 @@ def _read_entry(path: Path, base: Path, index: int, entry: Any, shared_version: 
     if missing:
         raise bad(f"attributes need {' and '.join(repr(k) for k in missing)}")
     version = _version(entry.get(VERSION_KEY), bad) or shared_version
-    return SynthesisRequest(case, paths["image"], attributes, paths["organ_seg"], text, reading, given, version, f"{path}: requests[{index}]")  # type: ignore[arg-type]
+    return SynthesisRequest(
+        case,
+        paths["image"],
+        attributes,
+        paths["organ_seg"],
+        text,
+        reading,
+        given,
+        version,
+        f"{path}: requests[{index}]",
+    )  # type: ignore[arg-type]

@@ -111,7 +111,15 @@ class TextReading:
 
 # ---- lexicon ---------------------------------------------------------------------------------------------
 # Kinds of lexicon entries. ``field`` entries set a report field; the others are resolved at the end.
-_ORGAN, _LESION, _FIELD, _SURFACE, _NEGATION, _NEIGHBOUR, _CALC = "organ", "lesion", "field", "surface", "negation", "neighbour", "calc"
+_ORGAN, _LESION, _FIELD, _SURFACE, _NEGATION, _NEIGHBOUR, _CALC = (
+    "organ",
+    "lesion",
+    "field",
+    "surface",
+    "negation",
+    "neighbour",
+    "calc",
+)
 
 
 @dataclass(frozen=True)
@@ -129,45 +137,155 @@ class _Entry:
 
 _HYPO, _ISO, _HYPER = "hypodense lesion", "isodense lesion", "hyperdense lesion"
 _MIXED, _FLUID, _RING = "mixed-density lesion", "hypoattenuating fluid-like lesion", "ring enhancement"
-_GGO, _SOLID, _PART_SOLID = "low-density ground-glass opacity", "isodense soft tissue mass", "isodense soft tissue mass with peripheral low-density ground-glass opacity"
+_GGO, _SOLID, _PART_SOLID = (
+    "low-density ground-glass opacity",
+    "isodense soft tissue mass",
+    "isodense soft tissue mass with peripheral low-density ground-glass opacity",
+)
 _INC, _DEC = "presence of increased density areas", "presence of decreased density areas"
 _CLOSE, _NOT_CLOSE = "close relationship with adjacent organs", "no close relationship with surrounding organs"
 
 # words beyond the vocabulary's own synonyms, per field and class
 _FIELD_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
     V.DENSITY: {
-        _HYPO: ("hypodense", "hypodensity", "hypoattenuating", "hypoattenuation", "low attenuation", "low density", "hypo dense"),
+        _HYPO: (
+            "hypodense",
+            "hypodensity",
+            "hypoattenuating",
+            "hypoattenuation",
+            "low attenuation",
+            "low density",
+            "hypo dense",
+        ),
         _ISO: ("isodense", "isoattenuating", "isoattenuation", "iso dense"),
-        _HYPER: ("hyperdense", "hyperdensity", "hyperattenuating", "hyperattenuation", "high attenuation", "high density", "hyper dense"),
+        _HYPER: (
+            "hyperdense",
+            "hyperdensity",
+            "hyperattenuating",
+            "hyperattenuation",
+            "high attenuation",
+            "high density",
+            "hyper dense",
+        ),
         _MIXED: ("mixed density", "mixed attenuation", "mixed"),
-        _FLUID: ("fluid like", "fluid density", "fluid attenuation", "water density", "water attenuation", "near water density"),
-        _RING: ("ring enhancing", "rim enhancing", "rim enhancement", "peripheral enhancement", "peripherally enhancing"),
+        _FLUID: (
+            "fluid like",
+            "fluid density",
+            "fluid attenuation",
+            "water density",
+            "water attenuation",
+            "near water density",
+        ),
+        _RING: (
+            "ring enhancing",
+            "rim enhancing",
+            "rim enhancement",
+            "peripheral enhancement",
+            "peripherally enhancing",
+        ),
         _GGO: ("ground glass", "ground glass opacity", "ggo"),
         _SOLID: ("soft tissue density", "soft tissue attenuation"),
         _PART_SOLID: ("part solid", "partly solid", "subsolid"),
     },
     V.DENSITY_VARIATIONS: {
         "homogeneous": ("homogeneous", "homogenous", "homogeneously", "uniform", "uniformly"),
-        "heterogeneous": ("heterogeneous", "heterogenous", "heterogeneously", "inhomogeneous", "non uniform", "nonuniform"),
+        "heterogeneous": (
+            "heterogeneous",
+            "heterogenous",
+            "heterogeneously",
+            "inhomogeneous",
+            "non uniform",
+            "nonuniform",
+        ),
     },
     V.SHAPE: {
-        "round-like": ("round", "rounded", "round like", "roundish", "spherical", "oval", "ovoid", "oval shaped", "round shaped", "elliptical"),
-        "irregular": ("irregular", "irregularly shaped", "irregular shape", "lobulated", "lobular", "multilobulated", "polylobulated"),
+        "round-like": (
+            "round",
+            "rounded",
+            "round like",
+            "roundish",
+            "spherical",
+            "oval",
+            "ovoid",
+            "oval shaped",
+            "round shaped",
+            "elliptical",
+        ),
+        "irregular": (
+            "irregular",
+            "irregularly shaped",
+            "irregular shape",
+            "lobulated",
+            "lobular",
+            "multilobulated",
+            "polylobulated",
+        ),
         "punctate": ("punctate", "nodular", "dot like", "pinpoint"),
         "cystic": ("cystic",),
         "luminal narrowing": ("luminal narrowing", "narrowing of the lumen", "narrowing the lumen", "stenosing"),
     },
     V.SPECIFIC: {
-        _DEC: ("necrosis", "necrotic", "necrotic areas", "necrotic centre", "necrotic center", "central necrosis", "cystic degeneration", "cystic change", "cystic changes"),
-        _INC: ("calcified", "calcific", "calcific foci", "calcified foci", "haemorrhage", "hemorrhage", "haemorrhagic", "hemorrhagic", "bleeding"),
-        "spiculated margins": ("spiculated", "spiculation", "spiculations", "spiculated margin", "spiculated margins", "spiculated borders"),
+        _DEC: (
+            "necrosis",
+            "necrotic",
+            "necrotic areas",
+            "necrotic centre",
+            "necrotic center",
+            "central necrosis",
+            "cystic degeneration",
+            "cystic change",
+            "cystic changes",
+        ),
+        _INC: (
+            "calcified",
+            "calcific",
+            "calcific foci",
+            "calcified foci",
+            "haemorrhage",
+            "hemorrhage",
+            "haemorrhagic",
+            "hemorrhagic",
+            "bleeding",
+        ),
+        "spiculated margins": (
+            "spiculated",
+            "spiculation",
+            "spiculations",
+            "spiculated margin",
+            "spiculated margins",
+            "spiculated borders",
+        ),
     },
     V.RELATIONSHIP: {
-        _NOT_CLOSE: ("separate from adjacent organs", "separate from surrounding organs", "isolated", "no contact with adjacent organs"),
+        _NOT_CLOSE: (
+            "separate from adjacent organs",
+            "separate from surrounding organs",
+            "isolated",
+            "no contact with adjacent organs",
+        ),
     },
     V.ENHANCEMENT: {
-        V.classes(V.ENHANCEMENT)[0]: ("enhanced ct", "contrast enhanced", "contrast enhanced ct", "post contrast", "portal venous phase", "venous phase", "arterial phase", "with contrast"),
-        V.classes(V.ENHANCEMENT)[1]: ("non contrast", "non contrast ct", "noncontrast", "unenhanced", "unenhanced ct", "non enhanced ct", "plain ct", "without contrast", "native ct"),
+        V.classes(V.ENHANCEMENT)[0]: (
+            "enhanced ct",
+            "contrast enhanced",
+            "contrast enhanced ct",
+            "post contrast",
+            "portal venous phase",
+            "venous phase",
+            "arterial phase",
+            "with contrast",
+        ),
+        V.classes(V.ENHANCEMENT)[1]: (
+            "non contrast",
+            "non contrast ct",
+            "noncontrast",
+            "unenhanced",
+            "unenhanced ct",
+            "non enhanced ct",
+            "plain ct",
+            "without contrast",
+            "native ct",
+        ),
     },
     V.CAVITY: {
         V.CAVITY_LUMEN: ("intraluminal", "within the lumen", "in the lumen", "into the lumen"),
@@ -188,17 +306,84 @@ _COMPOUND: dict[str, tuple[tuple[str, str], ...]] = {
     "mural thickening": ((V.SHAPE, "irregular wall thickening"), (V.CAVITY, V.CAVITY_WALL)),
 }
 _SURFACE_WORDS = {
-    SURFACE_WELL: ("well defined", "well circumscribed", "circumscribed", "well marginated", "well delineated", "sharply defined",
-                   "sharply demarcated", "sharply marginated", "sharp", "sharp margin", "sharp margins", "sharp borders", "clear margin",
-                   "clear margins", "clearly defined", "smooth", "smooth margin", "smooth margins", "smooth borders", "distinct", "clear boundary"),
-    SURFACE_ILL: ("ill defined", "poorly defined", "poorly circumscribed", "poorly marginated", "blurred", "blurry", "blurred margin",
-                  "blurred margins", "indistinct", "unclear", "unclear margin", "unclear margins", "unclear boundary", "infiltrative",
-                  "infiltrating", "irregular margin", "irregular margins", "irregular borders", "fuzzy", "vague", "ill circumscribed"),
+    SURFACE_WELL: (
+        "well defined",
+        "well circumscribed",
+        "circumscribed",
+        "well marginated",
+        "well delineated",
+        "sharply defined",
+        "sharply demarcated",
+        "sharply marginated",
+        "sharp",
+        "sharp margin",
+        "sharp margins",
+        "sharp borders",
+        "clear margin",
+        "clear margins",
+        "clearly defined",
+        "smooth",
+        "smooth margin",
+        "smooth margins",
+        "smooth borders",
+        "distinct",
+        "clear boundary",
+    ),
+    SURFACE_ILL: (
+        "ill defined",
+        "poorly defined",
+        "poorly circumscribed",
+        "poorly marginated",
+        "blurred",
+        "blurry",
+        "blurred margin",
+        "blurred margins",
+        "indistinct",
+        "unclear",
+        "unclear margin",
+        "unclear margins",
+        "unclear boundary",
+        "infiltrative",
+        "infiltrating",
+        "irregular margin",
+        "irregular margins",
+        "irregular borders",
+        "fuzzy",
+        "vague",
+        "ill circumscribed",
+    ),
 }
 # words that put the organ named after them beside the lesion, not around it
-_NEIGHBOUR_WORDS = ("abutting", "abuts", "adjacent to", "close to", "next to", "in contact with", "contacting", "touching",
-                    "invading", "invades", "encasing", "compressing", "displacing", "indenting")
-_NEGATIONS = ("no", "not", "without", "absent", "absence of", "free of", "negative for", "lacking", "lack of", "non", "nor", "neither")
+_NEIGHBOUR_WORDS = (
+    "abutting",
+    "abuts",
+    "adjacent to",
+    "close to",
+    "next to",
+    "in contact with",
+    "contacting",
+    "touching",
+    "invading",
+    "invades",
+    "encasing",
+    "compressing",
+    "displacing",
+    "indenting",
+)
+_NEGATIONS = (
+    "no",
+    "not",
+    "without",
+    "absent",
+    "absence of",
+    "free of",
+    "negative for",
+    "lacking",
+    "lack of",
+    "non",
+    "nor",
+    "neither",
+)
 # lesion nouns: each must be a kind :func:`lesiondiffusion.attributes.lesion_kind` knows (tested)
 LESION_WORDS: dict[str, tuple[str, ...]] = {
     "cyst": ("cyst", "cysts", "pseudocyst", "cystic lesion"),
@@ -222,19 +407,60 @@ LESION_WORDS: dict[str, tuple[str, ...]] = {
 _CALCIFICATION = ("calcification", "calcifications")
 # clinical words for organs -> a name the label tables resolve (sides and lobes are added below)
 ORGAN_WORDS: dict[str, str] = {
-    "liver": "liver", "hepatic": "liver", "spleen": "spleen", "splenic": "spleen", "pancreas": "pancreas", "pancreatic": "pancreas",
-    "kidney": "kidney", "kidneys": "kidney", "renal": "kidney", "gallbladder": "gallbladder", "gall bladder": "gallbladder",
-    "bladder": "urinary bladder", "urinary bladder": "urinary bladder", "vesical": "urinary bladder", "stomach": "stomach",
-    "gastric": "stomach", "colon": "colon", "colonic": "colon", "large bowel": "colon", "large intestine": "colon",
-    "small bowel": "small bowel", "small intestine": "small bowel", "duodenum": "duodenum", "duodenal": "duodenum",
-    "oesophagus": "esophagus", "esophagus": "esophagus", "oesophageal": "esophagus", "esophageal": "esophagus",
-    "adrenal": "adrenal gland", "adrenal gland": "adrenal gland", "suprarenal": "adrenal gland", "lung": "lung", "lungs": "lung",
-    "pulmonary": "lung", "thyroid": "thyroid gland", "prostate": "prostate", "prostatic": "prostate",
+    "liver": "liver",
+    "hepatic": "liver",
+    "spleen": "spleen",
+    "splenic": "spleen",
+    "pancreas": "pancreas",
+    "pancreatic": "pancreas",
+    "kidney": "kidney",
+    "kidneys": "kidney",
+    "renal": "kidney",
+    "gallbladder": "gallbladder",
+    "gall bladder": "gallbladder",
+    "bladder": "urinary bladder",
+    "urinary bladder": "urinary bladder",
+    "vesical": "urinary bladder",
+    "stomach": "stomach",
+    "gastric": "stomach",
+    "colon": "colon",
+    "colonic": "colon",
+    "large bowel": "colon",
+    "large intestine": "colon",
+    "small bowel": "small bowel",
+    "small intestine": "small bowel",
+    "duodenum": "duodenum",
+    "duodenal": "duodenum",
+    "oesophagus": "esophagus",
+    "esophagus": "esophagus",
+    "oesophageal": "esophagus",
+    "esophageal": "esophagus",
+    "adrenal": "adrenal gland",
+    "adrenal gland": "adrenal gland",
+    "suprarenal": "adrenal gland",
+    "lung": "lung",
+    "lungs": "lung",
+    "pulmonary": "lung",
+    "thyroid": "thyroid gland",
+    "prostate": "prostate",
+    "prostatic": "prostate",
 }
-_SIDED = {"kidney": "kidney", "renal": "kidney", "adrenal": "adrenal gland", "adrenal gland": "adrenal gland", "lung": "lung", "pulmonary": "lung"}
+_SIDED = {
+    "kidney": "kidney",
+    "renal": "kidney",
+    "adrenal": "adrenal gland",
+    "adrenal gland": "adrenal gland",
+    "lung": "lung",
+    "pulmonary": "lung",
+}
 _LOBE_LEVELS = {"upper": "upper", "superior": "upper", "middle": "middle", "lower": "lower", "inferior": "lower"}
-_LOBE_ABBREVIATIONS = {"rul": "lung upper lobe right", "rml": "lung middle lobe right", "rll": "lung lower lobe right",
-                       "lul": "lung upper lobe left", "lll": "lung lower lobe left"}
+_LOBE_ABBREVIATIONS = {
+    "rul": "lung upper lobe right",
+    "rml": "lung middle lobe right",
+    "rll": "lung lower lobe right",
+    "lul": "lung upper lobe left",
+    "lll": "lung lower lobe left",
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 # words that carry no attribute: never reported as unused
 _STOPWORDS = frozenset(
@@ -245,15 +471,27 @@ _STOPWORDS = frozenset(
 )
 _NUMBER_RE = r"(?<![\w)])[-\u2212]\d+(?:\.\d+)?|\d+(?:\.\d+)?"
 _TOKEN_RE = re.compile(rf"{_NUMBER_RE}|[^\W\d_]+|[\u00d7*~]|[,;.:()!?]")
-_UNITS = {"mm": 1.0, "millimetre": 1.0, "millimetres": 1.0, "millimeter": 1.0, "millimeters": 1.0,
-          "cm": 10.0, "centimetre": 10.0, "centimetres": 10.0, "centimeter": 10.0, "centimeters": 10.0}
+_UNITS = {
+    "mm": 1.0,
+    "millimetre": 1.0,
+    "millimetres": 1.0,
+    "millimeter": 1.0,
+    "millimeters": 1.0,
+    "cm": 10.0,
+    "centimetre": 10.0,
+    "centimetres": 10.0,
+    "centimeter": 10.0,
+    "centimeters": 10.0,
+}
 _SIZE_SEPARATORS = frozenset({"x", "\u00d7", "*", "by"})
 _CLAUSE_BREAKS = frozenset({",", ";", ".", ":", "(", ")", "!", "?", "but", "with", "however", "whereas"})
 
 
 def _phrase(text: str) -> tuple[str, ...]:
     """A phrase as the token words it matches (articles dropped, hyphens and commas as spaces)."""
-    return tuple(t for t in (m.group(0).lower() for m in _TOKEN_RE.finditer(text)) if t not in _ARTICLES and t not in ",;.:()")
+    return tuple(
+        t for t in (m.group(0).lower() for m in _TOKEN_RE.finditer(text)) if t not in _ARTICLES and t not in ",;.:()"
+    )
 
 
 def _organ_entry(name: str) -> _Entry:
@@ -262,7 +500,9 @@ def _organ_entry(name: str) -> _Entry:
         ids = label_table(REQUEST_VERSION).ids(name)
         return _Entry(_ORGAN, ORGAN_TYPE, name, frozenset(ids))
     except UnknownOrganError:
-        return _Entry(_ORGAN, ORGAN_TYPE, name, problem=f"the {name} has no TotalSegmentator v1 label, and requests use v1 organs")
+        return _Entry(
+            _ORGAN, ORGAN_TYPE, name, problem=f"the {name} has no TotalSegmentator v1 label, and requests use v1 organs"
+        )
 
 
 @lru_cache(maxsize=1)
@@ -293,8 +533,13 @@ def _lexicon() -> dict[tuple[str, ...], tuple[_Entry, ...]]:
         add(f"{level_word} lobe", _organ_entry(f"lung {level} lobe"))
         for side in ("left", "right"):
             entry = _organ_entry(f"lung {level} lobe {side}")
-            for form in (f"{side} {level_word} lobe", f"{level_word} lobe of {side} lung", f"{side} lung {level_word} lobe",
-                         f"{level_word} {side} lobe", f"{level_word} lobe of the {side} lung"):
+            for form in (
+                f"{side} {level_word} lobe",
+                f"{level_word} lobe of {side} lung",
+                f"{side} lung {level_word} lobe",
+                f"{level_word} {side} lobe",
+                f"{level_word} lobe of the {side} lung",
+            ):
                 add(form, entry)
     for abbreviation, name in _LOBE_ABBREVIATIONS.items():
         add(abbreviation, _organ_entry(name))
@@ -450,8 +695,6 @@ def _match(sentence: str, tokens: list[_Token]) -> list[_Span]:
     return spans
 
 
-
-
 def _scope(tokens: list[_Token], spans: list[_Span]) -> None:
     """Mark what negations and neighbour words ("abutting the stomach") apply to.
 
@@ -473,7 +716,10 @@ def _scope(tokens: list[_Token], spans: list[_Span]) -> None:
             gap = words[last + 1 : nxt.first]
             if prefix and gap:
                 break
-            if any(w in _CLAUSE_BREAKS for w in gap) or len([w for w in gap if w not in _STOPWORDS and w not in ("or", "nor")]) > 4:
+            if (
+                any(w in _CLAUSE_BREAKS for w in gap)
+                or len([w for w in gap if w not in _STOPWORDS and w not in ("or", "nor")]) > 4
+            ):
                 break
             nxt_kinds = {e.kind for e in nxt.entries}
             if not nxt.entries or _NEGATION in nxt_kinds:
@@ -483,7 +729,9 @@ def _scope(tokens: list[_Token], spans: list[_Span]) -> None:
                 if _NEIGHBOUR in nxt_kinds:  # "not abutting the stomach": the neighbour word does the rest
                     nxt.negated = previous_fields is None
                     break
-                if not all(e.negatable for e in nxt.entries) or (previous_fields is not None and not fields & previous_fields):
+                if not all(e.negatable for e in nxt.entries) or (
+                    previous_fields is not None and not fields & previous_fields
+                ):
                     break
                 nxt.negated = True
             else:
@@ -584,7 +832,9 @@ def read_description(text: str, *, require_organ: bool = True) -> TextReading:
     shapes = dict(many[V.SHAPE])
     irregular = [w for v, w in many[V.SHAPE] if v in ("irregular", "irregular wall thickening")]
     if "round-like" in shapes and irregular:
-        raise TextError(f"{shapes['round-like']!r} and {irregular[0]!r} contradict each other (shape: round-like / irregular)")
+        raise TextError(
+            f"{shapes['round-like']!r} and {irregular[0]!r} contradict each other (shape: round-like / irregular)"
+        )
 
     fields: dict[str, Any] = {name: pair[0] for name, pair in one.items() if pair is not None}
     fields.update({name: [v for v, _ in pairs] for name, pairs in many.items() if pairs})
@@ -656,7 +906,9 @@ def _host_organ(organs: list[_Span], require: bool) -> tuple[str | None, str]:
     """The one v1 organ every organ mention agrees on (``left lung`` + ``lower lobe`` -> the left lower lobe)."""
     if not organs:
         if require:
-            raise TextError("names no organ: say where the lesion is (e.g. 'in the liver', 'left kidney', 'right lower lobe')")
+            raise TextError(
+                "names no organ: say where the lesion is (e.g. 'in the liver', 'left kidney', 'right lower lobe')"
+            )
         return None, ""
     ids: frozenset[int] | None = None
     first_words = organs[0].words
@@ -665,14 +917,18 @@ def _host_organ(organs: list[_Span], require: bool) -> tuple[str | None, str]:
         if entry.problem:
             raise TextError(f"{span.words!r}: {entry.problem}")
         if ids is not None and not (ids & entry.ids):
-            raise TextError(f"{first_words!r} and {span.words!r} name two different organs; describe one lesion in one organ")
+            raise TextError(
+                f"{first_words!r} and {span.words!r} name two different organs; describe one lesion in one organ"
+            )
         ids = entry.ids if ids is None else ids & entry.ids
     assert ids is not None
     table = label_table(REQUEST_VERSION)
     words = " + ".join(dict.fromkeys(s.words for s in organs))
     if len(ids) > 1:
         choices = ", ".join(table.name(i) for i in sorted(ids))
-        raise TextError(f"{words!r} names more than one organ ({choices}): say which one, e.g. 'left' or 'right', or the lobe")
+        raise TextError(
+            f"{words!r} names more than one organ ({choices}): say which one, e.g. 'left' or 'right', or the lobe"
+        )
     return table.name(next(iter(ids))), words
 
 
@@ -687,7 +943,9 @@ def _field_attributes(fields: Mapping[str, Any], organ_name: str | None) -> dict
         out[V.SHAPE] = V.format_classes(list(fields[V.SHAPE]))
     if fields.get("margin"):
         well = fields["margin"] == SURFACE_WELL
-        out[V.SURFACE] = (margin_text(organ_name, well) if organ_name else ("well-defined margin" if well else "ill-defined margin")) + ","
+        out[V.SURFACE] = (
+            margin_text(organ_name, well) if organ_name else ("well-defined margin" if well else "ill-defined margin")
+        ) + ","
     if fields.get(V.RELATIONSHIP):
         out[V.RELATIONSHIP] = V.format_classes([fields[V.RELATIONSHIP]])
     if fields.get(V.SPECIFIC):
@@ -695,7 +953,9 @@ def _field_attributes(fields: Mapping[str, Any], organ_name: str | None) -> dict
     if fields.get(V.CAVITY):
         cavity = fields[V.CAVITY]
         if organ_name is not None and cavity not in allowed_cavities(organ_name):
-            raise TextError(f"cavity {cavity!r} does not fit the {organ_name}; it admits {' or '.join(allowed_cavities(organ_name))}")
+            raise TextError(
+                f"cavity {cavity!r} does not fit the {organ_name}; it admits {' or '.join(allowed_cavities(organ_name))}"
+            )
         out[V.CAVITY] = cavity
     if fields.get(V.ENHANCEMENT):
         out[V.ENHANCEMENT] = ENHANCED if str(fields[V.ENHANCEMENT]).lower().startswith("enhanced") else NON_CONTRAST
@@ -703,7 +963,9 @@ def _field_attributes(fields: Mapping[str, Any], organ_name: str | None) -> dict
     if size:
         mm = [float(v) for v in size]
         if any(v <= 0 or v > MAX_SIZE_MM for v in mm):
-            raise TextError(f"size {' x '.join(f'{v:g}' for v in mm)} mm is not a lesion size (each axis above 0 and at most {MAX_SIZE_MM:g} mm)")
+            raise TextError(
+                f"size {' x '.join(f'{v:g}' for v in mm)} mm is not a lesion size (each axis above 0 and at most {MAX_SIZE_MM:g} mm)"
+            )
         if len(mm) == 2:
             mm.append(min(mm))
         out[V.SIZE] = f"{mm[0]:g} mm" if len(mm) == 1 else " x ".join(f"{v:g}" for v in mm) + " mm"
@@ -739,7 +1001,12 @@ def answer_schema() -> dict[str, Any]:
         V.SPECIFIC: {"type": "array", "items": {"type": "string", "enum": list(V.classes(V.SPECIFIC))}, "maxItems": 3},
         V.CAVITY: _nullable_enum(V.CAVITY_CLASSES),
         V.ENHANCEMENT: _nullable_enum((ENHANCED.rstrip(","), NON_CONTRAST.rstrip(","))),
-        "size in mm": {"type": ["array", "null"], "items": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SIZE_MM}, "minItems": 1, "maxItems": 3},
+        "size in mm": {
+            "type": ["array", "null"],
+            "items": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SIZE_MM},
+            "minItems": 1,
+            "maxItems": 3,
+        },
         "CT value in HU": {"type": ["number", "null"], "minimum": HU_RANGE[0], "maximum": HU_RANGE[1]},
     }
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}

@@ -57,7 +57,9 @@ def split_datalist(
     return train, val
 
 
-def epoch_sampler(dataset: Dataset, iter_num: int, batch_size: int, distributed: bool = False, seed: int = 0) -> Sampler:
+def epoch_sampler(
+    dataset: Dataset, iter_num: int, batch_size: int, distributed: bool = False, seed: int = 0
+) -> Sampler:
     """Draw ``iter_num * batch_size`` cases at random (with replacement) per epoch (per rank when distributed).
 
     The epoch length is independent of the dataset size (the original's ``random_sample`` + ``iter_num``).
@@ -68,7 +70,9 @@ def epoch_sampler(dataset: Dataset, iter_num: int, batch_size: int, distributed:
     count = int(iter_num) * int(batch_size)
     generator = torch.Generator().manual_seed(int(seed))
     if distributed:
-        return DistributedWeightedRandomSampler(dataset, weights=[1.0] * n, num_samples_per_rank=count, generator=generator)
+        return DistributedWeightedRandomSampler(
+            dataset, weights=[1.0] * n, num_samples_per_rank=count, generator=generator
+        )
     return RandomSampler(dataset, replacement=True, num_samples=count, generator=generator)
 
 

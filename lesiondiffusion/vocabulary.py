@@ -25,7 +25,18 @@ RELATIONSHIP = "relationship with adjacent organs"
 SPECIFIC = "specific features"
 CAVITY = "cavity"
 
-REPORT_FIELDS = (ENHANCEMENT, LOCATION, SHAPE, SIZE, DENSITY, DENSITY_VARIATIONS, CT_VALUE, SURFACE, RELATIONSHIP, SPECIFIC)
+REPORT_FIELDS = (
+    ENHANCEMENT,
+    LOCATION,
+    SHAPE,
+    SIZE,
+    DENSITY,
+    DENSITY_VARIATIONS,
+    CT_VALUE,
+    SURFACE,
+    RELATIONSHIP,
+    SPECIFIC,
+)
 OPTIONAL_FIELDS = (CAVITY,)
 
 # What each network is conditioned on (design 4.2 and 4.4).

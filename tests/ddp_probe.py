@@ -49,7 +49,13 @@ def attach(trainer: Any, networks: dict[str, Any], output_dir: str) -> None:
             # parameters only: DDP averages gradients; buffers (norm statistics) follow each rank's last batch
             states[name] = {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
         wrapped = {name: type(net).__name__ for name, net in networks.items()}
-        record = {"drawn": drawn, "iterations": engine.state.iteration, "states": states, "wrapped": wrapped, "world": dist.get_world_size()}
+        record = {
+            "drawn": drawn,
+            "iterations": engine.state.iteration,
+            "states": states,
+            "wrapped": wrapped,
+            "world": dist.get_world_size(),
+        }
         os.makedirs(output_dir, exist_ok=True)
         torch.save(record, os.path.join(output_dir, f"probe_rank{rank}.pt"))
 
@@ -63,7 +69,9 @@ def probe_config(path: Path, train_json: Path, trainer: str, networks: dict[str,
     config = json.loads(train_json.read_text())
     nets = "{" + ", ".join(f"{name!r}: {ref}" for name, ref in networks.items()) + "}"
     attach_step = f"$runpy.run_path({str(PROBE)!r})['attach']({trainer}, {nets}, @output_dir)"
-    path.write_text(json.dumps({"imports": [*config["imports"], "$import runpy"], "run": [attach_step, *config["run"]]}))
+    path.write_text(
+        json.dumps({"imports": [*config["imports"], "$import runpy"], "run": [attach_step, *config["run"]]})
+    )
     return path
 
 

@@ -30,8 +30,19 @@ def ball(c, centre, radii):
     return sum(((ci - p) / r) ** 2 for ci, p, r in zip(c, centre, radii)) <= 1.0
 
 
-def paint(organ, lesion, spacing=(1.0, 1.0, 1.0), organ_hu=60.0, lesion_hu=20.0, noise=5.0, blur_mm=0.6,
-          blobs=0.0, extra=(), seed=0, lesion_blur_mm=None):
+def paint(
+    organ,
+    lesion,
+    spacing=(1.0, 1.0, 1.0),
+    organ_hu=60.0,
+    lesion_hu=20.0,
+    noise=5.0,
+    blur_mm=0.6,
+    blobs=0.0,
+    extra=(),
+    seed=0,
+    lesion_blur_mm=None,
+):
     """A CT (float32 HU): fat, organ, lesion and extra (mask, HU) regions, blurred, with white noise."""
     rng = np.random.default_rng(seed)
     sp = np.asarray(spacing)
@@ -96,7 +107,12 @@ def test_box_size_and_ct_value_in_the_reports_axis_order():
 
 @pytest.mark.parametrize(
     "lesion_hu, density",
-    [(8.0, "hypoattenuating fluid-like lesion"), (30.0, "hypodense lesion"), (63.0, "isodense lesion"), (110.0, "hyperdense lesion")],
+    [
+        (8.0, "hypoattenuating fluid-like lesion"),
+        (30.0, "hypodense lesion"),
+        (63.0, "isodense lesion"),
+        (110.0, "hyperdense lesion"),
+    ],
 )
 def test_density_relative_to_the_parenchyma(lesion_hu, density):
     attrs = extract(*liver_scene(lesion_hu))
@@ -132,7 +148,9 @@ def test_hollow_organ_density_is_against_the_wall_not_the_contents():
     assert attrs["density"] == "isodense lesion,"  # like the wall (HOLLOW_REFERENCE_HU), not "hyperdense"
 
 
-@pytest.mark.parametrize("lesion_hu, density", [(35.0, "isodense soft tissue mass"), (-600.0, "low-density ground-glass opacity")])
+@pytest.mark.parametrize(
+    "lesion_hu, density", [(35.0, "isodense soft tissue mass"), (-600.0, "low-density ground-glass opacity")]
+)
 def test_lung_lesions(lesion_hu, density):
     c = coords()
     organ = ball(c, (24, 24, 24), 21)
@@ -148,11 +166,14 @@ def test_voxel_noise_is_not_heterogeneity_but_structure_is():
     blobby = extract(*liver_scene(30.0, radius=9.0, blobs=25.0))  # the phantom's heterogeneous lesions
     assert blobby["density variations"] == "heterogeneous,"
     assert V.parse_classes("specific features", blobby["specific features"])[0] == [
-        "presence of increased density areas", "presence of decreased density areas"
+        "presence of increased density areas",
+        "presence of decreased density areas",
     ]
 
 
-@pytest.mark.parametrize("focus_hu, feature", [(90.0, "presence of increased density areas"), (-40.0, "presence of decreased density areas")])
+@pytest.mark.parametrize(
+    "focus_hu, feature", [(90.0, "presence of increased density areas"), (-40.0, "presence of decreased density areas")]
+)
 def test_density_areas(focus_hu, feature):
     c = coords()
     organ = ball(c, (24, 24, 24), 21)
@@ -186,7 +207,11 @@ def test_shape_classes():
         label, seg = maps(organ, lesion)
         got[name] = extract(paint(organ & ~lesion, lesion, lesion_hu=20.0), label, seg)["shape"]
     assert got == {
-        "round-like": "round-like,", "ovoid": "round-like,", "elongated": "irregular,", "lobulated": "irregular,", "punctate": "punctate,"
+        "round-like": "round-like,",
+        "ovoid": "round-like,",
+        "elongated": "irregular,",
+        "lobulated": "irregular,",
+        "punctate": "punctate,",
     }
 
 
@@ -218,8 +243,10 @@ def test_relationship_with_adjacent_organs():
     lesion = ball(c, (24, 24, 33), 5)  # reaches the organ's top at z = 38
     spleen_touching = (c[2] > 38) & ball(c, (24, 24, 44), 9)
     spleen_far = ball(c, (6, 6, 44), 3)
-    for other, relation in [(spleen_touching, "close relationship with adjacent organs,"),
-                            (spleen_far, "no close relationship with surrounding organs,")]:
+    for other, relation in [
+        (spleen_touching, "close relationship with adjacent organs,"),
+        (spleen_far, "no close relationship with surrounding organs,"),
+    ]:
         label, seg = maps(organ, lesion, extra=[(other, SPLEEN)])
         image = paint(organ & ~lesion, lesion, extra=[(other, 50.0)])
         assert extract(image, label, seg)["relationship with adjacent organs"] == relation
@@ -263,7 +290,14 @@ def test_same_lesion_on_an_anisotropic_grid():
     assert abs(iso.volume_mm3 - aniso.volume_mm3) / iso.volume_mm3 < 0.1
     a = A.report_from_measurements(iso).attributes
     b = A.report_from_measurements(aniso).attributes
-    for name in ("density", "density variations", "shape", "cavity", "surface characteristics", "relationship with adjacent organs"):
+    for name in (
+        "density",
+        "density variations",
+        "shape",
+        "cavity",
+        "surface characteristics",
+        "relationship with adjacent organs",
+    ):
         assert a[name] == b[name], name
 
 
@@ -349,8 +383,12 @@ def test_kidney_stone():
 
 
 def test_given_fields_condition_the_others():
-    out = propose({"organ type": "liver", "lesion type": "tumour", "density": "hyperdense lesion"}, "liver", 0,
-                  organ_reference_hu=95.0)
+    out = propose(
+        {"organ type": "liver", "lesion type": "tumour", "density": "hyperdense lesion"},
+        "liver",
+        0,
+        organ_reference_hu=95.0,
+    )
     assert parse_ct_value(out["CT value"]) > 95.0 + A.ISO_HU
     out = propose({"organ type": "bladder", "lesion type": "tumour", "cavity": "wall thickening"}, "urinary bladder", 0)
     assert out["cavity"] == V.CAVITY_WALL and out["shape"].startswith("irregular wall thickening")
@@ -363,11 +401,15 @@ def test_proposed_size_is_relative_to_the_organ():
         assert all(s <= A.MAX_ORGAN_FRACTION * o for s, o in zip(size, (30, 20, 10)))
 
 
-@pytest.mark.parametrize("density", ["hypoattenuating fluid-like lesion", "hypodense lesion", "isodense lesion", "hyperdense lesion"])
+@pytest.mark.parametrize(
+    "density", ["hypoattenuating fluid-like lesion", "hypodense lesion", "isodense lesion", "hyperdense lesion"]
+)
 def test_generated_ct_value_is_measured_back_as_its_density(density):
     # what the generator writes, the extractor (and so the evaluation of synthetic lesions) reads back
     for seed in range(5):
-        out = propose({"organ type": "liver", "lesion type": "lesion", "density": density}, "liver", seed, organ_reference_hu=60.0)
+        out = propose(
+            {"organ type": "liver", "lesion type": "lesion", "density": density}, "liver", seed, organ_reference_hu=60.0
+        )
         attrs = extract(*liver_scene(parse_ct_value(out["CT value"]), seed=seed))
         assert attrs["density"] == density + ",", (seed, out["CT value"])
 
@@ -393,9 +435,13 @@ def complete(request, proposed=None, organ_id=LIVER, box=ORGAN_BOX, seed=0, **kw
 
 def test_user_fields_win(tmp_path):
     request = {
-        "organ type": "liver", "lesion type": "cyst",
-        "density": "hyperdense lesion", "shape": "irregular", "CT value": "140 HU",
-        "surface characteristics": "ill-defined margin", "size": "25x20x18 mm",
+        "organ type": "liver",
+        "lesion type": "cyst",
+        "density": "hyperdense lesion",
+        "shape": "irregular",
+        "CT value": "140 HU",
+        "surface characteristics": "ill-defined margin",
+        "size": "25x20x18 mm",
     }
     proposed = propose({"organ type": "liver", "lesion type": "cyst"}, "liver", 0)
     report = complete(request, proposed)
@@ -446,11 +492,16 @@ def test_cavity_must_fit_the_organ():
     assert report.attributes["cavity"] == V.CAVITY_LUMEN
     # a proposal that does not fit (from a careless provider) is replaced by one that does
     proposed = {**propose({"organ type": "liver", "lesion type": "cyst"}, "liver", 0), "cavity": V.CAVITY_LUMEN}
-    assert complete({"organ type": "liver", "lesion type": "cyst"}, proposed).attributes["cavity"] in (V.CAVITY_WITHIN, V.CAVITY_PROTRUDING)
+    assert complete({"organ type": "liver", "lesion type": "cyst"}, proposed).attributes["cavity"] in (
+        V.CAVITY_WITHIN,
+        V.CAVITY_PROTRUDING,
+    )
 
 
 def test_missing_proposed_fields_are_filled():
-    report = complete({"organ type": "spleen", "lesion type": "cyst"}, proposed={"density": "isodense lesion,"}, organ_id=SPLEEN)
+    report = complete(
+        {"organ type": "spleen", "lesion type": "cyst"}, proposed={"density": "isodense lesion,"}, organ_id=SPLEEN
+    )
     attrs = report.attributes
     assert attrs["density"] == "isodense lesion,"
     for name in V.REPORT_FIELDS:
@@ -459,7 +510,12 @@ def test_missing_proposed_fields_are_filled():
 
 
 def test_ct_value_forms():
-    assert parse_ct_value(complete({"organ type": "liver", "lesion type": "cyst", "CT value": "12"}).attributes["CT value"]) == 12.0
+    assert (
+        parse_ct_value(
+            complete({"organ type": "liver", "lesion type": "cyst", "CT value": "12"}).attributes["CT value"]
+        )
+        == 12.0
+    )
     with pytest.raises(LesionDiffusionError, match="cannot read the CT value 'about twelve'"):
         complete({"organ type": "liver", "lesion type": "cyst", "CT value": "about twelve"})
 
@@ -495,15 +551,24 @@ def test_organ_reference_is_the_whole_volume_value(spacing):
     # an organ touching the image border, a lesion near its rim and a second, distant excluded region
     organ = ball(c, (20.0, 30.0, 34.0), (20.0, 16.0, 14.0))
     lesion = ball(c, (8.0, 30.0, 34.0), 5.0) | ball(c, (56.0, 56.0, 56.0), 3.0)
-    image = paint(organ & ~lesion, lesion, spacing, organ_hu=60.0, lesion_hu=10.0, noise=12.0,
-                  extra=[(ball(c, (44.0, 30.0, 34.0), 6.0), 200.0)])
+    image = paint(
+        organ & ~lesion,
+        lesion,
+        spacing,
+        organ_hu=60.0,
+        lesion_hu=10.0,
+        noise=12.0,
+        extra=[(ball(c, (44.0, 30.0, 34.0), 6.0), 200.0)],
+    )
     for exclude in (lesion, np.zeros_like(lesion)):
         got = A.organ_reference_hu(image, organ & ~exclude, spacing, exclude=exclude)
         assert got == whole_volume_reference_hu(image, organ & ~exclude, spacing, exclude)
     # a thin organ falls back to the voxels it has; an empty one has no reference
     sheet = np.zeros(organ.shape, bool)
     sheet[:, :, 10] = True
-    assert A.organ_reference_hu(image, sheet, spacing, exclude=lesion) == whole_volume_reference_hu(image, sheet, spacing, lesion)
+    assert A.organ_reference_hu(image, sheet, spacing, exclude=lesion) == whole_volume_reference_hu(
+        image, sheet, spacing, lesion
+    )
     assert A.organ_reference_hu(image, np.zeros_like(organ), spacing, exclude=lesion) is None
 
 
@@ -513,8 +578,10 @@ def test_measurements_do_not_depend_on_the_array_types():
     image[:4] = 180.0
     base = A.measure_lesion(image, label, seg)
     assert base.aorta_hu == pytest.approx(180.0, abs=1.0)
-    for args in ((image.astype(np.float64), label.astype(np.float32), seg.astype(np.float32)),
-                 (np.rint(image).astype(np.int16), label.astype(np.int64), seg.astype(np.uint8))):
+    for args in (
+        (image.astype(np.float64), label.astype(np.float32), seg.astype(np.float32)),
+        (np.rint(image).astype(np.int16), label.astype(np.int64), seg.astype(np.uint8)),
+    ):
         other = A.measure_lesion(*args)
         assert (other.organ_id, other.centre, other.size) == (base.organ_id, base.centre, base.size)
         assert other.mean_hu == pytest.approx(base.mean_hu, abs=0.5)

@@ -105,7 +105,9 @@ def test_latent_is_standardised_by_the_codes_training_used() -> None:
     assert torch.allclose(mean.double(), expected_mean, atol=1e-5)
     assert torch.allclose(std.double(), (p[:, None] * (used - expected_mean) ** 2).sum(0).sqrt(), atol=1e-5)
     # codes drawn as often as training used them come out with zero mean and unit variance per channel
-    draws = torch.multinomial(q.ema_cluster_size.double(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    draws = torch.multinomial(
+        q.ema_cluster_size.double(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
     codes = q.embedding.weight[draws].T.reshape(1, net.embedding_dim, 200_000, 1, 1)
     z = (codes - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
     assert torch.allclose(z.mean(dim=(0, 2, 3, 4)), torch.zeros(4), atol=0.02)

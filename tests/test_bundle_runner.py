@@ -27,7 +27,10 @@ def test_several_configs_travel_as_one_json_list(tmp_path):
     root = bundle_root("vqgan")
     cmd = bundle_command(root, ("train.json", "multi_gpu_train.json"), tmp_path / "args.json")
     assert cmd[:4] == [sys.executable, "-m", "monai.bundle", "run"]
-    assert json.loads(cmd[cmd.index("--config_file") + 1]) == [str(root / "configs" / "train.json"), str(root / "configs" / "multi_gpu_train.json")]
+    assert json.loads(cmd[cmd.index("--config_file") + 1]) == [
+        str(root / "configs" / "train.json"),
+        str(root / "configs" / "multi_gpu_train.json"),
+    ]
     assert cmd[cmd.index("--args_file") + 1] == str(tmp_path / "args.json")
     single = bundle_command(root, ("inference.json",), tmp_path / "args.json")
     assert single[single.index("--config_file") + 1] == str(root / "configs" / "inference.json")
@@ -40,7 +43,12 @@ def test_a_failing_bundle_raises_its_one_line_error_with_the_exit_status(tmp_pat
     with pytest.raises(BundleRunError) as info:
         run_bundle(
             "preprocess",
-            {"image": str(missing), "attributes": {"organ type": "liver", "lesion type": "cyst"}, "output_dir": str(out), "organ_seg": None},
+            {
+                "image": str(missing),
+                "attributes": {"organ type": "liver", "lesion type": "cyst"},
+                "output_dir": str(out),
+                "organ_seg": None,
+            },
             capture=True,
         )
     assert info.value.returncode == 1
@@ -51,7 +59,11 @@ def test_a_failing_bundle_raises_its_one_line_error_with_the_exit_status(tmp_pat
 
 def test_stderr_reaches_the_terminal_unless_captured(tmp_path, capfd):
     missing = tmp_path / "missing.nii.gz"
-    overrides = {"image": str(missing), "attributes": {"organ type": "liver", "lesion type": "cyst"}, "output_dir": str(tmp_path / "o")}
+    overrides = {
+        "image": str(missing),
+        "attributes": {"organ type": "liver", "lesion type": "cyst"},
+        "output_dir": str(tmp_path / "o"),
+    }
     with pytest.raises(BundleRunError) as echoed:
         run_bundle("preprocess", overrides)
     assert str(echoed.value) in capfd.readouterr().err.splitlines()
@@ -65,7 +77,9 @@ def test_preprocess_options_become_bundle_overrides(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "attrs.json").write_text('{"organ type": "liver", "lesion type": "cyst"}')
-    got = bundle_overrides(out="out", image="ct.nii.gz", organ_seg=None, attributes="attrs.json", seed="3", overwrite=1, totalseg_fast=True)
+    got = bundle_overrides(
+        out="out", image="ct.nii.gz", organ_seg=None, attributes="attrs.json", seed="3", overwrite=1, totalseg_fast=True
+    )
     assert got == {
         "output_dir": str(tmp_path / "out"), "image": str(tmp_path / "ct.nii.gz"), "attributes": str(tmp_path / "attrs.json"),
         "seed": 3, "overwrite": True, "totalseg_fast": True,
@@ -86,5 +100,10 @@ def test_failure_message_prefers_the_bundle_error_line_then_how_it_ended():
 
     log = "INFO loading\nerror: /x/ct.nii.gz: not a NIfTI file\nsampling:  10%|#  | 1/10\r"
     assert failure_message("lmnet", log, 1) == "error: /x/ct.nii.gz: not a NIfTI file"
-    assert failure_message("lmnet", "sampling:  10%|#  | 1/10\r", -9) == "error: the lmnet bundle was stopped by signal 9"
-    assert failure_message("linet", "Traceback ...\nValueError: boom\n", 1) == "error: the linet bundle failed (exit status 1): ValueError: boom"
+    assert (
+        failure_message("lmnet", "sampling:  10%|#  | 1/10\r", -9) == "error: the lmnet bundle was stopped by signal 9"
+    )
+    assert (
+        failure_message("linet", "Traceback ...\nValueError: boom\n", 1)
+        == "error: the linet bundle failed (exit status 1): ValueError: boom"
+    )

@@ -29,9 +29,16 @@ def test_inference_configs_sample_with_the_defaults_table(preset: str) -> None:
         assert parsed(network, "inference.json", "steps", preset=preset) == default(network, "steps", preset)
         assert parsed(network, "inference.json", "guidance_scale", preset=preset) == DEFAULTS[network]["guidance_scale"]
     assert parsed("lmnet", "inference.json", "steps", preset="paper") == 200  # the original's DDIM 200
-    assert parsed("lmnet", "inference.json", "guidance_scale") == 1.0 and parsed("linet", "inference.json", "guidance_scale") == 2.0
-    assert parsed("linet", "inference.json", "margin_mm") == 3.0 and parsed("linet", "inference.json", "feather_mm") == 2.0
-    assert parsed("preprocess", "inference.json", "crop_margin_mm", preset=preset) == default("preprocess", "crop_margin_mm", preset)
+    assert (
+        parsed("lmnet", "inference.json", "guidance_scale") == 1.0
+        and parsed("linet", "inference.json", "guidance_scale") == 2.0
+    )
+    assert (
+        parsed("linet", "inference.json", "margin_mm") == 3.0 and parsed("linet", "inference.json", "feather_mm") == 2.0
+    )
+    assert parsed("preprocess", "inference.json", "crop_margin_mm", preset=preset) == default(
+        "preprocess", "crop_margin_mm", preset
+    )
 
 
 def test_synthesize_leaves_each_networks_steps_and_guidance_to_its_bundle() -> None:
@@ -41,7 +48,10 @@ def test_synthesize_leaves_each_networks_steps_and_guidance_to_its_bundle() -> N
         assert "steps" not in over and "guidance_scale" not in over and over["preset"] == "paper"
     assert _stage_overrides("preprocess", paper, WEIGHTS)["preset"] == "paper"
     given = SynthesisSettings(steps=7, guidance_scale=1.5)
-    assert {k: _stage_overrides("lmnet", given, WEIGHTS)[k] for k in ("steps", "guidance_scale")} == {"steps": 7, "guidance_scale": 1.5}
+    assert {k: _stage_overrides("lmnet", given, WEIGHTS)[k] for k in ("steps", "guidance_scale")} == {
+        "steps": 7,
+        "guidance_scale": 1.5,
+    }
 
 
 def test_resume_false_from_the_command_line_does_not_resume_lmnet(tmp_path: Path) -> None:

@@ -30,7 +30,9 @@ def test_in_process_chain_gives_the_isolated_chains_outputs(tmp_path: Path, monk
     calls = {"in_process": 0, "child": 0}
     for name, key in (("run_bundle_in_process", "in_process"), ("run_bundle", "child")):
         real = getattr(S, name)
-        monkeypatch.setattr(S, name, lambda *a, _real=real, _key=key, **k: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k))
+        monkeypatch.setattr(
+            S, name, lambda *a, _real=real, _key=key, **k: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k)
+        )
     inside = run(tmp_path / "inside", False)
     assert calls == {"in_process": 3, "child": 0}
     isolated = run(tmp_path / "isolated", True)

@@ -197,7 +197,10 @@ def test_biomedclip_needs_local_weights_and_open_clip(tmp_path):
 
 def test_intensity_hint_paints_the_ct_value_into_the_mask_and_drops_with_it():
     spec = ConditionSpec(V.IMAGE_FIELDS)
-    dark, bright = (spec.encode({**LIVER, V.CT_VALUE: f"Mean density of the lesion region is approximately {hu} HU,"}) for hu in (20, 90))
+    dark, bright = (
+        spec.encode({**LIVER, V.CT_VALUE: f"Mean density of the lesion region is approximately {hu} HU,"})
+        for hu in (20, 90)
+    )
     cond = torch.stack([dark, bright, null_condition(dark)])
     mask = torch.zeros(3, 1, 6, 6, 6)
     mask[:, :, 2:4, 1:5, 2:5] = 1

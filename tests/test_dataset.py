@@ -92,7 +92,11 @@ def test_misaligned_lists_name_both_files(cases, tmp_path):
     label_list.write_text("".join(label_list.read_text().splitlines(keepends=True)[:2]))
     with pytest.raises(InputError) as e:
         read_split(tmp_path, "train")
-    assert str(e.value).startswith(str(label_list)) and "has 2 lines" in str(e.value) and "train_img_list.txt has 3" in str(e.value)
+    assert (
+        str(e.value).startswith(str(label_list))
+        and "has 2 lines" in str(e.value)
+        and "train_img_list.txt has 3" in str(e.value)
+    )
 
 
 def test_blank_line_inside_a_list_names_the_line(cases, tmp_path):
@@ -190,8 +194,17 @@ def test_cli_validate_datalist_ok_and_broken(cases, tmp_path):
 
 def test_cli_validate_lists_and_one_line_error(cases, tmp_path):
     files = write_list_files(tmp_path, "train", cases)
-    ok = run_cli("validate", "--image_list", str(files["image"]), "--label_list", str(files["label"]),
-                 "--type_list", str(files["report"]), "--seg_list", str(files["organ_seg"]))
+    ok = run_cli(
+        "validate",
+        "--image_list",
+        str(files["image"]),
+        "--label_list",
+        str(files["label"]),
+        "--type_list",
+        str(files["report"]),
+        "--seg_list",
+        str(files["organ_seg"]),
+    )
     assert ok.returncode == 0 and "0 problem(s)" in ok.stdout
     missing = run_cli("validate", "--image_list", str(tmp_path / "nope.txt"))
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
@@ -203,5 +216,11 @@ def test_cli_convert_both_ways(cases, tmp_path):
     out = run_cli("convert", "--datalist", str(tmp_path / "d.json"), "--lists_dir", str(tmp_path / "lists"))
     assert out.returncode == 0, out.stderr
     assert read_datalist(tmp_path / "d.json")["training"] == cases
-    out = run_cli("convert", "--datalist", str(tmp_path / "d.json"), "--lists_dir", str(tmp_path / "l2"), "--to", "lists")
-    assert out.returncode == 0 and read_list_files(*(tmp_path / "l2" / f"train_{k}_list.txt" for k in ("img", "label", "type", "seg"))) == cases
+    out = run_cli(
+        "convert", "--datalist", str(tmp_path / "d.json"), "--lists_dir", str(tmp_path / "l2"), "--to", "lists"
+    )
+    assert (
+        out.returncode == 0
+        and read_list_files(*(tmp_path / "l2" / f"train_{k}_list.txt" for k in ("img", "label", "type", "seg")))
+        == cases
+    )

@@ -45,7 +45,9 @@ def _validate(capsys: pytest.CaptureFixture, datalist: Path, version: str = "aut
     return code, capsys.readouterr().out
 
 
-def test_phantom_dataset_declares_v1_and_validates_where_anatomy_cannot_tell(demo_src: Path, tmp_path: Path, capsys) -> None:
+def test_phantom_dataset_declares_v1_and_validates_where_anatomy_cannot_tell(
+    demo_src: Path, tmp_path: Path, capsys
+) -> None:
     out = build_dataset(demo_src, tmp_path / "phantom", 3, seed=0)  # seed 0: two of its three crops are undecidable
     obj = read_json(out / "datalist.json")
     assert obj["organ_seg_version"] == "v1" and datalist_version(out / "datalist.json") == "v1"
@@ -76,7 +78,11 @@ def test_phantom_dataset_declares_v1_and_validates_where_anatomy_cannot_tell(dem
 
 def test_requests_file_version_is_per_entry_over_top_level(tmp_path: Path) -> None:
     path = tmp_path / "requests.json"
-    entry = {"image": "ct.nii.gz", "organ_seg": "seg.nii.gz", "attributes": {"organ type": "liver", "lesion type": "cyst"}}
+    entry = {
+        "image": "ct.nii.gz",
+        "organ_seg": "seg.nii.gz",
+        "attributes": {"organ type": "liver", "lesion type": "cyst"},
+    }
     path.write_text(json.dumps({"organ_seg_version": "v1", "requests": [
         {"case": "a", **entry}, {"case": "b", **entry, "organ_seg_version": "v2"}]}))  # fmt: skip
     assert [r.organ_seg_version for r in read_requests(path)] == ["v1", "v2"]
@@ -105,14 +111,19 @@ def test_declared_v1_lungs_only_map_preprocesses_without_the_flag(tmp_path: Path
     def preprocess(flag: str) -> list:
         work = tmp_path / f"work_{flag}"
         work.mkdir()
-        overrides = {**_stage_overrides("preprocess", SynthesisSettings(organ_seg_version=flag), {}), **_write_inputs(work, states)}
+        overrides = {
+            **_stage_overrides("preprocess", SynthesisSettings(organ_seg_version=flag), {}),
+            **_write_inputs(work, states),
+        }
         run_bundle("preprocess", {**overrides, "output_dir": str(work / "preprocess")}, capture=True, echo=False)
         return list(read_manifest(work / "preprocess" / MANIFEST_NAME).cases)
 
     declared, undeclared, wrong = preprocess("auto")
     assert declared.ok and declared.extra["organ_seg_version"] == "v1"
     assert not undeclared.ok and "cannot tell whether the organ map uses TotalSegmentator v1 or v2" in undeclared.error
-    assert not wrong.ok and "absent from the organ segmentation" in wrong.error  # read as v2, the left upper lobe is gone
+    assert (
+        not wrong.ok and "absent from the organ segmentation" in wrong.error
+    )  # read as v2, the left upper lobe is gone
     # the explicit flag wins over every declaration
     assert [(c.ok, c.extra.get("organ_seg_version")) for c in preprocess("v1")] == [(True, "v1")] * 3
 

@@ -34,8 +34,16 @@ T = 1000
 def tiny_model(dim: int = 8, extra: int = 3) -> ConditionedDiffusionModel:
     torch.manual_seed(0)
     unet = DiffusionModelUNet(
-        spatial_dims=3, in_channels=1 + extra, out_channels=1, channels=(8, 8), attention_levels=(False, True),
-        num_res_blocks=1, num_head_channels=8, norm_num_groups=4, with_conditioning=True, cross_attention_dim=dim,
+        spatial_dims=3,
+        in_channels=1 + extra,
+        out_channels=1,
+        channels=(8, 8),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        num_head_channels=8,
+        norm_num_groups=4,
+        with_conditioning=True,
+        cross_attention_dim=dim,
     )
     return ConditionedDiffusionModel(with_live_output(unet), VocabConditionEncoder(dim=dim))
 
@@ -102,7 +110,14 @@ class Probe(nn.Module):
         self.calls: list[dict] = []
 
     def forward(self, x, timesteps, context=None, extra=None):
-        self.calls.append({"x": x.clone(), "t": timesteps.clone(), "context": None if context is None else context.clone(), "extra": extra})
+        self.calls.append(
+            {
+                "x": x.clone(),
+                "t": timesteps.clone(),
+                "context": None if context is None else context.clone(),
+                "extra": extra,
+            }
+        )
         return torch.zeros_like(x) + self.w
 
 
@@ -136,10 +151,20 @@ def test_wrapper_concatenates_extra_channels_and_embeds_the_condition():
 def test_wrapper_appends_the_hint_channels_after_extra():
     torch.manual_seed(0)
     unet = DiffusionModelUNet(
-        spatial_dims=3, in_channels=1 + 1 + IntensityHint.channels, out_channels=1, channels=(8, 8), attention_levels=(False, True),
-        num_res_blocks=1, num_head_channels=8, norm_num_groups=4, with_conditioning=True, cross_attention_dim=8,
+        spatial_dims=3,
+        in_channels=1 + 1 + IntensityHint.channels,
+        out_channels=1,
+        channels=(8, 8),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        num_head_channels=8,
+        norm_num_groups=4,
+        with_conditioning=True,
+        cross_attention_dim=8,
     )
-    model = ConditionedDiffusionModel(with_live_output(unet), VocabConditionEncoder(V.IMAGE_FIELDS, dim=8), hint=IntensityHint(V.IMAGE_FIELDS))
+    model = ConditionedDiffusionModel(
+        with_live_output(unet), VocabConditionEncoder(V.IMAGE_FIELDS, dim=8), hint=IntensityHint(V.IMAGE_FIELDS)
+    )
     spec = ConditionSpec(V.IMAGE_FIELDS)
     cond = torch.stack([spec.encode({V.CT_VALUE: f"approximately {hu} HU"}) for hu in (10, 80)])
     x, mask = torch.randn(2, 1, 8, 8, 8), torch.zeros(2, 1, 8, 8, 8)
@@ -149,7 +174,9 @@ def test_wrapper_appends_the_hint_channels_after_extra():
     inputs = torch.cat([x, mask, model.hint(cond, mask)], 1)
     assert torch.allclose(out, model.unet(inputs, timesteps=t, context=model.encoder(cond)))
     # the CT value reaches the first convolution, not only the cross-attention
-    same_tokens = model.unet(torch.cat([x, mask, model.hint(cond.flip(0), mask)], 1), timesteps=t, context=model.encoder(cond))
+    same_tokens = model.unet(
+        torch.cat([x, mask, model.hint(cond.flip(0), mask)], 1), timesteps=t, context=model.encoder(cond)
+    )
     assert not torch.allclose(out, same_tokens)
 
 
@@ -266,7 +293,9 @@ def test_known_region_is_kept_and_shown_to_the_network():
     known = torch.rand(1, 1, 4, 4, 4)
     mask = torch.zeros_like(known)
     mask[..., 2:] = 1
-    out = DiffusionSampler("rflow", steps=4, progress=False)(probe, (1, 1, 4, 4, 4), known=known, known_mask=mask, seed=0)
+    out = DiffusionSampler("rflow", steps=4, progress=False)(
+        probe, (1, 1, 4, 4, 4), known=known, known_mask=mask, seed=0
+    )
     assert torch.equal(out[..., 2:], known[..., 2:])
     assert not torch.equal(out[..., :2], known[..., :2])
     assert all(torch.equal(c["x"][..., 2:], known[..., 2:]) for c in probe.calls)
@@ -287,15 +316,26 @@ def test_trainer_ema_checkpoint_and_load_weights(tmp_path):
     sched = training_scheduler("epsilon")
     torch.manual_seed(1)
     data = [
-        {"image": torch.rand(1, 8, 8, 8) * 2 - 1, "e": torch.rand(3, 8, 8, 8), "w": torch.ones(1, 8, 8, 8), "condition": condition()[0]}
+        {
+            "image": torch.rand(1, 8, 8, 8) * 2 - 1,
+            "e": torch.rand(3, 8, 8, 8),
+            "w": torch.ones(1, 8, 8, 8),
+            "condition": condition()[0],
+        }
         for _ in range(4)
     ]
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     ema = EMAHandler(model, momentum=0.5)
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=2, train_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
-        network=model, optimizer=optimizer, loss_function=WeightedLoss(), inferer=ConditionedDiffusionInferer(sched),
-        prepare_batch=ConditionedDiffusionPrepareBatch(sched, extra_keys=("e",), weight_key="w"), train_handlers=[ema],
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
+        network=model,
+        optimizer=optimizer,
+        loss_function=WeightedLoss(),
+        inferer=ConditionedDiffusionInferer(sched),
+        prepare_batch=ConditionedDiffusionPrepareBatch(sched, extra_keys=("e",), weight_key="w"),
+        train_handlers=[ema],
     )
     objects = {"network": model, "optimizer": optimizer, "trainer": trainer, "ema": ema.ema_model}
     LastCheckpointSaver(tmp_path, objects).attach(trainer)
@@ -339,7 +379,9 @@ def test_last_checkpoint_is_replaced_atomically(tmp_path):
     saver.attach(engine)
     engine.run([0, 1, 2], max_epochs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt"]
-    assert torch.equal(torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["network"]["weight"], model.weight)
+    assert torch.equal(
+        torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["network"]["weight"], model.weight
+    )
     ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
     nn.Module.__init__(ddp)
     ddp.module = model  # a wrapped network is saved as the bare network's state dict

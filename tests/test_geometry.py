@@ -96,7 +96,9 @@ def test_label_maps_resample_only_their_support_with_the_whole_grid_result(write
     label[tuple(slice(c - 1, c + 3) for c in centre)] = 2
     label[0, :3, -2:] = 1  # support at the grid's border: border padding must match too
     label[rng.random(label.shape) < 0.002] = 2
-    whole = geometry_module._resample(torch.as_tensor(label), geometry.standard_affine_array, geometry.input_affine, geometry.shape, "nearest")
+    whole = geometry_module._resample(
+        torch.as_tensor(label), geometry.standard_affine_array, geometry.input_affine, geometry.shape, "nearest"
+    )
     back = to_input_grid(label, geometry, mode="nearest")
     assert back.dtype == np.uint8 and np.array_equal(back, cast_to(whole, np.uint8))
     assert np.count_nonzero(back == 2) > 0

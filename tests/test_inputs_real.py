@@ -41,7 +41,10 @@ def dicom_hu_at_world(points_ras: np.ndarray) -> np.ndarray:
         lps = np.array([-p[0], -p[1], p[2]])
         ds = min(slices, key=lambda d: abs(float(d.ImagePositionPatient[2]) - lps[2]))
         origin = np.asarray(ds.ImagePositionPatient, float)
-        row_dir, col_dir = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+        row_dir, col_dir = (
+            np.asarray(ds.ImageOrientationPatient[:3], float),
+            np.asarray(ds.ImageOrientationPatient[3:], float),
+        )
         dr, dc = (float(v) for v in ds.PixelSpacing)
         col = int(round(np.dot(lps - origin, row_dir) / dc))
         row = int(round(np.dot(lps - origin, col_dir) / dr))
@@ -64,7 +67,7 @@ def test_dicom_series_has_the_true_geometry_and_hu():
     assert np.array_equal(data[tuple(ijk.T)], dicom_hu_at_world(world[:, :3]))
     # the liver of the organ map (v2 id 5) is soft tissue in the CT at the same world position
     to_seg = np.linalg.inv(seg.affine) @ img.affine
-    liver_ijk = np.argwhere(np.asanyarray(seg.dataobj) == 5)[:: 97]
+    liver_ijk = np.argwhere(np.asanyarray(seg.dataobj) == 5)[::97]
     ct_ijk = np.rint((np.c_[liver_ijk, np.ones(len(liver_ijk))] @ np.linalg.inv(to_seg).T)[:, :3]).astype(int)
     assert 40 < float(np.median(data[tuple(ct_ijk.T)])) < 200
 
@@ -73,7 +76,12 @@ def nrrd_from_nifti(src: Path, dst: Path, detached: bool = False) -> Path:
     """The NIfTI's voxels and geometry as an NRRD in LPS space (as 3D Slicer writes it)."""
     img = nib.load(str(src))
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
-    header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T, "space origin": lps[:3, 3], "encoding": "gzip"}
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": lps[:3, :3].T,
+        "space origin": lps[:3, 3],
+        "encoding": "gzip",
+    }
     nrrd.write(str(dst), np.asanyarray(img.dataobj), header, detached_header=detached)
     return dst
 
@@ -84,7 +92,9 @@ def test_nrrd_images_and_label_maps_convert_with_their_geometry(tmp_path, suffix
         path = nrrd_from_nifti(src, tmp_path / (src.name.split(".")[0] + suffix), detached=suffix == ".nhdr")
         ref = nib.load(str(src))
         img = read_image(path, label=label)
-        assert np.allclose(img.affine, ref.affine) and np.array_equal(np.asanyarray(img.dataobj), np.asanyarray(ref.dataobj))
+        assert np.allclose(img.affine, ref.affine) and np.array_equal(
+            np.asanyarray(img.dataobj), np.asanyarray(ref.dataobj)
+        )
         assert img.get_data_dtype() == ref.get_data_dtype()
         out = as_nifti(path, tmp_path / "converted", "x.nii.gz", label=label)
         assert out.parent == tmp_path / "converted" and np.allclose(nib.load(str(out)).affine, ref.affine)
@@ -115,7 +125,9 @@ def test_unreadable_inputs_are_one_line_naming_the_path(tmp_path):
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def snapshot(folder: Path) -> dict[str, float]:
@@ -141,10 +153,14 @@ def test_synthesize_dicom_series_and_v2_ct_without_flags(tmp_path):
     # preprocess turned the series into a NIfTI inside its own output, on the series' grid, and read the flipped v2 map
     prep = out / "work" / "preprocess"
     case = json.loads((prep / "manifest.json").read_text())["testing"][0]
-    assert case["status"] == "ok" and case["organ_seg_version"] == "v2" and case["input_image"] == str(SERIES.absolute())
+    assert (
+        case["status"] == "ok" and case["organ_seg_version"] == "v2" and case["input_image"] == str(SERIES.absolute())
+    )
     assert case["source_image"].endswith("preprocess/case_000/source_image.nii.gz")
     converted, series = nib.load(str(prep / "case_000" / "source_image.nii.gz")), read_image(SERIES)
-    assert np.array_equal(converted.affine, series.affine) and np.array_equal(np.asanyarray(converted.dataobj), np.asanyarray(series.dataobj))
+    assert np.array_equal(converted.affine, series.affine) and np.array_equal(
+        np.asanyarray(converted.dataobj), np.asanyarray(series.dataobj)
+    )
     geometry = json.loads((prep / "case_000" / "geometry.json").read_text())
     assert geometry["path"] == case["source_image"] and geometry["shape"] == [512, 512, 8]
     organ = np.asanyarray(nib.load(str(prep / "case_000" / "organ_seg.nii.gz")).dataobj)

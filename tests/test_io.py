@@ -37,7 +37,9 @@ def test_a_failed_overwrite_leaves_the_old_file_whole(tmp_path: Path) -> None:
             raise RuntimeError("writer failed")
     assert (tmp_path / "x.json").read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["x.json"]
     write_json(tmp_path / "x.json", {"k": 2})  # a successful overwrite replaces it
-    assert (tmp_path / "x.json").read_text() == '{\n  "k": 2\n}\n' and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert (tmp_path / "x.json").read_text() == '{\n  "k": 2\n}\n' and [p.name for p in tmp_path.iterdir()] == [
+        "x.json"
+    ]
 
 
 def test_atomic_folder_appears_whole_with_the_usual_mode(tmp_path: Path) -> None:
@@ -50,7 +52,9 @@ def test_atomic_folder_appears_whole_with_the_usual_mode(tmp_path: Path) -> None
             (tmp / "g.txt").write_text("y")
             raise RuntimeError("failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["f.txt"] and (tmp_path / "out" / "f.txt").read_text() == "x"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["f.txt"] and (
+        tmp_path / "out" / "f.txt"
+    ).read_text() == "x"
 
 
 def test_file_sha256(tmp_path: Path) -> None:

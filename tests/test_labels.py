@@ -3,7 +3,9 @@ import pytest
 from lesiondiffusion.labels import UnknownOrganError, convert_ids, is_hollow, label_table, normalize_name
 
 
-@pytest.mark.parametrize("name", ["urinary bladder", "urinary_bladder", "Urinary-Bladder", "bladder", "BLADDER", 104, "104"])
+@pytest.mark.parametrize(
+    "name", ["urinary bladder", "urinary_bladder", "Urinary-Bladder", "bladder", "BLADDER", 104, "104"]
+)
 def test_bladder_spellings_resolve_in_v1(name):
     assert label_table("v1").id(name) == 104
 

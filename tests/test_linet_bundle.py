@@ -61,7 +61,11 @@ pytestmark = pytest.mark.slow
 
 def command(config: str | list[str], *args: str, torchrun: bool = False) -> list[str]:
     configs = config if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in config) + "]"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if torchrun else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+        if torchrun
+        else [sys.executable]
+    )
     return [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *args]
 
 
@@ -70,7 +74,9 @@ def start(cmd: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=LINET, env=ENV, text=True, start_new_session=True, **kwargs)
 
 
-def bundle_run(config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+def bundle_run(
+    config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 300
+) -> subprocess.CompletedProcess:
     cmd = command(config, *args, torchrun=torchrun)
     proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -130,7 +136,9 @@ def test_training_runs_and_the_loss_falls(trained):
     assert set(model) == set(state["ema"]) and all(torch.equal(model[k], state["ema"][k]) for k in model)
     assert any(not torch.equal(model[k], state["network"][k]) for k in model if model[k].is_floating_point())
     assert not any(k.startswith("autoencoder") for k in model)  # the frozen VQ-GAN is not part of it
-    assert set(torch.load(trained["out"] / "model_best.pt", weights_only=True)) == set(model)  # best EMA by val_loss, plain too
+    assert set(torch.load(trained["out"] / "model_best.pt", weights_only=True)) == set(
+        model
+    )  # best EMA by val_loss, plain too
     assert list((trained["out"] / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -184,13 +192,23 @@ def test_two_process_ddp_on_gloo(tiny_demo, vqgan, tmp_path):
 
 
 def test_bad_training_inputs_are_one_line_errors(vqgan, tmp_path):
-    run = bundle_run("configs/train.json", "--datalist", str(tmp_path / "none.json"), "--vqgan_weights", str(vqgan), "--output_dir", str(tmp_path / "t"))
+    run = bundle_run(
+        "configs/train.json",
+        "--datalist",
+        str(tmp_path / "none.json"),
+        "--vqgan_weights",
+        str(vqgan),
+        "--output_dir",
+        str(tmp_path / "t"),
+    )
     assert "none.json" in one_error_line(run) and "datalist" in run.stderr
     assert not (tmp_path / "t").exists()
 
 
 # ---- inference -----------------------------------------------------------------------------------
-def _save(path: Path, array: np.ndarray, affine: np.ndarray, slope: float | None = None, inter: float | None = None) -> Path:
+def _save(
+    path: Path, array: np.ndarray, affine: np.ndarray, slope: float | None = None, inter: float | None = None
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(array, affine)
     img.set_data_dtype(array.dtype)
@@ -201,21 +219,33 @@ def _save(path: Path, array: np.ndarray, affine: np.ndarray, slope: float | None
 
 
 def make_case(
-    folder: Path, name: str, stored: np.ndarray, label: np.ndarray, affine: np.ndarray, report: dict, organ_id: int,
-    slope: float = 1.0, inter: float = 0.0, with_label_original: bool = True,
+    folder: Path,
+    name: str,
+    stored: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    report: dict,
+    organ_id: int,
+    slope: float = 1.0,
+    inter: float = 0.0,
+    with_label_original: bool = True,
 ) -> CaseEntry:
     """What preprocess + LMNet leave for one case: the user's CT, its standardised copy, the label maps."""
     source = _save(folder / "inputs" / f"{name}.nii.gz", stored, affine, slope, inter)
     hu = stored.astype(np.float64) * slope + inter
     std = standardise(MetaTensor(torch.as_tensor(hu, dtype=torch.float32)[None], affine=torch.as_tensor(affine)))
-    std_label = standardise(MetaTensor(torch.as_tensor(label, dtype=torch.float32)[None], affine=torch.as_tensor(affine)), mode="nearest")
+    std_label = standardise(
+        MetaTensor(torch.as_tensor(label, dtype=torch.float32)[None], affine=torch.as_tensor(affine)), mode="nearest"
+    )
     std_affine = np.asarray(std.affine, dtype=np.float64)
     lesion = np.asarray(std_label[0]) == 2
     case = folder / name
     image = _save(case / "image.nii.gz", np.asarray(std[0], dtype=np.float32), std_affine)
     organ_seg = _save(case / "organ_seg.nii.gz", (np.asarray(std_label[0]) > 0).astype(np.uint8) * organ_id, std_affine)
     label_std = _save(case / "label.nii.gz", np.asarray(std_label[0]).astype(np.uint8), std_affine)
-    label_original = _save(case / "label_original.nii.gz", label.astype(np.uint8), affine) if with_label_original else None
+    label_original = (
+        _save(case / "label_original.nii.gz", label.astype(np.uint8), affine) if with_label_original else None
+    )
     geometry = write_geometry(case / "geometry.json", record_geometry(source, std_affine, lesion.shape))
     (case / "lesion_0.json").write_text(json.dumps(report))
     idx = np.argwhere(lesion)
@@ -240,7 +270,17 @@ def build_manifest(folder: Path, demo: Path, report_changes: dict[str, str] | No
     report = json.loads((liver / "type.json").read_text())
     organ_id = int(next(iter(report)))
     demo_report = with_attributes(report, **(report_changes or {}))
-    cases = [make_case(folder, "demo", np.asarray(img.dataobj).astype(np.int16), np.asarray(nib.load(liver / "label.nii.gz").dataobj), img.affine, demo_report, organ_id)]
+    cases = [
+        make_case(
+            folder,
+            "demo",
+            np.asarray(img.dataobj).astype(np.int16),
+            np.asarray(nib.load(liver / "label.nii.gz").dataobj),
+            img.affine,
+            demo_report,
+            organ_id,
+        )
+    ]
 
     bladder = demo / "cases" / "Bladder_cancer"
     hu = np.asarray(nib.load(bladder / "image.nii.gz").dataobj).astype(np.int32)
@@ -250,7 +290,9 @@ def build_manifest(folder: Path, demo: Path, report_changes: dict[str, str] | No
     affine = np.array([[0.0, -1.5, 0.0, 30.0], [0.0, 0.0, 2.0, -50.0], [-3.0, 0.0, 0.0, 70.0], [0.0, 0.0, 0.0, 1.0]])
     b_report = json.loads((bladder / "type.json").read_text())
     stored = (hu + 1024).astype(np.uint16)  # HU = stored - 1024 through the NIfTI scaling
-    cases.append(make_case(folder, "aniso", stored, label, affine, b_report, int(next(iter(b_report))), slope=1.0, inter=-1024.0))
+    cases.append(
+        make_case(folder, "aniso", stored, label, affine, b_report, int(next(iter(b_report))), slope=1.0, inter=-1024.0)
+    )
 
     rng = np.random.default_rng(0)
     small = (40.0 + rng.normal(0, 10, (20, 18, 16))).astype(np.float32)
@@ -258,14 +300,39 @@ def build_manifest(folder: Path, demo: Path, report_changes: dict[str, str] | No
     ball = np.linalg.norm(grid - np.array([10, 9, 8]), axis=-1) <= 4
     small[ball] = 5.0
     small_label = np.where(ball, 2, 1).astype(np.uint8)
-    cases.append(make_case(folder, "small", small, small_label, np.diag([1.0, 1.0, 1.0, 1.0]), report, organ_id, with_label_original=False))
+    cases.append(
+        make_case(
+            folder,
+            "small",
+            small,
+            small_label,
+            np.diag([1.0, 1.0, 1.0, 1.0]),
+            report,
+            organ_id,
+            with_label_original=False,
+        )
+    )
     return write_manifest(folder / "manifest.json", Manifest(tuple(cases)))
 
 
-def infer(manifest: Path, weights: Path | None, vqgan: Path | None, out: Path | None, *extra: str) -> subprocess.CompletedProcess:
+def infer(
+    manifest: Path, weights: Path | None, vqgan: Path | None, out: Path | None, *extra: str
+) -> subprocess.CompletedProcess:
     given = [*(["--weights", str(weights)] if weights else []), *(["--vqgan_weights", str(vqgan)] if vqgan else [])]
     where = ["--output_dir", str(out)] if out else []
-    return bundle_run("configs/inference.json", "--manifest", str(manifest), *given, *where, "--steps", "3", "--margin_mm", str(MARGIN_MM), *TINY, *extra)
+    return bundle_run(
+        "configs/inference.json",
+        "--manifest",
+        str(manifest),
+        *given,
+        *where,
+        "--steps",
+        "3",
+        "--margin_mm",
+        str(MARGIN_MM),
+        *TINY,
+        *extra,
+    )
 
 
 def digest(path: Path) -> str:
@@ -277,7 +344,11 @@ def inferred(tiny_demo: Path, trained: dict, vqgan: Path, tmp_path_factory: pyte
     """Two runs with the same seed; the second manifest's demo report asks for a dense lesion."""
     root = tmp_path_factory.mktemp("linet_inf")
     a = build_manifest(root / "a", tiny_demo)
-    b = build_manifest(root / "b", tiny_demo, {"density": "hyperdense lesion,", "CT value": "Mean density of the lesion region is approximately 190 HU,"})
+    b = build_manifest(
+        root / "b",
+        tiny_demo,
+        {"density": "hyperdense lesion,", "CT value": "Mean density of the lesion region is approximately 190 HU,"},
+    )
     # b also lists a case whose source image changed since preprocessing: it must fail alone
     cases = read_manifest(b).cases
     other = _save(root / "other.nii.gz", np.zeros((5, 5, 5), np.int16), np.eye(4))
@@ -287,7 +358,14 @@ def inferred(tiny_demo: Path, trained: dict, vqgan: Path, tmp_path_factory: pyte
     assert run_a.returncode == 0, run_a.stderr[-3000:]
     run_b = infer(b, trained["out"] / "model.pt", vqgan, root / "out_b")
     runs = {name: read_manifest(root / f"out_{name}" / "manifest.json") for name in "ab"}
-    return {"root": root, "sources": sources, "a": runs["a"], "b": runs["b"], "inputs": read_manifest(a), "run_b": run_b}
+    return {
+        "root": root,
+        "sources": sources,
+        "a": runs["a"],
+        "b": runs["b"],
+        "inputs": read_manifest(a),
+        "run_b": run_b,
+    }
 
 
 def stored(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -301,7 +379,9 @@ def test_inference_changes_only_the_lesion_neighbourhood(inferred):
         before, src = stored(case.source_image)
         after, out = stored(case.synthetic_image)
         # the input's own grid, dtype and scaling
-        assert after.shape == before.shape and after.dtype == before.dtype == src.get_data_dtype() == out.get_data_dtype()
+        assert (
+            after.shape == before.shape and after.dtype == before.dtype == src.get_data_dtype() == out.get_data_dtype()
+        )
         assert np.array_equal(out.affine, src.affine) and nib.aff2axcodes(out.affine) == nib.aff2axcodes(src.affine)
         assert np.allclose(out.header.get_zooms(), src.header.get_zooms())
         assert out.dataobj.slope == src.dataobj.slope and out.dataobj.inter == src.dataobj.inter
@@ -325,14 +405,20 @@ def test_inference_manifest_label_map_and_preview(inferred, vqgan):
     assert label.shape == (20, 18, 16) and np.array_equal(label.affine, nib.load(small.source_image).affine)
     values = np.asarray(label.dataobj)
     assert set(np.unique(values)) == {1, 2} and (values == 2).sum() == np.count_nonzero(
-        np.linalg.norm(np.stack(np.meshgrid(*[np.arange(n) for n in (20, 18, 16)], indexing="ij"), axis=-1) - [10, 9, 8], axis=-1) <= 4
+        np.linalg.norm(
+            np.stack(np.meshgrid(*[np.arange(n) for n in (20, 18, 16)], indexing="ij"), axis=-1) - [10, 9, 8], axis=-1
+        )
+        <= 4
     )
     raw = json.loads((out / "manifest.json").read_text())["testing"]
     for entry, case in zip(raw, inferred["a"].cases):
         preview = out / entry["preview"]
         assert preview == out / case.case / "preview.png"
         with Image.open(preview) as png:
-            assert png.format == "PNG" and png.size == (4 * 192, 3 * 192)  # 3 planes x (overview, before, after, outline)
+            assert png.format == "PNG" and png.size == (
+                4 * 192,
+                3 * 192,
+            )  # 3 planes x (overview, before, after, outline)
         assert entry["linet"]["settings"]["steps"] == 3 and entry["linet"]["settings"]["sampler"] == "ddim"
         assert entry["linet"]["network_calls"] == 3 * len(entry["lesions"])  # one call per step and lesion, counted
         assert set(entry["linet"]["weights"]) == {"weights", "vqgan_weights"}
@@ -465,14 +551,18 @@ def test_prepare_batch_diffuses_the_residual_over_the_prior_inside_the_mask(vqga
     assert torch.allclose(x0, z - prior, atol=1e-5)  # what is diffused: the residual over the prior
     assert torch.allclose(kwargs["extra"], torch.cat([m, prior], dim=1), atol=1e-5)  # mask, then the prior latent
     assert torch.equal(kwargs["noise_mask"], m) and torch.equal(target[:, -1:], m)  # noised and weighted inside only
-    assert torch.allclose(target[:, :-1], prepare.scheduler.get_velocity(x0, kwargs["noise"], kwargs["timesteps"]), atol=1e-5)
+    assert torch.allclose(
+        target[:, :-1], prepare.scheduler.get_velocity(x0, kwargs["noise"], kwargs["timesteps"]), atol=1e-5
+    )
 
 
 def test_prior_fill_meets_the_target_through_a_lossy_autoencoder(vqgan, monkeypatch):
     inpaint = linet_pipeline
     from lesiondiffusion.diffusion import DiffusionSampler
 
-    inpainter = inpaint.LesionInpainter(torch.nn.Identity(), ae.load_vqvae(str(vqgan)), DiffusionSampler("ddim", 1, progress=False))
+    inpainter = inpaint.LesionInpainter(
+        torch.nn.Identity(), ae.load_vqvae(str(vqgan)), DiffusionSampler("ddim", 1, progress=False)
+    )
     renders = []
 
     def lossy(image, lesion, fill):  # an autoencoder that gives back half the contrast to a 40 HU surrounding
@@ -484,7 +574,9 @@ def test_prior_fill_meets_the_target_through_a_lossy_autoencoder(vqgan, monkeypa
     inpainter.calibration_rounds = 2
     fill = inpainter.prior_fill(image, lesion, 70.0)
     assert renders == [70.0, 85.0]  # two rounds: two encode-decode renders
-    assert lossy(None, None, fill) == pytest.approx(70.0) and fill == pytest.approx(100.0)  # the response measured, then met
+    assert lossy(None, None, fill) == pytest.approx(70.0) and fill == pytest.approx(
+        100.0
+    )  # the response measured, then met
     inpainter.calibration_rounds = 1
     assert inpainter.prior_fill(image, lesion, 70.0) == pytest.approx(85.0)  # one step, one for one
     inpainter.calibration_rounds, inpainter.calibration_limit_hu = 2, 20.0
@@ -512,7 +604,9 @@ def test_mask_head_adds_a_dice_term_on_the_lesion_fraction_and_is_dropped_for_sa
     mask = torch.zeros(1, 1, 32, 32, 32)
     mask[..., 4:6, 4:8, 4:8] = 1  # half of one 4^3 cell's depth, one cell across
     prepare = train.LatentPrepareBatch(training_scheduler("v_prediction"), autoencoder, mask_head=True)
-    _, target, _, _ = prepare({"image": torch.rand(1, 1, 32, 32, 32), "label": mask, "condition": torch.zeros(1, 10, 4)})
+    _, target, _, _ = prepare(
+        {"image": torch.rand(1, 1, 32, 32, 32), "label": mask, "condition": torch.zeros(1, 10, 4)}
+    )
     assert target.shape[1] == 4 + 1 + 1 and torch.allclose(target[:, -1:], train.latent_fraction(mask, 4))
     assert target[0, -1, 1, 1, 1] == 0.5 and target[0, -1].sum() == 0.5
     # sampling sees the noise (velocity) channels only
@@ -530,6 +624,10 @@ def test_presets_switch_network_and_crop_by_one_key():
             parser = ConfigParser()
             parser.read_config(str(LINET / "configs" / config))
             parser["preset"] = preset
-            sizes[preset] = (parser.get_parsed_content("unet#channels"), parser.get_parsed_content("crop_size"), parser.get_parsed_content("unet#num_res_blocks"))
+            sizes[preset] = (
+                parser.get_parsed_content("unet#channels"),
+                parser.get_parsed_content("crop_size"),
+                parser.get_parsed_content("unet#num_res_blocks"),
+            )
         assert sizes["cpu"] == ([32, 64, 64], [64, 64, 64], 1)
         assert sizes["paper"] == ([128, 256, 512], [128, 128, 128], 2)  # the original's LINet

@@ -112,7 +112,11 @@ def test_resample_patch_is_exact_for_linear_fields_on_oblique_grids():
 
 @pytest.mark.parametrize(
     "spacing, flip, dtype",
-    [((1.0, 1.0, 1.0), (1, 1, 1), np.int16), ((0.8, 1.2, 2.5), (-1, -1, 1), np.int16), ((0.7, 0.7, 3.0), (1, -1, -1), np.float32)],
+    [
+        ((1.0, 1.0, 1.0), (1, 1, 1), np.int16),
+        ((0.8, 1.2, 2.5), (-1, -1, 1), np.int16),
+        ((0.7, 0.7, 3.0), (1, -1, -1), np.float32),
+    ],
 )
 def test_paste_changes_only_the_zone_and_keeps_geometry_and_dtype(tmp_path, spacing, flip, dtype):
     shape = (48, 40, 20)
@@ -198,7 +202,9 @@ def test_paste_keeps_the_scan_noise_under_a_smooth_patch(tmp_path):
     patch, patch_affine = _ras_patch_around(centre, size=48)
     patch = np.full_like(patch, 10.0)  # a flat, noiseless lesion at 10 HU, as a VQ-GAN decodes it
     kept = paste(original, lesion, patch, patch_affine, margin_mm=3.0, feather_mm=2.0).astype(float)
-    flat = paste(original, lesion, patch, patch_affine, margin_mm=3.0, feather_mm=2.0, noise_sigma_vox=0.0).astype(float)
+    flat = paste(original, lesion, patch, patch_affine, margin_mm=3.0, feather_mm=2.0, noise_sigma_vox=0.0).astype(
+        float
+    )
     core = ndimage.binary_erosion(lesion, iterations=2)
     tissue_std = float(np.asarray(original.raw, float)[~lesion].std())
     assert flat[core].std() < 1.0  # without it the lesion is smoother than any real tissue
@@ -207,14 +213,22 @@ def test_paste_keeps_the_scan_noise_under_a_smooth_patch(tmp_path):
     # a small lesion on a coarse grid keeps its contrast: the patch itself is never blurred
     small = _lesion(shape, (20, 20, 12), (3, 3, 1))
     radii = np.array([3 * 0.8, 3 * 0.8, 1 * 3.0]) + 0.5  # mm: the small lesion's extent, a little grown
-    patch_small, _ = _ras_patch_around(centre, size=48, value_fn=lambda w: np.where((((w - centre) / radii) ** 2).sum(-1) <= 1, 10.0, 60.0))
+    patch_small, _ = _ras_patch_around(
+        centre, size=48, value_fn=lambda w: np.where((((w - centre) / radii) ** 2).sum(-1) <= 1, 10.0, 60.0)
+    )
     kept_small = paste(original, small, patch_small, patch_affine, margin_mm=3.0, feather_mm=2.0).astype(float)
     assert abs(kept_small[small].mean() - 10.0) < 10.0  # 16 HU (resampling); blurring the patch gave 41 HU
     # a patch already as noisy as the tissue gets no extra noise (same grid: keep_scan_noise itself)
     rng2 = np.random.default_rng(5)
     tissue, noisy = 50.0 + rng2.normal(0.0, 20.0, (30, 30, 30)), 10.0 + rng2.normal(0.0, 20.0, (30, 30, 30))
     assert keep_scan_noise(noisy, tissue, 1.0).std() < 1.1 * noisy.std()  # adding it all would give ~1.35x
-    assert abs(keep_scan_noise(np.full_like(tissue, 10.0), tissue, 1.0).std() - (tissue - ndimage.gaussian_filter(tissue, 1.0)).std()) < 0.5
+    assert (
+        abs(
+            keep_scan_noise(np.full_like(tissue, 10.0), tissue, 1.0).std()
+            - (tissue - ndimage.gaussian_filter(tissue, 1.0)).std()
+        )
+        < 0.5
+    )
     far = _distance_mm(lesion, affine) >= 3.0
     assert np.array_equal(kept[far], np.asarray(original.raw, float)[far])
 
@@ -242,8 +256,12 @@ def test_the_edge_follows_the_margin_class(tmp_path):
     def edge(out):
         return L.edge_width_mm(L.LesionCrop(out.astype(np.float32), lesion, ring, (1.0, 1.0, 1.0), 60.0))
 
-    well = paste(original, lesion, patch, patch_affine, edge_sigma_mm=margin_sigma_mm("well-defined margin"), **kw).astype(float)
-    ill = paste(original, lesion, patch, patch_affine, edge_sigma_mm=margin_sigma_mm("ill-defined margin"), **kw).astype(float)
+    well = paste(
+        original, lesion, patch, patch_affine, edge_sigma_mm=margin_sigma_mm("well-defined margin"), **kw
+    ).astype(float)
+    ill = paste(
+        original, lesion, patch, patch_affine, edge_sigma_mm=margin_sigma_mm("ill-defined margin"), **kw
+    ).astype(float)
     net = paste(original, lesion, patch, patch_affine, **kw).astype(float)
     raw = np.asarray(original.raw, float)
     assert edge(well) < edge(net) < edge(ill)
@@ -283,6 +301,8 @@ def test_preview_png_shows_before_after_and_overlay(tmp_path):
     assert img.shape == (3 * 96, 4 * 96, 3)  # columns: overview, zoomed before, after, lesion outline
     for row in range(3):
         tiles = [img[row * 96 : (row + 1) * 96, c * 96 : (c + 1) * 96] for c in range(4)]
-        assert tiles[1][40:56, 40:56].mean() + 50 < tiles[2][40:56, 40:56].mean()  # the lesion (zoomed: mid-panel) is brighter after
+        assert (
+            tiles[1][40:56, 40:56].mean() + 50 < tiles[2][40:56, 40:56].mean()
+        )  # the lesion (zoomed: mid-panel) is brighter after
         red = (tiles[3][..., 0] - tiles[3][..., 1]) > 60
         assert red.any() and not ((tiles[2][..., 0] - tiles[2][..., 1]) > 60).any()  # outline only in the last column

@@ -41,7 +41,14 @@ def inpainter(steps: int):
 
     parser = ConfigParser()
     parser.read_config(LINET / "configs" / "inference.json")
-    parser.update({"bundle_root": str(LINET), "device": "$torch.device('cpu')", "steps": steps, "diffusion_sampler#progress": False})
+    parser.update(
+        {
+            "bundle_root": str(LINET),
+            "device": "$torch.device('cpu')",
+            "steps": steps,
+            "diffusion_sampler#progress": False,
+        }
+    )
     return parser.get_parsed_content("inpainter")
 
 
@@ -76,7 +83,9 @@ def test_hyperdense_comes_back_brighter_than_hypodense(liver: dict) -> None:
     for density, hu in requests.items():
         attributes = {**base, V.DENSITY: density, V.DENSITY_VARIATIONS: "homogeneous,", V.CT_VALUE: format_ct_value(hu)}
         condition = painter.spec.encode(attributes)[None]
-        patch, patch_affine, _ = painter.inpaint_lesion(liver["image"], np.eye(4), lesion, condition, seed=7)  # same seed each time
+        patch, patch_affine, _ = painter.inpaint_lesion(
+            liver["image"], np.eye(4), lesion, condition, seed=7
+        )  # same seed each time
         start = np.rint(patch_affine[:3, 3]).astype(int)
         inside = patch[tuple((np.argwhere(lesion) - start).T)]
         painted[density] = float(np.median(inside))
@@ -98,12 +107,24 @@ def test_paste_never_writes_a_protected_voxel(tmp_path: Path) -> None:
     assert not (first & second).any()
     raw = paste(original, first, np.full(shape, 300.0), np.eye(4), margin_mm=3.0, feather_mm=2.0, noise_sigma_vox=0.0)
     assert (raw[first] == 300).all()
-    after = paste(original, second, np.full(shape, -100.0), np.eye(4), 3.0, 2.0, raw=raw.copy(), protect=first, noise_sigma_vox=0.0)
+    after = paste(
+        original,
+        second,
+        np.full(shape, -100.0),
+        np.eye(4),
+        3.0,
+        2.0,
+        raw=raw.copy(),
+        protect=first,
+        noise_sigma_vox=0.0,
+    )
     assert np.array_equal(after[first], raw[first])  # the first lesion, untouched
     assert (after[second] == -100).all()
     zone = ndimage.distance_transform_edt(~second) < 3.0
     assert (after[zone & ~first & ~second] != raw[zone & ~first & ~second]).any()  # the second's blend zone was written
-    unprotected = paste(original, second, np.full(shape, -100.0), np.eye(4), 3.0, 2.0, raw=raw.copy(), noise_sigma_vox=0.0)
+    unprotected = paste(
+        original, second, np.full(shape, -100.0), np.eye(4), 3.0, 2.0, raw=raw.copy(), noise_sigma_vox=0.0
+    )
     assert not np.array_equal(unprotected[first], raw[first])  # the overlap is real: without protect it is overwritten
 
 
@@ -112,7 +133,10 @@ def two_lesion_case(folder: Path, liver: dict, second_is_lesion: bool) -> CaseEn
     the second ball is organ and only the first is listed."""
     image, affine = liver["image"], liver["affine"]
     c = np.asarray(liver["centre"])
-    first, second = ball(image.shape, c - [0, 0, 5], 4), ball(image.shape, c + [0, 0, 5], 4)  # 2 mm apart, within the 3 mm margin
+    first, second = (
+        ball(image.shape, c - [0, 0, 5], 4),
+        ball(image.shape, c + [0, 0, 5], 4),
+    )  # 2 mm apart, within the 3 mm margin
     assert not (first & second).any() and liver["organ"][first | second].all()
     label = liver["organ"].astype(np.uint8)
     label[first] = 2
@@ -122,7 +146,14 @@ def two_lesion_case(folder: Path, liver: dict, second_is_lesion: bool) -> CaseEn
     source = folder / "ct.nii.gz"
     nib.save(nib.Nifti1Image(np.rint(image).astype(np.int16), affine), str(source))
     std = standardise(MetaTensor(torch.as_tensor(image)[None], affine=torch.as_tensor(affine)))
-    std_label = np.rint(np.asarray(standardise(MetaTensor(torch.as_tensor(label, dtype=torch.float32)[None], affine=torch.as_tensor(affine)), mode="nearest")[0])).astype(np.uint8)
+    std_label = np.rint(
+        np.asarray(
+            standardise(
+                MetaTensor(torch.as_tensor(label, dtype=torch.float32)[None], affine=torch.as_tensor(affine)),
+                mode="nearest",
+            )[0]
+        )
+    ).astype(np.uint8)
     std_affine = np.asarray(std.affine, dtype=np.float64)
     nib.save(nib.Nifti1Image(np.asarray(std[0], dtype=np.float32), std_affine), str(folder / "image.nii.gz"))
     nib.save(nib.Nifti1Image(std_label, std_affine), str(folder / "label.nii.gz"))
@@ -132,11 +163,26 @@ def two_lesion_case(folder: Path, liver: dict, second_is_lesion: bool) -> CaseEn
     organ_id = int(next(iter(report)))
     lesions = []
     for j, mask in enumerate((first, second) if second_is_lesion else (first,)):
-        std_mask = np.asarray(standardise(MetaTensor(torch.as_tensor(mask, dtype=torch.float32)[None], affine=torch.as_tensor(affine)), mode="nearest")[0]) > 0.5
+        std_mask = (
+            np.asarray(
+                standardise(
+                    MetaTensor(torch.as_tensor(mask, dtype=torch.float32)[None], affine=torch.as_tensor(affine)),
+                    mode="nearest",
+                )[0]
+            )
+            > 0.5
+        )
         idx = np.argwhere(std_mask)
         lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
         (folder / f"lesion_{j}.json").write_text(json.dumps(report))
-        lesions.append(LesionEntry(organ_id, "within the parenchymal organ", folder / f"lesion_{j}.json", Box(tuple((lo + hi) // 2), tuple(hi - lo))))
+        lesions.append(
+            LesionEntry(
+                organ_id,
+                "within the parenchymal organ",
+                folder / f"lesion_{j}.json",
+                Box(tuple((lo + hi) // 2), tuple(hi - lo)),
+            )
+        )
     return CaseEntry("case", source_image=source, geometry=geometry, image=folder / "image.nii.gz", organ_seg=folder / "label.nii.gz",
                      lesions=tuple(lesions), label=folder / "label.nii.gz", label_original=folder / "label_original.nii.gz")  # fmt: skip
 
@@ -156,4 +202,6 @@ def test_a_second_lesion_leaves_the_first_as_it_was(liver: dict, tmp_path: Path)
     assert not np.array_equal(a[first], before[first])  # the first lesion was painted
     assert np.array_equal(b[first], a[first])  # and painting the second changed none of its voxels
     assert not np.array_equal(b[second], before[second])  # the second was painted too
-    assert (ndimage.distance_transform_edt(~second)[first] < painter.margin_mm).any()  # the first lies in the second's zone
+    assert (
+        ndimage.distance_transform_edt(~second)[first] < painter.margin_mm
+    ).any()  # the first lies in the second's zone

@@ -43,9 +43,15 @@ LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([0-9.]+)")
 pytestmark = pytest.mark.slow
 
 
-def bundle_run(bundle: Path, config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 900) -> subprocess.CompletedProcess:
+def bundle_run(
+    bundle: Path, config: str | list[str], *args: str, torchrun: bool = False, timeout: int = 900
+) -> subprocess.CompletedProcess:
     configs = config if isinstance(config, str) else "[" + ",".join(f"'{c}'" for c in config) + "]"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if torchrun else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+        if torchrun
+        else [sys.executable]
+    )
     cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", configs, *args]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=timeout, env=env)
@@ -58,7 +64,17 @@ def losses(log: str) -> list[tuple[int, int, float]]:
 @pytest.fixture(scope="module")
 def trained(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("lmnet") / "models"
-    args = ["--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), "--iter_num", "10", "--val_fraction", "0.5", *TINY]
+    args = [
+        "--datalist",
+        str(tiny_demo / "datalist.json"),
+        "--output_dir",
+        str(out),
+        "--iter_num",
+        "10",
+        "--val_fraction",
+        "0.5",
+        *TINY,
+    ]
     first = bundle_run(LMNET, "configs/train.json", *args, "--max_epochs", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     return {"out": out, "args": args, "log": first.stdout + first.stderr}
@@ -105,7 +121,17 @@ def test_finetune_starts_from_given_weights(trained, tiny_demo, tmp_path):
     before, after = torch.load(source, weights_only=True), torch.load(out / "model.pt", weights_only=True)
     # lr 0: the fine-tuned network is the source (up to the EMA update's rounding, (1 - m) x + m x)
     assert all(torch.allclose(before[k], after[k], rtol=1e-5, atol=1e-7) for k in before)
-    bad = bundle_run(LMNET, "configs/train.json", "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(tmp_path / "x"), *TINY, "--finetune_from", str(tmp_path / "none.pt"))
+    bad = bundle_run(
+        LMNET,
+        "configs/train.json",
+        "--datalist",
+        str(tiny_demo / "datalist.json"),
+        "--output_dir",
+        str(tmp_path / "x"),
+        *TINY,
+        "--finetune_from",
+        str(tmp_path / "none.pt"),
+    )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"{tmp_path / 'none.pt'}: weights file not found; set finetune_from" in bad.stderr
     assert not (tmp_path / "x").exists()
@@ -115,7 +141,9 @@ def test_two_process_ddp_on_gloo(tiny_demo, tmp_path):
     """Data-parallel training: both ranks end with the same weights, each trained on its own half of the cases."""
     out = tmp_path / "ddp"
     datalist = sharded_datalist(tiny_demo, tmp_path / "data")
-    probe = probe_config(tmp_path / "probe.json", LMNET / "configs" / "train.json", "@train#trainer", {"network": "@network"})
+    probe = probe_config(
+        tmp_path / "probe.json", LMNET / "configs" / "train.json", "@train#trainer", {"network": "@network"}
+    )
     run = bundle_run(
         LMNET, ["configs/train.json", "configs/multi_gpu_train.json", str(probe)],
         "--datalist", str(datalist), "--output_dir", str(out), "--iter_num", "4", "--max_epochs", "1",
@@ -164,7 +192,9 @@ def test_inference_writes_valid_lesions(manifest, inferred):
     source = read_manifest(manifest).cases[0]
     case = read_manifest(inferred / "manifest.json").cases[0]
     assert case.ok and case.label == inferred / "case_000" / "label.nii.gz"
-    assert case.image.resolve() == source.image.resolve() and case.organ_seg.resolve() == source.organ_seg.resolve()  # rebased, not copied
+    assert (
+        case.image.resolve() == source.image.resolve() and case.organ_seg.resolve() == source.organ_seg.resolve()
+    )  # rebased, not copied
     label_img = nib.load(case.label)
     label = np.asarray(label_img.dataobj)
     organ_seg_img = nib.load(case.organ_seg)
@@ -258,7 +288,9 @@ def test_bad_inputs_are_one_line_errors_without_output(manifest, trained, tmp_pa
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "models/model.pt: weights do not fit this network" in errors[0]
     assert not (tmp_path / "out").exists()
-    run = bundle_run(LMNET, "configs/train.json", "--datalist", str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "t"))
+    run = bundle_run(
+        LMNET, "configs/train.json", "--datalist", str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "t")
+    )
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "none.json: file not found" in run.stderr
     assert not (tmp_path / "t").exists()

@@ -21,7 +21,6 @@ from lesiondiffusion.training import split_datalist
 LMNET_NEEDS = ("label", "report", "organ_seg")
 
 
-
 def blob(shape, centre, radius):
     """A smooth field in [-1, 1]: 1 at ``centre``, 0 at ``radius``, negative beyond."""
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
@@ -34,7 +33,9 @@ def test_threshold_sweep_picks_the_volume_closest_to_the_target():
     allowed = np.ones(field.shape, bool)
     for target in (50, 400, 1500):
         mask = mask_postprocess.select_mask(field, allowed, target)
-        errors = [abs(mask_postprocess.largest_component(field > t)[1] - target) for t in mask_postprocess.DEFAULT_THRESHOLDS]
+        errors = [
+            abs(mask_postprocess.largest_component(field > t)[1] - target) for t in mask_postprocess.DEFAULT_THRESHOLDS
+        ]
         assert abs(int(mask.sum()) - target) == min(errors)
 
 
@@ -64,7 +65,9 @@ def test_signed_distance_target_is_smooth_with_the_mask_as_its_positive_set():
     assert field.dtype == np.float32 and field.min() >= -1 and field.max() <= 1
     assert np.array_equal(field > 0, mask)  # the zero level set is the mask's border
     # one voxel on either side of the border sits at +-half a voxel (1 mm): tanh(0.5), not +-1
-    assert field[5, 10, 6] == pytest.approx(np.tanh(0.5), abs=1e-5) and field[4, 10, 6] == pytest.approx(-np.tanh(0.5), abs=1e-5)
+    assert field[5, 10, 6] == pytest.approx(np.tanh(0.5), abs=1e-5) and field[4, 10, 6] == pytest.approx(
+        -np.tanh(0.5), abs=1e-5
+    )
     assert field[10, 10, 6] == pytest.approx(np.tanh(2.5), abs=1e-5)  # 3 voxels (6 mm) from the nearest outside voxel
     assert field[0, 0, 0] < -0.99  # saturated far outside
     binary = mask * 2.0 - 1.0
@@ -141,13 +144,24 @@ def test_split_datalist(tmp_path):
         for key in ("label", "organ_seg"):
             (tmp_path / f"{key}{i}.nii.gz").write_text("")
         (tmp_path / f"r{i}.json").write_text("{}")
-    cases = [{"image": f"label{i}.nii.gz", "label": f"label{i}.nii.gz", "report": f"r{i}.json", "organ_seg": f"organ_seg{i}.nii.gz"} for i in range(4)]
+    cases = [
+        {
+            "image": f"label{i}.nii.gz",
+            "label": f"label{i}.nii.gz",
+            "report": f"r{i}.json",
+            "organ_seg": f"organ_seg{i}.nii.gz",
+        }
+        for i in range(4)
+    ]
     (tmp_path / "dl.json").write_text(json.dumps({"training": cases}))
     train, val = split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet", val_fraction=0.25)
     assert len(train) == 3 and len(val) == 1 and val[0]["label"] == str(tmp_path / "label3.nii.gz")
     assert split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet")[1] == []
     (tmp_path / "bad.json").write_text(json.dumps({"training": [{"image": "label0.nii.gz"}]}))
-    with pytest.raises(InputError, match="bad.json: entry training\\[0\\] lacks label, report, organ_seg \\(LMNet needs label, report, organ_seg\\)"):
+    with pytest.raises(
+        InputError,
+        match="bad.json: entry training\\[0\\] lacks label, report, organ_seg \\(LMNet needs label, report, organ_seg\\)",
+    ):
         split_datalist(tmp_path / "bad.json", LMNET_NEEDS, "LMNet")
 
 
@@ -166,7 +180,9 @@ class ScriptedSampler:
 
 
 def synthesiser(sampler: ScriptedSampler, retries: int = 2):
-    return inference.LesionMaskSynthesiser(network=torch.nn.Identity(), sampler=sampler, crop=(24, 24, 24), retries=retries)
+    return inference.LesionMaskSynthesiser(
+        network=torch.nn.Identity(), sampler=sampler, crop=(24, 24, 24), retries=retries
+    )
 
 
 def liver_lesion(tmp_path: Path, centre, size=(8, 8, 8)):
@@ -184,13 +200,19 @@ def test_a_failed_sample_is_retried_with_a_new_seed(tmp_path):
     organ_seg[2:22, 2:22, 2:22] = 5
     empty, good = -np.ones((24, 24, 24)), blob((24, 24, 24), (12, 12, 12), 4.0)
     sampler = ScriptedSampler(empty, good)
-    mask = synthesiser(sampler).draw(organ_seg, liver_lesion(tmp_path, (12, 12, 12)), np.zeros(organ_seg.shape, bool), seed=5)
+    mask = synthesiser(sampler).draw(
+        organ_seg, liver_lesion(tmp_path, (12, 12, 12)), np.zeros(organ_seg.shape, bool), seed=5
+    )
     assert len(sampler.seeds) == 2 and sampler.seeds[0] != sampler.seeds[1]
     assert mask.any() and ndi.label(mask)[1] == 1
 
     never = ScriptedSampler(empty)
-    with pytest.raises(LesionDiffusionError, match=r"no lesion mask of at least \d+ voxels after 3 attempts \(organ 5\)"):
-        synthesiser(never, retries=2).draw(organ_seg, liver_lesion(tmp_path, (12, 12, 12)), np.zeros(organ_seg.shape, bool), seed=5)
+    with pytest.raises(
+        LesionDiffusionError, match=r"no lesion mask of at least \d+ voxels after 3 attempts \(organ 5\)"
+    ):
+        synthesiser(never, retries=2).draw(
+            organ_seg, liver_lesion(tmp_path, (12, 12, 12)), np.zeros(organ_seg.shape, bool), seed=5
+        )
     assert len(never.seeds) == 3
 
 

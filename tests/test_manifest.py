@@ -18,10 +18,20 @@ def _manifest(root):
         geometry=case / "geometry.json",
         image=case / "image.nii.gz",
         organ_seg=case / "organ_seg.nii.gz",
-        lesions=(LesionEntry(5, CAVITY_WITHIN, case / "lesion_0.json", Box((10, 11, 12), (4, 5, 6)), {"request": {"organ type": "liver"}}),),
+        lesions=(
+            LesionEntry(
+                5,
+                CAVITY_WITHIN,
+                case / "lesion_0.json",
+                Box((10, 11, 12), (4, 5, 6)),
+                {"request": {"organ type": "liver"}},
+            ),
+        ),
         extra={"organ_seg_source": "given"},
     )
-    bad = CaseEntry("case_001", source_image=root.parent / "inputs" / "broken.nii.gz").failed("broken.nii.gz: unreadable\nNIfTI")
+    bad = CaseEntry("case_001", source_image=root.parent / "inputs" / "broken.nii.gz").failed(
+        "broken.nii.gz: unreadable\nNIfTI"
+    )
     return Manifest((ok, bad))
 
 
@@ -94,8 +104,17 @@ def test_manifest_is_a_monai_datalist(tmp_path):
             "lesions\\[0\\] needs organ_id, cavity, report, box",
         ),
         (
-            {"testing": [{"case": "a", "image": "i", "organ_seg": "s", "geometry": "g",
-                          "lesions": [{"organ_id": 5, "cavity": "c", "report": "r", "box": {"centre": [1, 2]}}]}]},
+            {
+                "testing": [
+                    {
+                        "case": "a",
+                        "image": "i",
+                        "organ_seg": "s",
+                        "geometry": "g",
+                        "lesions": [{"organ_id": 5, "cavity": "c", "report": "r", "box": {"centre": [1, 2]}}],
+                    }
+                ]
+            },
             "malformed organ id or box",
         ),
     ],

@@ -51,10 +51,18 @@ def liver(demo_src, sources, tmp_path_factory):
     """The full 280^3 Liver_cancer phantom, lesion painted from its report, plus its inputs."""
     src = demo_src / "Liver_cancer"
     out = tmp_path_factory.mktemp("phantom") / "ct.nii.gz"
-    make_phantom_file(src / "totalseg_health.nii.gz", out, label_path=src / "label.nii.gz", report_path=src / "type.json")
+    make_phantom_file(
+        src / "totalseg_health.nii.gz", out, label_path=src / "label.nii.gz", report_path=src / "type.json"
+    )
     ct, img = read_nifti_array(out)
     source = sources["Liver_cancer"]
-    return {"ct": ct, "img": img, "seg": np.rint(source["seg"]).astype(np.int32), "seg_img": source["seg_img"], "label": source["label"]}
+    return {
+        "ct": ct,
+        "img": img,
+        "seg": np.rint(source["seg"]).astype(np.int32),
+        "seg_img": source["seg_img"],
+        "label": source["label"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,15 @@ def bladder_seg(sources):
 # ---- intensities -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, hu",
-    [("liver", 60), ("spleen", 50), ("kidney", 150), ("vertebrae", 500), ("lung", -850), ("gallbladder", 10), ("aorta", 180)],
+    [
+        ("liver", 60),
+        ("spleen", 50),
+        ("kidney", 150),
+        ("vertebrae", 500),
+        ("lung", -850),
+        ("gallbladder", 10),
+        ("aorta", 180),
+    ],
 )
 def test_organ_mean_hu_on_the_full_demo_map(liver, name, hu):
     # documented measure: mean over all the organ's voxels, lesion excluded
@@ -245,7 +261,12 @@ def test_demo_files_and_datalist(request, which, size, spacing):
     out: Path = request.getfixturevalue(which)
     for case in CASES:
         folder = out / "cases" / case
-        assert sorted(p.name for p in folder.iterdir()) == ["image.nii.gz", "label.nii.gz", "organ_seg.nii.gz", "type.json"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "image.nii.gz",
+            "label.nii.gz",
+            "organ_seg.nii.gz",
+            "type.json",
+        ]
         img = nib.load(folder / "image.nii.gz")
         assert img.shape == (size,) * 3 and img.get_data_dtype() == np.int16
         np.testing.assert_allclose(img.header.get_zooms()[:3], (spacing,) * 3)
@@ -293,7 +314,9 @@ def test_demo_report_boxes_point_at_the_lesion(request, demo_src, which, step):
         assert lesion.organ_id == source.organ_id
 
 
-def test_demo_leaves_the_source_alone_and_writes_atomically(demo_src, demo_src_snapshot, small_demo, tiny_demo, tmp_path):
+def test_demo_leaves_the_source_alone_and_writes_atomically(
+    demo_src, demo_src_snapshot, small_demo, tiny_demo, tmp_path
+):
     assert _snapshot(demo_src) == demo_src_snapshot  # taken before the session's demo builds
     # an existing output is not replaced without overwrite
     written = _snapshot(small_demo)
@@ -304,7 +327,9 @@ def test_demo_leaves_the_source_alone_and_writes_atomically(demo_src, demo_src_s
     # a broken case: one-line error naming the file, and nothing written
     broken = tmp_path / "broken"
     shutil.copytree(demo_src / "Bladder_cancer", broken / "Bladder_cancer")
-    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(broken / "Bladder_cancer" / "label.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(broken / "Bladder_cancer" / "label.nii.gz")
+    )
     with pytest.raises(InputError, match="label.nii.gz"):
         build_demo_cases(broken, tmp_path / "broken_out", crop=32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
@@ -334,7 +359,9 @@ def test_cli_phantom_and_demo_cases(demo_src, tmp_path):
     import sys
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=300
+        )
 
     src = _cropped_demo_source(demo_src, tmp_path / "src")
     seg_path = src / "Liver_cancer" / "totalseg_health.nii.gz"
@@ -346,7 +373,11 @@ def test_cli_phantom_and_demo_cases(demo_src, tmp_path):
     liver = labels == label_table().id("liver")
     assert abs(float(np.median(values[liver])) - organ_hu("liver")) < 15
     bad = cli("phantom", "--organ_seg", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "x.nii.gz"))
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.nii.gz" in bad.stderr
+    assert (
+        bad.returncode == 1
+        and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+        and "missing.nii.gz" in bad.stderr
+    )
     assert not (tmp_path / "x.nii.gz").exists()
 
     run = cli("demo-cases", "--src", str(src), "--out", str(tmp_path / "cases"))

@@ -35,7 +35,9 @@ N_CASES = 5
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +106,7 @@ def test_reports_agree_with_extraction_from_the_written_files(dataset: Path) -> 
         assert abs(written.mean_hu - float(image[label == 2].mean())) < 0.1
         assert array_box(written) == array_box(measured)
         hollow = table.name(written.organ_id) in HOLLOW_ORGANS
-        assert written.classes(V.CAVITY)[0] in (
-            (V.CAVITY_LUMEN, V.CAVITY_WALL) if hollow else (V.CAVITY_WITHIN,)
-        )
+        assert written.classes(V.CAVITY)[0] in ((V.CAVITY_LUMEN, V.CAVITY_WALL) if hollow else (V.CAVITY_WITHIN,))
         assert written.note in ("cyst", "tumor")
         assert not written.unrecognised()
 

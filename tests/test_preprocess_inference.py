@@ -56,7 +56,16 @@ class Run:
 
 
 def bundle_cmd(out: Path, **overrides) -> list[str]:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--output_dir", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--output_dir",
+        str(out),
+    ]
     for key, value in overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return args
@@ -77,14 +86,19 @@ def write_lines(path: Path, lines) -> Path:
 def reslice(src: Path, dst: Path, directions: np.ndarray, mode: str, dtype) -> Path:
     """Resample ``src`` onto a grid with voxel axes ``directions`` covering the same world extent."""
     img = LoadImage(image_only=True, ensure_channel_first=True)(str(src))
-    corners = np.array([[i, j, k, 1] for i in (0, img.shape[1] - 1) for j in (0, img.shape[2] - 1) for k in (0, img.shape[3] - 1)])
+    corners = np.array(
+        [[i, j, k, 1] for i in (0, img.shape[1] - 1) for j in (0, img.shape[2] - 1) for k in (0, img.shape[3] - 1)]
+    )
     world = (img.affine.numpy() @ corners.T)[:3].T
     affine = np.eye(4)
     affine[:3, :3] = directions
     # origin at the corner the (negative) axes start from; shape covers the extent
     affine[:3, 3] = [world[:, a].max() if directions[a].sum() < 0 else world[:, a].min() for a in range(3)]
     extent = world.max(0) - world.min(0)
-    shape = [int(np.floor(extent[np.argmax(np.abs(directions[:, v]))] / np.abs(directions[:, v]).max())) + 1 for v in range(3)]
+    shape = [
+        int(np.floor(extent[np.argmax(np.abs(directions[:, v]))] / np.abs(directions[:, v]).max())) + 1
+        for v in range(3)
+    ]
     out = SpatialResample(mode=mode, padding_mode="border")(img, dst_affine=torch.as_tensor(affine), spatial_size=shape)
     data = out[0].numpy()
     data = np.rint(data).astype(dtype) if np.issubdtype(np.dtype(dtype), np.integer) else data.astype(dtype)
@@ -120,9 +134,16 @@ def inputs(small_demo, tmp_path_factory) -> Path:
     write_lines(root / "demo_images.txt", [liver / "image.nii.gz", bladder / "image.nii.gz"])
     write_lines(root / "demo_segs.txt", [liver / "organ_seg.nii.gz", bladder / "organ_seg.nii.gz"])
     write_lines(root / "demo_attrs.txt", [json.dumps(LIVER), json.dumps(BLADDER_WALL)])
-    write_lines(root / "batch_images.txt", ["Liver_cancer/image.nii.gz", "bad/unreadable.nii.gz", "Bladder_cancer/image.nii.gz"])
-    write_lines(root / "batch_segs.txt", ["Liver_cancer/organ_seg.nii.gz", "Liver_cancer/organ_seg.nii.gz", "Bladder_cancer/organ_seg.nii.gz"])
-    write_lines(root / "batch_attrs.txt", [json.dumps(LIVER_WITHIN), json.dumps(LIVER_WITHIN), json.dumps(BLADDER_LUMEN)])
+    write_lines(
+        root / "batch_images.txt", ["Liver_cancer/image.nii.gz", "bad/unreadable.nii.gz", "Bladder_cancer/image.nii.gz"]
+    )
+    write_lines(
+        root / "batch_segs.txt",
+        ["Liver_cancer/organ_seg.nii.gz", "Liver_cancer/organ_seg.nii.gz", "Bladder_cancer/organ_seg.nii.gz"],
+    )
+    write_lines(
+        root / "batch_attrs.txt", [json.dumps(LIVER_WITHIN), json.dumps(LIVER_WITHIN), json.dumps(BLADDER_LUMEN)]
+    )
     write_lines(root / "not_json_attrs.txt", [json.dumps(LIVER), '{"organ type": "liver", "lesion type": cyst}'])
     write_lines(root / "three_attrs.txt", [json.dumps(LIVER)] * 3)
     return root
@@ -132,7 +153,13 @@ def scenarios(root: Path, outs: Path) -> dict[str, Run]:
     liver, bladder, aniso, bad = root / "Liver_cancer", root / "Bladder_cancer", root / "aniso", root / "bad"
     # the maps are 64 mm crops of v1 demo maps: too little anatomy to tell the numbering, so it is stated
     v1 = {"organ_seg_version": "v1"}
-    cli_lumen = dict(image=str(bladder / "image.nii.gz"), organ_seg=str(bladder / "organ_seg.nii.gz"), attributes=json.dumps(BLADDER_LUMEN), seed="5", **v1)
+    cli_lumen = dict(
+        image=str(bladder / "image.nii.gz"),
+        organ_seg=str(bladder / "organ_seg.nii.gz"),
+        attributes=json.dumps(BLADDER_LUMEN),
+        seed="5",
+        **v1,
+    )
     runs = {
         "demo": bundle_cmd(
             outs / "demo", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "demo_attrs.txt"),
@@ -243,7 +270,9 @@ def test_demo_batch_with_its_organ_maps(runs, inputs):
     run = ok(runs["demo"])
     manifest = read_manifest(run.out / "manifest.json")
     assert [c.case for c in manifest.cases] == ["case_000", "case_001"]
-    for entry, name, request, organ_id in zip(manifest.cases, ("Liver_cancer", "Bladder_cancer"), (LIVER, BLADDER_WALL), (5, 104)):
+    for entry, name, request, organ_id in zip(
+        manifest.cases, ("Liver_cancer", "Bladder_cancer"), (LIVER, BLADDER_WALL), (5, 104)
+    ):
         assert entry.source_image == (inputs / name / "image.nii.gz").resolve()
         seg = check_case(entry, request, organ_id, num_lesions=2)
         # a 1 mm LPS input: standardising is a flip, and the way back is exact
@@ -291,7 +320,9 @@ def test_cli_single_case_is_reproducible_and_seeded(runs, inputs):
     check_case(ma.cases[0], BLADDER_LUMEN, 104, num_lesions=1)
     assert ma.cases[0].lesions[0].box == mb.cases[0].lesions[0].box
     assert (a.out / "case_000" / "lesion_0.json").read_bytes() == (b.out / "case_000" / "lesion_0.json").read_bytes()
-    assert load(a.out / "case_000" / "image.nii.gz")[0].tobytes() == load(b.out / "case_000" / "image.nii.gz")[0].tobytes()
+    assert (
+        load(a.out / "case_000" / "image.nii.gz")[0].tobytes() == load(b.out / "case_000" / "image.nii.gz")[0].tobytes()
+    )
     # the same request with another seed puts the box elsewhere
     other = read_manifest(ok(runs["cli_seed6"]).out / "manifest.json")
     check_case(other.cases[0], BLADDER_LUMEN, 104, num_lesions=1)
@@ -305,7 +336,11 @@ def test_batch_reports_and_skips_a_bad_case_keeping_the_order(runs, inputs):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: 1 of 3 case(s) failed (case_001); the others are in {run.out / 'manifest.json'}"]
     manifest = read_manifest(run.out / "manifest.json")
-    assert [(c.case, c.status) for c in manifest.cases] == [("case_000", "ok"), ("case_001", "error"), ("case_002", "ok")]
+    assert [(c.case, c.status) for c in manifest.cases] == [
+        ("case_000", "ok"),
+        ("case_001", "error"),
+        ("case_002", "ok"),
+    ]
     failed = manifest.cases[1]
     assert failed.source_image == (inputs / "bad" / "unreadable.nii.gz").resolve()
     assert "unreadable.nii.gz" in failed.error and "unreadable NIfTI" in failed.error and "\n" not in failed.error
@@ -322,10 +357,18 @@ def test_batch_reports_and_skips_a_bad_case_keeping_the_order(runs, inputs):
     [
         ("unreadable", ["bad/unreadable.nii.gz: unreadable NIfTI"]),
         ("four_d", ["bad/four_d.nii.gz: expected a 3D image, got shape (8, 8, 8, 3)"]),
-        ("organ_absent", ["bad/seg_without_liver.nii.gz: organ 'liver' (TotalSegmentator v1 label 5) is absent from the organ segmentation"]),
+        (
+            "organ_absent",
+            [
+                "bad/seg_without_liver.nii.gz: organ 'liver' (TotalSegmentator v1 label 5) is absent from the organ segmentation"
+            ],
+        ),
         ("unknown_organ", ["attributes: unknown organ name 'livr'", "close matches: liver"]),
         ("not_json", ["not_json_attrs.txt:2: attribute line is not valid JSON"]),
-        ("lengths", ["three_attrs.txt: has 3 lines but", "demo_images.txt has 2; the lists must be aligned line by line"]),
+        (
+            "lengths",
+            ["three_attrs.txt: has 3 lines but", "demo_images.txt has 2; the lists must be aligned line by line"],
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_1_and_no_output(runs, name, expected):
@@ -346,8 +389,14 @@ def test_single_request_forms(tmp_path):
     (request,) = one
     assert request.organ_id == 104 and request.organ_name == "urinary bladder" and request.organ_seg is None
     assert request.attributes == {"organ type": "bladder", "lesion type": "polyp"}
-    as_dict = read_requests(image="ct.nii.gz", organ_seg="seg.nii.gz", attributes={"organ type": "Liver", "lesion type": "cyst", "size": 25})
-    assert as_dict[0].organ_id == 5 and as_dict[0].attributes["size"] == "25" and as_dict[0].organ_seg == Path("seg.nii.gz")
+    as_dict = read_requests(
+        image="ct.nii.gz", organ_seg="seg.nii.gz", attributes={"organ type": "Liver", "lesion type": "cyst", "size": 25}
+    )
+    assert (
+        as_dict[0].organ_id == 5
+        and as_dict[0].attributes["size"] == "25"
+        and as_dict[0].organ_seg == Path("seg.nii.gz")
+    )
     pretty = tmp_path / "attrs.json"
     pretty.write_text(json.dumps(LIVER, indent=2))
     assert read_requests(image="ct.nii.gz", attributes=str(pretty))[0].attributes == LIVER
@@ -375,7 +424,10 @@ def test_batch_requests_resolve_list_paths_and_share_one_attribute_object(tmp_pa
         ({"image": "a", "attributes": json.dumps(LIVER), "attributes_list": "x"}, "not both"),
         ({"image": "a", "attributes": json.dumps(LIVER), "organ_seg_list": "x"}, "organ_seg_list goes with image_list"),
         ({"image": "a", "attributes": '{"organ type": "liver"}'}, "attributes: attributes need 'lesion type'"),
-        ({"image": "a", "attributes": '{"organ type": "liver", "lesion type": ["x"]}'}, "attribute 'lesion type' must be text"),
+        (
+            {"image": "a", "attributes": '{"organ type": "liver", "lesion type": ["x"]}'},
+            "attribute 'lesion type' must be text",
+        ),
         ({"image": "a", "attributes": "[1, 2]"}, "neither a JSON object nor an existing file"),
         ({"image": "a", "attributes": '{"organ type": "kidney", "lesion type": "cyst"}'}, "ambiguous"),
     ],

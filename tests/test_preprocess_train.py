@@ -70,7 +70,10 @@ KNOWN_DIFFERENCES = {
 def run_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *args],
-        cwd=BUNDLE, capture_output=True, text=True, timeout=600,
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -90,7 +93,16 @@ def prepared(small_demo, tmp_path_factory):
     before = snapshot(small_demo)
     out = tmp_path_factory.mktemp("train") / "prepared"
     # 64 mm crops of the v1 demo maps: too little anatomy to tell the numbering, so it is stated
-    result = run_train("--datalist", str(small_demo / "datalist.json"), "--output_dir", str(out), "--val_fraction", "0.5", "--organ_seg_version", "v1")
+    result = run_train(
+        "--datalist",
+        str(small_demo / "datalist.json"),
+        "--output_dir",
+        str(out),
+        "--val_fraction",
+        "0.5",
+        "--organ_seg_version",
+        "v1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert snapshot(small_demo) == before  # inputs only read
     return out
@@ -106,7 +118,9 @@ def test_demo_cases_are_standardised_and_split(prepared, small_demo):
         name = case.image.parent.name
         for key in ("image", "label", "organ_seg"):
             out = nib.load(getattr(case, key))
-            source = nib.as_closest_canonical(nib.load(small_demo / "cases" / name / f"{key}.nii.gz"))  # demo maps are LPS
+            source = nib.as_closest_canonical(
+                nib.load(small_demo / "cases" / name / f"{key}.nii.gz")
+            )  # demo maps are LPS
             assert nib.aff2axcodes(out.affine) == ("R", "A", "S")
             np.testing.assert_allclose(out.header.get_zooms()[:3], (1.0, 1.0, 1.0))
             np.testing.assert_allclose(out.affine, source.affine, atol=1e-4)
@@ -163,8 +177,16 @@ def test_list_files_and_an_anisotropic_reoriented_case(small_demo, tmp_path):
     before = snapshot(other)
     out = tmp_path / "prepared"
     result = run_train(
-        "--image_list", str(lists["img"]), "--label_list", str(lists["label"]), "--seg_list", str(lists["seg"]),
-        "--output_dir", str(out), "--val_fraction", "0",
+        "--image_list",
+        str(lists["img"]),
+        "--label_list",
+        str(lists["label"]),
+        "--seg_list",
+        str(lists["seg"]),
+        "--output_dir",
+        str(out),
+        "--val_fraction",
+        "0",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert snapshot(other) == before
@@ -187,13 +209,17 @@ def test_list_files_and_an_anisotropic_reoriented_case(small_demo, tmp_path):
 @pytest.mark.slow
 def test_bad_lists_give_one_line_and_no_output(small_demo, tmp_path):
     images = tmp_path / "img.txt"
-    images.write_text(f"{small_demo / 'cases/Liver_cancer/image.nii.gz'}\n{small_demo / 'cases/Bladder_cancer/image.nii.gz'}\n")
+    images.write_text(
+        f"{small_demo / 'cases/Liver_cancer/image.nii.gz'}\n{small_demo / 'cases/Bladder_cancer/image.nii.gz'}\n"
+    )
     labels = tmp_path / "label.txt"
     labels.write_text(f"{small_demo / 'cases/Liver_cancer/label.nii.gz'}\n")
     segs = tmp_path / "seg.txt"
     segs.write_text(images.read_text().replace("image.nii.gz", "organ_seg.nii.gz"))
     out = tmp_path / "prepared"
-    result = run_train("--image_list", str(images), "--label_list", str(labels), "--seg_list", str(segs), "--output_dir", str(out))
+    result = run_train(
+        "--image_list", str(images), "--label_list", str(labels), "--seg_list", str(segs), "--output_dir", str(out)
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "label.txt: has 1 lines but" in errors[0] and "aligned" in errors[0]
@@ -202,11 +228,18 @@ def test_bad_lists_give_one_line_and_no_output(small_demo, tmp_path):
 
 
 # ---- in-process: the same writer, each bad input one error and no output ------------------------------
-STANDARDISE = Compose([
-    LoadImaged(keys=["image", "label", "organ_seg"], image_only=True, ensure_channel_first=True),
-    Orientationd(keys=["image", "label", "organ_seg"], axcodes="RAS", labels=None),
-    Spacingd(keys=["image", "label", "organ_seg"], pixdim=(1.0, 1.0, 1.0), mode=["bilinear", "nearest", "nearest"], padding_mode="border"),
-])
+STANDARDISE = Compose(
+    [
+        LoadImaged(keys=["image", "label", "organ_seg"], image_only=True, ensure_channel_first=True),
+        Orientationd(keys=["image", "label", "organ_seg"], axcodes="RAS", labels=None),
+        Spacingd(
+            keys=["image", "label", "organ_seg"],
+            pixdim=(1.0, 1.0, 1.0),
+            mode=["bilinear", "nearest", "nearest"],
+            padding_mode="border",
+        ),
+    ]
+)
 
 
 def make_case(folder: Path, lesion: bool = True, organ_id: int = 5) -> dict[str, Path]:
@@ -266,7 +299,9 @@ def test_small_anisotropic_case_in_process(tmp_path):
 )
 def test_bad_case_is_one_error_and_no_output(tmp_path, breakage, message):
     good = make_case(tmp_path / "good")
-    bad = make_case(tmp_path / "bad", lesion=breakage != "no_lesion", organ_id=250 if breakage == "unknown_organ" else 5)
+    bad = make_case(
+        tmp_path / "bad", lesion=breakage != "no_lesion", organ_id=250 if breakage == "unknown_organ" else 5
+    )
     if breakage == "unreadable":
         bad["image"].write_bytes(gzip.compress(b"not a nifti file"))
     elif breakage == "4d":
@@ -317,4 +352,7 @@ def test_split_and_names():
     same = [Case(Path(f"/d/{n}/ct.nii.gz")) for n in ("a", "b")]
     assert prepare.case_names(same) == ["a", "b"]
     assert prepare.case_names([Case(Path("/d/x/a.nii")), Case(Path("/d/x/b.nii.gz"))]) == ["a", "b"]
-    assert prepare.case_names([Case(Path("/d/x/ct.nii.gz")), Case(Path("/e/x/ct.nii.gz"))]) == ["case_0000_ct", "case_0001_ct"]
+    assert prepare.case_names([Case(Path("/d/x/ct.nii.gz")), Case(Path("/e/x/ct.nii.gz"))]) == [
+        "case_0000_ct",
+        "case_0001_ct",
+    ]

@@ -18,7 +18,9 @@ CUBE_MM = 96.0  # every test scan is this cube of world space, centred on the wo
 RAS_SPACING = (0.8, 1.2, 3.0)  # anisotropic on purpose
 
 
-def _grid_affine(codes: tuple[str, str, str], spacing: tuple[float, float, float]) -> tuple[np.ndarray, tuple[int, ...]]:
+def _grid_affine(
+    codes: tuple[str, str, str], spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """An affine storing the cube along ``codes`` (e.g. ("L", "P", "S")), voxel centres symmetric about 0."""
     ornt = nib.orientations.axcodes2ornt(codes)
     rot = np.zeros((3, 3))
@@ -53,7 +55,10 @@ def _case(tmp_path, codes, radius_mm: float = 6.0, lesion_hu: float = 200.0, nam
     label = np.where(ball, 2, 0).astype(np.uint8)
     folder = tmp_path / (name or "".join(codes))
     folder.mkdir()
-    paths = [save_nifti(folder / f"{n}.nii.gz", v, affine) for n, v in (("before", before), ("after", after), ("label", label))]
+    paths = [
+        save_nifti(folder / f"{n}.nii.gz", v, affine)
+        for n, v in (("before", before), ("after", after), ("label", label))
+    ]
     return paths
 
 
@@ -61,7 +66,11 @@ def _panels(png, rows: int = 3, size: int = SIZE) -> dict[tuple[int, int], np.nd
     """(row, column) -> RGB panel; the caption band sits above the panels."""
     px = np.asarray(Image.open(png).convert("RGB")).astype(int)
     top = px.shape[0] - rows * size
-    return {(r, c): px[top + r * size : top + (r + 1) * size, c * size : (c + 1) * size] for r in range(rows) for c in range(4)}
+    return {
+        (r, c): px[top + r * size : top + (r + 1) * size, c * size : (c + 1) * size]
+        for r in range(rows)
+        for c in range(4)
+    }
 
 
 def _quadrants(panel: np.ndarray) -> tuple[float, float, float, float]:
@@ -87,7 +96,9 @@ def test_radiological_orientation_from_any_affine(tmp_path):
     for codes in GRIDS:
         before, after, label = _case(tmp_path, codes)
         assert nib.aff2axcodes(nib.load(before).affine) == codes
-        png = preview.write_case_preview(tmp_path / f"{''.join(codes)}.png", before, after, label, attributes, tile=SIZE)
+        png = preview.write_case_preview(
+            tmp_path / f"{''.join(codes)}.png", before, after, label, attributes, tile=SIZE
+        )
         images.append(np.asarray(Image.open(png).convert("RGB")))
     assert all(np.array_equal(images[0], other) for other in images[1:])  # orientation comes from the affine
     p = _panels(tmp_path / "RAS.png")
@@ -103,7 +114,9 @@ def test_radiological_orientation_from_any_affine(tmp_path):
 
 def test_zoomed_at_physical_aspect_with_overview_box(tmp_path):
     before, after, label = _case(tmp_path, ("L", "P", "S"))
-    p = _panels(preview.write_case_preview(tmp_path / "p.png", before, after, label, {"organ type": "liver"}, tile=SIZE))
+    p = _panels(
+        preview.write_case_preview(tmp_path / "p.png", before, after, label, {"organ type": "liver"}, tile=SIZE)
+    )
     fov = max(preview.MIN_FOV_MM, preview.ZOOM_FACTOR * 12.0)  # a 12 mm ball (extent of 4-5 slices of 3 mm: 12-15 mm)
     for row in range(3):
         red = _red(p[row, 3])
@@ -114,13 +127,19 @@ def test_zoomed_at_physical_aspect_with_overview_box(tmp_path):
         box = (p[row, 0][..., 0] > 200) & (p[row, 0][..., 1] > 180) & (p[row, 0][..., 2] < 60)  # yellow
         br, bc = np.nonzero(box)
         # the overview shows the whole 96 mm cube; the box the zoomed field of view around the centre
-        assert abs((np.ptp(bc) + 1) - SIZE * fov / CUBE_MM) <= 2 and abs(bc.mean() - SIZE / 2) < 2 and abs(br.mean() - SIZE / 2) < 3
+        assert (
+            abs((np.ptp(bc) + 1) - SIZE * fov / CUBE_MM) <= 2
+            and abs(bc.mean() - SIZE / 2) < 2
+            and abs(br.mean() - SIZE / 2) < 3
+        )
         assert not _red(p[row, 0]).any() and not _red(p[row, 2]).any()  # the outline only in its own column
 
 
 def test_lesion_is_drawn_as_a_one_pixel_outline(tmp_path):
     before, after, label = _case(tmp_path, ("R", "A", "S"), radius_mm=20.0, lesion_hu=-300.0)  # large and dark
-    p = _panels(preview.write_case_preview(tmp_path / "p.png", before, after, label, {"organ type": "liver"}, tile=SIZE))
+    p = _panels(
+        preview.write_case_preview(tmp_path / "p.png", before, after, label, {"organ type": "liver"}, tile=SIZE)
+    )
     for row in range(3):
         red = _red(p[row, 3])
         inside = ndi.binary_fill_holes(red)
@@ -151,9 +170,14 @@ def test_lung_and_soft_tissue_windows_render(tmp_path):
     lesion[10:14, 10:14, 11:13] = True
     levels = {}
     for organ in ("lung_lower_lobe_right", "liver"):
-        png = preview.write_preview(tmp_path / f"{organ}.png", vol, vol, lesion, np.diag([2.0, 2.0, 2.0, 1.0]), tile=SIZE, organ=organ)
+        png = preview.write_preview(
+            tmp_path / f"{organ}.png", vol, vol, lesion, np.diag([2.0, 2.0, 2.0, 1.0]), tile=SIZE, organ=organ
+        )
         coronal = _panels(png)[1, 0]
-        levels[organ] = (float(np.median(coronal[8:40, 20:76, 2])), float(np.median(coronal[56:88, 20:76, 2])))  # top, bottom
+        levels[organ] = (
+            float(np.median(coronal[8:40, 20:76, 2])),
+            float(np.median(coronal[56:88, 20:76, 2])),
+        )  # top, bottom
     assert abs(levels["lung_lower_lobe_right"][0] - 127) <= 3 and abs(levels["lung_lower_lobe_right"][1] - 236) <= 3
     assert levels["liver"][0] == 0 and abs(levels["liver"][1] - 127) <= 3
 
@@ -162,13 +186,17 @@ def test_caption_names_the_request(tmp_path):
     attributes = {"organ type": "liver", "lesion type": "cyst", "size in mm": "25", "density": "hypodense lesion,"}
     sentence = "A 25 mm cyst in segment VII."
     text = preview.request_caption(attributes, sentence)
-    assert text == 'organ: liver   lesion: cyst   size: 25 mm   density: hypodense lesion\n"A 25 mm cyst in segment VII."'
+    assert (
+        text == 'organ: liver   lesion: cyst   size: 25 mm   density: hypodense lesion\n"A 25 mm cyst in segment VII."'
+    )
     assert preview.request_caption({**attributes, "description": sentence}) == text
     assert "size" not in preview.request_caption({"organ type": "liver", "size": "[[28 29 26]] pixel,"})
     before, after, label = _case(tmp_path, ("R", "A", "S"))
     plain = np.asarray(Image.open(preview.write_preview(tmp_path / "a.png", *[np.asarray(nib.load(f).dataobj) for f in (before, after)],
                                                         np.asarray(nib.load(label).dataobj) == 2, nib.load(before).affine, tile=SIZE)))  # fmt: skip
-    captioned = np.asarray(Image.open(preview.write_case_preview(tmp_path / "b.png", before, after, label, attributes, SIZE, sentence)))
+    captioned = np.asarray(
+        Image.open(preview.write_case_preview(tmp_path / "b.png", before, after, label, attributes, SIZE, sentence))
+    )
     assert plain.shape == (3 * SIZE, 4 * SIZE, 3)
     band = captioned.shape[0] - 3 * SIZE
     assert band > 20 and (captioned[:band] > 200).any()  # two lines of text above the panels
@@ -186,8 +214,12 @@ def test_contact_sheet_one_row_per_case(tmp_path):
     before, after, label = _case(tmp_path, ("L", "P", "S"))
     vol = lambda p: StoredVolume(np.asarray(nib.load(p).dataobj), 1.0, 0.0, nib.load(p).affine)  # noqa: E731
     lesion = np.asarray(nib.load(label).dataobj) == 2
-    tile = case_tile(vol(before), vol(after), lesion, preview.SOFT_TISSUE_WINDOW, SIZE, caption="organ: liver   lesion: cyst")
-    sheet = np.asarray(contact_sheet([("a", "inside 100%", tile), ("b", "missing", None), ("c", "inside 90%", tile)], SIZE)).astype(int)
+    tile = case_tile(
+        vol(before), vol(after), lesion, preview.SOFT_TISSUE_WINDOW, SIZE, caption="organ: liver   lesion: cyst"
+    )
+    sheet = np.asarray(
+        contact_sheet([("a", "inside 100%", tile), ("b", "missing", None), ("c", "inside 90%", tile)], SIZE)
+    ).astype(int)
     assert sheet.shape[1] == 4 * SIZE and sheet.shape[0] % 3 == 0
     row = sheet.shape[0] // 3
     for r, shown in enumerate((True, False, True)):

@@ -72,19 +72,25 @@ def make_corpus(root: Path) -> Path:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("real")
     corpus = make_corpus(root / "corpus")
-    return R.build_real_dataset(corpus, root / "out", lesions_per_scan=3, seed=0, val_scans=["ts_small"], requests_per_scan=1)
+    return R.build_real_dataset(
+        corpus, root / "out", lesions_per_scan=3, seed=0, val_scans=["ts_small"], requests_per_scan=1
+    )
 
 
 @pytest.fixture(scope="module")
 def ts_ctx() -> R.ScanContext:
-    meta = R.CorpusScan("ts_small", TS_SMALL / "example_ct_sm.nii.gz", TS_SMALL / "example_seg.nii.gz", "v2", None, "non-contrast")
+    meta = R.CorpusScan(
+        "ts_small", TS_SMALL / "example_ct_sm.nii.gz", TS_SMALL / "example_seg.nii.gz", "v2", None, "non-contrast"
+    )
     return R.scan_context(R.load_scan(meta))
 
 
 def _paint(ctx: R.ScanContext, seed: int, **fixed) -> R.Painted:
     table = label_table("v1")
     organ_id = table.id(fixed.pop("organ", "liver"))
-    intent = R.draw_intent(table.name(organ_id), organ_id, ctx.reference_hu[organ_id], np.random.default_rng(seed), **fixed)
+    intent = R.draw_intent(
+        table.name(organ_id), organ_id, ctx.reference_hu[organ_id], np.random.default_rng(seed), **fixed
+    )
     painted = R.paint_lesion(ctx.scan, intent, np.random.default_rng(seed + 1))
     assert painted is not None
     return painted
@@ -115,8 +121,14 @@ def test_lesion_hu_follows_class_and_value_in_this_scan(ts_ctx: R.ScanContext) -
     liver = ts_ctx.scan.seg == label_table("v1").id("liver")
     ref = ts_ctx.reference_hu[label_table("v1").id("liver")]
     assert abs(ref - 46.0) < 3  # the non-contrast liver of this scan, not a typical enhanced value
-    for density, hu, lo, hi in ((R.HYPER, ref + 40.0, 20, 60), (R.HYPO, ref - 20.5, -60, -20), (R.FLUID, 8.0, -999, -20)):
-        p = _paint(ts_ctx, 3, density=density, hu=hu, diameter_mm=25.0, shape="round", heterogeneous=False, well_defined=True)
+    for density, hu, lo, hi in (
+        (R.HYPER, ref + 40.0, 20, 60),
+        (R.HYPO, ref - 20.5, -60, -20),
+        (R.FLUID, 8.0, -999, -20),
+    ):
+        p = _paint(
+            ts_ctx, 3, density=density, hu=hu, diameter_mm=25.0, shape="round", heterogeneous=False, well_defined=True
+        )
         mean = float(p.image[p.lesion].mean())
         organ_now = organ_reference_hu(p.image, liver, spacing, exclude=p.lesion)
         assert abs(mean - hu) < 1.0, (density, mean, hu)
@@ -132,7 +144,9 @@ def test_lesion_keeps_the_scans_noise(ts_ctx: R.ScanContext) -> None:
     interior_organ = ndi.binary_erosion(liver, iterations=1)
     ratios = []
     for seed in (5, 6, 7):
-        p = _paint(ts_ctx, seed, density=R.HYPER, diameter_mm=30.0, shape="oval", heterogeneous=False, well_defined=True)
+        p = _paint(
+            ts_ctx, seed, density=R.HYPER, diameter_mm=30.0, shape="oval", heterogeneous=False, well_defined=True
+        )
         core = ndi.binary_erosion(p.lesion, iterations=1)
         far = interior_organ & ~ndi.binary_dilation(p.lesion, iterations=3)
         ratios.append(float(p.image[core].std() / p.image[far].std()))
@@ -230,7 +244,11 @@ def test_command_line(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith("datalist.json")
     assert validate_cases(load_cases(datalist=run.stdout.strip()), "v1") == []
-    bad = subprocess.run(exe + ["--source", "real", "--corpus", str(corpus), "--out", str(tmp_path / "o2"), "--val_scans", "nope"], capture_output=True, text=True)
+    bad = subprocess.run(
+        exe + ["--source", "real", "--corpus", str(corpus), "--out", str(tmp_path / "o2"), "--val_scans", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
 
 

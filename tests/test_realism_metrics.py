@@ -108,7 +108,9 @@ def test_edge_width_orders_sharp_and_blurred_edges():
     assert widths["sharp"] < 1.2 < widths["soft"] < widths["blurred"]
     # in mm: the same lesion at 2 mm voxels has a sharp edge twice as wide in mm
     img = (step + rng.normal(0.0, 5.0, step.shape)).astype(np.float32)
-    assert L.edge_width_mm(L.LesionCrop(img, lesion, ~lesion, (2.0, 2.0, 2.0), 60.0)) == pytest.approx(2 * widths["sharp"], rel=0.2)
+    assert L.edge_width_mm(L.LesionCrop(img, lesion, ~lesion, (2.0, 2.0, 2.0), 60.0)) == pytest.approx(
+        2 * widths["sharp"], rel=0.2
+    )
     # no step, no width
     flat = (60.0 + rng.normal(0.0, 5.0, step.shape)).astype(np.float32)
     assert L.edge_width_mm(L.LesionCrop(flat, lesion, ~lesion, (1.0, 1.0, 1.0), 60.0)) is None
@@ -134,7 +136,9 @@ def test_first_order_and_glcm_features():
     rng = np.random.default_rng(2)
     x = rng.gamma(2.0, 10.0, 5000) - 50.0
     f = L.first_order(x)
-    assert f["skewness"] == pytest.approx(stats.skew(x)) and f["kurtosis"] == pytest.approx(stats.kurtosis(x, fisher=False))
+    assert f["skewness"] == pytest.approx(stats.skew(x)) and f["kurtosis"] == pytest.approx(
+        stats.kurtosis(x, fisher=False)
+    )
     assert f["p50"] == pytest.approx(np.median(x)) and f["std"] == pytest.approx(x.std())
     const = L.first_order(np.full(100, -30.0))
     assert (const["std"], const["entropy"], const["skewness"], const["p10"]) == (0.0, 0.0, 0.0, -30.0)
@@ -195,7 +199,9 @@ def _report(centre, diameter, density, ct_value) -> Report:
 def _save(folder: Path, src: Path, image: np.ndarray, label: np.ndarray) -> None:
     ref = nib.load(src / "image.nii.gz")
     folder.mkdir(parents=True)
-    nib.save(nib.Nifti1Image(image.astype(ref.get_data_dtype()), ref.affine, header=ref.header), str(folder / "image.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(image.astype(ref.get_data_dtype()), ref.affine, header=ref.header), str(folder / "image.nii.gz")
+    )
     nib.save(nib.Nifti1Image(label.astype(np.uint8), ref.affine), str(folder / "label.nii.gz"))
     shutil.copyfile(src / "organ_seg.nii.gz", folder / "organ_seg.nii.gz")
 
@@ -218,7 +224,9 @@ def realism_scene(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         image = np.where(lesion, before - 50, before)
         case = root / "reference" / "cases" / f"gt_{i}"
         _save(case, src, image, np.where(lesion, 2, liver.astype(np.uint8)))
-        (case / "type.json").write_text(json.dumps(_report(p, int(2 * r_mm), "hypodense lesion", reference_hu - 50).to_json()))
+        (case / "type.json").write_text(
+            json.dumps(_report(p, int(2 * r_mm), "hypodense lesion", reference_hu - 50).to_json())
+        )
         entries.append({k: f"cases/gt_{i}/{n}" for k, n in
                         (("image", "image.nii.gz"), ("label", "label.nii.gz"), ("report", "type.json"), ("organ_seg", "organ_seg.nii.gz"))})  # fmt: skip
     (root / "reference" / "datalist.json").write_text(json.dumps({"training": entries[:2], "validation": entries[2:]}))
@@ -237,13 +245,22 @@ def realism_scene(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     }
     requests = []
     for case, (mask, image, ct_value) in cases.items():
-        attrs = {"organ type": "liver", "lesion type": "tumor", "density": "hypodense", "density variations": "homogeneous"}
+        attrs = {
+            "organ type": "liver",
+            "lesion type": "tumor",
+            "density": "hypodense",
+            "density variations": "homogeneous",
+        }
         request = SynthesisRequest(case, inputs / "ct.nii.gz", attrs, inputs / "seg.nii.gz")
         requests.append(request)
         folder = root / "pred" / case
         _save(folder, src, image, np.where(mask, 2, liver.astype(np.uint8)))
         (folder / "report.json").write_text(json.dumps(_report(points[1], 14, "hypodense lesion", ct_value).to_json()))
-        provenance = {"case": case, "request": {"image": str(request.image.resolve())}, "parameters": {"seed": 0, "margin_mm": 3.0}}
+        provenance = {
+            "case": case,
+            "request": {"image": str(request.image.resolve())},
+            "parameters": {"seed": 0, "margin_mm": 3.0},
+        }
         (folder / "provenance.json").write_text(json.dumps(provenance))
     requests_file = write_requests(root / "requests.json", requests)
     snapshot = {p: p.read_bytes() for p in sorted((root / "reference").rglob("*")) if p.is_file()}
@@ -272,7 +289,11 @@ def test_flat_speckled_and_faint_lesions_are_caught(realism_scene):
     assert speckle["realism"]["fill_ratio"] < 0.8 and speckle["realism"]["solid"] is False
     assert speckle["realism"]["interior_fraction"] == 0.0 and speckle["realism"]["interior_ok"] is False
     # one lesion only under 6-connectivity: the 26-connected count calls the speckle one piece
-    assert speckle["mask"]["components_26"] == 1 and speckle["mask"]["components"] > 50 and not speckle["mask"]["connected"]
+    assert (
+        speckle["mask"]["components_26"] == 1
+        and speckle["mask"]["components"] > 50
+        and not speckle["mask"]["connected"]
+    )
     faint = cases["faint"]["realism"]
     assert faint["delta_ok"] and faint["median_delta_hu"] == pytest.approx(-16.0, abs=3.0)  # what the report asked...
     assert faint["delta_in_reference_range"] is False  # ...but no real hypodense lesion of the set is that faint
@@ -283,7 +304,9 @@ def test_totals_distance_and_baselines(realism_scene):
     assert t["reference_lesions"] == 3 and t["matched_reference_lesions"] == 3 and t["cases"] == 4
     assert t["solid_rate"] == pytest.approx(3 / 4) and t["noise_ok_rate"] == pytest.approx(2 / 3)
     assert t["one_piece_rate"] == pytest.approx(3 / 4) and t["delta_in_reference_range_rate"] == pytest.approx(3 / 4)
-    assert t["ground_truth"]["fill_ratio"] == 1.0 and t["ground_truth"]["median_delta_hu"] == pytest.approx(-50.0, abs=3.0)
+    assert t["ground_truth"]["fill_ratio"] == 1.0 and t["ground_truth"]["median_delta_hu"] == pytest.approx(
+        -50.0, abs=3.0
+    )
     assert t["edge_width_by_margin"]["well-defined"]["reference_lesions"] == 3
     d = t["realism_distance"]
     assert d["cases_with_features"] == {"synthetic": 4, "flat": 4, "copy_paste": 4}

@@ -46,12 +46,23 @@ def test_demo_report_typed_fields():
     assert bladder.classes("shape") == ["round-like", "protrusion into the lumen"]
     liver = read_report(DEMO / "Liver_cancer" / "type.json")[5]
     assert liver.classes("density") == ["hypodense lesion"]  # "low density lesion" is a synonym
-    assert liver.classes("specific features") == ["presence of increased density areas", "presence of decreased density areas"]
+    assert liver.classes("specific features") == [
+        "presence of increased density areas",
+        "presence of decreased density areas",
+    ]
     assert liver.unrecognised() == {}
 
 
 def test_canonicalisation_through_synonyms():
-    r = LesionReport(5, {"lesion location": "5", "density": "Low Attenuation Lesion,", "shape": "irregular,wall thickening", "surface characteristics": "fuzzy edge,"})
+    r = LesionReport(
+        5,
+        {
+            "lesion location": "5",
+            "density": "Low Attenuation Lesion,",
+            "shape": "irregular,wall thickening",
+            "surface characteristics": "fuzzy edge,",
+        },
+    )
     c = r.canonical()
     assert c.attributes["density"] == "hypodense lesion,"
     assert c.attributes["shape"] == "irregular wall thickening,"  # a synonym containing a comma stays whole

@@ -61,11 +61,21 @@ class ChatServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                server.requests.append(
+                    {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
+                )
                 behaviour = server.script[min(len(server.requests), len(server.script)) - 1]
                 if behaviour == "http500":
                     # a careless server that echoes the credentials it got
-                    self._send(500, {"error": {"message": f"internal error for {self.headers['Authorization']}", "type": "server_error"}})
+                    self._send(
+                        500,
+                        {
+                            "error": {
+                                "message": f"internal error for {self.headers['Authorization']}",
+                                "type": "server_error",
+                            }
+                        },
+                    )
                     return
                 if behaviour == "slow":
                     time.sleep(server.delay)
@@ -78,11 +88,19 @@ class ChatServer:
                     "plain_good": json.dumps(PLAIN_GOOD),
                     "hypo_not_below": json.dumps(HYPO_NOT_BELOW),
                 }[behaviour]
-                self._send(200, {
-                    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                })
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    },
+                )
 
             def _send(self, status: int, obj: dict) -> None:
                 data = json.dumps(obj).encode()
@@ -271,7 +289,9 @@ def test_bundle_run_with_the_openai_provider_writes_the_answer_and_never_the_key
     ]  # fmt: skip
     with ChatServer(["good"]) as server:
         env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-        run = subprocess.run([*cmd, "--report_base_url", server.url], cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [*cmd, "--report_base_url", server.url], cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300
+        )
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(server.requests) == 1 and server.requests[0]["headers"]["authorization"] == f"Bearer {KEY}"
     report = json.loads((out / "case_000" / "lesion_0.json").read_text())
@@ -310,7 +330,10 @@ def test_the_prompt_holds_the_measured_scan(key, plain_scan):
 
 @pytest.mark.parametrize(
     "behaviour, reason",
-    [("good", "enhancement status 'enhanced ct' contradicts the scan"), ("hypo_not_below", "'hypodense lesion' at 50 HU is not below the liver's")],
+    [
+        ("good", "enhancement status 'enhanced ct' contradicts the scan"),
+        ("hypo_not_below", "'hypodense lesion' at 50 HU is not below the liver's"),
+    ],
 )
 def test_an_answer_that_contradicts_the_scan_is_rejected(key, logs, plain_scan, behaviour, reason):
     with ChatServer([behaviour]) as server:

@@ -14,7 +14,12 @@ from lesiondiffusion.requests import SynthesisRequest, read_requests, write_requ
 def test_round_trip_keeps_paths_relative_to_the_file(tmp_path: Path) -> None:
     reqs = [
         SynthesisRequest("a", tmp_path / "img" / "a.nii.gz", {"organ type": "liver", "lesion type": "cyst"}),
-        SynthesisRequest("b", tmp_path / "img" / "b.nii.gz", {"organ type": "kidney", "lesion type": "tumor", "density": "hyperdense"}, tmp_path / "seg" / "b.nii.gz"),
+        SynthesisRequest(
+            "b",
+            tmp_path / "img" / "b.nii.gz",
+            {"organ type": "kidney", "lesion type": "tumor", "density": "hyperdense"},
+            tmp_path / "seg" / "b.nii.gz",
+        ),
     ]
     path = write_requests(tmp_path / "sub" / "requests.json", reqs)
     raw = json.loads(path.read_text())
@@ -29,10 +34,16 @@ def test_round_trip_keeps_paths_relative_to_the_file(tmp_path: Path) -> None:
     ("entry", "problem"),
     [
         ({"image": "a.nii.gz", "attributes": {"organ type": "liver", "lesion type": "cyst"}}, "'case' must be"),
-        ({"case": "../x", "image": "a.nii.gz", "attributes": {"organ type": "liver", "lesion type": "cyst"}}, "'case' must be"),
+        (
+            {"case": "../x", "image": "a.nii.gz", "attributes": {"organ type": "liver", "lesion type": "cyst"}},
+            "'case' must be",
+        ),
         ({"case": "a", "attributes": {"organ type": "liver", "lesion type": "cyst"}}, "'image' must be a path"),
         ({"case": "a", "image": "a.nii.gz", "attributes": {"organ type": "liver"}}, "attributes need 'lesion type'"),
-        ({"case": "a", "image": "a.nii.gz", "attributes": {"organ type": "liver", "lesion type": ["x"]}}, "must be text"),
+        (
+            {"case": "a", "image": "a.nii.gz", "attributes": {"organ type": "liver", "lesion type": ["x"]}},
+            "must be text",
+        ),
         ("text", "not a JSON object"),
     ],
 )
@@ -72,15 +83,26 @@ def test_text_entries_are_read_with_explicit_attributes_winning(tmp_path: Path) 
         "organ type": "liver", "lesion type": "cyst", "density": "hypodense lesion,", "surface characteristics": "well-defined margin,", "size": "25 mm",
     }  # fmt: skip
     assert words.given == {} and [u.words for u in words.reading.understood if u.negated] == ["calcification"]
-    assert both.attributes == {"organ type": "spleen", "lesion type": "nodule", "density": "isodense", "density variations": "homogeneous,"}
+    assert both.attributes == {
+        "organ type": "spleen",
+        "lesion type": "nodule",
+        "density": "isodense",
+        "density variations": "homogeneous,",
+    }
     assert both.reading.attributes["density"] == "hyperdense lesion,"  # the sentence's word is kept beside the winner
-    assert both.provenance()["given_attributes"] == {"density": "isodense"} and both.provenance()["text"].startswith("a homogeneous")
+    assert both.provenance()["given_attributes"] == {"density": "isodense"} and both.provenance()["text"].startswith(
+        "a homogeneous"
+    )
     assert organ_given.attributes == {"organ type": "kidney left", "lesion type": "cyst", "size": "12 mm"}
     assert plain.text is None and plain.reading is None and plain.provenance() == {"attributes": plain.attributes}
     # written back as given: the sentence and only the explicit attributes
     again = write_requests(tmp_path / "again.json", [words, both, organ_given, plain])
     raw = json.loads(again.read_text())["requests"]
-    assert "attributes" not in raw[0] and raw[1]["attributes"] == {"density": "isodense"} and raw[3]["attributes"] == plain.attributes
+    assert (
+        "attributes" not in raw[0]
+        and raw[1]["attributes"] == {"density": "isodense"}
+        and raw[3]["attributes"] == plain.attributes
+    )
     assert [r.attributes for r in read_requests(again)] == [r.attributes for r in (words, both, organ_given, plain)]
 
 
@@ -110,10 +132,32 @@ def test_synthesize_keeps_a_text_entry_and_lets_command_line_attributes_win(tmp_
     from lesiondiffusion_tools.synthesize import gather_requests
 
     path = tmp_path / "requests.json"
-    path.write_text(json.dumps({"requests": [{"case": "a", "image": "a.nii.gz", "text": "a 2 cm hypodense cyst in the liver", "attributes": {"shape": "cystic"}}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "requests": [
+                    {
+                        "case": "a",
+                        "image": "a.nii.gz",
+                        "text": "a 2 cm hypodense cyst in the liver",
+                        "attributes": {"shape": "cystic"},
+                    }
+                ]
+            }
+        )
+    )
     (request,) = gather_requests(requests=str(path), attributes={"density": "isodense"}, lesion_type="abscess")
-    assert request.text == "a 2 cm hypodense cyst in the liver" and request.reading.attributes["density"] == "hypodense lesion,"
+    assert (
+        request.text == "a 2 cm hypodense cyst in the liver"
+        and request.reading.attributes["density"] == "hypodense lesion,"
+    )
     assert request.given == {"shape": "cystic", "density": "isodense", "lesion type": "abscess"}
-    assert request.attributes == {"organ type": "liver", "lesion type": "abscess", "density": "isodense", "size": "20 mm", "shape": "cystic"}
+    assert request.attributes == {
+        "organ type": "liver",
+        "lesion type": "abscess",
+        "density": "isodense",
+        "size": "20 mm",
+        "shape": "cystic",
+    }
     with pytest.raises(LesionDiffusionError, match="--text goes with --image or --image_list"):
         gather_requests(requests=str(path), text="a cyst in the liver")

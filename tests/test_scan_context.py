@@ -97,7 +97,9 @@ def test_a_contrast_enhanced_scan_is_read_as_enhanced(ct, aorta_hu, portal_hu, p
     assert scan.organ_hu > 90.0
     # a hypodense tumour there sits clearly below the enhanced liver, and the report says enhanced
     for seed in range(5):
-        attrs = report_for({"organ type": "liver", "lesion type": "metastasis", "density": "hypodense"}, scan, seed=seed)
+        attrs = report_for(
+            {"organ type": "liver", "lesion type": "metastasis", "density": "hypodense"}, scan, seed=seed
+        )
         assert attrs["enhancement status"] == "enhanced CT,"
         assert parse_ct_value(attrs["CT value"]) <= scan.organ_hu - A.GENERATED_MIN_GAP_HU
 
@@ -111,14 +113,18 @@ def test_vessels_missing_from_the_map_leave_the_phase_unknown(ct, plain):
     assert "no aorta or portal vein" in scan.describe()
     # an enhanced portal vein alone tells the phase
     portal_only = np.where(seg == AORTA, 0, seg)
-    assert A.measure_scan(enhanced_copy(ct, 60.0, 175.0), portal_only, LIVER, "v2", spacing).phase == A.PHASE_PORTAL_VENOUS
+    assert (
+        A.measure_scan(enhanced_copy(ct, 60.0, 175.0), portal_only, LIVER, "v2", spacing).phase == A.PHASE_PORTAL_VENOUS
+    )
     # v1 maps have the same vessels
     assert {A.AORTA, A.PORTAL_VEIN} <= {n.replace(" ", "_") for n in label_table("v1").names.values()}
 
 
 # ---- reports on the measured scan ----------------------------------------------------------------------------------
 def test_a_cyst_is_water_and_the_report_says_plain_scan(plain):
-    proposed = A.OfflineReportProvider().propose({"organ type": "liver", "lesion type": "cyst"}, "liver", np.random.default_rng(0), scan=plain)
+    proposed = A.OfflineReportProvider().propose(
+        {"organ type": "liver", "lesion type": "cyst"}, "liver", np.random.default_rng(0), scan=plain
+    )
     assert proposed["enhancement status"] == "non-contrast CT,"  # the provider's own proposal, before any merge
     for seed in range(10):
         attrs = report_for({"organ type": "liver", "lesion type": "cyst", "size": "25 mm"}, plain, seed=seed)
@@ -141,7 +147,9 @@ def test_a_hypodense_tumour_is_clearly_below_the_measured_liver(plain):
         assert V.parse_classes("density", attrs["density"])[0][0] not in ("ring enhancement", "hyperdense lesion")
 
 
-@pytest.mark.parametrize("lesion_type, organ_id", [("angiomyolipoma", KIDNEY), ("lipoma", LIVER), ("mature teratoma", LIVER)])
+@pytest.mark.parametrize(
+    "lesion_type, organ_id", [("angiomyolipoma", KIDNEY), ("lipoma", LIVER), ("mature teratoma", LIVER)]
+)
 def test_a_fat_containing_lesion_is_negative(plain, ct, lesion_type, organ_id):
     scan = A.measure_scan(ct[0], ct[1], organ_id, "v2", ct[2])
     for seed in range(5):
@@ -190,9 +198,13 @@ def test_the_users_values_win_and_a_contradiction_is_a_warning(plain, caplog):
 
 def test_a_careless_proposal_is_made_to_agree(plain):
     rng = np.random.default_rng(0)
-    proposed = A.OfflineReportProvider().propose({"organ type": "liver", "lesion type": "cyst"}, "liver", rng, scan=plain)
+    proposed = A.OfflineReportProvider().propose(
+        {"organ type": "liver", "lesion type": "cyst"}, "liver", rng, scan=plain
+    )
     careless = {**proposed, "enhancement status": "enhanced CT,", "density": "hyperdense lesion,"}
-    attrs = A.complete_report({"organ type": "liver", "lesion type": "cyst"}, LIVER, BOX, careless, rng, version="v2", scan=plain).attributes
+    attrs = A.complete_report(
+        {"organ type": "liver", "lesion type": "cyst"}, LIVER, BOX, careless, rng, version="v2", scan=plain
+    ).attributes
     assert attrs["enhancement status"] == "non-contrast CT,"
     assert attrs["density"] == "hypoattenuating fluid-like lesion,"  # the proposal's own CT value (water) decides
     assert not A.report_conflicts(attrs, "liver", plain)
@@ -205,7 +217,9 @@ def test_conflicts_are_named():
     assert len(problems) == 2 and "not below the liver's 46 HU" in problems[0] and "non-contrast" in problems[1]
     assert A.report_conflicts(attrs, "liver", scan, fixed=("density", "CT value", "enhancement status")) == []
     assert A.report_conflicts({"density": "ring enhancement,", "CT value": "10 HU"}, "liver", scan)
-    assert not A.report_conflicts({"density": "isodense lesion,", "CT value": "52 HU", "enhancement status": "non-contrast CT,"}, "liver", scan)
+    assert not A.report_conflicts(
+        {"density": "isodense lesion,", "CT value": "52 HU", "enhancement status": "non-contrast CT,"}, "liver", scan
+    )
 
 
 @pytest.mark.slow

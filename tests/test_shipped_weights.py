@@ -35,10 +35,16 @@ def test_shipped_weights_fit_the_cpu_preset(network: str) -> None:
     assert weights.is_file() and (root / "models" / "README.md").is_file(), "weights ship with a weights card"
     state = torch.load(weights, map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()), "a plain state dict"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONWARNINGS": "ignore",
+    }
     run = subprocess.run(
         [sys.executable, "-c", CHECK, str(root / "configs" / "inference.json"), str(root), str(weights)],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1])["parameters"] > 500_000  # the cpu preset, not a test-sized net
+    assert (
+        json.loads(run.stdout.strip().splitlines()[-1])["parameters"] > 500_000
+    )  # the cpu preset, not a test-sized net

@@ -42,7 +42,9 @@ ATTRIBUTES = {"organ type": "liver", "lesion type": "cyst", "density": "hypodens
 def cli(*args: str, timeout: int = 900, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``lesiondiffusion ARGS`` in a child process, as a user runs it."""
     cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env={"PYTHONWARNINGS": "ignore", **os.environ})
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env={"PYTHONWARNINGS": "ignore", **os.environ}
+    )
 
 
 def error_lines(run: subprocess.CompletedProcess) -> list[str]:
@@ -76,7 +78,16 @@ def synthesize(weights: Path, out: Path, *args: str, cwd: Path | None = None) ->
 def synthesised(weights: Path, tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     case = tiny_demo / "cases" / "Liver_cancer"
     out = tmp_path_factory.mktemp("synth") / "out"
-    run = synthesize(weights, out, "--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"), "--attributes", json.dumps(ATTRIBUTES))
+    run = synthesize(
+        weights,
+        out,
+        "--image",
+        str(case / "image.nii.gz"),
+        "--organ_seg",
+        str(case / "organ_seg.nii.gz"),
+        "--attributes",
+        json.dumps(ATTRIBUTES),
+    )
     return {"run": run, "out": out, "case": case}
 
 
@@ -130,30 +141,58 @@ def test_provenance_records_inputs_parameters_weights_and_versions(synthesised: 
     assert (params["seed"], params["steps"], params["sampler"], params["margin_mm"]) == (3, 2, "ddim", MARGIN_MM)
     assert params["bundle_overrides"]["linet"] == TINY["linet"]
     for name in ("vqgan", "lmnet", "linet"):
-        assert prov["weights"][name] == {"path": str((weights / name / "model.pt").resolve()), "sha256": file_sha256(weights / name / "model.pt")}
+        assert prov["weights"][name] == {
+            "path": str((weights / name / "model.pt").resolve()),
+            "sha256": file_sha256(weights / name / "model.pt"),
+        }
     assert {"monai", "torch", "python", "bundle:linet"} <= set(prov["versions"])
     assert prov["versions"]["lesiondiffusion-monai"] != "not installed"
     assert prov["lesions"][0]["cavity"] and prov["seconds_per_lesion"] > 0
     # the scan context preprocess measured: the liver's HU on the phantom, a phase, and its summary line
-    assert prov["scan"]["organ"] == "liver" and -50 < prov["scan"]["organ_hu"] < 200 and prov["scan"]["phase"] and prov["scan"]["summary"]
-    assert prov["network_calls"]["linet"] == 2 and prov["network_calls"]["lmnet"] in (2, 4, 6, 8)  # 2 steps; LMNet may retry
+    assert (
+        prov["scan"]["organ"] == "liver"
+        and -50 < prov["scan"]["organ_hu"] < 200
+        and prov["scan"]["phase"]
+        and prov["scan"]["summary"]
+    )
+    assert prov["network_calls"]["linet"] == 2 and prov["network_calls"]["lmnet"] in (
+        2,
+        4,
+        6,
+        8,
+    )  # 2 steps; LMNet may retry
     # every stage's config (with its hash) and the settings it was given: the run's every parameter
     assert list(prov["bundles"]) == ["preprocess", "lmnet", "linet"]
     for stage, run in prov["bundles"].items():
         config = Path(__file__).resolve().parents[1] / "bundles" / stage / "configs" / "inference.json"
         assert run["config"] == str(config.resolve()) and run["config_sha256"] == file_sha256(config)
     linet = prov["bundles"]["linet"]["settings"]
-    assert (linet["steps"], linet["seed"], linet["sampler"]) == (2, 3, "ddim") and Path(linet["weights"]).resolve() == (weights / "linet" / "model.pt").resolve()
+    assert (linet["steps"], linet["seed"], linet["sampler"]) == (2, 3, "ddim") and Path(linet["weights"]).resolve() == (
+        weights / "linet" / "model.pt"
+    ).resolve()
     assert {k: linet[k] for k in TINY["linet"]} == TINY["linet"]
-    assert not any(str(v).startswith(str(synthesised["out"].parent / ".lesiondiffusion-work")) for run in prov["bundles"].values() for v in run["settings"].values())
+    assert not any(
+        str(v).startswith(str(synthesised["out"].parent / ".lesiondiffusion-work"))
+        for run in prov["bundles"].values()
+        for v in run["settings"].values()
+    )
 
 
 def test_rerun_refuses_an_existing_output_unless_overwrite(synthesised: dict, weights: Path) -> None:
     out, case = synthesised["out"], synthesised["case"]
     before = (out / "summary.json").read_bytes()
-    args = ["--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"), "--attributes", json.dumps(ATTRIBUTES)]
+    args = [
+        "--image",
+        str(case / "image.nii.gz"),
+        "--organ_seg",
+        str(case / "organ_seg.nii.gz"),
+        "--attributes",
+        json.dumps(ATTRIBUTES),
+    ]
     refused = synthesize(weights, out, *args)
-    assert refused.returncode == 1 and error_lines(refused) == [f"error: {out}: output folder exists; pass --overwrite to replace it"]
+    assert refused.returncode == 1 and error_lines(refused) == [
+        f"error: {out}: output folder exists; pass --overwrite to replace it"
+    ]
     said_no = synthesize(weights, out, *args, "--overwrite", "false")  # the word false means no
     assert said_no.returncode == 1 and error_lines(said_no) == error_lines(refused)
     assert (out / "summary.json").read_bytes() == before
@@ -165,7 +204,15 @@ def test_overwrite_replaces_the_whole_output_folder(weights: Path, tiny_demo: Pa
     (out / "old_case").mkdir(parents=True)
     (out / "old_case" / "image.nii.gz").write_bytes(b"an earlier run's output")
     args = ["--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz")]
-    run = synthesize(weights, out, *args, "--attributes", json.dumps({"organ type": "bladder", "lesion type": "polyp"}), "--overwrite", "true")
+    run = synthesize(
+        weights,
+        out,
+        *args,
+        "--attributes",
+        json.dumps({"organ type": "bladder", "lesion type": "polyp"}),
+        "--overwrite",
+        "true",
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["image", "summary.json"]  # nothing of the earlier run is left
     assert sorted(p.name for p in (out / "image").iterdir()) == sorted(OUTPUT_FILES)
@@ -200,13 +247,21 @@ def test_requests_come_from_one_of_three_forms(tmp_path: Path) -> None:
     images = tmp_path / "images.txt"
     images.write_text("a/ct.nii.gz\nb/ct.nii.gz\n")
     attrs = tmp_path / "attrs.txt"
-    attrs.write_text('{"organ type": "liver", "lesion type": "cyst"}\n{"organ type": "kidney", "lesion type": "tumor"}\n')
+    attrs.write_text(
+        '{"organ type": "liver", "lesion type": "cyst"}\n{"organ type": "kidney", "lesion type": "tumor"}\n'
+    )
     batch = gather_requests(image_list=str(images), attributes_list=str(attrs), lesion_type="metastasis")
     assert [r.case for r in batch] == ["0000_ct", "0001_ct"]  # same file names: numbered
     assert batch[0].image == tmp_path / "a" / "ct.nii.gz"
     assert [r.attributes["lesion type"] for r in batch] == ["metastasis", "metastasis"]
-    single = gather_requests(image=str(tmp_path / "x.nii"), organ="spleen", lesion_type="cyst", attributes={"density": "hyperdense"})
-    assert single[0].case == "x" and single[0].attributes == {"density": "hyperdense", "organ type": "spleen", "lesion type": "cyst"}
+    single = gather_requests(
+        image=str(tmp_path / "x.nii"), organ="spleen", lesion_type="cyst", attributes={"density": "hyperdense"}
+    )
+    assert single[0].case == "x" and single[0].attributes == {
+        "density": "hyperdense",
+        "organ type": "spleen",
+        "lesion type": "cyst",
+    }
 
 
 @pytest.mark.parametrize(
@@ -231,16 +286,32 @@ def test_missing_weights_say_what_to_do(tmp_path: Path) -> None:
 
     (tmp_path / "w" / "vqgan").mkdir(parents=True)
     (tmp_path / "w" / "vqgan" / "model.pt").write_bytes(b"x")
-    with pytest.raises(LesionDiffusionError, match=r"weights not found: .*lmnet/model.pt.*lesiondiffusion train --stage all"):
+    with pytest.raises(
+        LesionDiffusionError, match=r"weights not found: .*lmnet/model.pt.*lesiondiffusion train --stage all"
+    ):
         weights_paths(tmp_path / "w")
     (tmp_path / "ct.nii.gz").write_bytes(b"x")
-    run = cli("synthesize", "--image", str(tmp_path / "ct.nii.gz"), "--organ", "liver", "--lesion_type", "cyst", "--weights", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
+    run = cli(
+        "synthesize",
+        "--image",
+        str(tmp_path / "ct.nii.gz"),
+        "--organ",
+        "liver",
+        "--lesion_type",
+        "cyst",
+        "--weights",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert run.returncode == 1 and len(error_lines(run)) == 1 and "weights folder not found" in run.stderr
     assert not (tmp_path / "o").exists()
 
 
 # ---- demo and benchmark (the same commands on the tiny networks) ----------------------------------------
-def test_demo_synthesises_three_density_variants_and_evaluates_them(weights: Path, demo_src: Path, tmp_path: Path) -> None:
+def test_demo_synthesises_three_density_variants_and_evaluates_them(
+    weights: Path, demo_src: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "demo"
     tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
     # the phantom demo (the default, five organs in the real CT, is tests/test_demo.py's)
@@ -262,7 +333,9 @@ def test_demo_synthesises_three_density_variants_and_evaluates_them(weights: Pat
     assert any(line.startswith("evaluation: evaluated 3/3 case(s)") and "preserved 100.0%" in line for line in lines)
 
 
-def test_benchmark_reports_stages_memory_and_network_evaluations(weights: Path, tiny_demo: Path, tmp_path: Path) -> None:
+def test_benchmark_reports_stages_memory_and_network_evaluations(
+    weights: Path, tiny_demo: Path, tmp_path: Path
+) -> None:
     case = tiny_demo / "cases" / "Liver_cancer"
     tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
     run = cli(
@@ -304,8 +377,19 @@ def test_unknown_settings_are_refused_before_anything_runs(tmp_path: Path) -> No
 
     datalist = tmp_path / "datalist.json"
     datalist.write_text('{"training": []}')
-    with pytest.raises(LesionDiffusionError, match=r"unknown setting\(s\) 'max_epoch' for the vqgan bundle's train.json"):
+    with pytest.raises(
+        LesionDiffusionError, match=r"unknown setting\(s\) 'max_epoch' for the vqgan bundle's train.json"
+    ):
         train(datalist=str(datalist), out=str(tmp_path / "w"), max_epoch=3)
-    with pytest.raises(LesionDiffusionError, match=r"--bundle_overrides: unknown setting\(s\) 'stepz' for the linet bundle's inference.json"):
-        run_synthesize(image="ct.nii.gz", organ="liver", lesion_type="cyst", out=str(tmp_path / "o"), bundle_overrides={"linet": {"stepz": 3}})
+    with pytest.raises(
+        LesionDiffusionError,
+        match=r"--bundle_overrides: unknown setting\(s\) 'stepz' for the linet bundle's inference.json",
+    ):
+        run_synthesize(
+            image="ct.nii.gz",
+            organ="liver",
+            lesion_type="cyst",
+            out=str(tmp_path / "o"),
+            bundle_overrides={"linet": {"stepz": 3}},
+        )
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()

@@ -32,7 +32,13 @@ pytestmark = pytest.mark.slow
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def oblique_affine(spacing: float) -> np.ndarray:
@@ -129,7 +135,9 @@ def test_a_failing_report_provider_fails_the_case_in_one_line(oblique_case: dict
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     secret = "sk-test-do-not-write-7f3a9c"
-    overrides = {"preprocess": {"report_base_url": f"http://127.0.0.1:{port}/v1", "report_max_retries": 0, "report_timeout": 5}}
+    overrides = {
+        "preprocess": {"report_base_url": f"http://127.0.0.1:{port}/v1", "report_max_retries": 0, "report_timeout": 5}
+    }
     out = tmp_path / "out"
     run = cli(
         "synthesize", "--image", str(oblique_case["image"]), "--organ_seg", str(oblique_case["organ_seg"]),

@@ -140,7 +140,11 @@ def test_the_reading_says_which_words_gave_what_and_which_were_not_used() -> Non
     assert "\n" not in line and "density = hypodense lesion ('hypodense')" in line and "'wobbly'" in line
     assert "negated, not set: 'calcification'" in line
     record = reading.to_json()
-    assert record["text"].startswith("A 2.5 cm") and record["reader"] == "offline" and record["unused_words"] == ["segment", "7", "wobbly"]
+    assert (
+        record["text"].startswith("A 2.5 cm")
+        and record["reader"] == "offline"
+        and record["unused_words"] == ["segment", "7", "wobbly"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,7 +165,10 @@ def test_negated_features_are_read_but_not_set(sentence: str, feature_words: lis
 
 def test_a_negation_ends_where_its_clause_does() -> None:
     # the margin after "and" belongs to another field; the hypodensity after "non-enhancing" is not negated
-    assert read_description("a cyst in the liver with no calcification and a well-defined margin").attributes[V.SURFACE] == WELL
+    assert (
+        read_description("a cyst in the liver with no calcification and a well-defined margin").attributes[V.SURFACE]
+        == WELL
+    )
     assert read_description("a non-enhancing hypodense lesion in the liver").attributes[V.DENSITY] == HYPO
 
 
@@ -196,7 +203,10 @@ def test_sentences_that_cannot_be_one_lesion_are_one_line_naming_the_words(sente
 
 
 def test_the_organ_may_come_from_elsewhere() -> None:
-    assert read_description("a hypodense cyst", require_organ=False).attributes == {"lesion type": "cyst", "density": HYPO}
+    assert read_description("a hypodense cyst", require_organ=False).attributes == {
+        "lesion type": "cyst",
+        "density": HYPO,
+    }
 
 
 def test_every_lesion_word_is_a_kind_the_report_generator_knows() -> None:
@@ -258,18 +268,31 @@ def key(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def preprocess_settings(url: str, key_env: str, on_failure: str = "error") -> dict:
-    return {"report_base_url": url, "report_api_key_env": key_env, "report_max_retries": 1, "report_on_failure": on_failure, "report_timeout": 10}
+    return {
+        "report_base_url": url,
+        "report_api_key_env": key_env,
+        "report_max_retries": 1,
+        "report_on_failure": on_failure,
+        "report_timeout": 10,
+    }
 
 
 def test_openai_reads_the_sentence_under_the_schema_after_a_bad_answer(key: str, tmp_path: Path) -> None:
     sentence = "a small cyst in the left renal pole, about 2.5 by 1.8 cm"
     bad = json.dumps({**ANSWER, "density": "purple lesion"})  # breaks the schema: the attempt fails, the retry succeeds
-    cases = gather_requests(image=str(tmp_path / "ct.nii.gz"), text=sentence, attributes={"organ type": "kidney left", "density variations": "heterogeneous"})
+    cases = gather_requests(
+        image=str(tmp_path / "ct.nii.gz"),
+        text=sentence,
+        attributes={"organ type": "kidney left", "density variations": "heterogeneous"},
+    )
     assert cases[0].reading.reader == "offline"
     with ChatServer([bad, json.dumps(ANSWER)]) as server:
         read = read_texts(cases, "openai", preprocess_settings(server.url, key))
     assert len(server.requests) == 2 and server.requests[0]["path"] == "/v1/chat/completions"
-    assert server.requests[0]["auth"] == f"Bearer {KEY}" and server.requests[0]["body"]["messages"][1]["content"] == sentence
+    assert (
+        server.requests[0]["auth"] == f"Bearer {KEY}"
+        and server.requests[0]["body"]["messages"][1]["content"] == sentence
+    )
     assert server.requests[0]["body"]["response_format"]["json_schema"]["schema"] == answer_schema()
     r = read[0]
     assert r.reading.reader.startswith("openai")
@@ -279,14 +302,19 @@ def test_openai_reads_the_sentence_under_the_schema_after_a_bad_answer(key: str,
         "size": "25 x 18 x 18 mm", "CT value": hu(8),
     }  # fmt: skip
     # the explicit attribute wins over the model's reading; both are kept
-    assert r.attributes["density variations"] == "heterogeneous" and r.given == {"organ type": "kidney left", "density variations": "heterogeneous"}
+    assert r.attributes["density variations"] == "heterogeneous" and r.given == {
+        "organ type": "kidney left",
+        "density variations": "heterogeneous",
+    }
     assert r.provenance()["text_reading"]["attributes"]["density variations"] == "homogeneous,"
 
 
-def test_openai_failure_falls_back_to_the_offline_reader_or_is_one_error(key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_openai_failure_falls_back_to_the_offline_reader_or_is_one_error(
+    key: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     sentence = "a 25 mm hypodense cyst in the liver"
     cases = gather_requests(image=str(tmp_path / "ct.nii.gz"), text=sentence)
-    with ChatServer(['{"organ type": "liver", "lesion'])  as server:  # never valid JSON
+    with ChatServer(['{"organ type": "liver", "lesion']) as server:  # never valid JSON
         read = read_texts(cases, "openai", preprocess_settings(server.url, key, "offline"))
         assert len(server.requests) == 2  # one try and one retry
         assert read[0].reading.reader == "offline" and read[0].attributes == read_description(sentence).attributes
@@ -302,7 +330,9 @@ def test_openai_failure_falls_back_to_the_offline_reader_or_is_one_error(key: st
 
 
 def test_offline_provider_keeps_the_offline_reading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cases = gather_requests(image=str(tmp_path / "ct.nii.gz"), text="a hyperdense nodule in the spleen", lesion_type="hemangioma")
+    cases = gather_requests(
+        image=str(tmp_path / "ct.nii.gz"), text="a hyperdense nodule in the spleen", lesion_type="hemangioma"
+    )
     assert read_texts(cases, "offline", {}) == cases
     assert cases[0].attributes == {"organ type": "spleen", "lesion type": "hemangioma", "density": HYPER}
     printed = capsys.readouterr().out
@@ -337,9 +367,22 @@ def test_synthesize_text_on_real_ct(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     out = tmp_path / "out"
     # the explicit attribute wins over the sentence ("homogeneous")
-    main([*base, "--out", str(out), "--text", SENTENCE, "--attributes", json.dumps({"density variations": "heterogeneous"})])
+    main(
+        [
+            *base,
+            "--out",
+            str(out),
+            "--text",
+            SENTENCE,
+            "--attributes",
+            json.dumps({"density variations": "heterogeneous"}),
+        ]
+    )
     printed = capsys.readouterr().out
-    assert f"example_ct_sm: {SENTENCE!r} -> offline reading: organ type = liver ('liver'); lesion type = cyst ('cyst')" in printed
+    assert (
+        f"example_ct_sm: {SENTENCE!r} -> offline reading: organ type = liver ('liver'); lesion type = cyst ('cyst')"
+        in printed
+    )
     case = out / "example_ct_sm"
     assert (case / "image.nii.gz").is_file() and (case / "label.nii.gz").is_file()
 

@@ -31,7 +31,7 @@ from lesiondiffusion.pipelines import segment
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
 
 
-FAKE_API = '''
+FAKE_API = """
 import json, os
 import nibabel as nib
 import numpy as np
@@ -64,7 +64,7 @@ def send_usage_stats(config, params):
 def download_pretrained_weights(task_id):
     with open(os.environ["FAKE_TS_CALLS"], "a") as f:
         f.write(json.dumps({"network": f"download of {task_id}"}) + "\\n")
-'''
+"""
 FAKE_CLASS_MAP = 'class_map = {"total_mr": {1: "spleen", 2: "kidney_right", 5: "liver", 9: "urinary_bladder", 40: "no_such_organ"}}\n'
 V2_BLADDER = label_table("v2").id("urinary bladder")
 
@@ -219,7 +219,9 @@ def test_float_output_is_rounded_and_labels_without_v1_counterpart_dropped(fake_
 def test_output_on_another_grid_is_rejected(fake_totalseg, tmp_path):
     image = ct_image()
     np.save(tmp_path / "labels.npy", np.zeros((12, 10, 7), np.uint8))
-    with pytest.raises(LesionDiffusionError, match=r"TotalSegmentator returned shape \(12, 10, 7\), expected the input's \(12, 10, 8\)"):
+    with pytest.raises(
+        LesionDiffusionError, match=r"TotalSegmentator returned shape \(12, 10, 7\), expected the input's \(12, 10, 8\)"
+    ):
         segment.TotalSegmentatorAdapter()(image)
     adapter = segment.TotalSegmentatorAdapter()
     moved = image.affine.copy()
@@ -254,7 +256,9 @@ def test_segmenter_prefers_the_given_map_then_totalsegmentator_then_errors(fake_
     adapter = segment.TotalSegmentatorAdapter()
 
     # no weights: the given map, and without one a single error naming both options
-    seg, source = segment.OrganSegmenter(adapter, given_version="v1")(hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz"))
+    seg, source = segment.OrganSegmenter(adapter, given_version="v1")(
+        hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz")
+    )
     assert source == "given" and np.array_equal(seg, given.astype(np.uint8))
     with pytest.raises(InputError) as err:
         segment.OrganSegmenter(adapter)(hu, affine, None, Path("ct.nii.gz"), None)
@@ -263,7 +267,9 @@ def test_segmenter_prefers_the_given_map_then_totalsegmentator_then_errors(fake_
     assert "TotalSegmentator weights for task total" in message and "\n" not in message
 
     add_weights(tmp_path / "ts_home", [291, 292, 293, 294, 295])
-    seg, source = segment.OrganSegmenter(adapter, given_version="v1")(hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz"))
+    seg, source = segment.OrganSegmenter(adapter, given_version="v1")(
+        hu, affine, given, Path("ct.nii.gz"), Path("seg.nii.gz")
+    )
     assert source == "given" and calls(tmp_path) == []  # an explicit map wins
     seg, source = segment.OrganSegmenter(adapter)(hu, affine, None, Path("ct.nii.gz"), None)
     assert source == "totalsegmentator" and np.array_equal(seg, ts_map)
@@ -296,7 +302,9 @@ def test_given_maps_in_v2_are_converted_and_bad_v1_maps_rejected():
 def test_bundle_segments_the_standardised_image_with_totalsegmentator(fake_totalseg, small_demo, tmp_path):
     """A real bundle run, no organ map given: TotalSegmentator (the stand-in) runs on the RAS 1 mm image."""
     case = small_demo / "cases" / "Liver_cancer"
-    std_seg = standardise(LoadImage(image_only=True, ensure_channel_first=True)(str(case / "organ_seg.nii.gz")), mode="nearest")
+    std_seg = standardise(
+        LoadImage(image_only=True, ensure_channel_first=True)(str(case / "organ_seg.nii.gz")), mode="nearest"
+    )
     v1 = std_seg[0].numpy().astype(np.int64)
     to_v2 = np.zeros(256, np.uint8)
     for a, b in convert_ids("v2", "v1").items():

@@ -16,7 +16,9 @@ def test_inverse_within_one_hu_over_range():
 def test_knots_and_clipping():
     out = hu_to_unit(np.array([-3000, -1000, -200, 0, 200, 1000, 3000], dtype=np.float32))
     np.testing.assert_allclose(out, [0, 0, 0.2, 0.5, 0.8, 1, 1], atol=1e-6)
-    np.testing.assert_allclose(out, np.interp([-3000, -1000, -200, 0, 200, 1000, 3000], HU_KNOTS, UNIT_KNOTS), atol=1e-6)
+    np.testing.assert_allclose(
+        out, np.interp([-3000, -1000, -200, 0, 200, 1000, 3000], HU_KNOTS, UNIT_KNOTS), atol=1e-6
+    )
 
 
 def test_integer_input_and_custom_knots():

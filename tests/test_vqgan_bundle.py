@@ -35,11 +35,16 @@ BIN = Path(sys.executable).parent
 TINY_NET = ["--network_def#channels", "[8,16]", "--network_def#num_res_channels", "[8,16]"]
 TINY_TRAIN = [
     *TINY_NET,
-    "--discriminator_def#channels", "8",
-    "--spacing", "[2,2,2]",
-    "--crop_size", "[24,24,24]",
-    "--num_workers", "0",
-    "--val_fraction", "0.5",
+    "--discriminator_def#channels",
+    "8",
+    "--spacing",
+    "[2,2,2]",
+    "--crop_size",
+    "[24,24,24]",
+    "--num_workers",
+    "0",
+    "--val_fraction",
+    "0.5",
 ]
 STATS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- (.*)$")
 
@@ -48,7 +53,9 @@ def load_scripts() -> ModuleType:
     """The bundle's ``scripts`` package under its own name (other bundles also have a ``scripts``)."""
     name = "vqgan_bundle_scripts"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BUNDLE / "scripts" / "__init__.py", submodule_search_locations=[str(BUNDLE / "scripts")])
+        spec = importlib.util.spec_from_file_location(
+            name, BUNDLE / "scripts" / "__init__.py", submodule_search_locations=[str(BUNDLE / "scripts")]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -86,8 +93,22 @@ def tiny_vqvae() -> torch.nn.Module:
 def test_training_loss_falls_with_adversarial_warm_up(tiny_demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = bundle_cmd(
-        ["train.json"], "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), *TINY_TRAIN,
-        "--iter_num", "12", "--max_epochs", "2", "--lr", "0.001", "--adv_start", "16", "--log_every", "1",
+        ["train.json"],
+        "--datalist",
+        str(tiny_demo / "datalist.json"),
+        "--output_dir",
+        str(out),
+        *TINY_TRAIN,
+        "--iter_num",
+        "12",
+        "--max_epochs",
+        "2",
+        "--lr",
+        "0.001",
+        "--adv_start",
+        "16",
+        "--log_every",
+        "1",
     )
     proc = run_bundle(cmd, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,7 +130,9 @@ def test_training_loss_falls_with_adversarial_warm_up(tiny_demo: Path, tmp_path:
     for name in ("model.pt", "model_best.pt"):
         model = ae.load_vqvae(out / name, "cpu", channels=(8, 16), num_res_channels=(8, 16))
         saved, loaded = torch.load(out / name, weights_only=True), model.state_dict()
-        assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)  # every tensor, as saved
+        assert set(loaded) == set(saved) and all(
+            torch.equal(loaded[k], saved[k]) for k in saved
+        )  # every tensor, as saved
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -117,9 +140,24 @@ def test_training_loss_falls_with_adversarial_warm_up(tiny_demo: Path, tmp_path:
 def test_killed_training_resumes_from_its_last_checkpoint(tiny_demo: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = bundle_cmd(
-        ["train.json"], "--datalist", str(tiny_demo / "datalist.json"), "--output_dir", str(out), *TINY_TRAIN,
-        "--iter_num", "6", "--max_epochs", "2", "--save_every", "3", "--adv_start", "2", "--progress", "false",
-        "--log_every", "1",
+        ["train.json"],
+        "--datalist",
+        str(tiny_demo / "datalist.json"),
+        "--output_dir",
+        str(out),
+        *TINY_TRAIN,
+        "--iter_num",
+        "6",
+        "--max_epochs",
+        "2",
+        "--save_every",
+        "3",
+        "--adv_start",
+        "2",
+        "--progress",
+        "false",
+        "--log_every",
+        "1",
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -151,13 +189,41 @@ def test_multi_gpu_config_trains_with_two_gloo_processes(tiny_demo: Path, tmp_pa
     """Data-parallel training: both ranks end with the same weights, each trained on its own half of the cases."""
     out = tmp_path / "ddp"
     datalist = sharded_datalist(tiny_demo, tmp_path / "data")
-    probe = probe_config(tmp_path / "probe.json", CONFIGS / "train.json", "@train#trainer", {"network": "@network", "discriminator": "@discriminator"})
+    probe = probe_config(
+        tmp_path / "probe.json",
+        CONFIGS / "train.json",
+        "@train#trainer",
+        {"network": "@network", "discriminator": "@discriminator"},
+    )
     files = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json"), str(probe)]
     cmd = [
-        str(BIN / "torchrun"), "--nproc_per_node=2", "--standalone", "-m", "monai.bundle", "run",
-        "--bundle_root", str(BUNDLE), "--config_file", "[" + ",".join(f"'{f}'" for f in files) + "]",
-        "--datalist", str(datalist), "--output_dir", str(out), *TINY_TRAIN,
-        "--iter_num", "4", "--max_epochs", "1", "--adv_start", "1", "--batch_size", "1", "--progress", "false", "--save_every", "4",
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        str(BUNDLE),
+        "--config_file",
+        "[" + ",".join(f"'{f}'" for f in files) + "]",
+        "--datalist",
+        str(datalist),
+        "--output_dir",
+        str(out),
+        *TINY_TRAIN,
+        "--iter_num",
+        "4",
+        "--max_epochs",
+        "1",
+        "--adv_start",
+        "1",
+        "--batch_size",
+        "1",
+        "--progress",
+        "false",
+        "--save_every",
+        "4",
     ]
     proc = run_bundle(cmd, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -190,8 +256,18 @@ def test_inference_reconstructs_an_odd_sized_ct_tile_by_tile(tmp_path: Path) -> 
     torch.save(tiny_vqvae().state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
     cmd = bundle_cmd(
-        ["inference.json"], "--image", str(ct), "--weights", str(tmp_path / "model.pt"), "--output_dir", str(out),
-        *TINY_NET, "--roi_size", "[48,48,48]", "--ssim_slab", "8",
+        ["inference.json"],
+        "--image",
+        str(ct),
+        "--weights",
+        str(tmp_path / "model.pt"),
+        "--output_dir",
+        str(out),
+        *TINY_NET,
+        "--roi_size",
+        "[48,48,48]",
+        "--ssim_slab",
+        "8",
     )
     proc = run_bundle(cmd, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -216,12 +292,22 @@ def test_inference_reconstructs_an_odd_sized_ct_tile_by_tile(tmp_path: Path) -> 
 def test_bad_inputs_are_one_line_errors_without_output(tmp_path: Path) -> None:
     ct = odd_ct(tmp_path / "ct.nii.gz")
     out = tmp_path / "out"
-    missing_weights = run_bundle(bundle_cmd(["inference.json"], "--image", str(ct), "--weights", str(tmp_path / "none.pt"), "--output_dir", str(out)), tmp_path)
+    missing_weights = run_bundle(
+        bundle_cmd(
+            ["inference.json"], "--image", str(ct), "--weights", str(tmp_path / "none.pt"), "--output_dir", str(out)
+        ),
+        tmp_path,
+    )
     assert missing_weights.returncode == 1
-    assert missing_weights.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.pt'}: VQ-GAN weights not found; set weights to a trained autoencoder's model.pt"
+    assert (
+        missing_weights.stderr.strip().splitlines()[-1]
+        == f"error: {tmp_path / 'none.pt'}: VQ-GAN weights not found; set weights to a trained autoencoder's model.pt"
+    )
     assert "Traceback" not in missing_weights.stderr and not out.exists()
 
-    missing_list = run_bundle(bundle_cmd(["train.json"], "--datalist", str(tmp_path / "none.json"), "--output_dir", str(out)), tmp_path)
+    missing_list = run_bundle(
+        bundle_cmd(["train.json"], "--datalist", str(tmp_path / "none.json"), "--output_dir", str(out)), tmp_path
+    )
     assert missing_list.returncode == 1
     assert missing_list.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.json'}: file not found"
     assert "Traceback" not in missing_list.stderr and not out.exists()
@@ -297,13 +383,29 @@ def test_trainer_switches_the_adversarial_terms_on_after_warm_up() -> None:
 
     class Record:
         def attach(self, engine):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: (outputs.append(dict(e.state.output)), d_weights.append([p.detach().clone() for p in disc.parameters()])))
+            engine.add_event_handler(
+                Events.ITERATION_COMPLETED,
+                lambda e: (
+                    outputs.append(dict(e.state.output)),
+                    d_weights.append([p.detach().clone() for p in disc.parameters()]),
+                ),
+            )
 
     trainer = scripts.trainer.VQGANTrainer(
-        device="cpu", max_epochs=1, train_data_loader=_batches(4), epoch_length=4, network=net,
-        optimizer=torch.optim.Adam(net.parameters(), 1e-3), loss_function=torch.nn.L1Loss(),
-        discriminator=disc, d_optimizer=d_opt, adv_weight=0.1, adv_start=2,
-        perceptual_loss=torch.nn.MSELoss(), perceptual_weight=0.5, train_handlers=[Record()],
+        device="cpu",
+        max_epochs=1,
+        train_data_loader=_batches(4),
+        epoch_length=4,
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        loss_function=torch.nn.L1Loss(),
+        discriminator=disc,
+        d_optimizer=d_opt,
+        adv_weight=0.1,
+        adv_start=2,
+        perceptual_loss=torch.nn.MSELoss(),
+        perceptual_weight=0.5,
+        train_handlers=[Record()],
     )
     initial = [p.detach().clone() for p in disc.parameters()]
     trainer.run()
@@ -347,7 +449,9 @@ def test_training_cases_hold_out_validation_and_check_files(tiny_demo: Path, tmp
     label = write_nifti("a/label.nii.gz", np.zeros((8, 8, 6), np.uint8))
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"training": [{"image": str(image), "label": str(label)}]}))
-    with pytest.raises(InputError, match=r"label\.nii\.gz: label shape \(8, 8, 6\) differs from the image's \(8, 8, 8\)"):
+    with pytest.raises(
+        InputError, match=r"label\.nii\.gz: label shape \(8, 8, 6\) differs from the image's \(8, 8, 8\)"
+    ):
         scripts.data.training_cases(datalist)
     datalist.write_text(json.dumps({"training": [{"image": str(image)}]}))
     with pytest.raises(InputError, match="case has no 'label'"):

@@ -37,7 +37,10 @@ ORIGINAL_EVALUATIONS = 400  # DDIM 200 steps for LMNet and for LINet
 
 
 def clinical_grid_case(
-    work: Path, shape: tuple[int, int, int] = (512, 512, 300), spacing: tuple[float, float, float] = (0.7, 0.7, 1.0), src: Path = DEMO_DATA
+    work: Path,
+    shape: tuple[int, int, int] = (512, 512, 300),
+    spacing: tuple[float, float, float] = (0.7, 0.7, 1.0),
+    src: Path = DEMO_DATA,
 ) -> tuple[Path, Path]:
     """Phantom CT (int16 HU, no lesion) + organ map of the demo liver case on an LPS grid of ``shape``.
 
@@ -60,9 +63,16 @@ def clinical_grid_case(
     work.mkdir(parents=True, exist_ok=True)
     out = []
     # zero padding outside the phantom: shift HU so that zero is air (-1000 HU)
-    for name, data, mode, dtype, offset in (("image", phantom, "bilinear", np.int16, 1000.0), ("organ_seg", seg, "nearest", np.uint8, 0.0)):
-        src_t = MetaTensor(torch.as_tensor(np.asarray(data, dtype=np.float32) + offset)[None], affine=torch.as_tensor(src_affine))
-        moved = SpatialResample(mode=mode, padding_mode="zeros")(src_t, dst_affine=torch.as_tensor(affine), spatial_size=shape)
+    for name, data, mode, dtype, offset in (
+        ("image", phantom, "bilinear", np.int16, 1000.0),
+        ("organ_seg", seg, "nearest", np.uint8, 0.0),
+    ):
+        src_t = MetaTensor(
+            torch.as_tensor(np.asarray(data, dtype=np.float32) + offset)[None], affine=torch.as_tensor(src_affine)
+        )
+        moved = SpatialResample(mode=mode, padding_mode="zeros")(
+            src_t, dst_affine=torch.as_tensor(affine), spatial_size=shape
+        )
         path = work / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.rint(np.asarray(moved[0]) - offset).astype(dtype), affine), str(path))
         out.append(path)
@@ -86,7 +96,9 @@ def _call_synthesize(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _stage_results(runs: list[dict[str, Any]], guidance: float | None, preset: str) -> dict[str, Any]:
     """Seconds per lesion by stage (median over runs), peak memory, network evaluations and forward passes."""
     lesions = runs[0]["lesions"]
-    by_stage = {s: float(np.median([r["timings_s"][s] for r in runs])) / lesions for s in ("preprocess", "lmnet", "linet")}
+    by_stage = {
+        s: float(np.median([r["timings_s"][s] for r in runs])) / lesions for s in ("preprocess", "lmnet", "linet")
+    }
     # as the bundles counted them (an LMNet retry after a rejected mask costs its steps again)
     by_net = {k: float(np.median([r["network_calls"][k] / r["lesions"] for r in runs])) for k in ("lmnet", "linet")}
     scale = {k: float(default(k, "guidance_scale", preset) if guidance is None else guidance) for k in by_net}
@@ -156,7 +168,9 @@ def _markdown(report: dict[str, Any]) -> str:
             "| --- | --- | --- |",
         ]
         for stage in ("preprocess", "lmnet", "linet"):
-            lines.append(f"| {stage} | {b['seconds_per_lesion_by_stage'][stage]:.1f} | {b['peak_rss_mib'][stage]:.0f} |")
+            lines.append(
+                f"| {stage} | {b['seconds_per_lesion_by_stage'][stage]:.1f} | {b['peak_rss_mib'][stage]:.0f} |"
+            )
         lines += [f"| **total** | **{b['seconds_per_lesion']:.1f}** | **{max(b['peak_rss_mib'].values()):.0f}** |", ""]
     return "\n".join(lines)
 
@@ -190,7 +204,11 @@ def benchmark(
 
     from lesiondiffusion.settings import flag
 
-    command = "lesiondiffusion benchmark " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "benchmark" else "lesiondiffusion benchmark"
+    command = (
+        "lesiondiffusion benchmark " + " ".join(sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "benchmark"
+        else "lesiondiffusion benchmark"
+    )
     if int(repeats) < 1:
         raise LesionDiffusionError(f"--repeats must be at least 1, not {repeats}")
     runs = []
@@ -198,8 +216,12 @@ def benchmark(
         work = Path(tmp)
         if image is None:
             t0 = time.perf_counter()
-            ct, seg = _in_child(clinical_grid_case, work / "input", tuple(int(v) for v in shape), tuple(float(v) for v in spacing))
-            logger.info("input built in %.1f s: %s voxels at %s mm", time.perf_counter() - t0, tuple(shape), tuple(spacing))
+            ct, seg = _in_child(
+                clinical_grid_case, work / "input", tuple(int(v) for v in shape), tuple(float(v) for v in spacing)
+            )
+            logger.info(
+                "input built in %.1f s: %s voxels at %s mm", time.perf_counter() - t0, tuple(shape), tuple(spacing)
+            )
             described = f"demo liver phantom on a {'x'.join(map(str, shape))} grid at {'x'.join(map(str, spacing))} mm"
         else:
             ct, seg = Path(image), (Path(organ_seg) if organ_seg else None)
@@ -210,7 +232,13 @@ def benchmark(
             sampler=sampler, guidance=guidance, preset=preset, weights=weights, device=device, verbose=False,
         )  # fmt: skip
         for i in range(int(repeats)):
-            kwargs = {**common, "seed": i, "out": str(work / f"run_{i}"), "bundle_overrides": bundle_overrides, "isolate": isolate}
+            kwargs = {
+                **common,
+                "seed": i,
+                "out": str(work / f"run_{i}"),
+                "bundle_overrides": bundle_overrides,
+                "isolate": isolate,
+            }
             runs.append(synthesize(**kwargs) if isolate else _in_child(_call_synthesize, kwargs))
         before = []
         if baseline:
@@ -219,7 +247,13 @@ def benchmark(
             overrides = stage_overrides(bundle_overrides, ("preprocess", "lmnet", "linet"))
             overrides["preprocess"] = {**overrides["preprocess"], "crop_margin_mm": ""}  # the whole scan
             for i in range(int(repeats)):
-                kwargs = {**common, "seed": i, "out": str(work / f"before_{i}"), "bundle_overrides": overrides, "isolate": True}
+                kwargs = {
+                    **common,
+                    "seed": i,
+                    "out": str(work / f"before_{i}"),
+                    "bundle_overrides": overrides,
+                    "isolate": True,
+                }
                 before.append(synthesize(**kwargs))
         startup = startup_seconds(work)
     results = _stage_results(runs, None if guidance is None else float(guidance), preset)

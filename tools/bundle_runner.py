@@ -111,7 +111,9 @@ def _die_with_parent() -> None:
 class BundleRun(subprocess.CompletedProcess):
     """A finished bundle run, with the child's wall time and its own peak resident memory."""
 
-    def __init__(self, args: list[str], returncode: int, stdout: str | None, stderr: str, seconds: float, peak_rss_mib: float) -> None:
+    def __init__(
+        self, args: list[str], returncode: int, stdout: str | None, stderr: str, seconds: float, peak_rss_mib: float
+    ) -> None:
         super().__init__(args, returncode, stdout, stderr)
         self.seconds = seconds
         self.peak_rss_mib = peak_rss_mib
@@ -144,7 +146,12 @@ def run_bundle(
         with open(Path(tmp) / "stdout.txt", "w+", encoding="utf-8") as out:
             start = time.perf_counter()
             proc = subprocess.Popen(
-                cmd, cwd=root, env=bundle_env(root), stdout=out if capture else None, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+                cmd,
+                cwd=root,
+                env=bundle_env(root),
+                stdout=out if capture else None,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent,
             )
             err = bytearray()
             try:
@@ -171,7 +178,9 @@ def run_bundle(
     return run
 
 
-def run_bundle_in_process(stage: str, overrides: dict[str, Any], configs: Sequence[str] = ("inference.json",)) -> BundleRun:
+def run_bundle_in_process(
+    stage: str, overrides: dict[str, Any], configs: Sequence[str] = ("inference.json",)
+) -> BundleRun:
     """Run ``configs`` of the ``stage`` bundle in this process (``initialize``, ``run``, ``finalize``).
 
     The same configs, metadata and overrides as :func:`run_bundle`, so the same seed gives the same output;

@@ -31,7 +31,6 @@ from lesiondiffusion_tools.train import train
 logger = logging.getLogger("lesiondiffusion")
 
 
-
 def _command(function: Callable) -> staticmethod:
     """``function`` as a sub-command that prints its own results (fire would also print the return value)."""
 
@@ -75,7 +74,9 @@ class Commands:
         if problems:
             raise SystemExit(1)
 
-    def convert(self, datalist: str, lists_dir: str, to: str = "datalist", organ_seg_version: str | None = None) -> None:
+    def convert(
+        self, datalist: str, lists_dir: str, to: str = "datalist", organ_seg_version: str | None = None
+    ) -> None:
         """Convert list files in ``lists_dir`` to a datalist (``--to datalist``) or back (``--to lists``).
 
         ``--organ_seg_version v1|v2``: the organ maps' numbering, declared in the datalist written.
@@ -83,7 +84,11 @@ class Commands:
         from lesiondiffusion.dataset import datalist_to_lists, lists_to_datalist
 
         if to == "datalist":
-            print(lists_to_datalist(lists_dir, datalist, None if organ_seg_version in (None, "", "auto") else str(organ_seg_version)))
+            print(
+                lists_to_datalist(
+                    lists_dir, datalist, None if organ_seg_version in (None, "", "auto") else str(organ_seg_version)
+                )
+            )
         elif to == "lists":
             for path in datalist_to_lists(datalist, lists_dir):
                 print(path)
@@ -209,12 +214,18 @@ class Commands:
         from lesiondiffusion.corpus import build_corpus, read_manifest
         from lesiondiffusion.settings import flag
 
-        folder = build_corpus(out, index_url=index_url, find_links=find_links, sources=sources, overwrite=flag(overwrite))
+        folder = build_corpus(
+            out, index_url=index_url, find_links=find_links, sources=sources, overwrite=flag(overwrite)
+        )
         for scan in read_manifest(folder)["scans"]:
-            print(f"{scan['id']:18s} {'x'.join(map(str, scan['shape'])):12s} {scan['region']}, {scan['contrast_phase']}")
+            print(
+                f"{scan['id']:18s} {'x'.join(map(str, scan['shape'])):12s} {scan['region']}, {scan['contrast_phase']}"
+            )
         print(f"corpus: {folder / 'manifest.json'}")
 
-    def export_bundles(self, out: str, stages: str | None = None, weights: str | None = None, verify: str | bool = True) -> None:
+    def export_bundles(
+        self, out: str, stages: str | None = None, weights: str | None = None, verify: str | bool = True
+    ) -> None:
         """Write each bundle as a stand-alone model-zoo bundle and zip (the shared package vendored into its
         scripts/, weights with SHA-256 in models/large_files.yml, TorchScript where the network scripts);
         --stages preprocess,lmnet picks some, --weights DIR takes DIR/<network>/model.pt."""
@@ -235,7 +246,10 @@ def format_validation_table(cases, problems) -> str:
     for p in problems:
         by_case.setdefault(p.case, []).append(p)
     rows = [("#", "image", "status")]
-    rows += [(str(i), str(c.image), "ok" if i not in by_case else f"{len(by_case[i])} problem(s)") for i, c in enumerate(cases)]
+    rows += [
+        (str(i), str(c.image), "ok" if i not in by_case else f"{len(by_case[i])} problem(s)")
+        for i, c in enumerate(cases)
+    ]
     widths = [max(len(r[j]) for r in rows) for j in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
     lines += [f"  [{p.case}] {p}" for p in problems]
@@ -328,7 +342,9 @@ def parse_options(function: Callable, args: Sequence[str]) -> tuple[list[Any], d
     target = inspect.unwrap(function)
     signature = inspect.signature(target)
     hints = typing.get_type_hints(target)
-    params = {n: p for n, p in signature.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    params = {
+        n: p for n, p in signature.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     extra = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
     positional: list[str] = []
     given: dict[str, str | None] = {}

@@ -45,7 +45,9 @@ DEMO_REQUESTS: tuple[dict[str, Any], ...] = (
 )  # fmt: skip
 
 
-def write_demo_requests(path: Path, image: Path, organ_seg: Path, cases: list[dict[str, Any]], organ_seg_version: str | None = None) -> Path:
+def write_demo_requests(
+    path: Path, image: Path, organ_seg: Path, cases: list[dict[str, Any]], organ_seg_version: str | None = None
+) -> Path:
     """Write ``cases`` as a requests file at ``path``, each on ``image`` with ``organ_seg`` (paths relative to it),
     declaring the map's numbering when ``organ_seg_version`` is known."""
 
@@ -66,7 +68,9 @@ def select_requests(lesions: Any) -> list[dict[str, Any]]:
     known = {r["case"]: r for r in DEMO_REQUESTS}
     unknown = [w for w in wanted if w not in known]
     if unknown or not wanted:
-        raise LesionDiffusionError(f"--lesions: unknown demo lesion(s) {unknown or wanted!r}; choose from {', '.join(known)}")
+        raise LesionDiffusionError(
+            f"--lesions: unknown demo lesion(s) {unknown or wanted!r}; choose from {', '.join(known)}"
+        )
     return [known[w] for w in wanted]
 
 
@@ -106,7 +110,9 @@ def demo(
         root.mkdir(parents=True, exist_ok=True)
         # the shipped example map is v2; a user's own map is told from its anatomy (or synthesize's flag)
         declared = "v2" if Path(organ_seg).resolve() == TS_EXAMPLE_SEG.resolve() else None
-        requests = write_demo_requests(root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions), declared)
+        requests = write_demo_requests(
+            root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions), declared
+        )
     synthesis = root / "synthesis"
     summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps),
                          weights=weights, device=device, bundle_overrides=bundle_overrides)  # fmt: skip

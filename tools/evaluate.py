@@ -14,7 +14,11 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate(
-    pred: str, requests: str, out: str | None = None, margin_mm: float | None = None, tile: int = 160,
+    pred: str,
+    requests: str,
+    out: str | None = None,
+    margin_mm: float | None = None,
+    tile: int = 160,
     reference: str | None = None,
 ) -> None:
     """Measure every case of a synthesis output folder against its request.

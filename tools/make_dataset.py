@@ -49,9 +49,24 @@ def run_make_dataset(
     """Build the dataset (or the requests with ``requests=True``) into ``out``; returns the file to use next."""
     inputs = [Path(p).expanduser() for p in (src if src is not None else DEMO_SOURCE, corpus) if p is not None]
     check_inputs_outside(Path(out).expanduser(), inputs)  # --overwrite would delete them
-    with output_lock(Path(out).expanduser().absolute(), flag(overwrite), "make-dataset"):  # one writer per output folder
-        return _run_make_dataset(n, out, seed, requests, src, val_fraction, overwrite, source, corpus, val_scans, lesions_per_scan,
-                                 requests_per_scan, segmenter)
+    with output_lock(
+        Path(out).expanduser().absolute(), flag(overwrite), "make-dataset"
+    ):  # one writer per output folder
+        return _run_make_dataset(
+            n,
+            out,
+            seed,
+            requests,
+            src,
+            val_fraction,
+            overwrite,
+            source,
+            corpus,
+            val_scans,
+            lesions_per_scan,
+            requests_per_scan,
+            segmenter,
+        )
 
 
 def _run_make_dataset(
@@ -59,7 +74,18 @@ def _run_make_dataset(
     corpus: str | None, val_scans: str | Sequence[str] | None, lesions_per_scan: int, requests_per_scan: int, segmenter: str,
 ) -> Path:  # fmt: skip
     if source == "real":
-        return _run_real(out, seed, requests, corpus, val_fraction, overwrite, val_scans, lesions_per_scan, requests_per_scan, segmenter)
+        return _run_real(
+            out,
+            seed,
+            requests,
+            corpus,
+            val_fraction,
+            overwrite,
+            val_scans,
+            lesions_per_scan,
+            requests_per_scan,
+            segmenter,
+        )
     if source != "phantom":
         raise LesionDiffusionError(f"--source must be phantom or real, not {source!r}")
     if n is None:
@@ -74,7 +100,9 @@ def _run_make_dataset(
     if flag(requests):
         folder = build_requests(source, Path(out), int(n), seed=int(seed), overwrite=flag(overwrite))
         return folder / "requests.json"
-    folder = build_dataset(source, Path(out), int(n), seed=int(seed), val_fraction=float(val_fraction), overwrite=flag(overwrite))
+    folder = build_dataset(
+        source, Path(out), int(n), seed=int(seed), val_fraction=float(val_fraction), overwrite=flag(overwrite)
+    )
     return folder / "datalist.json"
 
 

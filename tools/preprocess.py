@@ -16,7 +16,15 @@ from lesiondiffusion.manifest import MANIFEST_NAME, read_manifest
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
 
-PATH_KEYS = ("image", "image_list", "attributes_list", "organ_seg", "organ_seg_list", "organ_seg_version_list", "output_dir")
+PATH_KEYS = (
+    "image",
+    "image_list",
+    "attributes_list",
+    "organ_seg",
+    "organ_seg_list",
+    "organ_seg_version_list",
+    "output_dir",
+)
 
 
 # options whose command-line form must reach the bundle as a number / flag / name
@@ -66,5 +74,7 @@ def run_preprocess(**options: Any) -> Path:
     cases = read_manifest(manifest).cases
     failed = [c.case for c in cases if not c.ok]
     if failed:
-        raise LesionDiffusionError(f"{len(failed)} of {len(cases)} case(s) failed ({', '.join(failed)}); the others are in {manifest}")
+        raise LesionDiffusionError(
+            f"{len(failed)} of {len(cases)} case(s) failed ({', '.join(failed)}); the others are in {manifest}"
+        )
     return manifest

@@ -81,7 +81,9 @@ def weights_paths(weights: str | Path | None = None) -> dict[str, Path]:
     else:
         root = Path(weights).expanduser()
         if not root.is_dir():
-            raise InputError(root, "weights folder not found (expected DIR/vqgan/model.pt, DIR/lmnet/model.pt, DIR/linet/model.pt)")
+            raise InputError(
+                root, "weights folder not found (expected DIR/vqgan/model.pt, DIR/lmnet/model.pt, DIR/linet/model.pt)"
+            )
         paths = {n: root / n / "model.pt" for n in NETWORKS}
         hint = f"train it with `lesiondiffusion train --stage all --datalist FILE --out {root}`"
     missing = [str(p) for p in paths.values() if not p.is_file()]
@@ -173,11 +175,17 @@ def gather_requests(
         if attributes_list or organ_seg or organ_seg_list:
             raise LesionDiffusionError("--requests carries images, organ maps and attributes; drop the other inputs")
         if text:
-            raise LesionDiffusionError("--text goes with --image or --image_list; in a requests file give each entry its own \"text\"")
+            raise LesionDiffusionError(
+                '--text goes with --image or --image_list; in a requests file give each entry its own "text"'
+            )
         found = read_requests(requests)
         shared = {**_texts(json_object(attributes, "--attributes")), **overrides}
         return [
-            replace(r, attributes={**r.attributes, **shared}, given=None if r.text is None else {**(r.given or {}), **shared})
+            replace(
+                r,
+                attributes={**r.attributes, **shared},
+                given=None if r.text is None else {**(r.given or {}), **shared},
+            )
             for r in found
         ]
     if image:
@@ -216,7 +224,9 @@ def gather_requests(
                 raise LesionDiffusionError(f"--text: {e}") from None
         missing = [k for k in ("organ type", "lesion type") if not merged.get(k, "").strip()]
         if missing:
-            raise LesionDiffusionError(f"{img}: no {' and no '.join(repr(k) for k in missing)}; give --organ/--lesion_type or put them in --attributes")
+            raise LesionDiffusionError(
+                f"{img}: no {' and no '.join(repr(k) for k in missing)}; give --organ/--lesion_type or put them in --attributes"
+            )
         only_text = text is not None and not given
         source = f"{attributes_list}:{len(out) + 1}" if attributes_list else ("--text" if only_text else "--attributes")
         out.append(SynthesisRequest(name, img, merged, seg, None if text is None else str(text), reading, None if text is None else given,
@@ -229,7 +239,9 @@ def stage_overrides(value: Any, stages: Sequence[str]) -> dict[str, dict[str, An
     obj = json_object(value, "--bundle_overrides")
     unknown = sorted(set(obj) - set(stages))
     if unknown:
-        raise LesionDiffusionError(f"--bundle_overrides: unknown stage(s) {', '.join(unknown)}; use {', '.join(stages)}")
+        raise LesionDiffusionError(
+            f"--bundle_overrides: unknown stage(s) {', '.join(unknown)}; use {', '.join(stages)}"
+        )
     if any(not isinstance(v, dict) for v in obj.values()):
         raise LesionDiffusionError("--bundle_overrides: each stage's value must be a JSON object of config keys")
     return {stage: dict(obj.get(stage, {})) for stage in stages}
@@ -247,10 +259,14 @@ def check_inputs(requests: Sequence[SynthesisRequest]) -> None:
                 raise InputError(path, f"case {r.case}: file not found")
     with_seg = [r.organ_seg is not None for r in requests]
     if any(with_seg) and not all(with_seg):
-        raise LesionDiffusionError("give an organ map for every case or for none (the preprocess stage segments the rest as a batch)")
+        raise LesionDiffusionError(
+            "give an organ map for every case or for none (the preprocess stage segments the rest as a batch)"
+        )
 
 
-def read_texts(requests: Sequence[SynthesisRequest], provider: str, preprocess: dict[str, Any], seed: int = 0) -> list[SynthesisRequest]:
+def read_texts(
+    requests: Sequence[SynthesisRequest], provider: str, preprocess: dict[str, Any], seed: int = 0
+) -> list[SynthesisRequest]:
     """Requests given as sentences, read by the report provider: ``openai`` asks the endpoint the
     preprocess stage is configured with (``report_base_url``, ``report_model``, ... in ``preprocess``),
     falling back to the offline reading as its ``report_on_failure`` says; ``offline`` keeps the
@@ -323,7 +339,9 @@ class SynthesisSettings:
         if float(self.margin_mm) < 0 or float(self.feather_mm) < 0:
             raise LesionDiffusionError("--margin_mm and --feather_mm must not be negative")
         if self.organ_seg_version not in VERSION_CHOICES:
-            raise LesionDiffusionError(f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {self.organ_seg_version!r}")
+            raise LesionDiffusionError(
+                f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {self.organ_seg_version!r}"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "extra"}
@@ -364,7 +382,9 @@ def _write_inputs(work: Path, states: Sequence[CaseState]) -> dict[str, str]:
         segs = work / "organ_segs.txt"
         segs.write_text("".join(f"{s.request.organ_seg.absolute()}\n" for s in states), encoding="utf-8")  # type: ignore[union-attr]
         lists["organ_seg_list"] = str(segs)
-    if any(s.request.organ_seg_version for s in states):  # declared by the requests file; an explicit flag still wins in the bundle
+    if any(
+        s.request.organ_seg_version for s in states
+    ):  # declared by the requests file; an explicit flag still wins in the bundle
         declared = work / "organ_seg_versions.txt"
         declared.write_text("".join(f"{s.request.organ_seg_version or 'auto'}\n" for s in states), encoding="utf-8")
         lists["organ_seg_version_list"] = str(declared)
@@ -400,7 +420,9 @@ def _run_stage(
     failure, peak = None, None
     settings = {**overrides, "output_dir": str(out_dir)}
     try:
-        run = run_bundle(stage, settings, capture=True, echo=echo) if isolate else run_bundle_in_process(stage, settings)
+        run = (
+            run_bundle(stage, settings, capture=True, echo=echo) if isolate else run_bundle_in_process(stage, settings)
+        )
         peak = run.peak_rss_mib
     except BundleRunError as e:
         failure = e
@@ -460,13 +482,24 @@ def _write_case(
     seg, _ = read_nifti_array(entry.organ_seg)  # type: ignore[arg-type]
     save_on_input_grid(folder / "organ_seg.nii.gz", seg, geometry, mode="nearest", dtype="uint8")
     # drawn here, not copied from LINet: the caption names the request, the window suits its organ
-    write_case_preview(folder / "preview.png", entry.source_image, folder / "image.nii.gz", folder / "label.nii.gz", state.request.attributes,
-                       sentence=state.request.text)  # type: ignore[arg-type]
+    write_case_preview(
+        folder / "preview.png",
+        entry.source_image,
+        folder / "image.nii.gz",
+        folder / "label.nii.gz",
+        state.request.attributes,
+        sentence=state.request.text,
+    )  # type: ignore[arg-type]
     reports = [read_json(lesion.report) for lesion in entry.lesions]
     if state.request.reading is not None:  # extra string attributes: the report schema allows them
         for report in reports:
             for item in report.values():
-                item[2].update({TEXT_ATTRIBUTE: state.request.reading.text, TEXT_READING_ATTRIBUTE: state.request.reading.summary()})
+                item[2].update(
+                    {
+                        TEXT_ATTRIBUTE: state.request.reading.text,
+                        TEXT_READING_ATTRIBUTE: state.request.reading.summary(),
+                    }
+                )
     write_json(folder / "report.json", reports[0] if len(reports) == 1 else reports)
     n_lesions = max(len(entry.lesions), 1)
     write_json(folder / "provenance.json", {
@@ -549,14 +582,20 @@ def synthesize(
         given = {k: v for k, v in params.items() if k not in ("requests", "out", "resume", "overwrite")}
 
         def one_case(request_file: Path, case_out: Path, case_device: str | None) -> Any:
-            return synthesize(**{**given, "device": device or case_device}, requests=str(request_file), out=str(case_out))
+            return synthesize(
+                **{**given, "device": device or case_device}, requests=str(request_file), out=str(case_out)
+            )
 
         return batch.run_batch(Path(requests), Path(out), one_case, resume=flag(resume), overwrite=flag(overwrite))
     overwrite, keep_work, verbose = flag(overwrite), flag(keep_work), flag(verbose)  # "--overwrite false" is false
     isolate = flag(isolate)
     extra = stage_overrides(bundle_overrides, ("preprocess", *NETWORKS[1:]))
     # the endpoint options win over --bundle_overrides, which win over the environment, then the default
-    endpoint = {"report_base_url": report_base_url, "report_model": report_model, "report_api_key_env": report_api_key_env}
+    endpoint = {
+        "report_base_url": report_base_url,
+        "report_model": report_model,
+        "report_api_key_env": report_api_key_env,
+    }
     extra["preprocess"].update({k: str(v) for k, v in endpoint.items() if v not in (None, "")})
     for stage, keys in extra.items():
         check_overrides(stage, ("inference.json",), keys, "--bundle_overrides: ")
@@ -577,9 +616,13 @@ def synthesize(
     if settings.report_provider.strip().lower() == "openai":  # printed and recorded; the key never is
         used = llm.endpoint_settings(*(extra["preprocess"].get(k) for k in endpoint))
         settings.extra["report_endpoint"] = used
-        print(f"report provider: openai at {used['base_url']} (from {used['base_url_from']}), model {used['model']}, "
-              f"key from ${used['api_key_env']}")
-    cases = gather_requests(image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text)
+        print(
+            f"report provider: openai at {used['base_url']} (from {used['base_url_from']}), model {used['model']}, "
+            f"key from ${used['api_key_env']}"
+        )
+    cases = gather_requests(
+        image, image_list, requests, attributes, attributes_list, organ, lesion_type, organ_seg, organ_seg_list, text
+    )
     check_inputs(cases)
     check_inputs_outside(out_dir, [p for r in cases for p in (r.image, r.organ_seg) if p is not None])
     weight_files = weights_paths(weights)
@@ -626,7 +669,9 @@ def synthesize(
             for s in all_states:
                 if s.ok:
                     try:
-                        _write_case(staging / s.request.case, s, settings, weight_record, timings, n_lesions, bundle_runs)
+                        _write_case(
+                            staging / s.request.case, s, settings, weight_record, timings, n_lesions, bundle_runs
+                        )
                     except (LesionDiffusionError, OSError) as e:
                         s.error, s.stage = " ".join(str(e).split()), "output"
                         shutil.rmtree(staging / s.request.case, ignore_errors=True)
@@ -640,7 +685,8 @@ def synthesize(
                 "failed": sum(not s.ok for s in all_states),
                 "lesions": n_lesions,
                 "network_calls": {
-                    stage: sum(network_calls(s.entry)[stage] for s in states if s.ok and s.entry is not None) for stage in NETWORKS[1:]
+                    stage: sum(network_calls(s.entry)[stage] for s in states if s.ok and s.entry is not None)
+                    for stage in NETWORKS[1:]
                 },
                 "timings_s": {k: round(v, 3) for k, v in timings.items()},
                 "seconds_per_lesion": round(timings["total"] / n_lesions, 3) if n_lesions else None,
@@ -651,7 +697,7 @@ def synthesize(
             if keep_work:
                 shutil.copytree(work, staging / "work")
     for s in states:  # a report proposed offline after the endpoint failed: a warning line, even from a quiet stage
-        for fallback in ((s.entry.extra.get("report_provider") or {}).get("fallbacks", []) if s.ok and s.entry else []):
+        for fallback in (s.entry.extra.get("report_provider") or {}).get("fallbacks", []) if s.ok and s.entry else []:
             if not verbose:
                 logger.warning("%s: %s", s.request.case, fallback)
     for item in summary_cases:
@@ -660,7 +706,11 @@ def synthesize(
         else:
             print(f"{item['case']}: failed in {item['stage']}: {item['error']}")
     if n_lesions:
-        print(f"{n_lesions} lesion(s) in {timings['total']:.1f} s ({summary['seconds_per_lesion']:.1f} s per lesion); summary: {out_dir / 'summary.json'}")
+        print(
+            f"{n_lesions} lesion(s) in {timings['total']:.1f} s ({summary['seconds_per_lesion']:.1f} s per lesion); summary: {out_dir / 'summary.json'}"
+        )
     if summary["failed"]:
-        raise LesionDiffusionError(f"{summary['failed']} of {len(all_states)} case(s) failed (see {out_dir / 'summary.json'})")
+        raise LesionDiffusionError(
+            f"{summary['failed']} of {len(all_states)} case(s) failed (see {out_dir / 'summary.json'})"
+        )
     return summary

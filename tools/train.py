@@ -76,13 +76,32 @@ def train(
         raise LesionDiffusionError("give the output folder: --out DIR")
     out_dir = Path(out).expanduser().resolve()
     if organ_seg_version not in VERSION_CHOICES:
-        raise LesionDiffusionError(f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}")
-    organ_seg_version = choose_version(organ_seg_version, datalist_version(data))  # the flag, else the datalist's declaration
+        raise LesionDiffusionError(
+            f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}"
+        )
+    organ_seg_version = choose_version(
+        organ_seg_version, datalist_version(data)
+    )  # the flag, else the datalist's declaration
     if organ_seg_version == "v2" and not flag(prepare):
         raise LesionDiffusionError("the networks train on v1 organ maps: add --prepare to convert v2 maps")
     with output_lock(out_dir, False, "train"):  # one training run per output folder
-        return _train(stages, data, out_dir, preset, max_epochs, iter_num, seed, vqgan_weights, resume, device, prepare, val_fraction,
-                      organ_seg_version, per_stage, overrides)
+        return _train(
+            stages,
+            data,
+            out_dir,
+            preset,
+            max_epochs,
+            iter_num,
+            seed,
+            vqgan_weights,
+            resume,
+            device,
+            prepare,
+            val_fraction,
+            organ_seg_version,
+            per_stage,
+            overrides,
+        )
 
 
 def _train(
@@ -93,17 +112,41 @@ def _train(
     if flag(prepare):
         prepared = out_dir / "prepared"
         logger.info("preparing the training set -> %s", prepared)
-        run_bundle("preprocess", {"datalist": str(data), "output_dir": str(prepared), "val_fraction": float(val_fraction), "split_seed": int(seed), "overwrite": True, "organ_seg_version": organ_seg_version}, configs=("train.json",))
+        run_bundle(
+            "preprocess",
+            {
+                "datalist": str(data),
+                "output_dir": str(prepared),
+                "val_fraction": float(val_fraction),
+                "split_seed": int(seed),
+                "overwrite": True,
+                "organ_seg_version": organ_seg_version,
+            },
+            configs=("train.json",),
+        )
         data = prepared / "datalist.json"
 
     if "linet" in stages:
         if "vqgan" in stages:
             vq = out_dir / "vqgan" / "model.pt"
         else:
-            vq = Path(vqgan_weights).expanduser().resolve() if vqgan_weights else BUNDLES_DIR / "vqgan" / "models" / "model.pt"
+            vq = (
+                Path(vqgan_weights).expanduser().resolve()
+                if vqgan_weights
+                else BUNDLES_DIR / "vqgan" / "models" / "model.pt"
+            )
             if not vq.is_file():
-                raise InputError(vq, "VQ-GAN weights not found; LINet trains on its latents: train it first (--stage vqgan) or pass --vqgan_weights FILE")
-    common: dict[str, Any] = {"datalist": str(data), "preset": preset, "seed": int(seed), "resume": flag(resume), **overrides}
+                raise InputError(
+                    vq,
+                    "VQ-GAN weights not found; LINet trains on its latents: train it first (--stage vqgan) or pass --vqgan_weights FILE",
+                )
+    common: dict[str, Any] = {
+        "datalist": str(data),
+        "preset": preset,
+        "seed": int(seed),
+        "resume": flag(resume),
+        **overrides,
+    }
     for key, value in (("max_epochs", max_epochs), ("iter_num", iter_num), ("device", device)):
         if value is not None:
             common[key] = value

@@ -49,7 +49,9 @@ def latent_fraction(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return pool(m, kernel_size=factor, stride=factor, ceil_mode=True)
 
 
-def intensity_prior(image: torch.Tensor, mask: torch.Tensor, value_hu: torch.Tensor | float | None = None) -> torch.Tensor:
+def intensity_prior(
+    image: torch.Tensor, mask: torch.Tensor, value_hu: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """``image`` ([B, 1, *S] on the [0, 1] map) with the ``mask`` voxels set to one intensity per sample.
 
     The intensity is ``value_hu`` (HU, per sample) when given, else the mean HU of the image under the
@@ -81,7 +83,13 @@ class NoiseOnly(nn.Module):
         self.network = network
         self.channels = channels
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.network(x, timesteps=timesteps, context=context, extra=extra)[:, : self.channels]
 
 
@@ -125,7 +133,11 @@ class LatentPrepareBatch(ConditionedDiffusionPrepareBatch):
         self.mask_head = mask_head
 
     def __call__(
-        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
         batch = dict(batchdata)
         mask = torch.as_tensor(batch[self.mask_key]).to(device=device).float()

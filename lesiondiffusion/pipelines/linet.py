@@ -64,7 +64,9 @@ AIR_UNIT = 0.0  # padding value: -1000 HU on the [0, 1] intensity map
 
 
 # ---- crop geometry on the standardised grid --------------------------------------------------------
-def crop_window(mask: np.ndarray, min_size: Sequence[int], context: int | Sequence[int], multiple: int) -> tuple[np.ndarray, np.ndarray]:
+def crop_window(
+    mask: np.ndarray, min_size: Sequence[int], context: int | Sequence[int], multiple: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(start, size)`` of a crop centred on the mask's bounding box.
 
     The size is at least ``min_size``, at least the box plus ``context`` voxels on each side, and a
@@ -82,7 +84,12 @@ def crop_window(mask: np.ndarray, min_size: Sequence[int], context: int | Sequen
 
 
 def crop_padded(
-    array: Any, start: Sequence[int], size: Sequence[int], fill: float = 0.0, dtype: Any = np.float32, edge: bool = False
+    array: Any,
+    start: Sequence[int],
+    size: Sequence[int],
+    fill: float = 0.0,
+    dtype: Any = np.float32,
+    edge: bool = False,
 ) -> np.ndarray:
     """``array[start:start+size]`` with ``fill`` where the window leaves the array (``edge``: the nearest
     voxel inside instead, so a scan cut through an organ is not framed by air the networks would paint in).
@@ -204,7 +211,9 @@ class LesionInpainter:
         self.factor = ae.downsample_factor(self.autoencoder)
         levels = len(getattr(getattr(self.network, "unet", self.network), "block_out_channels", (1, 1, 1)))
         self.multiple = self.factor * 2 ** (levels - 1)
-        self.latent_channels = int(self.autoencoder.embedding_dim) if hasattr(self.autoencoder, "embedding_dim") else None
+        self.latent_channels = (
+            int(self.autoencoder.embedding_dim) if hasattr(self.autoencoder, "embedding_dim") else None
+        )
         self.model: nn.Module = self.network
         if self.mask_head:
             self.model = NoiseOnly(self.network, int(self.autoencoder.embedding_dim))
@@ -259,11 +268,17 @@ class LesionInpainter:
                 measured = (got - previous[1]) / (fill - previous[0])
                 slope = measured if measured > 0.1 else 1.0  # a response the autoencoder follows
             previous = (fill, got)
-            fill = float(np.clip(fill + miss / slope, target_hu - self.calibration_limit_hu, target_hu + self.calibration_limit_hu))
+            fill = float(
+                np.clip(
+                    fill + miss / slope, target_hu - self.calibration_limit_hu, target_hu + self.calibration_limit_hu
+                )
+            )
         return float(np.clip(fill, -1000.0, 1000.0))
 
     @torch.no_grad()
-    def inpaint_crop(self, image_unit: torch.Tensor, lesion: torch.Tensor, condition: torch.Tensor, seed: int) -> tuple[torch.Tensor, LesionTiming]:
+    def inpaint_crop(
+        self, image_unit: torch.Tensor, lesion: torch.Tensor, condition: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, LesionTiming]:
         """Regenerate the lesion region of one crop: ``[1, 1, *S]`` in [0, 1] in, the same shape out.
 
         The intensity prior is filled at the condition's CT value (without one, at the crop's own mean
@@ -273,14 +288,24 @@ class LesionInpainter:
         t0 = time.perf_counter()
         image_unit, lesion = image_unit.to(self.device).float(), lesion.to(self.device).float()
         z = ae.encode(self.autoencoder, image_unit)
-        prior = ae.encode(self.autoencoder, intensity_prior(image_unit, lesion, self.prior_fill(image_unit, lesion, self.ct_value(condition))))
+        prior = ae.encode(
+            self.autoencoder,
+            intensity_prior(image_unit, lesion, self.prior_fill(image_unit, lesion, self.ct_value(condition))),
+        )
         m = latent_mask(lesion, self.factor)
         _sync(self.device)
         t1 = time.perf_counter()
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         noise = torch.randn(tuple(z.shape), generator=generator, dtype=torch.float32)
         extra = torch.cat([m, prior], dim=1)
-        residual = self.sampler(self.model, condition=condition.to(self.device), extra=extra, known=z - prior, known_mask=1.0 - m, noise=noise)
+        residual = self.sampler(
+            self.model,
+            condition=condition.to(self.device),
+            extra=extra,
+            known=z - prior,
+            known_mask=1.0 - m,
+            noise=noise,
+        )
         sampled = prior + residual  # equals z wherever the latent is known
         _sync(self.device)
         t2 = time.perf_counter()
@@ -320,8 +345,13 @@ class LesionInpainter:
             raise InputError(None, f"case {case.case}: no lesions listed")
         geometry = read_geometry(case.geometry)
         original = read_stored(case.source_image)
-        if tuple(original.raw.shape) != tuple(geometry.shape) or not np.allclose(original.affine, geometry.input_affine, atol=1e-4):
-            raise InputError(case.source_image, "the source image no longer matches its geometry record (changed since preprocessing?)")
+        if tuple(original.raw.shape) != tuple(geometry.shape) or not np.allclose(
+            original.affine, geometry.input_affine, atol=1e-4
+        ):
+            raise InputError(
+                case.source_image,
+                "the source image no longer matches its geometry record (changed since preprocessing?)",
+            )
         std_img = load_nifti(case.image)
         std_affine = np.asarray(std_img.affine, dtype=np.float64)
         label_std, label_img = read_nifti_array(case.label)
@@ -331,12 +361,17 @@ class LesionInpainter:
         if case.label_original is not None:
             label_in, _ = read_nifti_array(case.label_original)
             if label_in.shape != original.raw.shape:
-                raise InputError(case.label_original, f"shape {label_in.shape} differs from the source image's {original.raw.shape}")
+                raise InputError(
+                    case.label_original, f"shape {label_in.shape} differs from the source image's {original.raw.shape}"
+                )
             label_in = np.rint(label_in).astype(np.uint8)
         else:
             label_in = to_input_grid(label_std, geometry, mode="nearest").astype(np.uint8)
 
-        centres = [std_affine[:3, :3] @ np.asarray(les.box.centre, dtype=np.float64) + std_affine[:3, 3] for les in case.lesions]
+        centres = [
+            std_affine[:3, :3] @ np.asarray(les.box.centre, dtype=np.float64) + std_affine[:3, 3]
+            for les in case.lesions
+        ]
         masks_std = split_lesions(label_std, std_affine, centres)
         masks_in = split_lesions(label_in, original.affine, centres)
         all_lesions_in = label_in == LESION_LABEL
@@ -345,14 +380,28 @@ class LesionInpainter:
             if not m_std.any() or not m_in.any():
                 raise InputError(case.label, f"lesion {j} (organ {lesion.organ_id}) has no voxels in the label map")
             condition = self.condition(lesion.report, lesion.organ_id)
-            patch_hu, patch_affine, timing = self.inpaint_lesion(std_img.dataobj, std_affine, m_std, condition, lesion_seed(self.seed, case.case, j))
+            patch_hu, patch_affine, timing = self.inpaint_lesion(
+                std_img.dataobj, std_affine, m_std, condition, lesion_seed(self.seed, case.case, j)
+            )
             t0 = time.perf_counter()
-            edge = margin_sigma_mm(lesion_attributes(lesion.report, lesion.organ_id).get(SURFACE)) if self.edge_from_margin else None
+            edge = (
+                margin_sigma_mm(lesion_attributes(lesion.report, lesion.organ_id).get(SURFACE))
+                if self.edge_from_margin
+                else None
+            )
             paste(original, m_in, patch_hu, patch_affine, self.margin_mm, self.feather_mm, raw=raw, protect=all_lesions_in & ~m_in,
                   noise_sigma_vox=self.noise_sigma_vox, edge_sigma_mm=edge)  # fmt: skip
             timing.paste = time.perf_counter() - t0
             self.timings.append(timing)
-            logger.info("%s lesion %d: encode %.2fs, sample %.2fs, decode %.2fs, paste %.2fs", case.case, j, timing.encode, timing.sample, timing.decode, timing.paste)
+            logger.info(
+                "%s lesion %d: encode %.2fs, sample %.2fs, decode %.2fs, paste %.2fs",
+                case.case,
+                j,
+                timing.encode,
+                timing.sample,
+                timing.decode,
+                timing.paste,
+            )
 
         folder = out_dir / case.case
         synthetic = save_like(folder / SYNTHETIC_NAME, raw, original)
@@ -404,7 +453,12 @@ def run_manifest(
             continue
         linet = {**provenance, "network_calls": inpainter.sampler.network_calls - calls}
         extra = {**case.extra, "preview": _relative(outputs["preview"], out_dir), "linet": linet}
-        result = result.replace_case(i, replace(case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra))
+        result = result.replace_case(
+            i,
+            replace(
+                case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra
+            ),
+        )
     written = write_manifest(out_dir / MANIFEST_NAME, result)
     if failed:
         raise InputError(manifest, f"{len(failed)} case(s) failed: {'; '.join(failed)}")
@@ -430,7 +484,8 @@ def require_weights(path: PathLike | None, setting: str, what: str) -> None:
     """A one-line error naming the file and the setting to pass when a weights file is missing."""
     if not path or not Path(path).expanduser().is_file():
         raise InputError(
-            path or None, f"{what} weights not found; pass --{setting} FILE (a {what} training run writes <output_dir>/model.pt)"
+            path or None,
+            f"{what} weights not found; pass --{setting} FILE (a {what} training run writes <output_dir>/model.pt)",
         )
 
 
@@ -451,7 +506,9 @@ def check_settings(
     if not manifest:
         raise InputError(None, "no manifest given; pass --manifest FILE (the manifest.json written by the LMNet stage)")
     if not Path(manifest).is_file():
-        raise InputError(manifest, "manifest not found; pass --manifest FILE (the manifest.json written by the LMNet stage)")
+        raise InputError(
+            manifest, "manifest not found; pass --manifest FILE (the manifest.json written by the LMNet stage)"
+        )
     require_weights(weights, "weights", "LINet")
     require_weights(vqgan_weights, "vqgan_weights", "VQ-GAN")
     if sampler not in SAMPLERS:
@@ -459,6 +516,8 @@ def check_settings(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LesionDiffusionError(f"steps must be a positive integer, not {steps!r}")
     if not 0 <= float(feather_mm) <= float(margin_mm):
-        raise LesionDiffusionError(f"need 0 <= feather_mm <= margin_mm, got feather_mm={feather_mm}, margin_mm={margin_mm}")
+        raise LesionDiffusionError(
+            f"need 0 <= feather_mm <= margin_mm, got feather_mm={feather_mm}, margin_mm={margin_mm}"
+        )
     if preset not in presets:
         raise LesionDiffusionError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")

@@ -111,9 +111,7 @@ class LesionMaskSynthesiser:
         t = torch.as_tensor(array, dtype=torch.float32)[None, None]
         return t if tuple(self.window) == self.crop else F.interpolate(t, size=self.crop, mode="nearest")
 
-    def draw(
-        self, organ_seg: np.ndarray, lesion: LesionEntry, occupied: np.ndarray, seed: int
-    ) -> np.ndarray:
+    def draw(self, organ_seg: np.ndarray, lesion: LesionEntry, occupied: np.ndarray, seed: int) -> np.ndarray:
         """One lesion's boolean mask on the standardised grid (shape of ``organ_seg``).
 
         A box narrower than :attr:`min_box_working` network voxels is below what the network resolves (a
@@ -130,14 +128,23 @@ class LesionMaskSynthesiser:
         except PlacementError as e:
             raise LesionDiffusionError(str(e)) from None
         if not allowed.any():
-            raise LesionDiffusionError(f"the box {box.centre}/{box.size} leaves no room for the lesion (cavity rule, other lesions)")
+            raise LesionDiffusionError(
+                f"the box {box.centre}/{box.size} leaves no room for the lesion (cavity rule, other lesions)"
+            )
         scale = max(1.0, self.min_box_working * self.spacing / min(box.size))
         if scale > 1.0:
             big = Box(box.centre, tuple(int(math.ceil(s * scale)) for s in box.size))
             try:
-                drawn = self._sample(organ_seg, organ, lesion, big, allowed_region(organ, lesion.cavity, big) & ~blocked, seed)
+                drawn = self._sample(
+                    organ_seg, organ, lesion, big, allowed_region(organ, lesion.cavity, big) & ~blocked, seed
+                )
             except (PlacementError, LesionDiffusionError) as e:
-                logger.info("lesion in organ %d: enlarged box %s not drawn (%s); drawing the box itself", lesion.organ_id, big.size, e)
+                logger.info(
+                    "lesion in organ %d: enlarged box %s not drawn (%s); drawing the box itself",
+                    lesion.organ_id,
+                    big.size,
+                    e,
+                )
             else:
                 mask = ndi.binary_fill_holes(scale_mask(drawn, box.centre, 1.0 / scale)) & allowed
                 if mask.any():
@@ -157,7 +164,9 @@ class LesionMaskSynthesiser:
 
         allowed_w = window(allowed, bool)
         if not allowed_w.any():
-            raise LesionDiffusionError(f"the box {box.centre}/{box.size} leaves no room for the lesion (cavity rule, other lesions)")
+            raise LesionDiffusionError(
+                f"the box {box.centre}/{box.size} leaves no room for the lesion (cavity rule, other lesions)"
+            )
         extra = torch.cat(
             [
                 self._to_working(window(organ_seg, np.float32) / ORGAN_SCALE),
@@ -171,7 +180,14 @@ class LesionMaskSynthesiser:
         expected = min(expected, float(allowed_w.sum()))
         min_size = max(self.min_voxels, int(self.min_fraction * expected))
         for attempt in range(self.retries + 1):
-            sample = self.sampler(self.network, (1, 1, *self.crop), condition=condition, extra=extra, seed=seed + 7919 * attempt, device=self.device)
+            sample = self.sampler(
+                self.network,
+                (1, 1, *self.crop),
+                condition=condition,
+                extra=extra,
+                seed=seed + 7919 * attempt,
+                device=self.device,
+            )
             up = sample.float().cpu()
             if tuple(self.window) != self.crop:
                 up = F.interpolate(up, size=self.window, mode="trilinear", align_corners=False)
@@ -180,8 +196,12 @@ class LesionMaskSynthesiser:
                 out = np.zeros(organ_seg.shape, dtype=bool)
                 out[src] = mask[dst]
                 return out
-            logger.info("lesion in organ %d: no mask of >= %d voxels on attempt %d", lesion.organ_id, min_size, attempt + 1)
-        raise LesionDiffusionError(f"no lesion mask of at least {min_size} voxels after {self.retries + 1} attempts (organ {lesion.organ_id})")
+            logger.info(
+                "lesion in organ %d: no mask of >= %d voxels on attempt %d", lesion.organ_id, min_size, attempt + 1
+            )
+        raise LesionDiffusionError(
+            f"no lesion mask of at least {min_size} voxels after {self.retries + 1} attempts (organ {lesion.organ_id})"
+        )
 
     def label_map(self, case: CaseEntry, case_index: int) -> tuple[np.ndarray, nib.Nifti1Image]:
         """The case's label map (uint8: 1 target organs, 2 lesions) on the standardised grid, and its image."""
@@ -225,7 +245,9 @@ def run_manifest(
             calls = synthesiser.sampler.network_calls - calls  # retries included
             geometry = read_geometry(case.geometry)
             if tuple(geometry.standard_shape) != label.shape:
-                raise InputError(case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}")
+                raise InputError(
+                    case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}"
+                )
             folder = out_dir / case.case
             std = save_nifti(folder / LABEL_NAME, label, img.affine, dtype=np.uint8)
             n_lesions = len(case.lesions)
@@ -235,7 +257,9 @@ def run_manifest(
             )  # fmt: skip
             extra = {**case.extra, "lmnet": {"network_calls": calls}}
             cases[i] = replace(case, label=std, label_original=original, synthetic_image=None, extra=extra)
-            logger.info("%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == LESION_LABEL).sum()))
+            logger.info(
+                "%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == LESION_LABEL).sum())
+            )
         except LesionDiffusionError as e:
             logger.error("%s: %s", case.case, e)
             cases[i] = case.failed(str(e))

@@ -32,7 +32,11 @@ def box_channel(lesion: torch.Tensor) -> torch.Tensor:
 
 
 def input_channels(
-    organ_seg: torch.Tensor, organ_mask: torch.Tensor, box: torch.Tensor, box_weight: float, organ_scale: float = ORGAN_SCALE
+    organ_seg: torch.Tensor,
+    organ_mask: torch.Tensor,
+    box: torch.Tensor,
+    box_weight: float,
+    organ_scale: float = ORGAN_SCALE,
 ) -> dict[str, torch.Tensor]:
     """The known channels (organ map / scale, organ mask, box) and the loss weight (``box_weight`` in the box)."""
     box = box.float()
@@ -108,7 +112,9 @@ class MaskTargetd(MapTransform):
     on the working grid (``spacing`` mm per voxel), with ``softness_mm`` setting how fast it saturates.
     """
 
-    def __init__(self, keys: KeysCollection, kind: str = "sdf", spacing: float | Sequence[float] = 1.0, softness_mm: float = 2.0) -> None:
+    def __init__(
+        self, keys: KeysCollection, kind: str = "sdf", spacing: float | Sequence[float] = 1.0, softness_mm: float = 2.0
+    ) -> None:
         super().__init__(keys)
         if kind not in MASK_TARGETS:
             raise InputError(None, f"mask_target must be one of {', '.join(MASK_TARGETS)}, not {kind!r}")
@@ -121,13 +127,17 @@ class MaskTargetd(MapTransform):
             if self.kind == "binary":
                 value = m.float() * 2.0 - 1.0
             else:
-                field = np.stack([signed_distance_target(c > 0.5, self.spacing, self.softness_mm) for c in m.detach().cpu().numpy()])
+                field = np.stack(
+                    [signed_distance_target(c > 0.5, self.spacing, self.softness_mm) for c in m.detach().cpu().numpy()]
+                )
                 value = torch.as_tensor(field)
             d[key] = MetaTensor(value, meta=d[key].meta) if isinstance(d[key], MetaTensor) else value
         return d
 
 
-def crop_window(centre: Sequence[int], size: Sequence[int], shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+def crop_window(
+    centre: Sequence[int], size: Sequence[int], shape: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     """Source and destination slices of a ``size`` window centred on ``centre`` over an array of ``shape``.
 
     The window starts at ``centre - size // 2``; its parts outside the array are left to padding:
@@ -164,7 +174,9 @@ def box_centre(box: torch.Tensor) -> tuple[int, int, int]:
 class CropAroundBoxd(MapTransform):
     """Crop ``keys`` to ``spatial_size`` centred on the box channel (zero padding outside the image)."""
 
-    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], box_key: str = BOX, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int], box_key: str = BOX, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.box_key = box_key

@@ -62,7 +62,10 @@ def read_cases(
         for key in ("label", "organ_seg"):
             if getattr(case, key) is None:
                 where = datalist or image_list
-                raise InputError(where, f"case {i} ({case.source or case.image}) has no {key}; training cases need image, label and organ_seg")
+                raise InputError(
+                    where,
+                    f"case {i} ({case.source or case.image}) has no {key}; training cases need image, label and organ_seg",
+                )
     return cases
 
 
@@ -118,7 +121,9 @@ class TrainingSetWriter:
         overwrite: bool = False,
         exit_on_error: bool = True,
     ) -> None:
-        self.inputs = dict(datalist=datalist, image_list=image_list, label_list=label_list, seg_list=seg_list, type_list=type_list)
+        self.inputs = dict(
+            datalist=datalist, image_list=image_list, label_list=label_list, seg_list=seg_list, type_list=type_list
+        )
         self.cases: list[Case] = []
         self.standardise = standardise
         self.output_dir = output_dir
@@ -163,7 +168,13 @@ class TrainingSetWriter:
             write_list_files(tmp, "val", [final[i] for i in val_idx])
             write_json(tmp / "measurements.json", measurements)
             write_json(tmp / "organ_seg_versions.json", self.versions)
-        logger.info("training set of %d case(s) (%d training, %d validation) written to %s", len(written), len(train_idx), len(val_idx), out)
+        logger.info(
+            "training set of %d case(s) (%d training, %d validation) written to %s",
+            len(written),
+            len(train_idx),
+            len(val_idx),
+            out,
+        )
         return out / written_list.name
 
     def _organ_id(self, case: Case) -> int | None:
@@ -197,8 +208,12 @@ class TrainingSetWriter:
         write_report(files["report"], Report((report,)))
         logger.info(
             "%s: organ %d, lesion %s voxels, %.1f HU (organ %s HU): %s, %s",
-            dest.name, m.organ_id, "x".join(map(str, m.size)), m.mean_hu,
+            dest.name,
+            m.organ_id,
+            "x".join(map(str, m.size)),
+            m.mean_hu,
             "?" if m.reference_hu is None else f"{m.reference_hu:.0f}",
-            report.attributes["density"].rstrip(","), report.attributes["density variations"].rstrip(","),
+            report.attributes["density"].rstrip(","),
+            report.attributes["density variations"].rstrip(","),
         )
         return files, m

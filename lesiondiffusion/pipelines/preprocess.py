@@ -98,8 +98,13 @@ class PreprocessRunner:
         self.output_dir = output_dir
         self.standardise, self.segmenter, self.provider = standardise, segmenter, provider
         self.inputs = dict(
-            image=image, image_list=image_list, attributes=attributes, attributes_list=attributes_list,
-            organ_seg=organ_seg, organ_seg_list=organ_seg_list, organ_seg_version_list=organ_seg_version_list,
+            image=image,
+            image_list=image_list,
+            attributes=attributes,
+            attributes_list=attributes_list,
+            organ_seg=organ_seg,
+            organ_seg_list=organ_seg_list,
+            organ_seg_version_list=organ_seg_version_list,
         )
         self.seed, self.num_lesions, self.erosion = int(seed), int(num_lesions), float(erosion)
         self.axcodes, self.pixdim = axcodes, tuple(float(p) for p in pixdim)
@@ -142,12 +147,14 @@ class PreprocessRunner:
                         logger.error("%s skipped: %s", name, message)
                     entries.append(CaseEntry(name, source_image=request.image.absolute()).failed(message))
             if len(errors) == len(requests):
-                raise LesionDiffusionError(errors[0] if len(errors) == 1 else f"all {len(errors)} cases failed; first: {errors[0]}")
+                raise LesionDiffusionError(
+                    errors[0] if len(errors) == 1 else f"all {len(errors)} cases failed; first: {errors[0]}"
+                )
             write_manifest(tmp / MANIFEST_NAME, Manifest(tuple(entries)))
         ok = len(requests) - len(errors)
         logger.info("%d of %d case(s) prepared in %s; manifest %s", ok, len(requests), out, out / MANIFEST_NAME)
         if errors:
-            logger.warning("%d case(s) failed and are marked \"error\" in the manifest", len(errors))
+            logger.warning('%d case(s) failed and are marked "error" in the manifest', len(errors))
         return out / MANIFEST_NAME
 
     def _check_output(self, out: Path, requests: list[CaseRequest]) -> None:
@@ -172,7 +179,10 @@ class PreprocessRunner:
             seg_header = load_nifti(seg_path, ndim=3)
             if not same_grid(seg_header.affine, seg_header.shape, header.affine, header.shape):
                 if sorted(seg_header.shape[:3]) != sorted(header.shape[:3]):
-                    raise InputError(request.organ_seg, f"organ map shape {seg_header.shape[:3]} differs from the image's {header.shape[:3]}")
+                    raise InputError(
+                        request.organ_seg,
+                        f"organ map shape {seg_header.shape[:3]} differs from the image's {header.shape[:3]}",
+                    )
                 raise InputError(request.organ_seg, f"organ map affine differs from the image's ({request.image})")
 
         if seg_path is not None and self.crop_margin_mm is not None and not self.segmenter.prefer_totalseg:
@@ -194,7 +204,11 @@ class PreprocessRunner:
         if converted:
             geometry = replace(geometry, path=str(source))
         write_geometry(folder / GEOMETRY_NAME, geometry)
-        extra: dict[str, Any] = {"organ_seg_source": seg_source, "organ_seg_version": seg_version, "request": request.attributes}
+        extra: dict[str, Any] = {
+            "organ_seg_source": seg_source,
+            "organ_seg_version": seg_version,
+            "request": request.attributes,
+        }
         if converted:
             extra["input_image"] = str(request.image.absolute())  # the user's series or file; source_image is its NIfTI
         return CaseEntry(
@@ -219,7 +233,9 @@ class PreprocessRunner:
             std = self.standardise(data)
         except Exception as e:  # truncated gzip and other decoding errors surface only here
             cause = e.__cause__ or e
-            raise InputError(request.image, f"cannot be read or standardised ({type(cause).__name__}: {_one_line(cause)})") from None
+            raise InputError(
+                request.image, f"cannot be read or standardised ({type(cause).__name__}: {_one_line(cause)})"
+            ) from None
         if seg_path is not None and seg_path != request.organ_seg:
             seg_path.unlink()  # only read through the standardised copy below
         image = std["image"]
@@ -253,7 +269,9 @@ class PreprocessRunner:
         try:
             raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
         except Exception as e:  # truncated gzip and other decoding errors surface only here
-            raise InputError(request.image, f"cannot be read or standardised ({type(e).__name__}: {_one_line(e)})") from None
+            raise InputError(
+                request.image, f"cannot be read or standardised ({type(e).__name__}: {_one_line(e)})"
+            ) from None
         raw = raw.reshape(raw.shape[:3])
         slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
         scale = (float(slope), float(inter))

@@ -56,7 +56,11 @@ def parse_attributes(value: Any, where: str | Path, line: int | None = None) -> 
         except json.JSONDecodeError as e:
             raise InputError(where, f"attribute line is not valid JSON ({e.msg} at column {e.colno})", line) from None
     if not isinstance(value, Mapping):
-        raise InputError(where, f"attributes must be a JSON object such as {{\"organ type\": \"liver\", \"lesion type\": \"cyst\"}}, got {type(value).__name__}", line)
+        raise InputError(
+            where,
+            f'attributes must be a JSON object such as {{"organ type": "liver", "lesion type": "cyst"}}, got {type(value).__name__}',
+            line,
+        )
     out: dict[str, str] = {}
     for key, text in value.items():
         if isinstance(text, bool) or not isinstance(text, (str, int, float)):
@@ -67,7 +71,9 @@ def parse_attributes(value: Any, where: str | Path, line: int | None = None) -> 
         raise InputError(where, f"attributes need {' and '.join(repr(k) for k in missing)}", line)
     unknown = sorted(set(out) - KNOWN_KEYS)
     if unknown:
-        logger.warning("%s%s: ignoring unknown attribute(s) %s", where, f":{line}" if line else "", ", ".join(map(repr, unknown)))
+        logger.warning(
+            "%s%s: ignoring unknown attribute(s) %s", where, f":{line}" if line else "", ", ".join(map(repr, unknown))
+        )
         out = {k: v for k, v in out.items() if k in KNOWN_KEYS}
     return out
 
@@ -90,7 +96,9 @@ def _single_attributes(value: Any) -> tuple[dict[str, str], str | Path, int | No
         try:
             return parse_attributes(json.loads(path.read_text(encoding="utf-8")), path), path, None  # pretty-printed
         except json.JSONDecodeError:
-            raise InputError(path, f"holds {len(lines)} attribute lines; give one object, or use attributes_list with image_list") from None
+            raise InputError(
+                path, f"holds {len(lines)} attribute lines; give one object, or use attributes_list with image_list"
+            ) from None
     if not lines:
         raise InputError(path, "empty attributes file")
     return parse_attributes(lines[0], path, 1), path, 1
@@ -136,13 +144,17 @@ def read_requests(
     if (image is None) == (image_list is None):
         raise LesionDiffusionError("give either image (one CT) or image_list (a file with one CT path per line)")
     if attributes is None and attributes_list is None:
-        raise LesionDiffusionError('give attributes (e.g. {"organ type": "liver", "lesion type": "cyst"}) or attributes_list')
+        raise LesionDiffusionError(
+            'give attributes (e.g. {"organ type": "liver", "lesion type": "cyst"}) or attributes_list'
+        )
     if attributes is not None and attributes_list is not None:
         raise LesionDiffusionError("give attributes or attributes_list, not both")
     if image is not None:
         if organ_seg_list is not None:
             raise LesionDiffusionError("organ_seg_list goes with image_list; with one image give organ_seg")
-        images = [(Path(str(image)).expanduser(), None if organ_seg is None else Path(str(organ_seg)).expanduser(), "image")]
+        images = [
+            (Path(str(image)).expanduser(), None if organ_seg is None else Path(str(organ_seg)).expanduser(), "image")
+        ]
     else:
         if organ_seg is not None:
             raise LesionDiffusionError("organ_seg goes with image; with image_list give organ_seg_list")
@@ -182,7 +194,9 @@ def read_version_lines(path: str | Path, n: int) -> list[str | None]:
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != n:
-        raise InputError(path, f"has {len(lines)} lines but there are {n} images; the lists must be aligned line by line")
+        raise InputError(
+            path, f"has {len(lines)} lines but there are {n} images; the lists must be aligned line by line"
+        )
     out: list[str | None] = []
     for i, line in enumerate(lines, 1):
         value = line.strip().lower()

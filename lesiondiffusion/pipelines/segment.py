@@ -88,9 +88,13 @@ def _offline(api: Any) -> Iterator[None]:
         logger.debug("TotalSegmentator usage statistics not sent")
 
     def no_download(*args: Any, **kwargs: Any) -> None:
-        raise LesionDiffusionError(f"TotalSegmentator wanted to download weights; put them in {totalseg_weights_dir()} first")
+        raise LesionDiffusionError(
+            f"TotalSegmentator wanted to download weights; put them in {totalseg_weights_dir()} first"
+        )
 
-    saved = {name: getattr(api, name) for name in ("send_usage_stats", "download_pretrained_weights") if hasattr(api, name)}
+    saved = {
+        name: getattr(api, name) for name in ("send_usage_stats", "download_pretrained_weights") if hasattr(api, name)
+    }
     api.send_usage_stats, api.download_pretrained_weights = no_stats, no_download
     try:
         yield
@@ -109,7 +113,9 @@ class TotalSegmentatorAdapter:
         if task not in TASK_WEIGHTS:
             raise LesionDiffusionError(f"unknown TotalSegmentator task {task!r}; use one of: {', '.join(TASK_WEIGHTS)}")
         if numbering not in VERSIONS:
-            raise LesionDiffusionError(f"unknown TotalSegmentator numbering {numbering!r}; use one of: {', '.join(VERSIONS)}")
+            raise LesionDiffusionError(
+                f"unknown TotalSegmentator numbering {numbering!r}; use one of: {', '.join(VERSIONS)}"
+            )
         self.task, self.fast, self.device, self.numbering = task, flag(fast), device, numbering
 
     def unavailable_reason(self) -> str | None:
@@ -131,7 +137,9 @@ class TotalSegmentatorAdapter:
         device = totalseg_device(self.device)
         logger.info("TotalSegmentator: task %s%s on %s", self.task, " (fast)" if self.fast else "", device)
         with _offline(python_api):
-            result = python_api.totalsegmentator(image, None, ml=True, task=self.task, fast=self.fast, device=device, quiet=True)
+            result = python_api.totalsegmentator(
+                image, None, ml=True, task=self.task, fast=self.fast, device=device, quiet=True
+            )
         return self._labels(result, image)
 
     def _labels(self, result: Any, image: nib.Nifti1Image) -> np.ndarray:
@@ -140,7 +148,9 @@ class TotalSegmentatorAdapter:
             raise LesionDiffusionError(f"TotalSegmentator returned {type(result).__name__}, not a NIfTI image")
         data = np.asanyarray(result.dataobj)
         if data.shape[:3] != image.shape[:3] or data.ndim != 3:
-            raise LesionDiffusionError(f"TotalSegmentator returned shape {data.shape}, expected the input's {image.shape[:3]}")
+            raise LesionDiffusionError(
+                f"TotalSegmentator returned shape {data.shape}, expected the input's {image.shape[:3]}"
+            )
         if not np.allclose(result.affine, image.affine, atol=1e-3):
             raise LesionDiffusionError("TotalSegmentator returned a different affine than its input's")
         return to_v1(data, self._numbering(), source="TotalSegmentator output")
@@ -173,7 +183,10 @@ def to_v1(data: np.ndarray, numbering: str | dict[int, int], source: str | Path 
         known = set(label_table("v1").names) | {0}
         unknown = sorted(set(present_ids(ids).tolist()) - known)
         if unknown:
-            raise InputError(source, f"labels {unknown[:5]} are not TotalSegmentator v1 ids (is it a v2 map? set organ_seg_version v2 or auto)")
+            raise InputError(
+                source,
+                f"labels {unknown[:5]} are not TotalSegmentator v1 ids (is it a v2 map? set organ_seg_version v2 or auto)",
+            )
         return ids.astype(np.uint8)
     mapping = convert_ids("v2", "v1") if numbering == "v2" else dict(numbering)
     out = relabel(ids, mapping)
@@ -197,7 +210,9 @@ class OrganSegmenter:
         prefer_totalseg: bool = False,
     ) -> None:
         if given_version not in VERSION_CHOICES:
-            raise LesionDiffusionError(f"organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {given_version!r}")
+            raise LesionDiffusionError(
+                f"organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {given_version!r}"
+            )
         self.totalseg, self.given_version, self.prefer_totalseg = totalseg, given_version, flag(prefer_totalseg)
 
     def __call__(
@@ -208,7 +223,12 @@ class OrganSegmenter:
         return seg, source
 
     def segment(
-        self, image: np.ndarray, affine: np.ndarray, given: np.ndarray | None, image_path: Path, given_path: Path | None,
+        self,
+        image: np.ndarray,
+        affine: np.ndarray,
+        given: np.ndarray | None,
+        image_path: Path,
+        given_path: Path | None,
         declared: str | None = None,
     ) -> tuple[np.ndarray, str, str]:
         """The v1 organ map on the standardised grid, its source ("given" or "totalsegmentator") and the

@@ -22,7 +22,9 @@ def standard_grid(
     affine: np.ndarray, shape: Sequence[int], axcodes: str = "RAS", pixdim: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """The affine and shape that ``Orientation(axcodes)`` + ``Spacing(pixdim)`` give a volume of this grid."""
-    proxy = MetaTensor(torch.zeros(1).expand(1, *(int(s) for s in shape)), affine=torch.as_tensor(affine, dtype=torch.float64))
+    proxy = MetaTensor(
+        torch.zeros(1).expand(1, *(int(s) for s in shape)), affine=torch.as_tensor(affine, dtype=torch.float64)
+    )
     out = Spacing(pixdim=pixdim, lazy=True)(Orientation(axcodes=axcodes, labels=None, lazy=True)(proxy))
     new_affine = np.asarray(out.peek_pending_affine(), dtype=np.float64)
     new_shape = tuple(int(s) for s in out.peek_pending_shape())
@@ -36,7 +38,12 @@ def _translate(start: Sequence[int]) -> np.ndarray:
 
 
 def box_on_grid(
-    lo: Sequence[int], hi: Sequence[int], src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: Sequence[int], margin: float
+    lo: Sequence[int],
+    hi: Sequence[int],
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    margin: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The index box ``[lo, hi)`` of the ``src`` grid as an index box of the ``dst`` grid, grown by ``margin``
     ``dst`` voxels on every side and clipped to ``dst_shape``."""
@@ -68,7 +75,13 @@ def resample_region(
     crop = np.asarray(volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], dtype=np.float32)
     if scale != (1.0, 0.0):
         crop = crop * np.float32(scale[0]) + np.float32(scale[1])
-    src = MetaTensor(torch.from_numpy(np.ascontiguousarray(crop))[None], affine=torch.as_tensor(src_affine @ _translate(lo)))
+    src = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(crop))[None], affine=torch.as_tensor(src_affine @ _translate(lo))
+    )
     resampler = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)
-    out = resampler(src, dst_affine=torch.as_tensor(dst_affine @ _translate(start)), spatial_size=tuple(int(s) for s in stop - start))
+    out = resampler(
+        src,
+        dst_affine=torch.as_tensor(dst_affine @ _translate(start)),
+        spatial_size=tuple(int(s) for s in stop - start),
+    )
     return np.asarray(out[0].detach().cpu().numpy(), dtype=np.float32)

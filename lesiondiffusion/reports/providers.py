@@ -69,7 +69,9 @@ class ReportProvider(Protocol):
 
     name: str
 
-    def propose(self, request: Mapping[str, str], organ_name: str, rng: np.random.Generator, **context: Any) -> dict[str, str]:
+    def propose(
+        self, request: Mapping[str, str], organ_name: str, rng: np.random.Generator, **context: Any
+    ) -> dict[str, str]:
         """Every report field (the request's own values kept) as the original's strings; ``context`` holds the
         keywords ``organ_box_size``, ``organ_reference_hu`` and ``scan`` (:class:`ScanContext`)."""
         ...
@@ -96,7 +98,12 @@ def response_schema(organ_name: str, organ_box_size: Sequence[int] | None = None
     for name in (V.SHAPE, V.DENSITY, V.DENSITY_VARIATIONS, V.SURFACE, V.RELATIONSHIP, V.SPECIFIC):
         enum = list(V.classes(name))
         if name in MULTI_FIELDS:
-            props[name] = {"type": "array", "items": {"type": "string", "enum": enum}, "minItems": 0 if name == V.SPECIFIC else 1, "maxItems": 3}
+            props[name] = {
+                "type": "array",
+                "items": {"type": "string", "enum": enum},
+                "minItems": 0 if name == V.SPECIFIC else 1,
+                "maxItems": 3,
+            }
         else:
             props[name] = {"type": "string", "enum": enum}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
@@ -196,8 +203,12 @@ class OpenAIReportProvider:
         scan: ScanContext | None = None,
     ) -> list[dict[str, str]]:
         """The chat messages of one request (no key, nothing but the request, the organ and what was measured)."""
-        given = {k: v for k, v in request.items() if k not in (ORGAN_TYPE, LESION_TYPE) and isinstance(v, str) and v.strip()}
-        box = f" Its bounding box is {list(map(int, organ_box_size))} voxels of 1 mm (x, y, z)." if organ_box_size else ""
+        given = {
+            k: v for k, v in request.items() if k not in (ORGAN_TYPE, LESION_TYPE) and isinstance(v, str) and v.strip()
+        }
+        box = (
+            f" Its bounding box is {list(map(int, organ_box_size))} voxels of 1 mm (x, y, z)." if organ_box_size else ""
+        )
         user = (
             f"Write the report of a {request.get(LESION_TYPE, 'lesion')} in the {organ_name}.{box} "
             f"The {organ_name} parenchyma measures about {reference_hu:.0f} HU on this scan; give the lesion's mean "
@@ -208,7 +219,9 @@ class OpenAIReportProvider:
         )
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
-    def ask(self, messages: list[dict[str, str]], schema: dict[str, Any], seed: int, accept: Callable[[Any], T], what: str) -> tuple[T | None, str]:
+    def ask(
+        self, messages: list[dict[str, str]], schema: dict[str, Any], seed: int, accept: Callable[[Any], T], what: str
+    ) -> tuple[T | None, str]:
         """Up to ``max_retries + 1`` schema-checked attempts; ``accept`` turns an answer into the result or
         raises :class:`ProviderFailure` (the attempt fails). Returns ``(result, "")`` or ``(None, one-line reason)``;
         the key never appears in a message."""
@@ -227,11 +240,16 @@ class OpenAIReportProvider:
                 except ProviderFailure as e:
                     reason = _redact(str(e), key)
                     logger.warning("%s %s: attempt %d of %d failed: %s", what, self.base_url, attempt, attempts, reason)
-            return None, f"{what} openai ({self.base_url}, model {self.model}) failed after {attempts} attempt(s): {reason}"
+            return (
+                None,
+                f"{what} openai ({self.base_url}, model {self.model}) failed after {attempts} attempt(s): {reason}",
+            )
         except ProviderFailure as e:  # no key: no attempt was made
             return None, f"{what} openai ({self.base_url}): {_redact(str(e), key)}"
 
-    def _attempt(self, client: Any, messages: list[dict[str, str]], schema: dict[str, Any], seed: int) -> dict[str, Any]:
+    def _attempt(
+        self, client: Any, messages: list[dict[str, str]], schema: dict[str, Any], seed: int
+    ) -> dict[str, Any]:
         import openai
 
         try:
@@ -240,7 +258,10 @@ class OpenAIReportProvider:
                 messages=messages,
                 temperature=self.temperature,
                 seed=seed,
-                response_format={"type": "json_schema", "json_schema": {"name": "lesion_report", "strict": True, "schema": schema}},
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "lesion_report", "strict": True, "schema": schema},
+                },
             )
         except openai.APITimeoutError:
             raise ProviderFailure(f"no answer within {self.timeout:g} s") from None
@@ -290,14 +311,25 @@ class OpenAIReportProvider:
             _check_against_scan(answer, request, organ_name, scan, reference)
             return answer
 
-        answer, message = self.ask(messages, response_schema(organ_name, organ_box_size), int(rng.integers(0, 2**31 - 1)), accept, "report provider")
+        answer, message = self.ask(
+            messages,
+            response_schema(organ_name, organ_box_size),
+            int(rng.integers(0, 2**31 - 1)),
+            accept,
+            "report provider",
+        )
         if answer is not None:
             return answer
         if self.on_failure == "offline":
             logger.warning("%s; using the offline provider", message)
             self.fallbacks.append(f"{message}; report proposed offline")
             return self.offline.propose(
-                request, organ_name, rng, organ_box_size=organ_box_size, organ_reference_hu=organ_reference_hu, scan=scan
+                request,
+                organ_name,
+                rng,
+                organ_box_size=organ_box_size,
+                organ_reference_hu=organ_reference_hu,
+                scan=scan,
             )
         raise LesionDiffusionError(message)
 
@@ -315,7 +347,11 @@ def scan_facts(scan: ScanContext | None, reference_hu: float) -> str:
 
 
 def _check_against_scan(
-    answer: Mapping[str, str], request: Mapping[str, str], organ_name: str, scan: ScanContext | None, reference_hu: float
+    answer: Mapping[str, str],
+    request: Mapping[str, str],
+    organ_name: str,
+    scan: ScanContext | None,
+    reference_hu: float,
 ) -> None:
     """Fail the attempt when the answer, with the user's fields in place, contradicts the scan."""
     given = {k: v for k, v in request.items() if k in V.REPORT_FIELDS and isinstance(v, str) and v.strip()}
@@ -355,7 +391,9 @@ def _redact(text: str, key: str) -> str:
     return text.replace(key, "***") if key else text
 
 
-def endpoint_settings(base_url: str | None = None, model: str | None = None, api_key_env: str | None = None) -> dict[str, str]:
+def endpoint_settings(
+    base_url: str | None = None, model: str | None = None, api_key_env: str | None = None
+) -> dict[str, str]:
     """The endpoint to use: each setting given (option or config), else the environment (``OPENAI_BASE_URL``;
     the key from ``OPENAI_API_KEY``), else the default; ``base_url_from`` says which. Never holds the key."""
     given = None if base_url in (None, "") else str(base_url)
@@ -363,8 +401,15 @@ def endpoint_settings(base_url: str | None = None, model: str | None = None, api
     url, origin = (given, "option") if given else ((env, BASE_URL_ENV) if env else (DEFAULT_BASE_URL, "default"))
     key_env = str(api_key_env).strip() if api_key_env not in (None, "") else DEFAULT_KEY_ENV
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
-        raise LesionDiffusionError(f"report api_key_env {key_env!r} must name an environment variable (e.g. OPENAI_API_KEY)")
-    return {"base_url": normalise_base_url(url), "base_url_from": origin, "model": str(model or DEFAULT_MODEL), "api_key_env": key_env}
+        raise LesionDiffusionError(
+            f"report api_key_env {key_env!r} must name an environment variable (e.g. OPENAI_API_KEY)"
+        )
+    return {
+        "base_url": normalise_base_url(url),
+        "base_url_from": origin,
+        "model": str(model or DEFAULT_MODEL),
+        "api_key_env": key_env,
+    }
 
 
 def normalise_base_url(base_url: str) -> str:

@@ -34,7 +34,9 @@ class SaveLastCheckpoint:
     MONAI's ``CheckpointLoader`` with the same keys resumes where the run stopped.
     """
 
-    def __init__(self, path: str | Path, save_dict: Mapping[str, Any], every: int = 50, trainer_key: str = "trainer") -> None:
+    def __init__(
+        self, path: str | Path, save_dict: Mapping[str, Any], every: int = 50, trainer_key: str = "trainer"
+    ) -> None:
         self.path = Path(path)
         self.save_dict = dict(save_dict)
         self.every = int(every)

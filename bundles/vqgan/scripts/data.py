@@ -34,7 +34,9 @@ def _check(case: Case, need_label: bool) -> dict[str, str]:
     if need_label:
         label = load_nifti(case.label)
         if label.shape[:3] != image.shape[:3]:
-            raise InputError(case.label, f"label shape {label.shape[:3]} differs from the image's {image.shape[:3]} ({case.image})")
+            raise InputError(
+                case.label, f"label shape {label.shape[:3]} differs from the image's {image.shape[:3]} ({case.image})"
+            )
         item["label"] = str(case.label)
     return item
 
@@ -77,7 +79,9 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def inference_cases(image: PathLike | None = None, datalist: PathLike | None = None, split: str = "testing") -> list[dict[str, str]]:
+def inference_cases(
+    image: PathLike | None = None, datalist: PathLike | None = None, split: str = "testing"
+) -> list[dict[str, str]]:
     """Data dicts for one image path or a datalist split, every file checked first.
 
     Each has ``image`` and ``source`` (the path) and ``case``: the file name without extension, prefixed
@@ -98,5 +102,7 @@ def inference_cases(image: PathLike | None = None, datalist: PathLike | None = N
         item["source"] = item["image"]
         item["case"] = stem if stems.count(stem) == 1 else f"{case.image.parent.name}_{stem}"
     if len({item["case"] for item in items}) != len(items):
-        raise InputError(datalist, "two inputs would write the same output name; give them distinct file or folder names")
+        raise InputError(
+            datalist, "two inputs would write the same output name; give them distinct file or folder names"
+        )
     return items

@@ -29,7 +29,14 @@ class SaveReconstructiond(MapTransform):
     The tensor itself is left as it is (metrics are computed on it afterwards).
     """
 
-    def __init__(self, keys: str | Sequence[str], output_dir: str | Path, postfix: str = "_recon", source_key: str = "source", case_key: str = "case") -> None:
+    def __init__(
+        self,
+        keys: str | Sequence[str],
+        output_dir: str | Path,
+        postfix: str = "_recon",
+        source_key: str = "source",
+        case_key: str = "case",
+    ) -> None:
         super().__init__(keys)
         self.output_dir = Path(output_dir)
         self.postfix = postfix
@@ -56,7 +63,12 @@ class ReconstructionReport:
     Metric values come from the evaluator's metric handlers (``save_details``), in case order.
     """
 
-    def __init__(self, path: str | Path, metric_names: Sequence[str] = ("psnr", "ssim"), settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        metric_names: Sequence[str] = ("psnr", "ssim"),
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.metric_names = tuple(metric_names)
         self.settings = dict(settings or {})
@@ -68,7 +80,9 @@ class ReconstructionReport:
 
     def collect(self, engine: Engine) -> None:
         batch, output = engine.state.batch, engine.state.output
-        for b, o in zip(batch if isinstance(batch, list) else [batch], output if isinstance(output, list) else [output]):
+        for b, o in zip(
+            batch if isinstance(batch, list) else [batch], output if isinstance(output, list) else [output]
+        ):
             self.cases.append({"case": b["case"], "image": b["source"], "reconstruction": o.get("pred_path")})
 
     def write(self, engine: Engine) -> None:

@@ -104,7 +104,9 @@ class VQGANTrainer(SupervisedTrainer):
                 terms["perceptual_loss"] = engine.perceptual_loss(recon.float(), images)
                 loss = loss + engine.perceptual_weight * terms["perceptual_loss"]
             if adversarial:
-                terms["g_adv_loss"] = engine.adv_loss(engine._logits(recon), target_is_real=True, for_discriminator=False)
+                terms["g_adv_loss"] = engine.adv_loss(
+                    engine._logits(recon), target_is_real=True, for_discriminator=False
+                )
                 loss = loss + engine.adv_weight * terms["g_adv_loss"]
         _step(loss, engine.optimizer, engine.scaler if engine.amp else None)
 
@@ -148,7 +150,10 @@ def perceptual_loss(weights: str | Path | None, state_dict_key: str | None = Non
         return None
     path = Path(weights)
     if not path.is_file():
-        raise InputError(path, "perceptual loss weights not found; set perceptual_weights to a local ResNet-50 state dict, or to null")
+        raise InputError(
+            path,
+            "perceptual loss weights not found; set perceptual_weights to a local ResNet-50 state dict, or to null",
+        )
     try:
         import torchvision  # noqa: F401
     except ImportError:
