@@ -101,6 +101,9 @@ def test_proposals_keep_the_given_variations_and_know_colon_and_lung_nodules() -
     for given in ("heterogeneous", "homogeneous"):
         request = {"organ type": "liver", "lesion type": "tumor", "density variations": given}
         assert proposals(request, "liver", "density variations") == {given}
+    # a heterogeneous lesion always gets areas of other density among its features, whatever the draw
+    hetero = {"organ type": "liver", "lesion type": "tumor", "density variations": "heterogeneous"}
+    assert all("density areas" in features for features in proposals(hetero, "liver", "specific features"))
     colon = proposals({"organ type": "colon", "lesion type": "colon cancer"}, "colon", "shape")
     assert "irregular wall thickening,luminal narrowing," in colon and "irregular wall thickening," in colon
     nodule = proposals({"organ type": "lung", "lesion type": "nodule"}, "lung upper lobe left", "density")
