@@ -81,7 +81,7 @@ def test_from_hu_rounds_and_clips_to_the_stored_dtype() -> None:
     f = _stored(np.zeros((2, 2, 2), np.float32), 2.0, 1.0)
     assert f.from_hu(np.array([4.0])).dtype == np.float32 and f.from_hu(np.array([4.0])).tolist() == [1.5]
     b = _stored(np.zeros((2, 2, 2), np.bool_), 1.0, 0.0)
-    assert b.from_hu(np.array([0.2, 0.6])).tolist() == [False, True]
+    assert b.from_hu(np.array([0.2, 0.5, 0.6])).tolist() == [False, False, True]
     assert np.allclose(s.to_hu((slice(0, 1), slice(None), slice(None))), -1000.0)
 
 
