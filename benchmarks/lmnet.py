@@ -59,7 +59,7 @@ def network_phase(repeats: int) -> dict:
 
     parser = parser_for("inference.json")
     net = parser.get_parsed_content("network_def").eval()
-    crop = parser.get_parsed_content("crop")
+    crop = parser.get_parsed_content("crop_size")
     spec = net.encoder.spec
     torch.manual_seed(0)
     x = torch.randn(1, 1, *crop)
@@ -103,7 +103,7 @@ def train_phase(iters: int) -> dict:
         return {
             "cases": len(json.loads((demo / "datalist.json").read_text())["training"]),
             "batch_size": parser.get_parsed_content("batch_size"),
-            "crop": parser.get_parsed_content("crop"),
+            "crop": parser.get_parsed_content("crop_size"),
             "spacing_mm": parser.get_parsed_content("spacing"),
             "iterations": timing["iterations"],
             "iterations_per_s": round(timing["iterations_per_s"], 3),
@@ -121,7 +121,7 @@ def sample_phase(steps: int) -> dict:
     parser["diffusion_sampler#progress"] = False
     net = parser.get_parsed_content("network_def").eval()
     sampler = parser.get_parsed_content("diffusion_sampler")
-    crop = parser.get_parsed_content("crop")
+    crop = parser.get_parsed_content("crop_size")
     import lesiondiffusion.pipelines.mask_postprocess as post
 
     extra = torch.zeros(1, 3, *crop)

@@ -192,7 +192,7 @@ class LesionEngine:
         self.lmnet_spacing = float(lm.get_parsed_content("spacing"))
         self.synthesiser = LesionMaskSynthesiser(
             network=lm.get_parsed_content("network_def"), weights=s.weights("lmnet"), sampler=sampler,
-            crop=lm.get_parsed_content("crop"), spacing=self.lmnet_spacing,
+            crop=lm.get_parsed_content("crop_size"), spacing=self.lmnet_spacing,
             retries=int(lm.get_parsed_content("retries")),
             min_voxels=int(lm.get_parsed_content("min_voxels")), device=s.device,
         )  # fmt: skip

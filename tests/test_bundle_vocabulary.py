@@ -64,5 +64,7 @@ def test_resume_false_from_the_command_line_does_not_resume_lmnet(tmp_path: Path
 def test_every_bundle_names_its_last_checkpoint_and_finetune_weights_alike() -> None:
     for bundle in ("vqgan", "lmnet", "linet"):
         config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
-        assert "checkpoint_last" in config and config["finetune_from"] is None, bundle
-        assert not {"ckpt_last", "last_checkpoint", "is_not_rank0"} & set(config), bundle
+        assert "checkpoint_last" in config and config["finetune_from"] is None and "crop_size" in config, bundle
+        assert not {"ckpt_last", "last_checkpoint", "is_not_rank0", "crop"} & set(config), bundle
+    for bundle in ("lmnet", "linet"):
+        assert "crop_size" in json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text()), bundle

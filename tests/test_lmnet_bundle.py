@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LMNET = ROOT / "bundles" / "lmnet"
 PREPROCESS = ROOT / "bundles" / "preprocess"
 TINY = [
-    "--presets#cpu#crop", "[32,32,16]",
+    "--presets#cpu#crop_size", "[32,32,16]",
     "--presets#cpu#channels", "[8,16,16]",
     "--presets#cpu#num_head_channels", "8",
     "--presets#cpu#condition_dim", "16",
@@ -333,7 +333,7 @@ def test_presets_switch_by_one_key():
     for preset, crop, dim in (("cpu", [32, 32, 16], 64), ("paper", [152, 152, 64], 512)):
         for config in ("train.json", "inference.json"):
             parser = parsed(config, preset=preset)
-            assert parser.get_parsed_content("crop") == crop
+            assert parser.get_parsed_content("crop_size") == crop
             state = parser.get_parsed_content("network_def").state_dict()
             keys = [k for k in state if k.endswith("to_k.weight") and "attn2" in k]  # cross-attention keys
             assert keys and all(state[k].shape[1] == dim for k in keys)

@@ -27,7 +27,7 @@ from lesiondiffusion_tools.synthesize import OUTPUT_FILES, gather_requests, weig
 TINY = {
     "vqgan": {"crop_size": [24, 24, 24], "spacing": [2, 2, 2], "num_workers": 0},
     "lmnet": {
-        "presets#cpu#crop": [32, 32, 16], "presets#cpu#channels": [8, 16, 16], "presets#cpu#num_head_channels": 8,
+        "presets#cpu#crop_size": [32, 32, 16], "presets#cpu#channels": [8, 16, 16], "presets#cpu#num_head_channels": 8,
         "presets#cpu#condition_dim": 16,
     },
     "linet": {

@@ -43,7 +43,7 @@ case "${1:-}" in
             --finetune_from "$ROOT/runs/train_vqgan_2/model.pt"
         train vqgan train_vqgan "${V[@]}" --max_epochs 41 --save_every 100 --log_every 100 --adv_start 0 --seed 2 --lr 0.0001 \
             --finetune_from "$ROOT/runs/train_vqgan_3/model.pt" ;;
-    lmnet) train lmnet train_lmnet --crop "[32,32,16]" --iter_num 50 --max_epochs "${LMNET_EPOCHS:-20}" --num_workers 0 --save_every 25 ;;
+    lmnet) train lmnet train_lmnet --crop_size "[32,32,16]" --iter_num 50 --max_epochs "${LMNET_EPOCHS:-20}" --num_workers 0 --save_every 25 ;;
     linet) train linet train_linet --vqgan_weights "$ROOT/runs/train_vqgan/model.pt" --crop_size "[48,48,48]" \
                --iter_num 100 --max_epochs "${LINET_EPOCHS:-100}" --num_workers 0 --save_every 100 --log_every 100 ;;
     real)
