@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from lesiondiffusion.errors import InputError
 from lesiondiffusion.paste import (
     StoredImage,
     box_affine,
@@ -144,3 +145,12 @@ def test_scan_noise_is_added_in_full_under_a_flat_patch_and_not_under_an_equally
     s_o, s_p = high[where].std(), high_pass(half)[where].std()
     expected = half + np.sqrt(1 - (s_p / s_o) ** 2) * high
     assert np.allclose(keep_scan_noise(half, original, 1.0, where=where), expected)
+
+
+def test_a_scan_whose_voxels_cannot_be_read_is_one_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "short.nii"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(path))
+    path.write_bytes(path.read_bytes()[:400])  # the header survives, the voxels are cut short
+    with pytest.raises(InputError, match=r"short\.nii: unreadable NIfTI voxels \(OSError: Expected 1024 bytes") as e:
+        read_stored(path)
+    assert e.value.path == str(path) and "\n" not in str(e.value)
