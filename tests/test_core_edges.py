@@ -3,11 +3,13 @@ each test fails on the mutant it was written for, and on the bug that mutant sta
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from test_attributes import liver_scene
 
 from lesiondiffusion import attributes as A
 from lesiondiffusion import lesion_metrics as L
@@ -162,3 +164,12 @@ def test_a_protruding_box_that_finds_no_room_fails_at_its_own_size() -> None:
     first = P.place_box(organ, P.CAVITY_PROTRUDING, (10, 10, 10), np.random.default_rng(0), hollow=False)
     with pytest.raises(P.PlacementError, match=r"lesion box of size \(10, 10, 10\) without overlapping the 1 already"):
         P.place_box(organ, P.CAVITY_PROTRUDING, (10, 10, 10), np.random.default_rng(0), hollow=False, avoid=[first])
+
+
+def test_a_lesion_of_exactly_the_punctate_diameter_is_punctate() -> None:
+    measured = A.measure_lesion(*liver_scene(30.0, radius=(9.0, 7.0, 6.0)))
+    shapes = {
+        d: A.report_from_measurements(dataclasses.replace(measured, equivalent_diameter_mm=d)).attributes["shape"]
+        for d in (A.PUNCTATE_MAX_MM, A.PUNCTATE_MAX_MM + 0.01)
+    }
+    assert shapes == {A.PUNCTATE_MAX_MM: "punctate,", A.PUNCTATE_MAX_MM + 0.01: "round-like,"}
