@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion_tools.downstream import lesion_scores, run_downstream
+from lesiondiffusion_tools.downstream import lesion_scores, reading, run_downstream, summarise
 
 DATA = Path(__file__).parent / "data" / "ts_small"
 
@@ -80,3 +80,19 @@ def test_lesion_scores_count_hits_by_size_and_false_positives():
 def test_unknown_arm_is_one_clear_error(tmp_path):
     with pytest.raises(LesionDiffusionError, match="--arms"):
         run_downstream(str(tmp_path), arms="real,magic")
+
+
+def _runs(dice_on_lesion: float) -> list[dict]:
+    rows = [{"dice": dice_on_lesion, "nsd": 0.0, "lesions": [{"diameter_mm": 12.0, "detected": dice_on_lesion > 0}],
+             "false_positives": 0},
+            {"dice": 1.0, "nsd": 1.0, "lesions": [], "false_positives": 0}]  # fmt: skip
+    return [{"arm": arm, "seed": seed, "history": [{"iteration": 1, "scores": {"real_ct": rows}}]}
+            for seed in (0, 1) for arm in ("real", "online")]  # fmt: skip
+
+
+def test_reading_says_when_no_arm_segments_any_lesion():
+    failed = _runs(0.0)
+    text = "\n".join(reading(summarise(failed, ["real_ct"]), failed))
+    assert "no arm segments any lesion" in text and "the 1 scan(s) whose crop holds no lesion" in text
+    learned = _runs(0.6)
+    assert "no arm segments" not in "\n".join(reading(summarise(learned, ["real_ct"]), learned))

@@ -409,10 +409,36 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
         Path(tmp).write_text("\n".join(lines))
 
 
-def reading(summary: dict[str, Any]) -> list[str]:
+def _lesion_dice(runs: Sequence[dict[str, Any]], test: str) -> tuple[float, int]:
+    """Best mean DSC over arms and seeds on the scans whose crop holds a lesion, and how many crops hold none."""
+    best, empty = 0.0, 0
+    for r in runs:
+        rows = r["history"][-1]["scores"].get(test, [])
+        empty = sum(1 for row in rows if not row["lesions"])
+        with_lesion = [row["dice"] for row in rows if row["lesions"]]
+        if with_lesion:
+            best = max(best, float(np.mean(with_lesion)))
+    return best, empty
+
+
+def reading(summary: dict[str, Any], runs: Sequence[dict[str, Any]] = ()) -> list[str]:
     """Plain sentences: which arm beat arm 1 by more than the seed spread, and where it fell short."""
     lines = []
     for test, arms in summary.items():
+        best, empty = _lesion_dice(runs, test) if runs else (float("nan"), 0)
+        if best < 0.01:
+            # an empty prediction scores DSC 1 on a crop without lesion: differences then only say which arm
+            # predicted nothing there, not which segments lesions better
+            where = (
+                f"; the DSC below comes from the {empty} scan(s) whose crop holds no lesion, where predicting "
+                "nothing scores 1"
+                if empty
+                else ""
+            )
+            lines.append(
+                f"- {test}: no arm segments any lesion (best DSC on scans with a lesion {best * 100:.1f}%): the "
+                f"networks have not learned the task at this size{where}."
+            )
         for arm, e in arms.items():
             if arm == "real":
                 continue
@@ -516,6 +542,6 @@ def run_downstream(
         "summary": summary,
         "runs": runs,
     }  # fmt: skip
-    report["reading"] = reading(summary)
+    report["reading"] = reading(summary, runs)
     write_outputs(out_dir, report)
     return out_dir / "downstream.md"
