@@ -25,10 +25,10 @@ deploy-venv: $(DEPLOY_VENV)/.installed
 	rm -rf $(DEPLOY_VENV)/wheel && $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(DEPLOY_VENV)/wheel .
 	$(DEPLOY_VENV)/bin/python -m pip install -q --no-deps --force-reinstall $(DEPLOY_VENV)/wheel/lesiondiffusion_monai-*.whl
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
