@@ -2,7 +2,8 @@
 and of training (each followed by a rerun), a full disk in the writer, and the output lock itself.
 
 The runs are real ``lesiondiffusion`` processes on a 28 x 28 x 14 liver crop of ``tests/data/ts_small``
-(about 20 s each with one sampling step); the kill moments are drawn from a seeded generator and printed.
+(about 20 s each with one sampling step); the kill moments are drawn from a seeded generator, as a fraction of
+the length of a whole run measured first on the same machine, and printed.
 """
 
 from __future__ import annotations
@@ -96,6 +97,33 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def seconds_after_lock(proc: subprocess.Popen, out: Path) -> float:
+    """How long a run holds its output lock: from the lock appearing to the run's exit (which must be 0)."""
+    wait_for(lambda: lock_file(out).exists())
+    t0 = time.monotonic()
+    code, _, err = finish(proc)
+    assert code == 0, err[-3000:]
+    return time.monotonic() - t0
+
+
+def stop_mid_run(proc: subprocess.Popen, sig: signal.Signals, seconds: float) -> list[int]:
+    """Send ``sig`` at a random moment within the first 60% of a run of ``seconds`` (measured on this machine,
+    so the moment falls inside the run however fast the machine is); returns the children it had."""
+    delay = RNG.uniform(0.05, 0.6) * seconds
+    print(f"{sig.name} after {delay:.2f} s of a {seconds:.1f} s run")
+    time.sleep(delay)
+    kids = children(proc.pid)
+    assert proc.poll() is None, "the run ended before the signal: the moment was drawn too late"
+    proc.send_signal(sig)
+    return kids
+
+
+@pytest.fixture(scope="module")
+def synthesis_seconds(crop: Path, tmp_path_factory: pytest.TempPathFactory) -> float:
+    out = tmp_path_factory.mktemp("timing") / "out"
+    return seconds_after_lock(start(crop, out), out)
+
+
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -114,18 +142,14 @@ def gone(pid: int) -> bool:
     return state == "Z"
 
 
-def test_sigterm_then_two_runs_into_one_out(crop, tmp_path):
+def test_sigterm_then_two_runs_into_one_out(crop, synthesis_seconds, tmp_path):
     """SIGTERM mid-run: exit 143, one line, nothing left (its bundle child stopped too). Then two runs
     started together into that ``--out``: one writes it, the other refuses at start in one line."""
     before = digest(crop)
     out = tmp_path / "out"
     proc = start(crop, out)
     wait_for(lambda: lock_file(out).exists())
-    delay = RNG.uniform(0.5, 8.0)
-    print(f"SIGTERM after {delay:.2f} s")
-    time.sleep(delay)
-    kids = children(proc.pid)
-    proc.send_signal(signal.SIGTERM)
+    kids = stop_mid_run(proc, signal.SIGTERM, synthesis_seconds)
     code, _, err = finish(proc, 60)
     assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
     assert error_lines(err) == ["error: stopped by SIGTERM"]
@@ -143,18 +167,14 @@ def test_sigterm_then_two_runs_into_one_out(crop, tmp_path):
     assert leftovers(out) == [] and digest(crop) == before
 
 
-def test_sigkill_then_rerun(crop, tmp_path):
+def test_sigkill_then_rerun(crop, synthesis_seconds, tmp_path):
     """SIGKILL mid-run leaves its lock and work folder; its bundle child dies with it. The rerun takes
     over the stale lock, removes the work folder with --overwrite, names it, and writes the output."""
     before = digest(crop)
     out = tmp_path / "out"
     proc = start(crop, out)
     wait_for(lambda: any(p.name.startswith(work_prefix(out)) for p in tmp_path.iterdir()))
-    delay = RNG.uniform(0.2, 8.0)
-    print(f"SIGKILL after {delay:.2f} s")
-    time.sleep(delay)
-    kids = children(proc.pid)
-    proc.kill()
+    kids = stop_mid_run(proc, signal.SIGKILL, synthesis_seconds)
     finish(proc, 30)
     wait_for(lambda: all(gone(k) for k in kids), 10)
     left = leftovers(out)
@@ -316,26 +336,27 @@ def start_training(datalist: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.fixture(scope="module")
+def training_seconds(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> float:
+    out = tmp_path_factory.mktemp("timing") / "weights"
+    return seconds_after_lock(start_training(tiny_demo / "datalist.json", out), out)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_training_stopped_then_rerun(sig, tiny_demo, tmp_path):
+def test_training_stopped_then_rerun(sig, tiny_demo, training_seconds, tmp_path):
     """A training run stopped at a random moment; the rerun (same command) takes the lock, resumes from the
     last checkpoint when there is one, and writes the weights."""
     out = tmp_path / "weights"
     proc = start_training(tiny_demo / "datalist.json", out)
     wait_for(lambda: lock_file(out).exists())
-    delay = RNG.uniform(1.0, 12.0)
-    print(f"{sig.name} after {delay:.2f} s")
-    time.sleep(delay)
-    kids = children(proc.pid)
-    proc.send_signal(sig)
+    kids = stop_mid_run(proc, sig, training_seconds)
     code, _, err = finish(proc, 60)
     wait_for(lambda: all(gone(k) for k in kids), 10)
-    if code != 0:  # it may have finished before the signal came
-        if sig == signal.SIGTERM:
-            assert code == 128 + signal.SIGTERM and error_lines(err) == ["error: stopped by SIGTERM"], err[-2000:]
-            assert not lock_file(out).exists()
-        else:
-            assert code == -signal.SIGKILL and lock_file(out).exists()
+    if sig == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM and error_lines(err) == ["error: stopped by SIGTERM"], err[-2000:]
+        assert not lock_file(out).exists()
+    else:
+        assert code == -signal.SIGKILL and lock_file(out).exists()
     checkpoint = (out / "vqgan" / "checkpoint_last.pt").is_file()
     code, _, err = finish(start_training(tiny_demo / "datalist.json", out))
     assert code == 0, err[-3000:]
