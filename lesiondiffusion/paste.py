@@ -12,9 +12,11 @@ lesion, is brought back to the user's scan like this:
 4. the scan's own noise is kept: the original's high-pass part (its noise and fine texture at those
    very voxels, finer than a Gaussian of ``noise_sigma_vox`` input voxels) is added to the patch, so
    the lesion is as noisy as the tissue it replaced rather than as smooth as a VQ-GAN decoding (on a
-   real CT that smoothness gave the lesion away at a glance). The patch itself is not filtered: a
+   real CT that smoothness gave the lesion away at a glance). It is centred and softly clipped at
+   :data:`NOISE_CLIP` times the scan's noise level (:func:`scan_noise_hu`, on soft tissue), so vessels
+   or the diaphragm under a lesion do not show through it. The patch itself is not filtered: a
    low-pass of it would spread a small lesion's contrast over its neighbours on a coarse grid;
-5. with a margin class in the report, the change gets that class's edge (:func:`shape_edge`): a step
+5. with a margin class in the report, the lesion gets that class's edge (:func:`shape_edge`): a step
    for a well-defined margin, a ramp a few mm wide for an ill-defined one;
 6. ``out = original + w * (patch - original)`` is written only where ``w > 0``, in the input's stored
    dtype (and NIfTI scaling), so every voxel farther than the margin keeps its exact stored bits.
@@ -44,6 +46,15 @@ from lesiondiffusion.io import PathLike, atomic_path, load_nifti
 logger = logging.getLogger(__name__)
 
 Box = tuple[slice, slice, slice]
+
+# The scan noise a paste keeps is clipped at NOISE_CLIP times the scan's noise level (scan_noise_hu):
+# measured on soft tissue (SOFT_TISSUE_HU) in a central block of at most NOISE_BLOCK voxels a side.
+NOISE_CLIP = 3.0
+SOFT_TISSUE_HU = (-100.0, 200.0)
+NOISE_BLOCK = 160
+MIN_NOISE_VOXELS = 500
+# Rounds that move a lesion's level so that its edge keeps the lesion's median (shape_edge).
+EDGE_LEVEL_ROUNDS = 2
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
@@ -146,6 +157,17 @@ class StoredImage:
         raw = self.raw if box is None else self.raw[box]
         return raw.astype(np.float64) * self.slope + self.inter
 
+    def noise_hu(self, sigma_vox: float = 1.0) -> float | None:
+        """The scan's noise level (:func:`scan_noise_hu` of its central block), measured once per ``sigma_vox``."""
+        cache = self.__dict__.setdefault("_noise_hu", {})  # frozen dataclass: a cache beside the fields
+        if sigma_vox not in cache:
+            box = tuple(
+                slice(max((n - NOISE_BLOCK) // 2, 0), max((n - NOISE_BLOCK) // 2, 0) + min(n, NOISE_BLOCK))
+                for n in self.raw.shape
+            )
+            cache[sigma_vox] = scan_noise_hu(self.to_hu(box), sigma_vox)  # type: ignore[arg-type]
+        return cache[sigma_vox]
+
     def from_hu(self, hu: np.ndarray) -> np.ndarray:
         """HU -> stored values of the raw dtype (rounded and clipped for integer dtypes)."""
         stored = (np.asarray(hu, dtype=np.float64) - self.inter) / self.slope
@@ -158,28 +180,54 @@ class StoredImage:
         return stored.astype(dtype)
 
 
+def high_pass(a: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """``a`` minus its Gaussian of ``sigma_vox`` voxels: noise and fine texture."""
+    return a - ndimage.gaussian_filter(a, sigma=float(sigma_vox), mode="nearest")
+
+
+def scan_noise_hu(hu: np.ndarray, sigma_vox: float = 1.0) -> float | None:
+    """A scan's noise level (HU): the robust spread (``1.4826 * MAD``) of its high-pass on soft-tissue
+    voxels (:data:`SOFT_TISSUE_HU`) whose whole 3x3x3 neighbourhood is soft tissue; None with fewer than
+    :data:`MIN_NOISE_VOXELS` of them. Soft tissue because lung's high-pass is mostly anatomy, not noise."""
+    hu = np.asarray(hu, dtype=np.float32)
+    soft = (hu >= SOFT_TISSUE_HU[0]) & (hu <= SOFT_TISSUE_HU[1])
+    core = ndimage.binary_erosion(soft, structure=np.ones((3, 3, 3), bool))
+    if np.count_nonzero(core) < MIN_NOISE_VOXELS:
+        return None
+    residual = high_pass(hu, sigma_vox)[core]
+    return float(1.4826 * np.median(np.abs(residual - np.median(residual))))
+
+
 def keep_scan_noise(
-    patch: np.ndarray, original: np.ndarray, sigma_vox: float, where: np.ndarray | None = None
+    patch: np.ndarray,
+    original: np.ndarray,
+    sigma_vox: float,
+    where: np.ndarray | None = None,
+    clip_hu: float | None = None,
+    patch_std: float | None = None,
 ) -> np.ndarray:
-    """The patch plus the original's high-pass part (noise, fine texture), scaled to make up the noise the
-    patch lacks.
+    """The patch plus the original's high-pass part (:func:`high_pass`: noise, fine texture), scaled to
+    make up the noise the patch lacks.
 
-    Both are on the same grid (the input's); a high-pass is an array minus its Gaussian of ``sigma_vox``
-    voxels, about the correlation length of CT noise on its own grid. Over ``where`` (the lesion; default
-    everywhere) the original's high-pass is scaled by ``sqrt(1 - s_patch^2 / s_original^2)`` of their
-    standard deviations, so the sum is about as noisy as the tissue: all of it under a smooth decoded patch,
-    none under a patch already as noisy. The patch's own values are never filtered (a low-pass of a small
-    lesion on a coarse grid would spread its contrast over its neighbours).
+    Both are on the same grid (the input's); ``sigma_vox`` is about the correlation length of CT noise on
+    its own grid. ``clip_hu`` centres the original's high-pass on ``where`` and clips it softly
+    (``clip * tanh(x / clip)``), so that what is added is the scan's noise and not a structure under the
+    lesion (a vessel, the edge of the diaphragm). Over ``where`` (the lesion; default everywhere) it is
+    scaled by ``sqrt(1 - s_patch^2 / s_original^2)`` of their high-pass spreads over ``where``: all of it
+    under a smooth decoded patch, none under a patch already as noisy; ``patch_std`` gives ``s_patch``
+    instead (0 for a patch known to be flat, whose edge alone would read as noise). The patch's own values are never filtered (a low-pass of a small lesion on a coarse grid would spread
+    its contrast over its neighbours).
     """
-
-    def high(a: np.ndarray) -> np.ndarray:
-        return a - ndimage.gaussian_filter(a, sigma=float(sigma_vox), mode="nearest")
-
-    noise = high(original)
+    noise = high_pass(original, sigma_vox)
     region = (
         np.asarray(where, dtype=bool) if where is not None and np.asarray(where).any() else np.ones(noise.shape, bool)
     )
-    s_orig, s_patch = float(noise[region].std()), float(high(patch)[region].std())
+    if clip_hu is not None:
+        # noise has no mean: a high-pass off zero over the lesion is the structures around it (lung beside
+        # the diaphragm is all below its blur), so it is centred before the clip
+        noise = clip_hu * np.tanh((noise - float(np.median(noise[region]))) / clip_hu)
+    s_orig = float(noise[region].std())
+    s_patch = float(high_pass(patch, sigma_vox)[region].std()) if patch_std is None else float(patch_std)
     scale = math.sqrt(max(1.0 - (s_patch / s_orig) ** 2, 0.0)) if s_orig > 0 else 0.0
     return patch + scale * noise
 
@@ -194,36 +242,56 @@ def signed_distance_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray
     return np.where(mask, inside, -outside)
 
 
-def shape_edge(delta: np.ndarray, mask: np.ndarray, spacing: Sequence[float], sigma_mm: float) -> np.ndarray:
-    """The change ``delta`` (HU) with the edge profile of a margin of ``sigma_mm``.
+def shape_edge(
+    values: np.ndarray, current: np.ndarray, mask: np.ndarray, spacing: Sequence[float], sigma_mm: float
+) -> np.ndarray:
+    """The painted ``values`` (HU) with the edge of a margin of ``sigma_mm`` against the scan's ``current`` voxels.
 
-    With ``s`` the signed distance to the border (:func:`signed_distance_mm`) and ``c`` the change's median
-    over the lesion's inner half, the mean change at each distance near the border becomes
-    ``c * Phi(s / sigma)`` (``Phi``: normal CDF; 0.5 on the border): outside the lesion the change is that
-    profile alone, on the scan's own voxels; inside, within ``2 sigma`` plus a voxel of the border, each
-    shell of equal distance is shifted to the profile (fully in the band's outer half, fading out over its
-    inner half), so the painted texture stays; deeper, ``delta`` is kept. A well-defined margin (sigma well under a voxel) becomes a step, an ill-defined one a ramp a few
-    mm wide: the edge a margin class describes, whatever edge the network painted.
+    With ``s`` the signed distance to the border (:func:`signed_distance_mm`) and ``v`` the painted median
+    over the lesion's inner half, the lesion near its border is ``v`` plus the painted texture (``values``
+    minus the mean of its shell of equal distance), blended into the scan by the profile ``Phi(s / sigma)``
+    (normal CDF; 0.5 on the border): ``current + Phi * (lesion - current)``. Outside the lesion this is a
+    ramp towards ``v``; inside, within ``2 sigma`` plus a voxel of the border, it is all of the lesion's
+    value in the band's outer half and fades into ``values`` over its inner half; deeper, ``values`` stay.
+    A well-defined margin (sigma well under a voxel) becomes a step, an ill-defined one a ramp a few mm
+    wide: the edge a margin class describes, whatever edge the network painted; and what lies under a
+    small lesion (a vessel, the diaphragm) does not show through it beyond what that edge lets through.
+    The level ``v`` is then moved (:data:`EDGE_LEVEL_ROUNDS` rounds) until the lesion's median is that of
+    the lesion with a step for an edge: a ramp inside a small ill-defined lesion would otherwise lower its
+    density.
     """
     mask = np.asarray(mask, dtype=bool)
+    values = np.asarray(values, dtype=np.float64)
     if not mask.any():
-        return delta
+        return values
     s = signed_distance_mm(mask, spacing)
-    depth = s[mask]
-    inner = mask & (s >= np.median(depth))
-    core = float(np.median(delta[inner]))
-    target = core * ndtr(s / max(float(sigma_mm), 1e-3))
+    inner = mask & (s >= np.median(s[mask]))
+    level = float(np.median(values[inner]))
+    profile = ndtr(s / max(float(sigma_mm), 1e-3))
     band = 2.0 * float(sigma_mm) + float(min(spacing))
-    out = np.where(mask, delta, target)
-    near = mask & (s < band)
-    if near.any():
-        step = 0.5 * float(min(spacing))
-        shell = np.floor(s[near] / step).astype(np.int64)
-        shell -= shell.min()
-        counts = np.bincount(shell)
-        mean = np.bincount(shell, weights=delta[near]) / np.maximum(counts, 1)
-        keep = np.clip(2.0 * s[near] / band - 1.0, 0.0, 1.0)  # all profile up to half the band, then the network's
-        out[near] = delta[near] + (1.0 - keep) * (target[near] - mean[shell])
+    near = np.abs(s) < band
+    step = 0.5 * float(min(spacing))
+    shell = np.floor(s[near] / step).astype(np.int64)
+    shell -= shell.min()
+    mean = np.bincount(shell, weights=values[near]) / np.maximum(np.bincount(shell), 1)
+    texture = np.zeros(values.shape)
+    texture[near] = values[near] - mean[shell]  # the painted texture, carried at the lesion's level
+    # all edge up to half the band inside the lesion, then the painting
+    keep = np.where(mask, np.clip(2.0 * s / band - 1.0, 0.0, 1.0), 0.0)
+
+    def edged(lesion_level: float) -> np.ndarray:
+        return keep * values + (1.0 - keep) * (current + profile * (lesion_level + texture - current))
+
+    # the edge must not change the lesion's density (a report's CT value is the whole lesion's): the
+    # level moves until the median over the lesion is that of the same lesion with a step for an edge
+    gain = float(np.median((keep + (1.0 - keep) * profile)[mask]))
+    target = float(np.median((keep * values + (1.0 - keep) * (level + texture))[mask]))
+    out = edged(level)
+    for _ in range(EDGE_LEVEL_ROUNDS):
+        if gain <= 0.05:
+            break
+        level += (target - float(np.median(out[mask]))) / gain
+        out = edged(level)
     return out
 
 
@@ -275,6 +343,7 @@ def paste(
     protect: np.ndarray | None = None,
     noise_sigma_vox: float = 1.0,
     edge_sigma_mm: float | None = None,
+    patch_noise_std: float | None = None,
 ) -> np.ndarray:
     """Blend ``patch_hu`` (HU on its own grid ``patch_affine``) into the original's stored voxels.
 
@@ -282,7 +351,8 @@ def paste(
     only inside the lesion dilated by ``margin_mm`` with a ``feather_mm`` cosine feather, and returns it.
     Zone voxels outside the patch's extent, and those of ``protect`` (e.g. other lesions), are left
     untouched (the former with a warning). ``noise_sigma_vox`` > 0 keeps the original's noise under the
-    patch (:func:`keep_scan_noise`); 0 pastes the patch as it is. ``edge_sigma_mm`` gives the change
+    patch (:func:`keep_scan_noise`, clipped at :data:`NOISE_CLIP` times the scan's noise level); 0 pastes
+    the patch as it is; ``patch_noise_std`` is the noise the patch carries when known (0: a flat patch). ``edge_sigma_mm`` gives the change
     the edge of that margin (:func:`shape_edge`, from the report's margin class); None keeps the patch's.
     """
     out = original.raw.copy() if raw is None else raw
@@ -306,9 +376,13 @@ def paste(
     write = weights > 0
     current = out[box].astype(np.float64) * original.slope + original.inter
     if noise_sigma_vox > 0:
-        values = keep_scan_noise(np.where(inside, values, current), current, noise_sigma_vox, where=mask[box] & inside)
+        level = original.noise_hu(noise_sigma_vox)
+        values = keep_scan_noise(
+            np.where(inside, values, current), current, noise_sigma_vox, where=mask[box] & inside,
+            clip_hu=None if level is None else NOISE_CLIP * level, patch_std=patch_noise_std,
+        )  # fmt: skip
     if edge_sigma_mm is not None:
-        values = current + shape_edge(np.where(inside, values - current, 0.0), mask[box], spacing, edge_sigma_mm)
+        values = shape_edge(np.where(inside, values, current), current, mask[box], spacing, edge_sigma_mm)
     blended = current[write] + weights[write] * (values[write] - current[write])
     sub = out[box]
     sub[write] = original.from_hu(blended)

@@ -17,8 +17,10 @@ from lesiondiffusion.paste import (
     box_affine,
     keep_scan_noise,
     outside_margin,
+    paste,
     read_stored,
     save_like,
+    scan_noise_hu,
     signed_distance_mm,
     voxel_spacing,
     zone_box,
@@ -129,10 +131,6 @@ def test_scan_noise_is_added_in_full_under_a_flat_patch_and_not_under_an_equally
     rng = np.random.default_rng(0)
     original = 40.0 + 10.0 * rng.standard_normal((16, 16, 16))
     flat = np.full(original.shape, 70.0)
-
-    def high_pass(a: np.ndarray) -> np.ndarray:
-        return a - ndimage.gaussian_filter(a, 1.0, mode="nearest")
-
     high = high_pass(original)
     assert np.allclose(keep_scan_noise(flat, original, 1.0), flat + high)  # all the noise the patch lacks
     assert np.allclose(keep_scan_noise(original, original, 1.0), original)  # as noisy already: nothing added
@@ -145,6 +143,77 @@ def test_scan_noise_is_added_in_full_under_a_flat_patch_and_not_under_an_equally
     s_o, s_p = high[where].std(), high_pass(half)[where].std()
     expected = half + np.sqrt(1 - (s_p / s_o) ** 2) * high
     assert np.allclose(keep_scan_noise(half, original, 1.0, where=where), expected)
+    # a flat patch with a step at its border: its edge reads as noise unless the patch's noise is given
+    stepped = np.where(where, 120.0, 70.0)
+    assert np.abs(keep_scan_noise(stepped, original, 1.0, where=where) - stepped).max() < 0.5 * np.abs(high).max()
+    assert np.allclose(keep_scan_noise(stepped, original, 1.0, where=where, patch_std=0.0), stepped + high)
+
+
+def test_scan_noise_is_centred_and_softly_clipped_so_structures_do_not_show_through() -> None:
+    rng = np.random.default_rng(1)
+    original = 40.0 + 10.0 * rng.standard_normal((20, 20, 20))
+    original[:, 10, 10] += 400.0  # a vessel through the lesion
+    original[:, :, :6] -= 200.0  # darker tissue beside it: the high-pass near it is off zero
+    where = np.zeros(original.shape, bool)
+    where[6:14, 6:14, 6:14] = True
+    flat = np.full(original.shape, 90.0)
+    added = keep_scan_noise(flat, original, 1.0, where=where, clip_hu=30.0) - flat
+    assert np.abs(added).max() < 30.0  # the vessel's 400 HU does not come through
+    assert abs(np.median(added[where])) < 0.5  # centred on the lesion
+    off_vessel = where.copy()
+    off_vessel[:, 10, 10] = False
+    assert len(np.unique(np.round(added[off_vessel], 6))) == off_vessel.sum()  # soft: no plateau of equal values
+    # away from the clip the noise is the scan's own
+    quiet = np.abs(high_pass(original) - np.median(high_pass(original)[where])) < 3.0
+    assert np.allclose(
+        added[where & quiet], (high_pass(original) - np.median(high_pass(original)[where]))[where & quiet], atol=0.1
+    )
+
+
+def high_pass(a: np.ndarray) -> np.ndarray:
+    return a - ndimage.gaussian_filter(a, 1.0, mode="nearest")
+
+
+def test_scan_noise_level_is_measured_on_soft_tissue_only() -> None:
+    rng = np.random.default_rng(2)
+    soft = 40.0 + 12.0 * rng.standard_normal((24, 24, 24))
+    expected = 1.4826 * np.median(
+        np.abs(high_pass(soft)[1:-1, 1:-1, 1:-1] - np.median(high_pass(soft)[1:-1, 1:-1, 1:-1]))
+    )
+    scan = soft.copy()
+    scan[:, :, 16:] = -800.0 + 150.0 * rng.standard_normal((24, 24, 8))  # lung: texture, not noise
+    level = scan_noise_hu(scan)
+    assert level == pytest.approx(expected, rel=0.1)
+    assert scan_noise_hu(scan[:, :, 18:]) is None  # no soft tissue: no level
+    stored = StoredImage(np.rint(scan * 2).astype(np.int16), 0.5, 0.0, nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4)))
+    assert stored.noise_hu(1.0) == pytest.approx(level, rel=0.05)
+
+
+def test_a_lesion_with_a_well_defined_margin_does_not_show_the_vessel_under_it(tmp_path: Path) -> None:
+    """A flat 30 HU nodule over lung with a vessel through it: the vessel (+700 HU) adds at most the noise
+    clip to the nodule's voxels, and the nodule's core is at its value within that clip."""
+    shape = (24, 24, 24)
+    lung = np.full(shape, -800.0) + np.random.default_rng(3).normal(0.0, 5.0, shape)
+    lung[:, :, 14:] = 40.0 + np.random.default_rng(4).normal(0.0, 5.0, (24, 24, 10))  # soft tissue: the noise level
+    vessel = lung.copy()
+    vessel[:, 12, 12] += 700.0
+    lesion = np.zeros(shape, bool)
+    lesion[10:15, 10:15, 3:8] = True
+    core = np.zeros(shape, bool)
+    core[11:14, 11:14, 4:7] = True
+    patch = np.full(shape, 30.0)
+    outs = []
+    for i, hu in enumerate((lung, vessel)):
+        nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16), np.eye(4)), str(tmp_path / f"ct{i}.nii.gz"))
+        original = read_stored(tmp_path / f"ct{i}.nii.gz")
+        clip = 3.0 * original.noise_hu(1.0)
+        outs.append(
+            paste(original, lesion, patch, np.eye(4), 3.0, 1.0, noise_sigma_vox=1.0, edge_sigma_mm=0.3).astype(float)
+        )
+    assert 5.0 < clip < 30.0
+    assert np.abs(outs[1] - outs[0])[lesion].max() < clip + 0.06 * 700.0  # at most the clip and the edge's 5%
+    assert np.abs(outs[1][core] - 30.0).max() < clip
+    assert abs(np.median(outs[1][lesion]) - 30.0) < 0.06 * 830.0
 
 
 def test_a_scan_whose_voxels_cannot_be_read_is_one_error_naming_it(tmp_path: Path) -> None:
@@ -154,3 +223,19 @@ def test_a_scan_whose_voxels_cannot_be_read_is_one_error_naming_it(tmp_path: Pat
     with pytest.raises(InputError, match=r"short\.nii: unreadable NIfTI voxels \(OSError: Expected 1024 bytes") as e:
         read_stored(path)
     assert e.value.path == str(path) and "\n" not in str(e.value)
+
+
+def test_an_ill_defined_edge_keeps_the_lesions_density(tmp_path: Path) -> None:
+    """A 9 mm lesion painted flat at -40 HU from its organ with an ill-defined margin: the ramp reaches
+    beyond the mask, but the lesion's median stays the painted -40 (a ramp alone leaves -25)."""
+    shape = (32, 32, 32)
+    nib.save(nib.Nifti1Image(np.full(shape, 60, np.int16), np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    original = read_stored(tmp_path / "ct.nii.gz")
+    grid = np.indices(shape) - 16.0
+    lesion = (grid**2).sum(0) <= 4.5**2
+    patch = np.where(lesion, 20.0, 60.0)
+    out = paste(original, lesion, patch, np.eye(4), 6.0, 1.0, noise_sigma_vox=0.0, edge_sigma_mm=3.0).astype(float)
+    change = out - 60.0
+    assert np.median(change[lesion]) == pytest.approx(-40.0, abs=2.0)
+    assert np.median(change[(~lesion) & ((grid**2).sum(0) <= 5.5**2)]) < -10.0  # the ramp outside
+    assert change[16, 16, 16] < -40.0  # the core carries more than the mean, as an ill-defined lesion does
