@@ -585,6 +585,41 @@ def test_prior_fill_meets_the_target_through_a_lossy_autoencoder(vqgan, monkeypa
     assert inpainter.prior_fill(image, lesion, 70.0) == 70.0 and inpainter.prior_fill(image, lesion, None) is None
 
 
+def test_a_lesion_below_the_latent_resolution_is_painted_from_its_prior_without_the_networks(vqgan, monkeypatch):
+    from lesiondiffusion.diffusion import DiffusionSampler
+
+    inpainter = linet_pipeline.LesionInpainter(
+        torch.nn.Identity(),
+        ae.load_vqvae(str(vqgan)),
+        DiffusionSampler("ddim", 1, progress=False),
+        crop_size=(32, 32, 32),
+    )
+    f = inpainter.factor
+    hu = np.random.default_rng(0).normal(40.0, 10.0, (48, 48, 48))
+    small, large = np.zeros(hu.shape, bool), np.zeros(hu.shape, bool)
+    small[20 : 20 + 2 * f - 1, 16:32, 16:32] = True  # one voxel short of two latent voxels along axis 0
+    large[20 : 20 + 2 * f, 16:32, 16:32] = True
+    assert inpainter.below_latent_resolution(small) and not inpainter.below_latent_resolution(large)
+    assert not inpainter.below_latent_resolution(np.zeros(hu.shape, bool))
+
+    def networks(*args, **kwargs):
+        raise AssertionError("the networks ran")
+
+    monkeypatch.setattr(inpainter, "inpaint_crop", networks)
+    monkeypatch.setattr(inpainter, "ct_value", lambda condition: 95.0)
+    patch, affine, _ = inpainter.inpaint_lesion(hu, np.eye(4), small.astype(np.float32), None, 0)
+    start = np.rint(affine[:3, 3]).astype(int)
+    window = tuple(slice(a, a + n) for a, n in zip(start, patch.shape))
+    to_hu, to_unit = CTIntensityMap(inverse=True), CTIntensityMap()
+    assert np.allclose(patch[small[window]], float(to_hu(to_unit(np.array([95.0], np.float32)))[0]), atol=0.05)  # the report's value
+    assert np.allclose(patch[~small[window]], to_hu(to_unit(hu[window].astype(np.float32)))[~small[window]], atol=0.05)
+    with pytest.raises(AssertionError, match="the networks ran"):
+        inpainter.inpaint_lesion(hu, np.eye(4), large.astype(np.float32), None, 0)
+    inpainter.min_latent_width = 0  # 0: always the networks
+    with pytest.raises(AssertionError, match="the networks ran"):
+        inpainter.inpaint_lesion(hu, np.eye(4), small.astype(np.float32), None, 0)
+
+
 def test_mask_head_adds_a_dice_term_on_the_lesion_fraction_and_is_dropped_for_sampling(vqgan):
     train = linet_net
     from lesiondiffusion.diffusion import training_scheduler
