@@ -611,7 +611,9 @@ def test_a_lesion_below_the_latent_resolution_is_painted_from_its_prior_without_
     start = np.rint(affine[:3, 3]).astype(int)
     window = tuple(slice(a, a + n) for a, n in zip(start, patch.shape))
     to_hu, to_unit = CTIntensityMap(inverse=True), CTIntensityMap()
-    assert np.allclose(patch[small[window]], float(to_hu(to_unit(np.array([95.0], np.float32)))[0]), atol=0.05)  # the report's value
+    assert np.allclose(
+        patch[small[window]], float(to_hu(to_unit(np.array([95.0], np.float32)))[0]), atol=0.05
+    )  # the report's value
     assert np.allclose(patch[~small[window]], to_hu(to_unit(hu[window].astype(np.float32)))[~small[window]], atol=0.05)
     with pytest.raises(AssertionError, match="the networks ran"):
         inpainter.inpaint_lesion(hu, np.eye(4), large.astype(np.float32), None, 0)
