@@ -63,7 +63,7 @@ class CTLoaderOperator(Operator):
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         from lesiondiffusion.errors import InputError
-        from lesiondiffusion.io import image_format, read_json
+        from lesiondiffusion.io import image_format, read_json, user_path
 
         path = self.input_folder / REQUEST
         request = read_json(path)
@@ -71,7 +71,7 @@ class CTLoaderOperator(Operator):
             raise InputError(path, 'expected a JSON object with "image" (a NIfTI file or DICOM folder)')
         for key in ("image", "organ_seg"):
             if request.get(key):
-                p = Path(request[key]).expanduser()
+                p = user_path(request[key])
                 request[key] = str(p if p.is_absolute() else self.input_folder / p)
                 if not Path(request[key]).exists():
                     raise InputError(request[key], f"{key} not found (named in {path})")

@@ -43,6 +43,7 @@ from lesiondiffusion.attributes import LESION_TYPE, ORGAN_TYPE, OfflineReportPro
 from lesiondiffusion.data_paths import BUNDLES
 from lesiondiffusion.diffusion import load_weights
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.io import user_path
 from lesiondiffusion.labels import is_hollow, label_table, to_v1_map
 from lesiondiffusion.manifest import LesionEntry
 from lesiondiffusion.paste import StoredImage, paste, voxel_spacing
@@ -170,7 +171,7 @@ class SynthesisSettings:
     device: str = "cpu"
 
     def weights(self, network: str) -> Path:
-        root = Path(self.weights_dir).expanduser() if self.weights_dir else BUNDLES
+        root = user_path(self.weights_dir) if self.weights_dir else BUNDLES
         return root / network / "model.pt" if self.weights_dir else root / network / "models" / "model.pt"
 
 

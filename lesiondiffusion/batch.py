@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import file_sha256, read_json, write_json
+from lesiondiffusion.io import file_sha256, read_json, user_path, write_json
 from lesiondiffusion.requests import read_requests
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def single_request(requests_file: Path, index: int, dest: Path) -> Path:
     entry = dict(obj["requests"][index])
     for key in ("image", "organ_seg"):
         if isinstance(entry.get(key), str):
-            p = Path(entry[key]).expanduser()
+            p = user_path(entry[key])
             entry[key] = str(p if p.is_absolute() else (requests_file.parent / p).absolute())
     head = {k: v for k, v in obj.items() if k != "requests"}
     return write_json(dest, {**head, "requests": [entry]})
@@ -156,8 +156,8 @@ def run_batch(
     merged summary (rank 0) or this rank's record (other ranks); raises when any of its cases failed.
     """
     ranks = Ranks.from_env()
-    requests_file = Path(requests_file).expanduser().absolute()
-    out = Path(out).expanduser().absolute()
+    requests_file = user_path(requests_file).absolute()
+    out = user_path(out).absolute()
     requests = read_requests(requests_file)  # every rank checks the whole file before any work
     if out.exists() and not (resume or overwrite):
         raise LesionDiffusionError(

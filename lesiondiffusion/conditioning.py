@@ -50,6 +50,7 @@ from torch import nn
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.io import user_path
 from lesiondiffusion.labels import UnknownOrganError, label_table
 from lesiondiffusion.report import LesionReport, Report, parse_ct_value, parse_size, read_report
 
@@ -476,7 +477,7 @@ def load_biomedclip_text_encoder(
     tokenizer files (a snapshot of ``microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``). Nothing
     is downloaded: the Hugging Face hub is switched to offline mode first.
     """
-    path = Path(weights_path).expanduser()
+    path = user_path(weights_path)
     if not (path / "open_clip_config.json").is_file():
         raise InputError(
             path, "no BiomedCLIP weights here (expected a folder with open_clip_config.json); set biomedclip_path"
@@ -582,7 +583,7 @@ def build_condition_encoder(
     if kind == "vocab":
         return VocabConditionEncoder(fields, dim, max_values)
     if kind == "biomedclip":
-        if biomedclip_path is not None and not Path(biomedclip_path).expanduser().exists():
+        if biomedclip_path is not None and not user_path(biomedclip_path).exists():
             raise InputError(
                 biomedclip_path, "BiomedCLIP weights folder not found; set biomedclip_path to a local copy"
             )

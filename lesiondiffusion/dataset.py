@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import PathLike, load_nifti, read_json, write_json, write_text
+from lesiondiffusion.io import PathLike, load_nifti, read_json, user_path, write_json, write_text
 from lesiondiffusion.labels import (
     AUTO,
     VERSION_CHOICES,
@@ -68,7 +68,7 @@ def _rel(path: Path, base: PathLike | None) -> str:
 
 
 def _resolve(entry: str, base: Path) -> Path:
-    p = Path(entry).expanduser()
+    p = user_path(entry)
     return p if p.is_absolute() else base / p
 
 

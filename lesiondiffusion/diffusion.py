@@ -44,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import atomic_path
+from lesiondiffusion.io import atomic_path, user_path
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def load_weights(
     the raw network) or a bare state dict. A missing or unreadable file is an :class:`InputError`
     naming the file and the config key (``setting``) to set.
     """
-    p = Path(path).expanduser()
+    p = user_path(path)
     if not p.is_file():
         raise InputError(
             p,

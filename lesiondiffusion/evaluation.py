@@ -55,7 +55,7 @@ from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import realism as R
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, write_json, write_text
+from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, user_path, write_json, write_text
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, before_after, caption_band, request_caption
 from lesiondiffusion.report import LesionReport, Report
@@ -866,14 +866,14 @@ def evaluate_outputs(
     or the folder holding ``datalist.json``) whose lesions the realism measures are set beside
     (:mod:`lesiondiffusion.realism`). Returns the report and the written paths.
     """
-    pred = Path(pred).expanduser()
-    requests_path = Path(requests).expanduser()
+    pred = user_path(pred)
+    requests_path = user_path(requests)
     wanted = read_requests(requests_path)
     if not pred.is_dir():
         raise InputError(pred, "synthesis output folder not found")
     if margin_mm is not None and float(margin_mm) < 0:
         raise LesionDiffusionError(f"--margin_mm must not be negative, not {margin_mm}")
-    out_dir = Path(out).expanduser() if out else pred.parent / f"{pred.name}_evaluation"
+    out_dir = user_path(out) if out else pred.parent / f"{pred.name}_evaluation"
     reasons = _failure_reasons(pred)
 
     records: dict[str, dict[str, Any]] = {}
@@ -910,7 +910,7 @@ def evaluate_outputs(
             if look and case in crops:
                 R.compare_case(look, crops[case], look["organ"], look["density"], pool)
     ordering = density_ordering(wanted, records)
-    reference_path = None if reference is None else str(Path(reference).expanduser().resolve())
+    reference_path = None if reference is None else str(user_path(reference).resolve())
     report = {
         "pred": str(pred.resolve()),
         "requests": str(requests_path.resolve()),

@@ -22,6 +22,18 @@ import numpy as np
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 
 PathLike = str | os.PathLike[str]
+
+
+def user_path(value: PathLike) -> Path:
+    """``value`` as a path with ``~`` expanded; a ``~name`` of no known user stays as written (its file is
+    then simply not found, rather than ``expanduser`` raising)."""
+    path = Path(value)
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        return path
+
+
 logger = logging.getLogger(__name__)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import InputError
-from lesiondiffusion.io import PathLike, read_json, write_json
+from lesiondiffusion.io import PathLike, read_json, user_path, write_json
 from lesiondiffusion.placement import Box
 
 MANIFEST_NAME = "manifest.json"
@@ -185,5 +185,5 @@ def _read_lesion(bad, base: Path, index: int, obj: Any) -> LesionEntry:
 
 
 def _absolute(value: str, base: Path) -> Path:
-    p = Path(value).expanduser()
+    p = user_path(value)
     return p if p.is_absolute() else base / p

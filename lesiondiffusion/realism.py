@@ -47,7 +47,7 @@ from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.dataset import datalist_version, load_cases
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import PathLike, read_nifti_array
+from lesiondiffusion.io import PathLike, read_nifti_array, user_path
 from lesiondiffusion.labels import label_table, to_v1_map
 from lesiondiffusion.report import read_report
 
@@ -118,7 +118,7 @@ def load_reference(path: PathLike) -> list[ReferenceLesion]:
     """Every lesion of a labelled dataset (see the module notes); a case's missing file is an :class:`InputError`."""
     from lesiondiffusion.evaluation import density_of  # the requested-class reader, one place
 
-    datalist = _datalist(Path(path).expanduser())
+    datalist = _datalist(user_path(path))
     cases = load_cases(datalist=datalist)
     version = datalist_version(datalist) or "v1"  # make-dataset writes v1 maps and says so
     table = label_table()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import PathLike, read_json, write_json
+from lesiondiffusion.io import PathLike, read_json, user_path, write_json
 from lesiondiffusion.labels import VERSIONS
 from lesiondiffusion.text import TextError, TextReading, read_description
 
@@ -161,7 +161,7 @@ def _read_entry(path: Path, base: Path, index: int, entry: Any, shared_version: 
             continue
         if not isinstance(value, str) or not value:
             raise bad(f"{key!r} must be a path")
-        p = Path(value).expanduser()
+        p = user_path(value)
         paths[key] = p if p.is_absolute() else base / p
     text = entry.get("text")
     if text is not None and (not isinstance(text, str) or not text.strip()):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lesiondiffusion import vocabulary as V
@@ -159,6 +159,7 @@ def test_any_requests_file_is_read_or_refused(obj: Any) -> None:
 
 @SETTINGS
 @given(st.one_of(st.text(max_size=30), st.builds(json.dumps, json_values)))
+@example("~0")  # a home folder of no known user: expanduser raised instead of "not found"
 def test_any_attributes_option_is_parsed_or_refused(text: str) -> None:
     try:
         obj = json_object(text if text.strip() else "{}", "--attributes")

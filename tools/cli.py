@@ -21,6 +21,7 @@ from typing import Any
 import fire
 
 from lesiondiffusion.errors import Interrupted, LesionDiffusionError, raise_on_termination
+from lesiondiffusion.io import user_path
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.benchmark import benchmark
 from lesiondiffusion_tools.demo import DEMO_SOURCE, demo
@@ -229,13 +230,12 @@ class Commands:
         """Write each bundle as a stand-alone model-zoo bundle and zip (the shared package vendored into its
         scripts/, weights with SHA-256 in models/large_files.yml, TorchScript where the network scripts);
         --stages preprocess,lmnet picks some, --weights DIR takes DIR/<network>/model.pt."""
-        from pathlib import Path
 
         from lesiondiffusion.export import STAGES, export_bundles
 
         chosen = tuple(s.strip() for s in stages.split(",")) if stages else STAGES
-        weights_dir = Path(weights).expanduser() if weights else None
-        for r in export_bundles(Path(out).expanduser(), chosen, weights_dir, verify=flag(verify)):
+        weights_dir = user_path(weights) if weights else None
+        for r in export_bundles(user_path(out), chosen, weights_dir, verify=flag(verify)):
             checks = ", ".join(r.get("verified", [])) or "not verified"
             print(f"{r['stage']:10s} {r['zip']}  ({checks}; TorchScript: {r.get('torchscript', 'no network')})")
 

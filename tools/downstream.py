@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import atomic_path, save_nifti, write_json
+from lesiondiffusion.io import atomic_path, save_nifti, user_path, write_json
 from lesiondiffusion.labels import label_table, to_v1_map
 
 logger = logging.getLogger(__name__)
@@ -494,16 +494,16 @@ def run_downstream(
     if threads > 0:
         torch.set_num_threads(int(threads))
     start = time.perf_counter()
-    out_dir = Path(out).expanduser()
+    out_dir = user_path(out)
     work_dir = Path(work) if work else Path(tempfile.mkdtemp(prefix="lesiondiffusion-downstream-"))
     distribution = {"organs": [organ], "lesion_types": ["tumor", "cyst", "metastasis"], "size_mm": (8.0, 30.0),
                     "cavity": "within the parenchymal organ"}  # fmt: skip
 
-    real_path = Path(real).expanduser()
+    real_path = user_path(real)
     train_cases = organ_cases(real_path, "training", organ)
     tests_cases = {"real_ct": organ_cases(real_path, "validation", organ)}
     if phantom:
-        phantom_path = Path(phantom).expanduser()
+        phantom_path = user_path(phantom)
         train_cases += organ_cases(phantom_path, "training", organ)[: int(n_train_phantom)]
         tests_cases["phantom"] = organ_cases(phantom_path, "validation", organ)
     if not train_cases:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.io import check_inputs_outside, output_lock
+from lesiondiffusion.io import check_inputs_outside, output_lock, user_path
 from lesiondiffusion.settings import flag
 
 DEMO_SOURCE = DEMO_DATA
@@ -47,11 +47,9 @@ def run_make_dataset(
     segmenter: str = "auto",
 ) -> Path:
     """Build the dataset (or the requests with ``requests=True``) into ``out``; returns the file to use next."""
-    inputs = [Path(p).expanduser() for p in (src if src is not None else DEMO_SOURCE, corpus) if p is not None]
-    check_inputs_outside(Path(out).expanduser(), inputs)  # --overwrite would delete them
-    with output_lock(
-        Path(out).expanduser().absolute(), flag(overwrite), "make-dataset"
-    ):  # one writer per output folder
+    inputs = [user_path(p) for p in (src if src is not None else DEMO_SOURCE, corpus) if p is not None]
+    check_inputs_outside(user_path(out), inputs)  # --overwrite would delete them
+    with output_lock(user_path(out).absolute(), flag(overwrite), "make-dataset"):  # one writer per output folder
         return _run_make_dataset(
             n,
             out,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.io import output_lock
+from lesiondiffusion.io import output_lock, user_path
 from lesiondiffusion.manifest import MANIFEST_NAME, read_manifest
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
@@ -45,12 +45,12 @@ def bundle_overrides(out: str | None = None, attributes: Any = None, **options: 
             overrides[key] = cast(overrides[key])
     for key in PATH_KEYS:
         if key in overrides:
-            overrides[key] = str(Path(str(overrides[key])).expanduser().absolute())
+            overrides[key] = str(user_path(str(overrides[key])).absolute())
     if attributes is not None:
         # a file name becomes absolute (the bundle runs from its own folder); JSON text and dicts pass as is
         text = attributes if isinstance(attributes, dict) else str(attributes)
-        if isinstance(text, str) and not text.lstrip().startswith("{") and Path(text).expanduser().exists():
-            text = str(Path(text).expanduser().absolute())
+        if isinstance(text, str) and not text.lstrip().startswith("{") and user_path(text).exists():
+            text = str(user_path(text).absolute())
         overrides["attributes"] = text
     return overrides
 

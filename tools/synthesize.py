@@ -41,6 +41,7 @@ from lesiondiffusion.io import (
     output_lock,
     read_json,
     read_nifti_array,
+    user_path,
     work_dir,
     write_json,
 )
@@ -79,7 +80,7 @@ def weights_paths(weights: str | Path | None = None) -> dict[str, Path]:
         paths = {n: BUNDLES_DIR / n / "models" / "model.pt" for n in NETWORKS}
         hint = "the repository's shipped weights are missing; pass --weights DIR (DIR/<network>/model.pt, as `lesiondiffusion train --out DIR` writes)"
     else:
-        root = Path(weights).expanduser()
+        root = user_path(weights)
         if not root.is_dir():
             raise InputError(
                 root, "weights folder not found (expected DIR/vqgan/model.pt, DIR/lmnet/model.pt, DIR/linet/model.pt)"
@@ -108,7 +109,7 @@ def json_object(value: Any, where: str) -> dict[str, Any]:
         return dict(value)
     text = str(value).strip()
     if not text.startswith("{"):
-        path = Path(text).expanduser()
+        path = user_path(text)
         try:  # a long JSON list or odd text is no file name the system takes
             exists = path.is_file()
         except (OSError, ValueError):
@@ -130,7 +131,7 @@ def json_object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _list_lines(path: str | Path) -> list[str]:
-    p = Path(path).expanduser()
+    p = user_path(path)
     if not p.is_file():
         raise InputError(p, "list file not found")
     lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
@@ -145,7 +146,7 @@ def _list_lines(path: str | Path) -> list[str]:
 
 
 def _resolve(entry: str, base: Path) -> Path:
-    p = Path(entry).expanduser()
+    p = user_path(entry)
     return p if p.is_absolute() else base / p
 
 
@@ -191,22 +192,22 @@ def gather_requests(
     if image:
         if attributes_list or organ_seg_list:
             raise LesionDiffusionError("--attributes_list and --organ_seg_list go with --image_list")
-        images = [Path(image).expanduser()]
-        segs = [Path(organ_seg).expanduser() if organ_seg else None]
+        images = [user_path(image)]
+        segs = [user_path(organ_seg) if organ_seg else None]
         attrs = [json_object(attributes, "--attributes")]
     else:
-        list_path = Path(str(image_list)).expanduser()
+        list_path = user_path(str(image_list))
         images = [_resolve(line, list_path.parent) for line in _list_lines(list_path)]
         if organ_seg:
             raise LesionDiffusionError("--organ_seg goes with --image; with --image_list give --organ_seg_list")
         segs = [None] * len(images)
         if organ_seg_list:
-            seg_path = Path(organ_seg_list).expanduser()
+            seg_path = user_path(organ_seg_list)
             segs = [_resolve(line, seg_path.parent) for line in _list_lines(seg_path)]
             if len(segs) != len(images):
                 raise InputError(seg_path, f"{len(segs)} lines, but the image list has {len(images)}")
         if attributes_list:
-            attr_path = Path(attributes_list).expanduser()
+            attr_path = user_path(attributes_list)
             lines = _list_lines(attr_path)
             if len(lines) != len(images):
                 raise InputError(attr_path, f"{len(lines)} lines, but the image list has {len(images)}")
@@ -601,7 +602,7 @@ def synthesize(
         check_overrides(stage, ("inference.json",), keys, "--bundle_overrides: ")
     if not out:
         raise LesionDiffusionError("give the output folder: --out DIR")
-    out_dir = Path(out).expanduser().absolute()  # the bundles run in their own folders
+    out_dir = user_path(out).absolute()  # the bundles run in their own folders
     if out_dir.exists() and not overwrite:
         raise LesionDiffusionError(f"{out_dir}: output folder exists; pass --overwrite to replace it")
     check_output_target(out_dir, overwrite)  # a file, or the current folder, is refused before any work

@@ -16,7 +16,7 @@ from typing import Any
 
 from lesiondiffusion.dataset import datalist_version
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import output_lock
+from lesiondiffusion.io import output_lock, user_path
 from lesiondiffusion.labels import VERSION_CHOICES, choose_version
 from lesiondiffusion.settings import flag
 from lesiondiffusion_tools.bundle_runner import BUNDLES_DIR, check_overrides, run_bundle
@@ -69,12 +69,12 @@ def train(
         raise LesionDiffusionError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     if not datalist:
         raise LesionDiffusionError("give the training data: --datalist FILE (add --prepare for a raw labelled dataset)")
-    data = Path(datalist).expanduser().resolve()
+    data = user_path(datalist).resolve()
     if not data.is_file():
         raise InputError(data, "datalist not found")
     if not out:
         raise LesionDiffusionError("give the output folder: --out DIR")
-    out_dir = Path(out).expanduser().resolve()
+    out_dir = user_path(out).resolve()
     if organ_seg_version not in VERSION_CHOICES:
         raise LesionDiffusionError(
             f"--organ_seg_version must be one of {', '.join(VERSION_CHOICES)}, not {organ_seg_version!r}"
@@ -130,11 +130,7 @@ def _train(
         if "vqgan" in stages:
             vq = out_dir / "vqgan" / "model.pt"
         else:
-            vq = (
-                Path(vqgan_weights).expanduser().resolve()
-                if vqgan_weights
-                else BUNDLES_DIR / "vqgan" / "models" / "model.pt"
-            )
+            vq = user_path(vqgan_weights).resolve() if vqgan_weights else BUNDLES_DIR / "vqgan" / "models" / "model.pt"
             if not vq.is_file():
                 raise InputError(
                     vq,

@@ -46,7 +46,7 @@ from lesiondiffusion.conditioning import lesion_attributes
 from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
-from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array
+from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array, user_path
 from lesiondiffusion.labels import LESION_LABEL, label_table
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
@@ -504,7 +504,7 @@ def load_network(network: nn.Module, weights: PathLike, device: str | torch.devi
 
 def require_weights(path: PathLike | None, setting: str, what: str) -> None:
     """A one-line error naming the file and the setting to pass when a weights file is missing."""
-    if not path or not Path(path).expanduser().is_file():
+    if not path or not user_path(path).is_file():
         raise InputError(
             path or None,
             f"{what} weights not found; pass --{setting} FILE (a {what} training run writes <output_dir>/model.pt)",

@@ -30,7 +30,7 @@ from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
 from lesiondiffusion.diffusion import DiffusionSampler, load_weights
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, save_on_input_grid
-from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
+from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti, user_path
 from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
 from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
@@ -89,7 +89,7 @@ class LesionMaskSynthesiser:
 
     def __post_init__(self) -> None:
         if self.weights is not None:
-            if not Path(self.weights).expanduser().is_file():
+            if not user_path(self.weights).is_file():
                 raise InputError(
                     self.weights,
                     "LMNet weights not found; pass --weights <training output_dir>/model.pt "

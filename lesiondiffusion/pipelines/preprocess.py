@@ -48,7 +48,7 @@ from lesiondiffusion.attributes import (
 )
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_geometry
-from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, save_nifti
+from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, save_nifti, user_path
 from lesiondiffusion.labels import is_hollow, label_table
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
 from lesiondiffusion.pipelines.preprocess_inputs import CaseRequest, read_requests
@@ -121,7 +121,7 @@ class PreprocessRunner:
             raise LesionDiffusionError("set output_dir (--output_dir DIR)")
         if self.num_lesions < 1:
             raise LesionDiffusionError(f"num_lesions must be at least 1, got {self.num_lesions}")
-        out = Path(str(self.output_dir)).expanduser().absolute()
+        out = user_path(str(self.output_dir)).absolute()
         requests = read_requests(**self.inputs)
         self._check_output(out, requests)
 

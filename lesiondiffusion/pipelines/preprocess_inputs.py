@@ -23,6 +23,7 @@ from typing import Any
 
 from lesiondiffusion.dataset import read_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.io import user_path
 from lesiondiffusion.labels import AUTO, VERSION_CHOICES, UnknownOrganError, label_table
 from lesiondiffusion.vocabulary import OPTIONAL_FIELDS, REPORT_FIELDS
 
@@ -88,7 +89,7 @@ def _single_attributes(value: Any) -> tuple[dict[str, str], str | Path, int | No
     text = str(value).strip()
     if text.startswith("{"):
         return parse_attributes(text, "attributes"), "attributes", None
-    path = Path(text).expanduser()
+    path = user_path(text)
     if not path.is_file():
         raise InputError("attributes", f"neither a JSON object nor an existing file: {text!r}")
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -152,9 +153,7 @@ def read_requests(
     if image is not None:
         if organ_seg_list is not None:
             raise LesionDiffusionError("organ_seg_list goes with image_list; with one image give organ_seg")
-        images = [
-            (Path(str(image)).expanduser(), None if organ_seg is None else Path(str(organ_seg)).expanduser(), "image")
-        ]
+        images = [(user_path(str(image)), None if organ_seg is None else user_path(str(organ_seg)), "image")]
     else:
         if organ_seg is not None:
             raise LesionDiffusionError("organ_seg goes with image; with image_list give organ_seg_list")
