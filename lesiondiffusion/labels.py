@@ -145,7 +145,7 @@ def present_ids(labels: np.ndarray) -> np.ndarray:
     """The sorted distinct ids of an organ map (0 included when present), counted rather than sorted."""
     ids = label_ids(labels)
     if ids.size and ids.dtype.kind in "iu" and ids.min() >= 0 and ids.max() < 1 << 16:
-        return np.flatnonzero(np.bincount(ids.ravel()))
+        return np.flatnonzero(np.bincount(ids.ravel(order="K")))  # any order counts: no copy of the volume
     return np.unique(ids).astype(np.int64)
 
 
@@ -260,24 +260,36 @@ def _density_class(name: str) -> str | None:
     return None  # vessels (contrast), bowel (air, contrast), cartilage: no fixed density
 
 
-def density_evidence(labels: np.ndarray, image_hu: np.ndarray, version: str) -> VersionEvidence:
-    """Each label's median CT value against its organ's tissue in ``version``: bone bright, lung dark, organs soft."""
-    flat = label_ids(labels).ravel()
-    hu = np.asarray(image_hu).ravel()
-    table = label_table(version)
-    held = failed = 0
+def label_medians(labels: np.ndarray, image_hu: np.ndarray, min_voxels: int = 20) -> dict[int, float]:
+    """Median CT value of every label with at least ``min_voxels`` voxels (``image_hu`` on the same grid)."""
+    ids, hu = label_ids(labels), np.asarray(image_hu)
+    # both read in one memory order, so that a Fortran-ordered NIfTI volume is not copied
+    order = "F" if ids.flags.f_contiguous and hu.flags.f_contiguous else "C"
+    flat, hu = ids.ravel(order=order), hu.ravel(order=order)
     inside = np.flatnonzero(flat > 0)
     lab = flat[inside]
     # one stable (radix) sort by label instead of one pass over the volume per label: same medians
-    order = np.argsort(lab.astype(np.uint16) if lab.size and lab.max() < 1 << 16 else lab, kind="stable")
-    lab, values = lab[order], hu[inside[order]]
+    sort = np.argsort(lab.astype(np.uint16) if lab.size and lab.max() < 1 << 16 else lab, kind="stable")
+    lab, values = lab[sort], hu[inside[sort]]
     counts = np.bincount(lab) if lab.size else np.zeros(1, int)
     ends = np.cumsum(counts)
-    for i in np.nonzero(counts >= 20)[0]:
-        kind = _density_class(table.names.get(int(i), ""))
+    return {
+        int(i): float(np.median(values[ends[i] - counts[i] : ends[i]])) for i in np.nonzero(counts >= min_voxels)[0]
+    }
+
+
+def density_evidence(
+    labels: np.ndarray, image_hu: np.ndarray, version: str, medians: dict[int, float] | None = None
+) -> VersionEvidence:
+    """Each label's median CT value against its organ's tissue in ``version``: bone bright, lung dark, organs
+    soft. ``medians`` (:func:`label_medians` of the two) saves reading the volume again for another version."""
+    medians = label_medians(labels, image_hu) if medians is None else medians
+    table = label_table(version)
+    held = failed = 0
+    for i, median in medians.items():
+        kind = _density_class(table.names.get(i, ""))
         if kind is None:
             continue
-        median = float(np.median(values[ends[i] - counts[i] : ends[i]]))
         if kind == "bone":
             ok, bad = median > 120, median < 60
         elif kind == "air":
@@ -365,7 +377,8 @@ def detect_version(
     centroids = label_centroids(labels, affine)
     evidence = {v: anatomy_evidence(centroids, v) for v in VERSIONS}
     if image_hu is not None and np.shape(image_hu) == np.shape(labels):
-        evidence = {v: e + density_evidence(labels, image_hu, v) for v, e in evidence.items()}
+        medians = label_medians(labels, image_hu)
+        evidence = {v: e + density_evidence(labels, image_hu, v, medians) for v, e in evidence.items()}
     for mine, other in (("v1", "v2"), ("v2", "v1")):
         if evidence[mine].fits and evidence[other].contradicted:
             logger.info("%s: TotalSegmentator %s numbering (anatomy: %s)", source, mine, _summary(evidence))
