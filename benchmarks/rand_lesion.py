@@ -251,12 +251,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"Lesions: liver tumour, {s['distribution']['size_mm'][0]:.0f}-{s['distribution']['size_mm'][1]:.0f} mm, "
         "hypodense and hyperdense asked alternately.", "",
         f"Networks loaded in {report['network_load_s']} s; first (untimed) lesion {report['warmup_lesion_s']} s; "
-        f"{report['torch_threads']} torch thread(s). Machine: {m['cpus']} CPUs shared with other jobs "
-        f"(load before {m['load_before']}, after {m['load_after']}): figures are upper bounds for an idle machine.",
+        f"{report['torch_threads']} torch thread(s). Machine: {m['cpus']} CPUs, load average before "
+        f"{m['load_before']}, after {m['load_after']} (other jobs inflate wall time: figures are upper bounds).",
         "",
         f"**Median {report['median_s_per_lesion']} s wall, {report['median_cpu_s_per_lesion']} s CPU per lesion** "
         f"over {len(report['lesions'])} lesions (target {report['target_s']} s: "
-        f"{'met' if report['meets_target_wall'] else 'not met'} in wall time on this loaded machine, "
+        f"{'met' if report['meets_target_wall'] else 'not met'} in wall time, "
         f"{'met' if report['meets_target_cpu'] else 'not met'} in CPU time); median wall split: "
         + ", ".join(f"{k} {v} s" for k, v in report["median_stages_s"].items())
         + f". Density direction as requested (core HU vs liver, beyond 10 HU): "

@@ -405,8 +405,12 @@ class RandLesionSynthesisd(Randomizable, MapTransform):
             condition = engine.inpainter.condition(report, organ_id)
             patch_hu, patch_affine, _ = engine.inpainter.inpaint_lesion(out, affine, mask, condition, seed)
         s = self.settings
-        paste(stored, mask, patch_hu, patch_affine, s.margin_mm, s.feather_mm, raw=out, protect=occupied & ~mask,
-              noise_sigma_vox=engine.inpainter.noise_sigma_vox)  # fmt: skip
+        if self.intensity == "flat":
+            paste(stored, mask, patch_hu, patch_affine, s.margin_mm, s.feather_mm, raw=out, protect=occupied & ~mask,
+                  noise_sigma_vox=engine.inpainter.noise_sigma_vox)  # fmt: skip
+        else:
+            engine.inpainter.paste_lesion(stored, mask, patch_hu, patch_affine, report.attributes.get(V.SURFACE), mask,
+                                          out, occupied & ~mask, s.margin_mm, s.feather_mm)  # fmt: skip
         occupied |= mask
         boxes.append(box)
         return {

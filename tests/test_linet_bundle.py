@@ -622,6 +622,35 @@ def test_a_lesion_below_the_latent_resolution_is_painted_from_its_prior_without_
         inpainter.inpaint_lesion(hu, np.eye(4), small.astype(np.float32), None, 0)
 
 
+def test_a_lesion_painted_from_its_prior_gets_the_scans_noise_in_full(vqgan, tmp_path):
+    from lesiondiffusion.diffusion import DiffusionSampler
+    from lesiondiffusion.paste import read_stored
+
+    inpainter = linet_pipeline.LesionInpainter(
+        torch.nn.Identity(), ae.load_vqvae(str(vqgan)), DiffusionSampler("ddim", 1, progress=False)
+    )
+    rng = np.random.default_rng(5)
+    hu = 50.0 + 12.0 * rng.standard_normal((32, 32, 32))
+    nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16), np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    original = read_stored(tmp_path / "ct.nii.gz")
+    lesion = np.zeros(hu.shape, bool)
+    lesion[12:19, 12:19, 12:19] = True
+    patch = np.where(lesion, 90.0, hu)  # flat at the report's value, as a prior
+    small = np.zeros(hu.shape, bool)
+    small[12:17, 12:17, 12:17] = True  # narrower than two latent voxels on the networks' grid
+    large = np.ones(hu.shape, bool)
+    outs = [
+        inpainter.paste_lesion(original, lesion, patch, np.eye(4), "well-defined margin", net, original.raw.copy())
+        for net in (small, large)
+    ]
+    inner = np.zeros(hu.shape, bool)
+    inner[14:17, 14:17, 14:17] = True
+    spread = [float(np.std(out[inner].astype(float))) for out in outs]
+    assert spread[0] > 0.6 * np.std(hu[inner])  # the prior's lesion carries the scan's noise
+    assert spread[0] > 1.2 * spread[1]  # a network patch's flat edge would have read as noise already
+    assert abs(np.median(outs[0][lesion].astype(float)) - 90.0) < 5.0
+
+
 def test_mask_head_adds_a_dice_term_on_the_lesion_fraction_and_is_dropped_for_sampling(vqgan):
     train = linet_net
     from lesiondiffusion.diffusion import training_scheduler

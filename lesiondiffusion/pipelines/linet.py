@@ -50,7 +50,7 @@ from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_arr
 from lesiondiffusion.labels import LESION_LABEL, label_table
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
-from lesiondiffusion.paste import paste, read_stored, save_like, voxel_spacing
+from lesiondiffusion.paste import StoredImage, paste, read_stored, save_like, voxel_spacing
 from lesiondiffusion.preview import write_preview
 from lesiondiffusion.transforms import CTIntensityMap
 from lesiondiffusion.vocabulary import CT_VALUE, SURFACE
@@ -347,6 +347,22 @@ class LesionInpainter:
         patch_hu = np.asarray(self.to_hu(decoded[0, 0].numpy()), dtype=np.float64)
         return patch_hu, shifted_affine(std_affine, start), timing
 
+    def paste_lesion(
+        self, original: StoredImage, mask: np.ndarray, patch_hu: np.ndarray, patch_affine: np.ndarray,
+        surface: str | None, network_mask: np.ndarray, raw: np.ndarray, protect: np.ndarray | None = None,
+        margin_mm: float | None = None, feather_mm: float | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Paste one inpainted lesion (``mask`` on the scan's grid) into ``raw``: the margin zone and feather,
+        the scan's noise (in full under a lesion painted from its prior, judged on ``network_mask``, the
+        lesion on the networks' grid), and with ``edge_from_margin`` the edge of the ``surface`` margin class."""
+        return paste(
+            original, mask, patch_hu, patch_affine,
+            self.margin_mm if margin_mm is None else margin_mm, self.feather_mm if feather_mm is None else feather_mm,
+            raw=raw, protect=protect, noise_sigma_vox=self.noise_sigma_vox,
+            edge_sigma_mm=margin_sigma_mm(surface) if self.edge_from_margin else None,
+            patch_noise_std=0.0 if self.below_latent_resolution(network_mask) else None,
+        )  # fmt: skip
+
     def below_latent_resolution(self, lesion: np.ndarray) -> bool:
         """Whether ``lesion`` (standardised grid) is narrower than ``min_latent_width`` latent voxels on an axis."""
         hits = np.argwhere(np.asarray(lesion) > 0.5)
@@ -405,14 +421,8 @@ class LesionInpainter:
                 std_img.dataobj, std_affine, m_std, condition, lesion_seed(self.seed, case.case, j)
             )
             t0 = time.perf_counter()
-            edge = (
-                margin_sigma_mm(lesion_attributes(lesion.report, lesion.organ_id).get(SURFACE))
-                if self.edge_from_margin
-                else None
-            )
-            paste(original, m_in, patch_hu, patch_affine, self.margin_mm, self.feather_mm, raw=raw, protect=all_lesions_in & ~m_in,
-                  noise_sigma_vox=self.noise_sigma_vox, edge_sigma_mm=edge,
-                  patch_noise_std=0.0 if self.below_latent_resolution(m_std) else None)  # fmt: skip
+            surface = lesion_attributes(lesion.report, lesion.organ_id).get(SURFACE)
+            self.paste_lesion(original, m_in, patch_hu, patch_affine, surface, m_std, raw, all_lesions_in & ~m_in)
             timing.paste = time.perf_counter() - t0
             self.timings.append(timing)
             logger.info(
