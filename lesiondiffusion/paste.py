@@ -215,8 +215,9 @@ def keep_scan_noise(
     lesion (a vessel, the edge of the diaphragm). Over ``where`` (the lesion; default everywhere) it is
     scaled by ``sqrt(1 - s_patch^2 / s_original^2)`` of their high-pass spreads over ``where``: all of it
     under a smooth decoded patch, none under a patch already as noisy; ``patch_std`` gives ``s_patch``
-    instead (0 for a patch known to be flat, whose edge alone would read as noise). The patch's own values are never filtered (a low-pass of a small lesion on a coarse grid would spread
-    its contrast over its neighbours).
+    instead (0 for a patch known to be flat, whose edge alone would read as noise). The patch's own values
+    are never filtered (a low-pass of a small lesion on a coarse grid would spread its contrast over its
+    neighbours).
     """
     noise = high_pass(original, sigma_vox)
     region = (
@@ -352,8 +353,9 @@ def paste(
     Zone voxels outside the patch's extent, and those of ``protect`` (e.g. other lesions), are left
     untouched (the former with a warning). ``noise_sigma_vox`` > 0 keeps the original's noise under the
     patch (:func:`keep_scan_noise`, clipped at :data:`NOISE_CLIP` times the scan's noise level); 0 pastes
-    the patch as it is; ``patch_noise_std`` is the noise the patch carries when known (0: a flat patch). ``edge_sigma_mm`` gives the change
-    the edge of that margin (:func:`shape_edge`, from the report's margin class); None keeps the patch's.
+    the patch as it is; ``patch_noise_std`` is the noise the patch carries when known (0: a flat patch).
+    ``edge_sigma_mm`` gives the lesion the edge of that margin (:func:`shape_edge`, from the report's margin
+    class); None keeps the patch's.
     """
     out = original.raw.copy() if raw is None else raw
     mask = np.asarray(lesion_mask, dtype=bool)
