@@ -52,6 +52,17 @@ def test_unknown_lesion_name_or_source_is_one_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_demo_into_an_out_another_run_writes_is_refused_before_any_work(tmp_path):
+    from lesiondiffusion.io import OutputLock, lock_file
+
+    out = tmp_path / "out"
+    with OutputLock(out, "first"):
+        with pytest.raises(LesionDiffusionError, match="another run is writing this output"):
+            demo(out=str(out), lesions="liver_cyst")
+        assert not out.exists()  # nothing written: no requests, no synthesis
+    assert not lock_file(out).exists()
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

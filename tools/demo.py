@@ -20,7 +20,7 @@ from typing import Any
 
 from lesiondiffusion.data_paths import DEMO_DATA, TS_EXAMPLE_CT, TS_EXAMPLE_SEG
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import read_json, write_json
+from lesiondiffusion.io import output_lock, read_json, write_json
 from lesiondiffusion_tools.synthesize import synthesize
 
 logger = logging.getLogger(__name__)
@@ -99,30 +99,35 @@ def demo(
     if source not in SOURCES:
         raise LesionDiffusionError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}")
     root = Path(out)
-    if source == "phantom":
-        if not Path(src).is_dir():
-            raise LesionDiffusionError(f"{src}: demo data folder not found (pass --src DIR)")
-        requests = build_requests(Path(src), root / "requests", n=1, seed=int(seed), overwrite=True) / "requests.json"
-    else:
-        for path in (image, organ_seg):
-            if not Path(path).is_file():
-                raise InputError(path, "file not found")
-        root.mkdir(parents=True, exist_ok=True)
-        # the shipped example map is v2; a user's own map is told from its anatomy (or synthesize's flag)
-        declared = "v2" if Path(organ_seg).resolve() == TS_EXAMPLE_SEG.resolve() else None
-        requests = write_demo_requests(
-            root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions), declared
+    with output_lock(root, overwrite=True, command="demo"):  # one demo at a time writes into --out
+        if source == "phantom":
+            if not Path(src).is_dir():
+                raise LesionDiffusionError(f"{src}: demo data folder not found (pass --src DIR)")
+            requests = (
+                build_requests(Path(src), root / "requests", n=1, seed=int(seed), overwrite=True) / "requests.json"
+            )
+        else:
+            for path in (image, organ_seg):
+                if not Path(path).is_file():
+                    raise InputError(path, "file not found")
+            root.mkdir(parents=True, exist_ok=True)
+            # the shipped example map is v2; a user's own map is told from its anatomy (or synthesize's flag)
+            declared = "v2" if Path(organ_seg).resolve() == TS_EXAMPLE_SEG.resolve() else None
+            requests = write_demo_requests(
+                root / "requests.json", Path(image), Path(organ_seg), select_requests(lesions), declared
+            )
+        synthesis = root / "synthesis"
+        summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps),
+                             weights=weights, device=device, bundle_overrides=bundle_overrides)  # fmt: skip
+        report, paths = evaluate_outputs(str(synthesis), str(requests), str(root / "evaluation"), None, 160)
+        print(f"requests:   {requests}")
+        print(
+            f"synthesis:  {synthesis} (image.nii.gz, label.nii.gz, report.json, provenance.json, preview.png per case)"
         )
-    synthesis = root / "synthesis"
-    summary = synthesize(requests=str(requests), out=str(synthesis), overwrite=True, seed=int(seed), steps=int(steps),
-                         weights=weights, device=device, bundle_overrides=bundle_overrides)  # fmt: skip
-    report, paths = evaluate_outputs(str(synthesis), str(requests), str(root / "evaluation"), None, 160)
-    print(f"requests:   {requests}")
-    print(f"synthesis:  {synthesis} (image.nii.gz, label.nii.gz, report.json, provenance.json, preview.png per case)")
-    for entry in read_json(requests)["requests"]:
-        asked = entry.get("text") or ", ".join(f"{k}: {v}" for k, v in entry.get("attributes", {}).items())
-        print(f"  {entry['case']:<16} {synthesis / entry['case'] / 'preview.png'}  ({asked})")
-    print(f"evaluation: {paths['evaluation.md']}, {paths['contact_sheet.png']}")
-    print(f"seconds per lesion: {summary['seconds_per_lesion']:.1f}")
-    print(f"evaluation: {summary_line(report)}")
+        for entry in read_json(requests)["requests"]:
+            asked = entry.get("text") or ", ".join(f"{k}: {v}" for k, v in entry.get("attributes", {}).items())
+            print(f"  {entry['case']:<16} {synthesis / entry['case'] / 'preview.png'}  ({asked})")
+        print(f"evaluation: {paths['evaluation.md']}, {paths['contact_sheet.png']}")
+        print(f"seconds per lesion: {summary['seconds_per_lesion']:.1f}")
+        print(f"evaluation: {summary_line(report)}")
     return report
