@@ -23,6 +23,8 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 
 PathLike = str | os.PathLike[str]
 
+logger = logging.getLogger(__name__)
+
 
 def user_path(value: PathLike) -> Path:
     """``value`` as a path with ``~`` expanded; a ``~name`` of no known user stays as written (its file is
@@ -32,9 +34,6 @@ def user_path(value: PathLike) -> Path:
         return path.expanduser()
     except RuntimeError:
         return path
-
-
-logger = logging.getLogger(__name__)
 
 
 @contextmanager
