@@ -37,7 +37,15 @@ from scipy.spatial import ConvexHull, QhullError
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.labels import DEFAULT_VERSION, HOLLOW_ORGANS, LabelTable, UnknownOrganError, label_table
+from lesiondiffusion.labels import (
+    DEFAULT_VERSION,
+    HOLLOW_ORGANS,
+    LabelTable,
+    UnknownOrganError,
+    label_ids,
+    label_table,
+    mask_bounds,
+)
 from lesiondiffusion.report import (
     LesionReport,
     format_ct_value,
@@ -559,7 +567,7 @@ def measure_scan(
     (:func:`organ_reference_hu`); the phase comes from the aorta and the portal vein
     (:func:`contrast_phase`), and is unknown when the map lacks them.
     """
-    image, seg = np.asarray(image_hu), _label_array(organ_seg)
+    image, seg = np.asarray(image_hu), label_ids(organ_seg)
     if image.shape != seg.shape or image.ndim != 3:
         raise LesionDiffusionError(f"image {image.shape} and organ map {seg.shape} must be 3D arrays of one shape")
     table = label_table(version)
@@ -1090,33 +1098,17 @@ def _edt(mask: np.ndarray, spacing: Sequence[float], border_outside: bool = True
     return ndi.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1].astype(np.float32)
 
 
-def _bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first, last) index of ``mask``'s voxels per axis, from its projections (no coordinate list)."""
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        lo.append(int(hit[0]))
-        hi.append(int(hit[-1]))
-    return np.asarray(lo), np.asarray(hi)
-
-
 def _crop_box(mask: np.ndarray, margin: int, shape: Sequence[int]) -> tuple[slice, ...]:
-    first, last = _bounds(mask)
+    first, last = mask_bounds(mask)
     lo = np.maximum(first - margin, 0)
     hi = np.minimum(last + 1 + margin, shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def _label_array(values: np.ndarray) -> np.ndarray:
-    """Integer label voxels: integer arrays as they are, float ones rounded."""
-    arr = np.asarray(values)
-    return arr if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
-
-
 def infer_organ_id(label: np.ndarray, organ_seg: np.ndarray) -> int:
     """The organ a lesion lies in: the organ-map label most common under label 1, else under the lesion
     or right around it."""
-    seg, lab = _label_array(organ_seg), _label_array(label)
+    seg, lab = label_ids(organ_seg), label_ids(label)
 
     def most_common(ids: np.ndarray) -> int | None:
         ids = ids[ids > 0].astype(np.int64)
@@ -1272,7 +1264,7 @@ def measure_lesion(
     """Measure the lesion (label 2) of a case; arrays must share one grid with voxel size ``spacing``."""
     # whole-volume arrays stay as given (a 512 x 512 x 300 CT is large); float copies only of crops
     image = np.asarray(image_hu)
-    lab, seg = _label_array(label), _label_array(organ_seg)
+    lab, seg = label_ids(label), label_ids(organ_seg)
     if not (image.shape == lab.shape == seg.shape) or image.ndim != 3:
         raise LesionDiffusionError(
             f"image {image.shape}, label {lab.shape} and organ map {seg.shape} must be 3D arrays of one shape"
@@ -1287,7 +1279,7 @@ def measure_lesion(
     table.name(organ_id)  # unknown ids are an error naming the table
 
     # box in voxels: centre = min corner + size // 2, so [centre - size // 2, +size) is the bounding box
-    lo, hi = _bounds(lesion_full)
+    lo, hi = mask_bounds(lesion_full)
     size = tuple(int(v) for v in hi - lo + 1)
     centre = tuple(int(v) for v in lo + np.asarray(size) // 2)
 

@@ -56,7 +56,7 @@ from lesiondiffusion import realism as R
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, user_path, write_json, write_text
-from lesiondiffusion.labels import label_table
+from lesiondiffusion.labels import label_ids, label_table
 from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, before_after, caption_band, request_caption
 from lesiondiffusion.report import LesionReport, Report
 from lesiondiffusion.requests import SynthesisRequest, read_requests
@@ -143,7 +143,7 @@ def read_volume(path: PathLike) -> StoredVolume:
 
 def _labels(volume: StoredVolume) -> np.ndarray:
     arr = volume.raw if (volume.slope, volume.inter) == (1.0, 0.0) else volume.hu()
-    return arr if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
+    return label_ids(arr)
 
 
 def read_case_reports(path: PathLike) -> list[LesionReport]:

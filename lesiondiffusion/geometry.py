@@ -32,6 +32,7 @@ from monai.transforms import Orientation, Spacing, SpatialResample
 
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.io import PathLike, load_nifti, read_json, write_json
+from lesiondiffusion.labels import mask_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -247,14 +248,11 @@ def _support_window(
     grid's own border) and border padding beyond it gives what the whole grid would; the input block
     holds every input voxel whose centre falls within the source block.
     """
-    nonzero = data != 0
-    lo, hi = [], []
-    for axis in range(3):
-        hit = torch.nonzero(nonzero.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
-        if hit.numel() == 0:
-            return None
-        lo.append(max(int(hit[0]) - pad, 0))
-        hi.append(min(int(hit[-1]) + pad, data.shape[axis] - 1))
+    bounds = mask_bounds(data.detach().cpu().numpy())
+    if bounds is None:
+        return None
+    lo = [max(int(a) - pad, 0) for a in bounds[0]]
+    hi = [min(int(b) + pad, n - 1) for b, n in zip(bounds[1], data.shape, strict=True)]
     corners = np.array(list(itertools.product(*[(a - 0.5, b + 0.5) for a, b in zip(lo, hi)])), dtype=np.float64)
     world = corners @ geometry.standard_affine_array[:3, :3].T + geometry.standard_affine_array[:3, 3]
     voxels = (world - geometry.input_affine[:3, 3]) @ np.linalg.inv(geometry.input_affine[:3, :3]).T

@@ -141,12 +141,38 @@ def label_ids(labels: np.ndarray) -> np.ndarray:
     return arr if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
 
 
+_COUNT_BLOCK = 1 << 22  # voxels per bincount call: a block that stays in cache
+
+
 def present_ids(labels: np.ndarray) -> np.ndarray:
     """The sorted distinct ids of an organ map (0 included when present), counted rather than sorted."""
     ids = label_ids(labels)
     if ids.size and ids.dtype.kind in "iu" and ids.min() >= 0 and ids.max() < 1 << 16:
-        return np.flatnonzero(np.bincount(ids.ravel(order="K")))  # any order counts: no copy of the volume
+        # counted in blocks: bincount casts its input to int64, which for a whole CT is a slow 600 MB copy
+        flat = ids.ravel(order="K")  # any order counts: no copy of the volume
+        counts = np.zeros(int(ids.max()) + 1, dtype=np.int64)
+        for start in range(0, flat.size, _COUNT_BLOCK):
+            counts += np.bincount(flat[start : start + _COUNT_BLOCK], minlength=counts.size)
+        return np.flatnonzero(counts)
     return np.unique(ids).astype(np.int64)
+
+
+def mask_bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(lo, hi)``: the first and last index per axis of the true (non-zero) voxels of ``mask``; None if none.
+
+    Found from one projection per axis: on a whole CT this is tens of times faster than listing the voxels.
+    """
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        mask = mask != 0
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        lo.append(hit[0])
+        hi.append(hit[-1])
+    return np.asarray(lo, dtype=int), np.asarray(hi, dtype=int)
 
 
 def relabel(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
@@ -161,7 +187,7 @@ def relabel(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 def to_v1_map(labels: np.ndarray, version: str) -> np.ndarray:
     """An organ map in ``version`` numbering as v1 ids (uint8); ids without a v1 organ become 0."""
     if version == "v1":
-        return np.rint(np.asarray(labels)).astype(np.uint8)
+        return np.array(label_ids(labels), dtype=np.uint8)  # a copy, as relabel gives
     return relabel(labels, convert_ids(version, "v1"))
 
 

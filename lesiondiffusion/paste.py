@@ -42,6 +42,7 @@ from scipy.special import ndtr
 
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.io import PathLike, atomic_path, load_nifti
+from lesiondiffusion.labels import mask_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,13 @@ def zone_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> Bo
 
     None when the mask is empty.
     """
-    idx = np.nonzero(mask)
-    if idx[0].size == 0:
+    bounds = mask_bounds(mask)
+    if bounds is None:
         return None
     box = []
-    for axis, (coords, sp) in enumerate(zip(idx, spacing)):
+    for axis, (lo, hi, sp) in enumerate(zip(*bounds, spacing)):
         grow = int(math.ceil(margin_mm / float(sp))) + 1
-        box.append(slice(max(int(coords.min()) - grow, 0), min(int(coords.max()) + grow + 1, mask.shape[axis])))
+        box.append(slice(max(int(lo) - grow, 0), min(int(hi) + grow + 1, mask.shape[axis])))
     return tuple(box)  # type: ignore[return-value]
 
 
@@ -357,7 +358,7 @@ def paste(
     ``edge_sigma_mm`` gives the lesion the edge of that margin (:func:`shape_edge`, from the report's margin
     class); None keeps the patch's.
     """
-    out = original.raw.copy() if raw is None else raw
+    out = original.raw.copy(order="K") if raw is None else raw
     mask = np.asarray(lesion_mask, dtype=bool)
     if mask.shape != out.shape:
         raise ValueError(f"lesion mask shape {mask.shape} differs from the image's {out.shape}")

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.labels import mask_bounds
 from lesiondiffusion.vocabulary import CAVITY_CLASSES, CAVITY_LUMEN, CAVITY_PROTRUDING, CAVITY_WALL, CAVITY_WITHIN
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,11 @@ def box_mask(shape: Sequence[int], box: Box) -> np.ndarray:
 
 def bounding_box(mask: np.ndarray) -> Box:
     """The smallest box holding every True voxel of ``mask`` (centre per :class:`Box`'s convention)."""
-    idx = np.nonzero(mask)
-    if not idx[0].size:
+    bounds = mask_bounds(mask)
+    if bounds is None:
         raise PlacementError("the organ mask is empty")
-    lo = np.array([i.min() for i in idx])
-    size = np.array([i.max() for i in idx]) - lo + 1
+    lo = bounds[0]
+    size = bounds[1] - lo + 1
     return Box(tuple(lo + size // 2), tuple(size))  # type: ignore[arg-type]
 
 

@@ -29,7 +29,7 @@ from lesiondiffusion import attributes as A
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, atomic_path, read_nifti_array
-from lesiondiffusion.labels import label_table, normalize_name
+from lesiondiffusion.labels import label_ids, label_table, mask_bounds, normalize_name
 
 logger = logging.getLogger(__name__)
 
@@ -284,9 +284,9 @@ def before_after(
     lesion = np.asarray(lesion)
     mask_ras, _ = to_ras(lesion if lesion.dtype == bool else lesion > 0, affine)
     centre = centre_of(mask_ras)
-    found = np.argwhere(mask_ras)
-    if found.size:
-        lo, hi = found.min(axis=0), found.max(axis=0)
+    found = mask_bounds(mask_ras)
+    if found is not None:
+        lo, hi = found
         middle = (lo + hi) / 2.0
         extent = float(((hi - lo + 1) * zooms).max())
         fov = min(
@@ -379,7 +379,7 @@ def write_case_preview(
             label, f"shape {labels.shape} / {synthetic.raw.shape} differs from the input CT's {original.raw.shape}"
         )
     image = before_after(
-        original.raw, synthetic.raw, np.rint(labels) == LESION_LABEL, original.affine, size=tile,
+        original.raw, synthetic.raw, label_ids(labels) == LESION_LABEL, original.affine, size=tile,
         before_scaling=(original.slope, original.inter), after_scaling=(synthetic.slope, synthetic.inter),
         organ=str(attributes.get(A.ORGAN_TYPE, "")) or None, caption=request_caption(attributes, sentence),
     )  # fmt: skip

@@ -131,3 +131,26 @@ def test_ct_density_adds_evidence():
     v1, v2 = density_evidence(seg, hu, "v1"), density_evidence(seg, hu, "v2")
     assert v2.failed == 0 and v2.held >= 10
     assert v1.failed >= 3  # read as v1, its lung lobes and ribs land on soft tissue and organs on bone or air
+
+
+def test_mask_bounds_agree_with_the_voxel_list_in_either_memory_order():
+    from lesiondiffusion.labels import mask_bounds
+
+    rng = np.random.default_rng(0)
+    for order in ("C", "F"):
+        mask = np.zeros((23, 31, 17), dtype=np.uint8, order=order)
+        mask[rng.integers(0, 23, 9), rng.integers(0, 31, 9), rng.integers(0, 17, 9)] = 3
+        idx = np.argwhere(mask)
+        lo, hi = mask_bounds(mask)
+        assert lo.tolist() == idx.min(axis=0).tolist() and hi.tolist() == idx.max(axis=0).tolist()
+    assert mask_bounds(np.zeros((4, 4, 4), dtype=bool)) is None
+
+
+def test_present_ids_counted_in_blocks_finds_every_label(monkeypatch):
+    from lesiondiffusion import labels
+
+    seg = np.zeros((30, 20, 10), dtype=np.uint8, order="F")
+    seg[0, 0, 0], seg[29, 19, 9], seg[15, 3, 4] = 7, 104, 1  # the first and last voxels, one in between
+    monkeypatch.setattr(labels, "_COUNT_BLOCK", 64)  # many blocks, the last one partial
+    assert labels.present_ids(seg).tolist() == [0, 1, 7, 104]
+    assert labels.present_ids(seg.astype(np.float32)).tolist() == [0, 1, 7, 104]

@@ -47,11 +47,11 @@ from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
 from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array, user_path
-from lesiondiffusion.labels import LESION_LABEL, label_table
+from lesiondiffusion.labels import LESION_LABEL, label_ids, label_table, mask_bounds
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
 from lesiondiffusion.paste import StoredImage, paste, read_stored, save_like, voxel_spacing
-from lesiondiffusion.preview import write_preview
+from lesiondiffusion.preview import request_caption, write_preview
 from lesiondiffusion.transforms import CTIntensityMap
 from lesiondiffusion.vocabulary import CT_VALUE, SURFACE
 
@@ -73,10 +73,10 @@ def crop_window(
     multiple of ``multiple`` (what the VQ-GAN and the UNet need). ``start`` may be negative or the crop
     may end beyond the array: :func:`crop_padded` pads.
     """
-    idx = np.argwhere(mask)
-    if idx.size == 0:
+    bounds = mask_bounds(mask)
+    if bounds is None:
         raise ValueError("empty lesion mask")
-    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    lo, hi = bounds[0], bounds[1] + 1
     need = np.maximum(np.asarray(min_size, dtype=int), (hi - lo) + 2 * np.asarray(context, dtype=int))
     size = -(-need // multiple) * multiple
     start = (lo + hi) // 2 - size // 2
@@ -365,10 +365,10 @@ class LesionInpainter:
 
     def below_latent_resolution(self, lesion: np.ndarray) -> bool:
         """Whether ``lesion`` (standardised grid) is narrower than ``min_latent_width`` latent voxels on an axis."""
-        hits = np.argwhere(np.asarray(lesion) > 0.5)
-        if not len(hits):
+        bounds = mask_bounds(np.asarray(lesion) > 0.5)
+        if bounds is None:
             return False
-        width = hits.max(axis=0) - hits.min(axis=0) + 1
+        width = bounds[1] - bounds[0] + 1
         return bool(np.any(width < self.min_latent_width * self.factor))
 
     # ---- one case -----------------------------------------------------------------------------------
@@ -394,14 +394,14 @@ class LesionInpainter:
         label_std, label_img = read_nifti_array(case.label)
         if label_std.shape != std_img.shape[:3] or not np.allclose(label_img.affine, std_affine, atol=1e-4):
             raise InputError(case.label, f"label map does not lie on the standardised image's grid ({case.image})")
-        label_std = np.rint(label_std).astype(np.uint8)
+        label_std = label_ids(label_std).astype(np.uint8, copy=False)
         if case.label_original is not None:
             label_in, _ = read_nifti_array(case.label_original)
             if label_in.shape != original.raw.shape:
                 raise InputError(
                     case.label_original, f"shape {label_in.shape} differs from the source image's {original.raw.shape}"
                 )
-            label_in = np.rint(label_in).astype(np.uint8)
+            label_in = label_ids(label_in).astype(np.uint8, copy=False)
         else:
             label_in = to_input_grid(label_std, geometry, mode="nearest").astype(np.uint8)
 
@@ -412,7 +412,7 @@ class LesionInpainter:
         masks_std = split_lesions(label_std, std_affine, centres)
         masks_in = split_lesions(label_in, original.affine, centres)
         all_lesions_in = label_in == LESION_LABEL
-        raw = original.raw.copy()
+        raw = original.raw.copy(order="K")  # in the file's memory order: a C-order copy of a NIfTI volume is slow
         for j, (lesion, m_std, m_in) in enumerate(zip(case.lesions, masks_std, masks_in)):
             if not m_std.any() or not m_in.any():
                 raise InputError(case.label, f"lesion {j} (organ {lesion.organ_id}) has no voxels in the label map")
@@ -442,7 +442,7 @@ class LesionInpainter:
             label_out = save_like(folder / LABEL_ORIGINAL_NAME, label_in, original, scaled=False)
         organ = label_table().name(case.lesions[0].organ_id)  # picks the preview's window (lung or soft tissue)
         preview = write_preview(folder / PREVIEW_NAME, original.raw, raw, all_lesions_in, original.affine, slope=original.slope, inter=original.inter,
-                                organ=organ)  # fmt: skip
+                                organ=organ, caption=request_caption(case.extra.get("request") or {}))  # fmt: skip
         return {"synthetic_image": synthetic, "label_original": label_out, "preview": preview}
 
 

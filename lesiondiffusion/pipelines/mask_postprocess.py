@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL
+from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL, mask_bounds
 
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.linspace(-0.9, 0.9, 19), 2))
 ELLIPSOID_FILL = math.pi / 6  # volume of an ellipsoid inscribed in its box, as a fraction of the box
@@ -33,7 +33,8 @@ def whole_lesions(label: np.ndarray, n_lesions: int) -> np.ndarray:
     lesion = label == LESION_LABEL
     if not lesion.any():
         return label
-    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lesion))
+    lo, hi = mask_bounds(lesion)
+    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi, strict=True))
     pieces, n = ndi.label(lesion[box], structure=np.ones((3, 3, 3), dtype=bool))
     if n <= n_lesions:
         return label
@@ -81,7 +82,7 @@ def scale_mask(mask: np.ndarray, centre: Sequence[int], factor: float) -> np.nda
     if not mask.any():
         return out
     c = np.asarray(centre, dtype=np.float64)
-    lo_src, hi_src = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
+    lo_src, hi_src = mask_bounds(mask)
     lo = np.clip(np.floor(c + (lo_src - c) * factor) - 1, 0, None).astype(int)
     hi = np.minimum(np.ceil(c + (hi_src - c) * factor) + 2, mask.shape).astype(int)
     grid = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
