@@ -28,6 +28,7 @@ import numpy as np
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.labels import mask_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +258,10 @@ def _organ_mask(seg: np.ndarray, organ: str, version: str) -> np.ndarray:
         ids = ids_v1
     else:
         ids = {src for src, dst in convert_ids(version, "v1").items() if dst in ids_v1}
-    return np.isin(seg, sorted(ids))
+    mask = np.zeros_like(seg, dtype=bool)  # in the map's memory order (NIfTI's is Fortran): no strided pass
+    for i in sorted(ids):  # a few comparisons: much faster than np.isin on a whole CT
+        mask |= seg == i
+    return mask
 
 
 def requested_size_mm(attributes: Mapping[str, Any]) -> tuple[float, float, float] | None:
@@ -295,8 +299,7 @@ def check_organ(
     spacing = np.sqrt((np.asarray(seg_img.affine)[:3, :3] ** 2).sum(axis=0))
     voxel_mm3 = float(np.prod(spacing))
     volume = float(mask.sum()) * voxel_mm3
-    idx = np.argwhere(mask)
-    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    lo, hi = mask_bounds(mask)
     extent = (hi - lo + 1) * spacing
     pad = np.ceil(NEIGHBOURHOOD_MM / spacing).astype(int)
     box = tuple(slice(max(int(a - p), 0), int(b + p + 1)) for a, b, p in zip(lo, hi, pad, strict=True))
@@ -343,8 +346,11 @@ def check_case(
     where: str = "",
     allow_unknown: bool = False,
     vocabulary: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Every check of one request (see the module docstring); returns its warnings, raises the first error.
+) -> tuple[list[str], str | None]:
+    """Every check of one request (see the module docstring); raises the first error.
+
+    Returns the request's warnings and the organ map's numbering ("v1", "v2") as asked or told from the
+    map, None when there is no map or the map alone cannot tell (preprocessing then decides with the image).
 
     ``vocabulary``: the attributes whose values the user typed (default: all of ``attributes``; a
     sentence's reading is made of known values already).
@@ -360,7 +366,7 @@ def check_case(
     if seg_path is None:
         if not np.all(np.isfinite(_sample(image))):
             raise InputError(image_path, "holds non-finite voxels (NaN or infinite): fix or mask them first")
-        return warnings
+        return warnings, None
     seg_img = read_image(seg_path, label=True)
     seg = check_labels(_label_voxels(seg_img, seg_path), seg_path)
     if seg.ndim > 3:
@@ -376,8 +382,8 @@ def check_case(
     try:
         version = resolve_version(organ_seg_version, seg, seg_img.affine, source=seg_path)
     except LesionDiffusionError:
-        return warnings  # numbering not told from the map alone: preprocessing decides with the image
-    return warnings + check_organ(image, image_path, seg, seg_img, seg_path, attributes, version)
+        return warnings, None  # numbering not told from the map alone: preprocessing decides with the image
+    return warnings + check_organ(image, image_path, seg, seg_img, seg_path, attributes, version), version
 
 
 def check_requests(
@@ -385,7 +391,8 @@ def check_requests(
 ) -> tuple[list[Any], dict[str, str]]:
     """:func:`check_case` for each :class:`~lesiondiffusion.requests.SynthesisRequest`.
 
-    Returns the requests with their warnings attached (each also logged as one line) and, for a batch,
+    Returns the requests with their warnings and organ-map numbering attached (each warning also logged
+    as one line; the numbering is told once, here, when the map alone tells it) and, for a batch,
     the cases refused with their one-line reason (the others still run). A single request, or a batch
     whose every case is refused, raises the first error instead: nothing is run or written.
     """
@@ -394,7 +401,7 @@ def check_requests(
         declared = organ_seg_version in (None, "", "auto") and r.organ_seg_version
         version = r.organ_seg_version if declared else organ_seg_version
         try:
-            found = check_case(
+            found, numbering = check_case(
                 Path(r.image),
                 None if r.organ_seg is None else Path(r.organ_seg),
                 r.attributes,
@@ -409,10 +416,10 @@ def check_requests(
             first = first or e
             refused[r.case] = str(e)
             logger.error("%s: %s", r.case, e)
-            found = []
+            found, numbering = [], None
         for w in found:
             logger.warning("%s: %s", r.case, w)
-        out.append(replace(r, warnings=tuple(dict.fromkeys((*r.warnings, *found)))))
+        out.append(replace(r, warnings=tuple(dict.fromkeys((*r.warnings, *found))), organ_seg_numbering=numbering))
     if first is not None and len(refused) == len(out):
         raise first
     return out, refused

@@ -341,3 +341,18 @@ def test_a_batch_reports_a_refused_case_and_runs_the_others(inputs):
     assert "clipped" in checked[2].provenance()["warnings"][0]
     with pytest.raises(LesionDiffusionError, match="nan.nii.gz"):
         check_requests([bad, replace(bad, case="bad2")])
+
+
+def test_the_input_checks_tell_the_numbering_once_for_the_later_stages(inputs, tmp_path):
+    """The organ map's numbering is told by the input checks and handed to preprocessing, which then does not
+    tell it again; a refused case carries none."""
+    from lesiondiffusion.requests import SynthesisRequest
+    from lesiondiffusion.sanity import check_requests
+    from lesiondiffusion_tools.synthesize import CaseState, _write_inputs
+
+    good = SynthesisRequest("good", inputs / "ct.nii.gz", dict(LIVER), inputs / "seg.nii.gz")
+    bad = SynthesisRequest("bad", inputs / "nan.nii.gz", dict(LIVER), inputs / "seg.nii.gz")
+    checked, refused = check_requests([good, bad])
+    assert checked[0].organ_seg_numbering == "v2" and checked[1].organ_seg_numbering is None  # ts_small is v2
+    lists = _write_inputs(tmp_path, [CaseState(checked[0])])
+    assert Path(lists["organ_seg_version_list"]).read_text() == "v2\n"

@@ -393,3 +393,32 @@ def test_unknown_settings_are_refused_before_anything_runs(tmp_path: Path) -> No
             bundle_overrides={"linet": {"stepz": 3}},
         )
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_given_organ_map_is_written_whole_and_renumbered(tmp_path: Path) -> None:
+    """The output organ map is the user's own map in v1 ids, not the chain's neighbourhood crop resampled
+    back; a map on a permuted grid of the image (allowed as input) is resampled from the chain's."""
+    from lesiondiffusion.geometry import record_geometry, write_geometry
+    from lesiondiffusion.labels import to_v1_map
+    from lesiondiffusion.manifest import CaseEntry
+    from lesiondiffusion_tools.synthesize import _write_organ_map
+
+    affine = np.diag([-1.5, 1.5, 2.0, 1.0])
+    given = np.zeros((12, 10, 8), dtype=np.uint8)
+    given[1:4, 1:4, 1:4], given[8:11, 6:9, 4:7] = 5, 13  # v2: liver, and a right lung lobe far from it
+    nib.save(nib.Nifti1Image(np.zeros(given.shape, np.int16), affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(given, affine), tmp_path / "seg.nii.gz")
+    std = np.zeros((12, 10, 8), dtype=np.uint8)  # the chain's map: only the liver's neighbourhood
+    std[1:4, 1:4, 1:4] = 5
+    nib.save(nib.Nifti1Image(std, affine), tmp_path / "std_seg.nii.gz")
+    geometry = write_geometry(tmp_path / "geometry.json", record_geometry(tmp_path / "ct.nii.gz", affine, std.shape))
+    entry = CaseEntry("c", geometry=geometry, organ_seg=tmp_path / "std_seg.nii.gz", extra={"organ_seg_version": "v2"})
+
+    _write_organ_map(tmp_path / "out.nii.gz", entry, tmp_path / "seg.nii.gz")
+    written = nib.load(tmp_path / "out.nii.gz")
+    assert np.array_equal(np.asarray(written.dataobj), to_v1_map(given, "v2")) and written.get_data_dtype() == np.uint8
+    assert np.allclose(written.affine, affine)
+
+    nib.save(nib.Nifti1Image(given.transpose(1, 0, 2), affine[:, [1, 0, 2, 3]]), tmp_path / "permuted.nii.gz")
+    _write_organ_map(tmp_path / "fallback.nii.gz", entry, tmp_path / "permuted.nii.gz")
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "fallback.nii.gz").dataobj), std)

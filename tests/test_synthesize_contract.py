@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from lesiondiffusion.labels import to_v1_map
+
 SMALL = Path(__file__).resolve().parent / "data" / "ts_small"
 MARGIN_MM, FEATHER_MM = 2.0, 1.0
 
@@ -101,6 +103,11 @@ def test_output_contract_on_a_scaled_oblique_input(two_lesions: dict) -> None:
         assert other.get_data_dtype() == np.uint8, name
     label = np.asarray(nib.load(two_lesions["out"] / "label.nii.gz").dataobj)
     assert set(np.unique(label).tolist()) == {0, 1, 2}
+    # the organ map given on the image's grid comes back whole and exact, in v1 ids (the chain itself
+    # resamples only the organ's neighbourhood onto a 1 mm grid)
+    given = np.asarray(nib.load(two_lesions["organ_seg"]).dataobj)
+    organs = np.asarray(nib.load(two_lesions["out"] / "organ_seg.nii.gz").dataobj)
+    assert np.array_equal(organs, to_v1_map(given, "v2"))
 
 
 def test_two_lesions_are_written_and_reported(two_lesions: dict) -> None:

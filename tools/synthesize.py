@@ -41,6 +41,7 @@ from lesiondiffusion.io import (
     output_lock,
     read_json,
     read_nifti_array,
+    save_nifti,
     user_path,
     work_dir,
     write_json,
@@ -383,11 +384,11 @@ def _write_inputs(work: Path, states: Sequence[CaseState]) -> dict[str, str]:
         segs = work / "organ_segs.txt"
         segs.write_text("".join(f"{s.request.organ_seg.absolute()}\n" for s in states), encoding="utf-8")  # type: ignore[union-attr]
         lists["organ_seg_list"] = str(segs)
-    if any(
-        s.request.organ_seg_version for s in states
-    ):  # declared by the requests file; an explicit flag still wins in the bundle
+    # declared by the requests file, else as the input checks read it (told once); an explicit flag still wins
+    numbering = [s.request.organ_seg_version or s.request.organ_seg_numbering for s in states]
+    if any(numbering):
         declared = work / "organ_seg_versions.txt"
-        declared.write_text("".join(f"{s.request.organ_seg_version or 'auto'}\n" for s in states), encoding="utf-8")
+        declared.write_text("".join(f"{v or 'auto'}\n" for v in numbering), encoding="utf-8")
         lists["organ_seg_version_list"] = str(declared)
     return lists
 
@@ -463,12 +464,33 @@ def _bundle_record(stage: str, overrides: dict[str, Any], work: Path) -> dict[st
     return {"config": str(config.resolve()), "config_sha256": file_sha256(config), "settings": given}
 
 
+def _write_organ_map(path: Path, entry: CaseEntry, given: Path | None) -> None:
+    """The case's organ map on the input grid, TotalSegmentator v1 ids.
+
+    A map the user gave on the image's own voxel grid is written renumbered, whole and exact; otherwise
+    (a computed map, or one on a permuted grid) the standardised map is resampled back onto the input grid.
+    """
+    import numpy as np
+
+    from lesiondiffusion.geometry import read_geometry, save_on_input_grid  # imports MONAI: only when writing
+    from lesiondiffusion.labels import to_v1_map
+
+    geometry = read_geometry(entry.geometry)  # type: ignore[arg-type]
+    version = entry.extra.get("organ_seg_version")
+    if given is not None and version is not None:
+        seg, img = read_nifti_array(given)
+        if seg.shape == tuple(geometry.shape) and np.allclose(img.affine, geometry.input_affine, atol=1e-4):
+            save_nifti(path, to_v1_map(seg, version), geometry.input_affine, dtype=np.uint8)
+            return
+    seg, _ = read_nifti_array(entry.organ_seg)  # type: ignore[arg-type]
+    save_on_input_grid(path, seg, geometry, mode="nearest", dtype="uint8")
+
+
 def _write_case(
     folder: Path, state: CaseState, settings: SynthesisSettings, weights: dict[str, str], timings: dict[str, float], n_total: int,
     bundle_runs: dict[str, Any],
 ) -> None:  # fmt: skip
     """Write one case's outputs (see the module docstring) from its final manifest entry."""
-    from lesiondiffusion.geometry import read_geometry, save_on_input_grid  # imports MONAI: only when writing
     from lesiondiffusion.preview import write_case_preview
 
     entry = state.entry
@@ -479,18 +501,19 @@ def _write_case(
     if label_path is None or not label_path.is_file():
         raise LesionDiffusionError(f"{state.request.case}: the LINet stage wrote no label map")
     shutil.copyfile(label_path, folder / "label.nii.gz")
-    geometry = read_geometry(entry.geometry)  # type: ignore[arg-type]
-    seg, _ = read_nifti_array(entry.organ_seg)  # type: ignore[arg-type]
-    save_on_input_grid(folder / "organ_seg.nii.gz", seg, geometry, mode="nearest", dtype="uint8")
-    # drawn here, not copied from LINet: the caption names the request, the window suits its organ
-    write_case_preview(
-        folder / "preview.png",
-        entry.source_image,
-        folder / "image.nii.gz",
-        folder / "label.nii.gz",
-        state.request.attributes,
-        sentence=state.request.text,
-    )  # type: ignore[arg-type]
+    _write_organ_map(folder / "organ_seg.nii.gz", entry, state.request.organ_seg)
+    drawn = entry.extra.get("preview")  # LINet's, captioned with the request's attributes
+    if state.request.text is None and drawn and state.base is not None and (state.base / drawn).is_file():
+        shutil.copyfile(state.base / drawn, folder / "preview.png")
+    else:  # drawn again from the files to caption the request's sentence too
+        write_case_preview(
+            folder / "preview.png",
+            entry.source_image,
+            folder / "image.nii.gz",
+            folder / "label.nii.gz",
+            state.request.attributes,
+            sentence=state.request.text,
+        )  # type: ignore[arg-type]
     reports = [read_json(lesion.report) for lesion in entry.lesions]
     if state.request.reading is not None:  # extra string attributes: the report schema allows them
         for report in reports:
