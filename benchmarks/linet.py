@@ -80,7 +80,6 @@ def part_train(work: Path, preset: str, iterations: int, device: str) -> dict[st
     }  # fmt: skip
     parser = parser_for("train.json", overrides)
     trainer = parser.get_parsed_content("trainer")
-    parser.get_parsed_content("ema_handler").attach(trainer)
     timing = time_iterations(trainer, sync=torch.cuda.synchronize if torch.device(device).type == "cuda" else None)
     return {
         "iterations_timed": timing["iterations"] - 1,

@@ -122,6 +122,33 @@ def trained(tiny_demo: Path, vqgan: Path, tmp_path_factory: pytest.TempPathFacto
     return {"out": out, "log": run.stdout + run.stderr}
 
 
+def test_the_trainer_carries_its_handlers_from_the_config(tiny_demo, vqgan, tmp_path):
+    """EMA, progress bar and validation are train handlers declared in ``handlers`` (``_disabled_`` off
+    rank 0), attached by the trainer itself; the checkpoint handlers are attached by ``run``."""
+    from ignite.engine import Events
+    from ignite.handlers import EMAHandler, ProgressBar
+    from monai.bundle import ConfigParser
+
+    def attached(trainer, kind):
+        return {
+            type(getattr(h, "__self__", h))
+            for event in trainer._event_handlers
+            for h, *_ in trainer._event_handlers[event]
+        } & {kind}
+
+    for rank0 in (True, False):
+        parser = ConfigParser()
+        parser.read_config(str(LINET / "configs" / "train.json"))
+        parser.update({"bundle_root": str(LINET), "datalist": str(tiny_demo / "datalist.json"), "vqgan_weights": str(vqgan),
+                       "output_dir": str(tmp_path), "num_workers": 0, "is_rank0": rank0, "presets#cpu#crop_size": [32, 32, 32]})  # fmt: skip
+        trainer = parser.get_parsed_content("trainer")
+        assert attached(trainer, EMAHandler), "the EMA is updated on every rank"
+        assert bool(attached(trainer, ProgressBar)) == rank0
+        assert trainer.has_event_handler(parser.get_parsed_content("ema")._update_ema_model, Events.ITERATION_COMPLETED)
+        # no checkpoint yet: no loader; the two savers on rank 0 only
+        assert len(parser.get_parsed_content("checkpoint_handlers")) == (2 if rank0 else 0)
+
+
 def test_training_runs_and_the_loss_falls(trained):
     record = losses(trained["log"])
     assert sorted(record) == list(range(1, 25))  # 2 epochs of iter_num=12, independent of the 1 training case
