@@ -57,7 +57,7 @@ def network_phase(repeats: int) -> dict:
 
     net = ae.build_vqvae("cpu").eval()
     disc = ae.build_discriminator("cpu").eval()
-    crop = list(ae.PRESETS["cpu"]["crop_size"])
+    crop = list(ae.preset_config("cpu")["crop_size"])
     x = torch.rand(1, 1, *crop)
     with torch.no_grad():
         flops = count_flops(lambda: net(x))  # also the warm-up
@@ -133,7 +133,7 @@ def volume_phase(size: int) -> dict:
     from lesiondiffusion import autoencoder as ae
 
     net = ae.build_vqvae("cpu").eval()
-    roi = list(ae.PRESETS["cpu"]["crop_size"])
+    roi = list(ae.preset_config("cpu")["crop_size"])
     x = torch.rand(1, 1, size, size, size)
     start = time.perf_counter()
     with torch.no_grad():

@@ -20,7 +20,6 @@ latent decodes exactly like an encoded one.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,71 +34,16 @@ from monai.networks.nets import VQVAE, PatchDiscriminator
 from torch import nn
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.networks import presets
 
 logger = logging.getLogger(__name__)
-
-# VQVAE keyword arguments, PatchDiscriminator keyword arguments and training crop size per preset.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The original's sizes (design 4.3): 96 channels, one x2 downsampling, codebook 2048 x 4, 128^3 crops.
-    "paper": {
-        "vqvae": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 1,
-            "channels": (96, 96),
-            "num_res_layers": 3,
-            "num_res_channels": (96, 96),
-            "downsample_parameters": ((2, 4, 1, 1), (1, 3, 1, 1)),
-            "upsample_parameters": ((1, 3, 1, 1, 0), (2, 4, 1, 1, 0)),
-            "num_embeddings": 2048,
-            "embedding_dim": 4,
-            "commitment_cost": 0.25,
-            "decay": 0.99,
-        },
-        "discriminator": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 1,
-            "channels": 64,
-            "num_layers_d": 3,
-        },
-        "crop_size": (128, 128, 128),
-    },
-    # Small enough to train a few hundred iterations on a 2-core CPU: x4 downsampling, 64^3 crops.
-    "cpu": {
-        "vqvae": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 1,
-            "channels": (32, 64),
-            "num_res_layers": 1,
-            "num_res_channels": (32, 64),
-            "downsample_parameters": ((2, 4, 1, 1), (2, 4, 1, 1)),
-            "upsample_parameters": ((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)),
-            "num_embeddings": 512,
-            "embedding_dim": 4,
-            "commitment_cost": 0.25,
-            "decay": 0.9,
-        },
-        "discriminator": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 1,
-            "channels": 16,
-            "num_layers_d": 2,
-        },
-        "crop_size": (64, 64, 64),
-    },
-}
 
 WEIGHTS_KEY = "autoencoder"  # the autoencoder's entry in a training checkpoint
 
 
 def preset_config(preset: str) -> dict[str, Any]:
-    """A deep copy of ``PRESETS[preset]``; an unknown name is a one-line error listing the known ones."""
-    if preset not in PRESETS:
-        raise LesionDiffusionError(f"unknown VQ-GAN preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return copy.deepcopy(PRESETS[preset])
+    """The VQ-GAN's preset (:mod:`lesiondiffusion.networks.presets`): VQVAE and discriminator arguments, crop."""
+    return presets.preset("vqgan", preset)
 
 
 def build_vqvae(preset: str = "cpu", **overrides: Any) -> VQVAE:

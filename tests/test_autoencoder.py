@@ -41,7 +41,11 @@ def test_presets_build_monai_networks_with_the_documented_sizes() -> None:
     assert paper.channels == (96, 96) and paper.num_embeddings == 2048 and paper.embedding_dim == 4
     assert ae.downsample_factor(paper) == ae.downsample_factor("paper") == 2
     assert ae.downsample_factor(cpu) == ae.downsample_factor("cpu") == 4
-    assert ae.PRESETS["paper"]["crop_size"] == (128, 128, 128) and ae.PRESETS["cpu"]["crop_size"] == (64, 64, 64)
+    assert ae.preset_config("paper")["crop_size"] == (128, 128, 128) and ae.preset_config("cpu")["crop_size"] == (
+        64,
+        64,
+        64,
+    )
     n_params = sum(p.numel() for p in paper.parameters())
     assert 5e6 < n_params < 9e6  # the original's VQ-GAN has about 7 M parameters
     assert ae.build_vqvae("cpu", num_embeddings=64).num_embeddings == 64  # overrides replace preset values

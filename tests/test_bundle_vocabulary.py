@@ -68,3 +68,32 @@ def test_every_bundle_names_its_last_checkpoint_and_finetune_weights_alike() -> 
         assert not {"ckpt_last", "last_checkpoint", "is_not_rank0", "crop"} & set(config), bundle
     for bundle in ("lmnet", "linet"):
         assert "crop_size" in json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text()), bundle
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_every_bundle_reads_its_network_sizes_from_the_one_presets_table(preset: str) -> None:
+    from lesiondiffusion.networks.presets import PRESETS
+
+    for network in ("lmnet", "linet"):
+        table = PRESETS[network][preset]
+        for config in ("train.json", "inference.json"):
+            assert "presets" not in json.loads((BUNDLES / network / "configs" / config).read_text())
+            for key in ("channels", "crop_size", "condition_dim", "num_res_blocks", "norm_num_groups"):
+                assert parsed(network, config, key, preset=preset) == table[key], (network, config, key)
+        unet = parsed(network, "inference.json", "network_def", preset=preset, weights="")
+        assert tuple(unet.unet.block_out_channels) == tuple(table["channels"])
+    vqgan = PRESETS["vqgan"][preset]
+    assert parsed("vqgan", "train.json", "crop_size", preset=preset) == list(vqgan["crop_size"])
+    assert parsed("vqgan", "train.json", "lr", preset=preset) == vqgan["lr"]
+    assert parsed("vqgan", "inference.json", "roi_size", preset=preset) == list(vqgan["crop_size"])
+    # one size overridden on its own, as on the command line (--channels "[8,16,16]"): the rest stay the preset's
+    assert parsed("linet", "inference.json", "channels", preset=preset, channels=[8, 16, 16]) == [8, 16, 16]
+
+
+def test_an_unknown_preset_is_one_line_naming_the_network_and_the_choices() -> None:
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.networks.presets import preset
+
+    for network, name in (("lmnet", "LMNet"), ("linet", "LINet"), ("vqgan", "VQ-GAN")):
+        with pytest.raises(LesionDiffusionError, match=f"unknown {name} preset 'gpu'; choose one of 'cpu', 'paper'$"):
+            preset(network, "gpu")

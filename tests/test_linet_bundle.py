@@ -41,16 +41,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LINET = ROOT / "bundles" / "linet"
 SCHEMA = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"
 TINY = [
-    "--presets#cpu#crop_size", "[32,32,32]",
-    "--presets#cpu#channels", "[16,16,32]",
-    "--presets#cpu#norm_num_groups", "8",
-    "--presets#cpu#num_head_channels", "8",
-    "--presets#cpu#condition_dim", "16",
+    "--crop_size", "[32,32,32]",
+    "--channels", "[16,16,32]",
+    "--norm_num_groups", "8",
+    "--num_head_channels", "8",
+    "--condition_dim", "16",
     # the noise objective: its loss does not scale with the sampled timestep as the velocity's does, so
     # that 24 iterations show the fall (the default v_prediction runs end to end in test_synthesize.py)
     "--prediction_type", "epsilon",
 ]  # fmt: skip
-TRAIN = [*TINY, "--presets#cpu#lr", "0.001", "--log_every", "1", "--num_workers", "0"]
+TRAIN = [*TINY, "--lr", "0.001", "--log_every", "1", "--num_workers", "0"]
 LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- train_loss: ([0-9.]+)")
 MARGIN_MM = 3.0
 # one thread per process: two spinning OpenMP threads per run on a shared 2-core machine cost 10-20x
@@ -140,7 +140,7 @@ def test_the_trainer_carries_its_handlers_from_the_config(tiny_demo, vqgan, tmp_
         parser = ConfigParser()
         parser.read_config(str(LINET / "configs" / "train.json"))
         parser.update({"bundle_root": str(LINET), "datalist": str(tiny_demo / "datalist.json"), "vqgan_weights": str(vqgan),
-                       "output_dir": str(tmp_path), "num_workers": 0, "is_rank0": rank0, "presets#cpu#crop_size": [32, 32, 32]})  # fmt: skip
+                       "output_dir": str(tmp_path), "num_workers": 0, "is_rank0": rank0, "crop_size": [32, 32, 32]})  # fmt: skip
         trainer = parser.get_parsed_content("trainer")
         assert attached(trainer, EMAHandler), "the EMA is updated on every rank"
         assert bool(attached(trainer, ProgressBar)) == rank0

@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LMNET = ROOT / "bundles" / "lmnet"
 PREPROCESS = ROOT / "bundles" / "preprocess"
 TINY = [
-    "--presets#cpu#crop_size", "[32,32,16]",
-    "--presets#cpu#channels", "[8,16,16]",
-    "--presets#cpu#num_head_channels", "8",
-    "--presets#cpu#condition_dim", "16",
-    "--presets#cpu#lr", "0.0005",
+    "--crop_size", "[32,32,16]",
+    "--channels", "[8,16,16]",
+    "--num_head_channels", "8",
+    "--condition_dim", "16",
+    "--lr", "0.0005",
 ]  # fmt: skip
 LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([0-9.]+)")
 

@@ -27,12 +27,12 @@ from lesiondiffusion_tools.synthesize import OUTPUT_FILES, gather_requests, weig
 TINY = {
     "vqgan": {"crop_size": [24, 24, 24], "spacing": [2, 2, 2], "num_workers": 0},
     "lmnet": {
-        "presets#cpu#crop_size": [32, 32, 16], "presets#cpu#channels": [8, 16, 16], "presets#cpu#num_head_channels": 8,
-        "presets#cpu#condition_dim": 16,
+        "crop_size": [32, 32, 16], "channels": [8, 16, 16], "num_head_channels": 8,
+        "condition_dim": 16,
     },
     "linet": {
-        "presets#cpu#crop_size": [32, 32, 32], "presets#cpu#channels": [16, 16, 32], "presets#cpu#norm_num_groups": 8,
-        "presets#cpu#num_head_channels": 8, "presets#cpu#condition_dim": 16,
+        "crop_size": [32, 32, 32], "channels": [16, 16, 32], "norm_num_groups": 8,
+        "num_head_channels": 8, "condition_dim": 16,
     },
 }  # fmt: skip
 MARGIN_MM = 3.0

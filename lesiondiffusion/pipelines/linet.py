@@ -529,8 +529,6 @@ def check_settings(
     steps: int,
     margin_mm: float,
     feather_mm: float,
-    preset: str,
-    presets: dict[str, Any],
 ) -> None:
     """Check the run's settings before anything is built; each problem is one line naming the setting."""
     from lesiondiffusion.diffusion import SAMPLERS
@@ -551,5 +549,3 @@ def check_settings(
         raise LesionDiffusionError(
             f"need 0 <= feather_mm <= margin_mm, got feather_mm={feather_mm}, margin_mm={margin_mm}"
         )
-    if preset not in presets:
-        raise LesionDiffusionError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
