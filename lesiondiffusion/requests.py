@@ -54,9 +54,9 @@ class SynthesisRequest:
     reading: TextReading | None = None
     given: dict[str, str] | None = None
     organ_seg_version: str | None = None  # the organ map's declared numbering ("v1", "v2"; None: not declared)
-    organ_seg_numbering: str | None = None  # the numbering the input checks read the map in (lesiondiffusion.sanity)
     source: str | None = None  # where the user gave it, for messages ("requests.json: requests[2]", "--attributes")
     warnings: tuple[str, ...] = ()  # what the input checks found doubtful (lesiondiffusion.sanity), kept in provenance
+    organ_seg_numbering: str | None = None  # the numbering the input checks read the map in (lesiondiffusion.sanity)
 
     def to_json(self, base: Path) -> dict[str, Any]:
         """The entry as written, paths relative to ``base``."""
