@@ -23,8 +23,8 @@ from lesiondiffusion.labels import label_table
 from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.report import parse_ct_value, read_report
 
-DATA = Path(__file__).parent / "data" / "ts_small"
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
+DATA = Path(__file__).resolve().parents[1] / "data" / "ts_small"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
 V2 = label_table("v2")
 LIVER, KIDNEY = V2.id("liver"), V2.id("kidney left")
 AORTA, PORTAL = V2.id(A.AORTA), V2.id(A.PORTAL_VEIN)

@@ -36,7 +36,7 @@ from lesiondiffusion.vocabulary import (
     CAVITY_WITHIN,
 )
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
 
 LIVER = {"organ type": "liver", "lesion type": "cyst", "cavity": CAVITY_PROTRUDING, "density": "hyperdense lesion,"}
 BLADDER_WALL = {"organ type": "bladder", "lesion type": "tumor", "cavity": CAVITY_WALL}

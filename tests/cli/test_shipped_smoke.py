@@ -21,8 +21,8 @@ import pytest
 from lesiondiffusion.evaluation import evaluate_outputs
 from lesiondiffusion.io import file_sha256
 
-DATA = Path(__file__).resolve().parent / "data" / "ts_small"
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+DATA = Path(__file__).resolve().parents[1] / "data" / "ts_small"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 DENSITIES = ("hypodense", "isodense", "hyperdense")
 
 

@@ -26,7 +26,7 @@ from lesiondiffusion.labels import label_table
 from lesiondiffusion.report import parse_ct_value
 from lesiondiffusion.reports import providers as llm
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
 KEY = "sk-test-SECRET-0123456789"
 
 GOOD = {
@@ -307,7 +307,7 @@ def test_bundle_run_with_the_openai_provider_writes_the_answer_and_never_the_key
 @pytest.fixture(scope="module")
 def plain_scan():
     """The real non-contrast crop of TotalSegmentator's example CT, measured (v2 organ map)."""
-    data = Path(__file__).parent / "data" / "ts_small"
+    data = Path(__file__).resolve().parents[1] / "data" / "ts_small"
     image = nib.load(str(data / "example_ct_sm.nii.gz"))
     seg = np.asanyarray(nib.load(str(data / "example_seg.nii.gz")).dataobj)
     hu = np.asanyarray(image.dataobj).astype(np.float32)

@@ -37,7 +37,7 @@ from lesiondiffusion.transforms import CTIntensityMap
 
 from ddp_probe import check_ranks, probe_config, sharded_datalist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINET = ROOT / "bundles" / "linet"
 SCHEMA = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"
 TINY = [

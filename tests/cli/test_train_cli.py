@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vqgan_bundle import loss_log
 
 from lesiondiffusion.dataset import read_datalist
 from lesiondiffusion.io import file_sha256, lock_file
 from lesiondiffusion.report import read_report
+
+from training_logs import loss_log
 
 TINY_VQGAN = json.dumps({"vqgan": {
     "network_def#channels": [8, 16], "network_def#num_res_channels": [8, 16], "discriminator_def#channels": 8,

@@ -26,7 +26,7 @@ from lesiondiffusion_tools.cli import main
 from lesiondiffusion_tools.synthesize import gather_requests, read_texts
 
 KEY = "sk-endpoint-SECRET-987654"
-SMALL = Path(__file__).resolve().parent / "data" / "ts_small"
+SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 SENTENCE = "a 20 mm hypodense cyst in the liver"
 ANSWER = {
     "organ type": "liver",

@@ -24,7 +24,7 @@ from lesiondiffusion.geometry import same_grid
 from lesiondiffusion.io import as_nifti, image_stem, read_image
 from lesiondiffusion.paste import outside_margin
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 SERIES = DATA / "dicom_series" / "ct"
 SERIES_SEG = DATA / "dicom_series" / "organ_seg.nii.gz"
 TS_CT = DATA / "ts_small" / "example_ct_sm.nii.gz"

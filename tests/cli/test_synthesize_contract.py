@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from lesiondiffusion.labels import to_v1_map
 
-SMALL = Path(__file__).resolve().parent / "data" / "ts_small"
+SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 MARGIN_MM, FEATHER_MM = 2.0, 1.0
 
 pytestmark = pytest.mark.slow

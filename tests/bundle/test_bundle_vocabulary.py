@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from lesiondiffusion.settings import DEFAULTS, default
 from lesiondiffusion_tools.synthesize import SynthesisSettings, _stage_overrides
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 WEIGHTS = {n: Path(f"/w/{n}.pt") for n in ("vqgan", "lmnet", "linet")}
 
 

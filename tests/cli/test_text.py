@@ -24,7 +24,7 @@ from lesiondiffusion.reports import providers as llm
 from lesiondiffusion.text import LESION_WORDS, TextError, answer_schema, read_description
 from lesiondiffusion_tools.synthesize import TEXT_ATTRIBUTE, TEXT_READING_ATTRIBUTE, gather_requests, read_texts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ROOT / "tests" / "data" / "ts_small"
 KEY = "sk-text-SECRET-42"
 

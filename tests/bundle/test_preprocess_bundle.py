@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser, verify_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "preprocess"
 CONFIGS = BUNDLE / "configs"
 SCHEMA = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"

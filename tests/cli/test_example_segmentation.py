@@ -16,7 +16,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "examples" / "segmentation_with_synthesis"
 DATA = ROOT / "tests" / "data" / "ts_small"
 LIVER_V2 = 5

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 # parse the bundle's own inference.json in a child process (each bundle has its own ``scripts`` package),
 # build ``network_def`` and load the shipped state dict into it with strict key and shape checks

@@ -23,7 +23,7 @@ from lesiondiffusion.placement import Box, allowed_region
 from lesiondiffusion.report import read_report
 from lesiondiffusion.requests import read_requests
 
-TS_SMALL = Path(__file__).parent / "data" / "ts_small"
+TS_SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 SPACING = 2.5  # mm, the synthetic chest's voxel size
 
 

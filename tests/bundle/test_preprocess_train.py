@@ -34,7 +34,7 @@ from lesiondiffusion.report import read_report
 
 from conftest import snapshot
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
 
 
 # Where the extracted reports of the demo cases differ from the original type.json, and why. Every other

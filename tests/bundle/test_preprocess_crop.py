@@ -14,7 +14,7 @@ from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.pipelines.standard_grid import resample_region, standard_grid
 from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
-SMALL = Path(__file__).resolve().parent / "data" / "ts_small"
+SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 CT, SEG = SMALL / "example_ct_sm.nii.gz", SMALL / "example_seg.nii.gz"
 
 

@@ -16,7 +16,7 @@ from monai.utils import set_determinism
 from lesiondiffusion.augment import LesionDistribution, RandLesionSynthesisd
 from lesiondiffusion.errors import LesionDiffusionError
 
-DATA = Path(__file__).parent / "data" / "ts_small"
+DATA = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 LIVER_V2 = 5
 DIST = {
     "size_mm": (12.0, 18.0),

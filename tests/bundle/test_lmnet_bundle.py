@@ -28,7 +28,7 @@ from lesiondiffusion.placement import allowed_region
 
 from ddp_probe import check_ranks, probe_config, sharded_datalist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LMNET = ROOT / "bundles" / "lmnet"
 PREPROCESS = ROOT / "bundles" / "preprocess"
 TINY = [

@@ -26,7 +26,7 @@ import pytest
 
 from lesiondiffusion_tools.cli import main
 
-SMALL = Path(__file__).resolve().parent / "data" / "ts_small"
+SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 LIVER = {"organ type": "liver", "lesion type": "cyst"}
 
 

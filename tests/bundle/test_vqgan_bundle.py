@@ -24,8 +24,9 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.transforms import hu_to_unit
 
 from ddp_probe import check_ranks, probe_config, sharded_datalist
+from training_logs import loss_log
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "bundles" / "vqgan"
 CONFIGS = BUNDLE / "configs"
 SCHEMA = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"
@@ -46,7 +47,6 @@ TINY_TRAIN = [
     "--val_fraction",
     "0.5",
 ]
-STATS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- (.*)$")
 
 
 def load_scripts() -> ModuleType:
@@ -71,17 +71,6 @@ def bundle_cmd(configs: list[str], *args: str) -> list[str]:
 def run_bundle(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def loss_log(stdout: str) -> dict[int, dict[str, float]]:
-    """{global iteration: {term: value}} from the StatsHandler lines."""
-    out = {}
-    for line in stdout.splitlines():
-        m = STATS.search(line)
-        if m:
-            epoch, it, n = int(m[1]), int(m[2]), int(m[3])
-            out[(epoch - 1) * n + it] = {k: float(v) for k, v in re.findall(r"(\w+): ([-\d.eE+]+)", m[4])}
-    return out
 
 
 def tiny_vqvae() -> torch.nn.Module:

@@ -28,7 +28,7 @@ from lesiondiffusion.geometry import standardise
 from lesiondiffusion.labels import convert_ids, label_table
 from lesiondiffusion.pipelines import segment
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "preprocess"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
 
 
 FAKE_API = """

@@ -20,7 +20,7 @@ from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import label_table
 from lesiondiffusion_tools.demo import DEMO_REQUESTS, demo, select_requests
 
-SMALL = Path(__file__).resolve().parent / "data" / "ts_small"
+SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 SMALL_CT, SMALL_SEG = SMALL / "example_ct_sm.nii.gz", SMALL / "example_seg.nii.gz"
 
 

@@ -12,7 +12,7 @@ import pytest
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion_tools.downstream import lesion_scores, reading, run_downstream, summarise
 
-DATA = Path(__file__).parent / "data" / "ts_small"
+DATA = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 
 
 def _dataset(root: Path) -> Path:

@@ -164,7 +164,7 @@ def test_provenance_records_inputs_parameters_weights_and_versions(synthesised: 
     # every stage's config (with its hash) and the settings it was given: the run's every parameter
     assert list(prov["bundles"]) == ["preprocess", "lmnet", "linet"]
     for stage, run in prov["bundles"].items():
-        config = Path(__file__).resolve().parents[1] / "bundles" / stage / "configs" / "inference.json"
+        config = Path(__file__).resolve().parents[2] / "bundles" / stage / "configs" / "inference.json"
         assert run["config"] == str(config.resolve()) and run["config_sha256"] == file_sha256(config)
     linet = prov["bundles"]["linet"]["settings"]
     assert (linet["steps"], linet["seed"], linet["sampler"]) == (2, 3, "ddim") and Path(linet["weights"]).resolve() == (
@@ -314,7 +314,7 @@ def test_demo_synthesises_three_density_variants_and_evaluates_them(
 ) -> None:
     out = tmp_path / "demo"
     tiny = json.dumps({k: TINY[k] for k in ("lmnet", "linet")})
-    # the phantom demo (the default, five organs in the real CT, is tests/test_demo.py's)
+    # the phantom demo (the default, five organs in the real CT, is tests/cli/test_demo.py's)
     run = cli("demo", "--source", "phantom", "--out", str(out), "--src", str(demo_src), "--weights", str(weights), "--steps", "2",
               "--bundle_overrides", tiny)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
