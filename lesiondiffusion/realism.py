@@ -289,6 +289,26 @@ def _rows(items: Iterable[Mapping[str, float] | None]) -> np.ndarray:
     return L.feature_matrix([f for f in items if f is not None])
 
 
+def _by_class(
+    cases: Sequence[dict[str, Any]],
+    refs: Sequence[Any],
+    case_key: str,
+    ref_attr: str,
+    measure: str,
+    classes: Sequence[Any],
+) -> dict[str, dict[str, Any]]:
+    """Per class (margin or density): the median ``measure`` of the synthetic cases and of the reference lesions."""
+    out = {}
+    for cls in classes:
+        if cls is None:
+            continue
+        mine = [c.get(measure) for c in cases if c.get(case_key) == cls]
+        theirs = [r.measures[measure] for r in refs if getattr(r, ref_attr) == cls]
+        out[cls] = {"synthetic": _median(mine), "ground_truth": _median(theirs), "cases": len(mine),
+                    "reference_lesions": len(theirs)}  # fmt: skip
+    return out
+
+
 def realism_totals(
     cases: Sequence[Mapping[str, Any]], pool: Sequence[ReferenceLesion] | None = None, reference: str | None = None
 ) -> dict[str, Any]:
@@ -319,30 +339,10 @@ def realism_totals(
     out["matched_reference_lesions"] = len(refs)
     out["synthetic"] = {k: _median(c.get(k) for c in cases) for k in MEASURES}
     out["ground_truth"] = {k: _median(r.measures[k] for r in refs) for k in MEASURES} if refs else None
-    by_margin: dict[str, dict[str, Any]] = {}
-    for cls in sorted({c.get("margin_class") for c in cases} | {r.margin for r in refs}, key=str):
-        if cls is None:
-            continue
-        mine = [c.get("edge_width_mm") for c in cases if c.get("margin_class") == cls]
-        theirs = [r.measures["edge_width_mm"] for r in refs if r.margin == cls]
-        by_margin[cls] = {
-            "synthetic": _median(mine),
-            "ground_truth": _median(theirs),
-            "cases": len(mine),
-            "reference_lesions": len(theirs),
-        }
-    out["edge_width_by_margin"] = by_margin
-    by_density: dict[str, dict[str, Any]] = {}
-    for cls in sorted({c.get("density") for c in cases if c.get("density")}):
-        mine = [c.get("median_delta_hu") for c in cases if c.get("density") == cls]
-        theirs = [r.measures["median_delta_hu"] for r in refs if r.density == cls]
-        by_density[cls] = {
-            "synthetic": _median(mine),
-            "ground_truth": _median(theirs),
-            "cases": len(mine),
-            "reference_lesions": len(theirs),
-        }
-    out["delta_by_density"] = by_density
+    margins = sorted({c.get("margin_class") for c in cases} | {r.margin for r in refs}, key=str)
+    out["edge_width_by_margin"] = _by_class(cases, refs, "margin_class", "margin", "edge_width_mm", margins)
+    densities = sorted({c.get("density") for c in cases if c.get("density")})
+    out["delta_by_density"] = _by_class(cases, refs, "density", "density", "median_delta_hu", densities)
     truth = _rows(r.measures["features"] for r in refs)
     sets = {name: _rows(c.get(key) for c in cases) for name, key in
             (("synthetic", "features"), ("flat", "flat_features"), ("copy_paste", "copy_paste_features"))}  # fmt: skip

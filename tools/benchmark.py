@@ -211,7 +211,6 @@ def benchmark(
     )
     if int(repeats) < 1:
         raise LesionDiffusionError(f"--repeats must be at least 1, not {repeats}")
-    runs = []
     with tempfile.TemporaryDirectory(prefix="lesiondiffusion-bench-") as tmp:
         work = Path(tmp)
         if image is None:
@@ -231,30 +230,24 @@ def benchmark(
             image=str(ct), organ_seg=None if seg is None else str(seg), organ=organ, lesion_type=lesion_type, steps=steps,
             sampler=sampler, guidance=guidance, preset=preset, weights=weights, device=device, verbose=False,
         )  # fmt: skip
-        for i in range(int(repeats)):
-            kwargs = {
-                **common,
-                "seed": i,
-                "out": str(work / f"run_{i}"),
-                "bundle_overrides": bundle_overrides,
-                "isolate": isolate,
-            }
-            runs.append(synthesize(**kwargs) if isolate else _in_child(_call_synthesize, kwargs))
+
+        def repeated(name: str, overrides: Any, isolated: bool) -> list[dict[str, Any]]:
+            """``repeats`` runs, seeds 0, 1, ...; an in-process chain in a fresh child (its own peak memory)."""
+            out = []
+            for i in range(int(repeats)):
+                kwargs = {**common, "seed": i, "out": str(work / f"{name}_{i}"), "bundle_overrides": overrides,
+                          "isolate": isolated}  # fmt: skip
+                out.append(synthesize(**kwargs) if isolated else _in_child(_call_synthesize, kwargs))
+            return out
+
+        runs = repeated("run", bundle_overrides, isolate)
         before = []
         if baseline:
             from lesiondiffusion_tools.synthesize import stage_overrides
 
             overrides = stage_overrides(bundle_overrides, ("preprocess", "lmnet", "linet"))
             overrides["preprocess"] = {**overrides["preprocess"], "crop_margin_mm": ""}  # the whole scan
-            for i in range(int(repeats)):
-                kwargs = {
-                    **common,
-                    "seed": i,
-                    "out": str(work / f"before_{i}"),
-                    "bundle_overrides": overrides,
-                    "isolate": True,
-                }
-                before.append(synthesize(**kwargs))
+            before = repeated("before", overrides, True)
         startup = startup_seconds(work)
     results = _stage_results(runs, None if guidance is None else float(guidance), preset)
     report = {

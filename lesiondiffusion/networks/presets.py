@@ -16,6 +16,9 @@ from lesiondiffusion.errors import LesionDiffusionError
 NAMES = {"vqgan": "VQ-GAN", "lmnet": "LMNet", "linet": "LINet"}
 _ONE_CHANNEL_3D = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1}
 _QUANTISER = {"embedding_dim": 4, "commitment_cost": 0.25}
+# the original's LMNet UNet, kept in both presets: only its grid, crop and conditioning width change
+_LMNET_UNET = {"channels": [16, 32, 64], "attention_levels": [False, False, True], "num_res_blocks": 1,
+               "num_head_channels": 16, "norm_num_groups": 8}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # VQ-GAN: MONAI VQVAE and PatchDiscriminator keyword arguments, the training crop and schedule
@@ -46,14 +49,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # LMNet: the mask diffusion UNet on a `spacing` mm grid, its crop and training schedule
     "lmnet": {
         "cpu": {
-            "spacing": 2.0, "crop_size": [32, 32, 16], "channels": [16, 32, 64], "attention_levels": [False, False, True],
-            "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8, "condition_dim": 64, "batch_size": 2,
-            "lr": 0.0002, "iter_num": 100, "max_epochs": 10, "ema_momentum": 0.01,
+            **_LMNET_UNET, "spacing": 2.0, "crop_size": [32, 32, 16], "condition_dim": 64, "batch_size": 2, "lr": 0.0002,
+            "iter_num": 100, "max_epochs": 10, "ema_momentum": 0.01,
         },
         "paper": {
-            "spacing": 1.0, "crop_size": [152, 152, 64], "channels": [16, 32, 64], "attention_levels": [False, False, True],
-            "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8, "condition_dim": 512, "batch_size": 4,
-            "lr": 0.0001, "iter_num": 1000, "max_epochs": 200, "ema_momentum": 0.001,
+            **_LMNET_UNET, "spacing": 1.0, "crop_size": [152, 152, 64], "condition_dim": 512, "batch_size": 4, "lr": 0.0001,
+            "iter_num": 1000, "max_epochs": 200, "ema_momentum": 0.001,
         },
     },
     # LINet: the latent inpainting UNet and its (image-space) crop
