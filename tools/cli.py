@@ -161,6 +161,7 @@ class Commands:
         iterations: int | None = None,
         eval_every: int | None = None,
         threads: int = 1,
+        jobs: int = 1,
     ) -> None:
         """Lesion-segmentation benchmark: a BasicUNet trained on a few labelled scans (real), plus an offline
         synthetic set (offline), plus online RandLesionSynthesisd (online), plus flat-filled lesions (flat);
@@ -170,7 +171,7 @@ class Commands:
         if real is None:
             raise LesionDiffusionError("--real is required (a make-dataset --source real folder)")
         print(run_downstream(real, out=out, phantom=phantom, organ=organ, arms=arms, preset=preset, seeds=seeds,
-                             iterations=iterations, eval_every=eval_every, threads=threads))  # fmt: skip
+                             iterations=iterations, eval_every=eval_every, threads=threads, jobs=jobs))  # fmt: skip
 
     def preprocess(
         self,

@@ -47,11 +47,11 @@ ARMS = ("real", "offline", "online", "flat")
 SIZE_SPLIT_MM = 20.0
 PRESETS = {
     # CPU: small crops, a small network, a few hundred iterations at most (design: <= 2 h in all)
-    "cpu": {"crop": 64, "patch": 48, "spacing": 2.0, "features": (8, 8, 16, 32, 64, 8), "batch": 2, "iterations": 120,
-            "eval_every": 40, "seeds": 3, "online_prob": 0.25, "offline_per_case": 2},
+    "cpu": {"crop": 64, "patch": 48, "spacing": 2.0, "features": (8, 8, 16, 32, 64, 8), "batch": 2, "iterations": 400,
+            "eval_every": 100, "seeds": 3, "online_prob": 0.25, "offline_per_case": 2, "hu_shift": 60.0},
     "gpu": {"crop": 96, "patch": 96, "spacing": 1.5, "features": (16, 16, 32, 64, 128, 16), "batch": 4,
             "iterations": 2000,
-            "eval_every": 200, "seeds": 3, "online_prob": 0.5, "offline_per_case": 8},
+            "eval_every": 200, "seeds": 3, "online_prob": 0.5, "offline_per_case": 8, "hu_shift": 60.0},
 }  # fmt: skip
 
 
@@ -205,6 +205,21 @@ def _network(features: Sequence[int]) -> torch.nn.Module:
     return BasicUNet(spatial_dims=3, in_channels=1, out_channels=2, features=tuple(features))
 
 
+def intensity_augmentation(hu_shift: float) -> Any:
+    """The same augmentation in every arm: flips and a random HU offset (up to ``hu_shift``) and contrast.
+
+    The offset makes the network read a lesion against its organ rather than by absolute HU: training
+    and test scans differ in contrast phase (a portal-venous liver is about 90 HU, an unenhanced one 45).
+    """
+    from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+
+    keys = ["image", "label"]
+    return Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandShiftIntensityd("image", offsets=hu_shift, prob=0.9), RandScaleIntensityd("image", factors=0.1, prob=0.5),
+    ])  # fmt: skip
+
+
 def _to_input(image: torch.Tensor) -> torch.Tensor:
     return ((torch.as_tensor(image).float().clamp(-200.0, 300.0) + 200.0) / 500.0).as_subclass(torch.Tensor)
 
@@ -249,6 +264,8 @@ def train_arm(
         synth.set_random_state(seed)
     patch = RandCropByPosNegLabeld(["image", "label"], "label", (p["patch"],) * 3, pos=1, neg=1, num_samples=1)
     patch.set_random_state(seed)
+    augment = intensity_augmentation(p["hu_shift"])
+    augment.set_random_state(seed)
     rng = np.random.RandomState(seed)
     history, synth_s, start = [], 0.0, time.perf_counter()
     for it in tqdm(range(1, p["iterations"] + 1), desc=f"{arm} seed {seed}", leave=False, disable=None):
@@ -260,7 +277,7 @@ def train_arm(
                 d = synth(d)
                 synth_s += time.perf_counter() - t0
             d["label"] = (d["label"] == 2).to(torch.uint8)
-            c = patch(d)[0]
+            c = augment(patch(d)[0])
             images.append(_to_input(c["image"]))
             labels.append(torch.as_tensor(c["label"]).as_subclass(torch.Tensor).long())
         x, y = torch.stack(images), torch.stack(labels)
@@ -279,6 +296,51 @@ def train_arm(
         "seconds": time.perf_counter() - start,
         "synthesis_seconds": synth_s,
     }
+
+
+def _train_saved(job: tuple[Any, ...]) -> dict[str, Any]:
+    """:func:`train_arm` in a worker process; its result is written at once (``downstream_runs/<arm>_seed<k>.json``)."""
+    (arm, seed), train, offline, tests, p, organ, distribution, nsd_mm, folder, threads = job
+    torch.set_num_threads(int(threads))
+    run = train_arm(arm, seed, train, offline, tests, p, organ, distribution, nsd_mm)
+    write_json(folder / f"{arm}_seed{seed}.json", {"settings": _run_key(p, organ, tests), **run})
+    logger.info("%s seed %d: %.0f s (synthesis %.0f s)", arm, seed, run["seconds"], run["synthesis_seconds"])
+    return run
+
+
+def _run_key(p: dict[str, Any], organ: str, tests: dict[str, list[dict]]) -> dict[str, Any]:
+    """What a saved run must agree on to be reused: the settings, the organ and the test sets' sizes."""
+    return json.loads(json.dumps({**p, "organ": organ, "tests": {k: len(v) for k, v in tests.items()}}))
+
+
+def run_arms(
+    pairs: Sequence[tuple[str, int]], train: list[dict], offline: list[dict], tests: dict[str, list[dict]],
+    p: dict[str, Any], organ: str, distribution: dict[str, Any], nsd_mm: float, folder: Path, jobs: int = 1,
+    threads: int = 1,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Every (arm, seed) run, ``jobs`` at a time in worker processes; a run saved in ``folder`` by an earlier,
+    interrupted call with the same settings is read back instead of trained again."""
+    key = _run_key(p, organ, tests)
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for arm, seed in pairs:
+        saved = folder / f"{arm}_seed{seed}.json"
+        if saved.is_file():
+            record = json.loads(saved.read_text())
+            if record.pop("settings", None) == key:
+                logger.info("%s seed %d: reused from %s", arm, seed, saved)
+                done[(arm, seed)] = record
+    todo = [(pair, train, offline, tests, p, organ, distribution, nsd_mm, folder, threads) for pair in pairs
+            if pair not in done]  # fmt: skip
+    if todo and int(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(int(jobs), len(todo))) as pool:
+            for job, run in zip(todo, pool.imap(_train_saved, todo), strict=True):
+                done[job[0]] = run
+    else:
+        for job in todo:
+            done[job[0]] = _train_saved(job)
+    return [done[pair] for pair in pairs]
 
 
 # ---- summary -----------------------------------------------------------------------------------------
@@ -479,8 +541,14 @@ def run_downstream(
     nsd_tolerance_mm: float = 2.0,
     work: str | None = None,
     threads: int = 1,
+    jobs: int = 1,
 ) -> Path:
-    """Run the benchmark and write its report into ``out``; returns the markdown report's path."""
+    """Run the benchmark and write its report into ``out``; returns the markdown report's path.
+
+    ``jobs`` (arm, seed) runs train at once, each in its own process with ``threads`` torch threads. Each run
+    is saved in ``<out>/downstream_runs/`` as it ends, and a later call with the same settings reuses it, so an
+    interrupted benchmark goes on where it stopped.
+    """
     if preset not in PRESETS:
         raise LesionDiffusionError(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     p = dict(PRESETS[preset])
@@ -522,12 +590,10 @@ def run_downstream(
             offline = offline_set_in_process(train, p["offline_per_case"], 0, distribution)
             offline_source = "in-process chain at the bundles' full settings (synthesize made no case)"
 
-    runs = []
-    for seed in range(p["seeds"]):
-        for arm in arm_list:
-            run = train_arm(arm, seed, train, offline, tests, p, organ, distribution, nsd_tolerance_mm)
-            logger.info("%s seed %d: %.0f s (synthesis %.0f s)", arm, seed, run["seconds"], run["synthesis_seconds"])
-            runs.append(run)
+    pairs = [(arm, seed) for seed in range(p["seeds"]) for arm in arm_list]
+    runs = run_arms(
+        pairs, train, offline, tests, p, organ, distribution, nsd_tolerance_mm, out_dir / "downstream_runs", jobs, threads
+    )
     summary = summarise(runs, list(tests))
     report = {
         "command": " ".join(["lesiondiffusion downstream", *sys.argv[2:]]),
@@ -537,7 +603,8 @@ def run_downstream(
                  "tests": {k: len(v) for k, v in tests.items()},
                  "train_images": [c["image"] for c in train_cases],
                  "test_images": {k: [c["image"] for c in v] for k, v in tests_cases.items()}},
-        "machine": f"{os.cpu_count()} CPUs shared, {threads} torch thread(s), load {os.getloadavg()[0]:.1f} at the end",
+        "machine": f"{os.cpu_count()} CPUs shared, {jobs} run(s) at once with {threads} torch thread(s) each, load "
+                   f"{os.getloadavg()[0]:.1f} at the end",
         "seconds": time.perf_counter() - start,
         "summary": summary,
         "runs": runs,

@@ -63,6 +63,30 @@ def test_tiny_run_writes_the_report_plot_and_per_seed_scores(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_in_parallel_give_the_serial_scores_and_an_interrupted_benchmark_goes_on(tmp_path, caplog):
+    """Two worker processes train the same (arm, seed) runs as one process does; each run is saved as it ends,
+    so a second call reuses them, unless a setting changed."""
+    data = _dataset(tmp_path / "data")
+    common = dict(arms="real", iterations=2, eval_every=1, seeds=2, work=str(tmp_path / "work"))
+    run_downstream(str(data), out=str(tmp_path / "serial"), **common)
+    run_downstream(str(data), out=str(tmp_path / "parallel"), jobs=2, **common)
+    serial, parallel = (json.loads((tmp_path / d / "downstream.json").read_text()) for d in ("serial", "parallel"))
+    assert [r["history"] for r in serial["runs"]] == [r["history"] for r in parallel["runs"]]
+    saved = sorted(p.name for p in (tmp_path / "parallel" / "downstream_runs").iterdir())
+    assert saved == ["real_seed0.json", "real_seed1.json"]
+
+    (tmp_path / "parallel" / "downstream_runs" / "real_seed1.json").unlink()  # as if killed during seed 1
+    with caplog.at_level("INFO", logger="lesiondiffusion_tools.downstream"):
+        run_downstream(str(data), out=str(tmp_path / "parallel"), **common)
+    assert "real seed 0: reused" in caplog.text and "real seed 1: reused" not in caplog.text
+    again = json.loads((tmp_path / "parallel" / "downstream.json").read_text())
+    assert [r["history"] for r in again["runs"]] == [r["history"] for r in serial["runs"]]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lesiondiffusion_tools.downstream"):
+        run_downstream(str(data), out=str(tmp_path / "parallel"), **{**common, "iterations": 3})
+    assert "reused" not in caplog.text  # other settings: every run trained again
+
+
 def test_lesion_scores_count_hits_by_size_and_false_positives():
     truth = np.zeros((40, 40, 40), bool)
     truth[5:8, 5:8, 5:8] = True  # 27 voxels at 2 mm: ~7.4 mm across
