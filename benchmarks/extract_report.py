@@ -1,4 +1,4 @@
-"""Benchmark: report extraction (``lesiondiffusion.attributes.extract_report``) on whole CT volumes.
+"""Benchmark: report extraction (``lesiondiffusion.reports.extraction.extract_report``) on whole CT volumes.
 
 Inputs: the two demo cases at their full size (280^3 at 1 mm: phantom CT with the lesion painted at the
 report's HU, the real label and organ maps), and the liver case placed in a 512 x 512 x 300 volume (the
@@ -29,7 +29,7 @@ DEMO = REPO / "data" / "demo"  # lesiondiffusion.data_paths.DEMO_DATA, before th
 CHILD = r"""
 import json, resource, sys, time, tracemalloc
 import numpy as np
-from lesiondiffusion.attributes import extract_report
+from lesiondiffusion.reports.extraction import extract_report
 data = np.load(sys.argv[1])
 image, label, seg = data["image"], data["label"], data["seg"]
 inputs = image.nbytes + label.nbytes + seg.nbytes

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lesiondiffusion.diffusion import DiffusionSampler, load_weights
     from lesiondiffusion.labels import label_table
     from lesiondiffusion.report import format_ct_value, read_report
+    from lesiondiffusion.reports import extraction
 
     parser = bundle_parser(BUNDLE, "inference.json", {"preset": args.preset})
     from lesiondiffusion.pipelines.linet import LesionInpainter
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seg,
             report,
             label_table().name(report.organ_id),
-            A.measure_lesion(image, label, seg, organ_id=report.organ_id),
+            extraction.measure_lesion(image, label, seg, organ_id=report.organ_id),
         )
 
     # the autoencoder alone, on the true lesions: the best any LINet on these weights could do
@@ -125,11 +126,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     for case in cases:
         image, label, seg, report, organ, truth = read(case)
-        m = A.measure_lesion(round_trip(probe, image, label == 2), label, seg, organ_id=report.organ_id)
-        true_class = A.density_class(truth, organ, truth.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU)
+        m = extraction.measure_lesion(round_trip(probe, image, label == 2), label, seg, organ_id=report.organ_id)
+        true_class = extraction.density_class(truth, organ, truth.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU)
         baseline.append({
             "case": Path(case["report"]).parent.name, "organ": organ, "true": true_class,
-            "measured": A.density_class(m, organ, m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU),
+            "measured": extraction.density_class(m, organ, m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU),
             "true_core_hu": round(truth.core_hu, 1), "core_hu_error": round(m.core_hu - truth.core_hu, 1),
         })  # fmt: skip
     runs = []
@@ -157,8 +158,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     V.CT_VALUE: format_ct_value(hu),
                 }
                 painted = paint(inpainter, image, label == 2, attributes, args.seed)
-                m = A.measure_lesion(painted, label, seg, organ_id=report.organ_id)
-                measured = A.density_class(m, organ, m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU)
+                m = extraction.measure_lesion(painted, label, seg, organ_id=report.organ_id)
+                measured = extraction.density_class(m, organ, m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU)
                 rows.append({
                     "case": Path(case["report"]).parent.name, "organ": organ, "requested": density, "measured": measured,
                     "requested_hu": round(hu, 1), "mean_hu": round(m.mean_hu, 1), "delta_hu": round(m.core_hu - reference, 1),

@@ -14,7 +14,7 @@ lesion costs, and about its wall time on an idle core. The wall time is split in
 (``draw``), LINet's conditioning and inpainting (``inpaint``) and the rest (report, placement, paste).
 
 Quality, so that speed is never bought with lesions that no longer read as asked: each lesion is measured
-in the output (:func:`lesiondiffusion.attributes.measure_lesion`, as ``evaluate`` does): its core HU against
+in the output (:func:`lesiondiffusion.reports.extraction.measure_lesion`, as ``evaluate`` does): its core HU against
 the liver around it must move in the requested direction (more than 10 HU), and ``--preview`` writes the
 first lesions' before/after panels at W400/L40.
 
@@ -100,18 +100,19 @@ def measure(before: dict[str, Any], after: dict[str, Any], record: dict[str, Any
     """The written lesion as ``evaluate`` measures it: core HU against the organ around it, and its class."""
     from lesiondiffusion import attributes as A
     from lesiondiffusion.labels import to_v1_map
+    from lesiondiffusion.reports import extraction
 
     image = after["image"][0].numpy()
     label = after["label"][0].numpy().astype(np.int32)
     seg = to_v1_map(np.rint(before["organ_seg"][0].numpy()).astype(np.int32), "v2")
-    m = A.measure_lesion(image, label, seg, (spacing,) * 3, record["organ_id"], version="v1")
+    m = extraction.measure_lesion(image, label, seg, (spacing,) * 3, record["organ_id"], version="v1")
     homogeneous = m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU
     requested = record["requested"][A.V.DENSITY]
     delta = None if m.reference_hu is None else m.core_hu - m.reference_hu
     direction = None if delta is None else (1 if delta > A.ISO_HU else -1 if delta < -A.ISO_HU else 0)
     return {
         "requested_density": requested,
-        "measured_density": A.density_class(m, record["organ"], homogeneous),
+        "measured_density": extraction.density_class(m, record["organ"], homogeneous),
         "core_hu": round(m.core_hu, 1),
         "organ_reference_hu": None if m.reference_hu is None else round(m.reference_hu, 1),
         "delta_hu": None if delta is None else round(delta, 1),

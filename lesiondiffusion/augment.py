@@ -2,8 +2,8 @@
 
 With probability ``prob`` it writes one or more lesions into a training sample in memory, with the
 project's own chain and nothing else: attributes drawn from a :class:`LesionDistribution`, a full report
-made against the organ's HU measured in this very sample (:func:`lesiondiffusion.attributes.measure_scan`,
-:class:`~lesiondiffusion.attributes.OfflineReportProvider`, :func:`~lesiondiffusion.attributes.complete_report`),
+made against the organ's HU measured in this very sample (:func:`lesiondiffusion.reports.extraction.measure_scan`,
+:class:`~lesiondiffusion.reports.generation.OfflineReportProvider`, :func:`~lesiondiffusion.reports.generation.complete_report`),
 an organ-aware box (:func:`lesiondiffusion.placement.place_box`), a mask from LMNet, intensities from
 LINet on a crop around it, and the noise-keeping paste (:func:`lesiondiffusion.paste.paste`). The label
 gets ``lesion_label`` under each lesion; meta-data and affine stay; what was drawn is recorded as JSON in
@@ -39,7 +39,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from lesiondiffusion import autoencoder as ae
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.attributes import LESION_TYPE, ORGAN_TYPE, OfflineReportProvider, complete_report, measure_scan
+from lesiondiffusion.attributes import LESION_TYPE, ORGAN_TYPE
 from lesiondiffusion.data_paths import BUNDLES
 from lesiondiffusion.diffusion import load_weights
 from lesiondiffusion.errors import LesionDiffusionError
@@ -51,6 +51,8 @@ from lesiondiffusion.pipelines.linet import LesionInpainter, require_weights
 from lesiondiffusion.pipelines.lmnet import LesionMaskSynthesiser
 from lesiondiffusion.pipelines.mask_inputs import working_size
 from lesiondiffusion.placement import PlacementError, bounding_box, place_box
+from lesiondiffusion.reports.extraction import measure_scan
+from lesiondiffusion.reports.generation import OfflineReportProvider, complete_report
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ provenance.json``, see :mod:`lesiondiffusion_tools.synthesize`) and the requests
   the label-2 volume (mm^3) against the ellipsoid of the report's ``size`` (``[[a b c]] pixel`` on the standardised 1 mm grid, i.e. mm), as a relative error
   (the "size error"; also given as the equivalent diameter's relative error). With several lesions in a
   case the volumes are summed and the protruding allowance is the largest lesion's;
-- **appearance**: the lesion measured as a report would be (:func:`lesiondiffusion.attributes.measure_lesion`):
+- **appearance**: the lesion measured as a report would be (:func:`lesiondiffusion.reports.extraction.measure_lesion`):
   core HU minus the organ's parenchyma (sign and magnitude), the density class that gives
-  (:func:`~lesiondiffusion.attributes.density_class`) against the requested one, and homogeneity
+  (:func:`~lesiondiffusion.reports.extraction.density_class`) against the requested one, and homogeneity
   (smoothed spread) against the requested one;
 - **realism** (:mod:`lesiondiffusion.lesion_metrics`, :mod:`lesiondiffusion.realism`): fill ratio,
   interior fraction, solidity, sphericity; lesion-minus-organ median HU against the report's CT value;
@@ -59,6 +59,7 @@ from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, use
 from lesiondiffusion.labels import label_ids, label_table
 from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, before_after, caption_band, request_caption
 from lesiondiffusion.report import LesionReport, Report
+from lesiondiffusion.reports import extraction
 from lesiondiffusion.requests import SynthesisRequest, read_requests
 
 logger = logging.getLogger(__name__)
@@ -347,13 +348,13 @@ def _appearance(
         report.attributes.get(V.DENSITY_VARIATIONS)
     )
     try:
-        m = A.measure_lesion(volume.values(), label, seg, volume.spacing, organ_id)
+        m = extraction.measure_lesion(volume.values(), label, seg, volume.spacing, organ_id)
     except LesionDiffusionError as e:
         problems.append(f"lesion not measurable: {e}")
         return {"requested_density": requested, "density_source": source, "requested_homogeneity": wanted_homogeneity}
     organ_name = label_table().name(organ_id)
     homogeneous = m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU
-    measured = A.density_class(m, organ_name, homogeneous)
+    measured = extraction.density_class(m, organ_name, homogeneous)
     delta = None if m.reference_hu is None else m.core_hu - m.reference_hu
     expected = _DIRECTION.get(requested or "")
     direction = None if delta is None else (1 if delta > A.ISO_HU else -1 if delta < -A.ISO_HU else 0)

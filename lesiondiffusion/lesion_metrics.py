@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from lesiondiffusion import attributes as A
+from lesiondiffusion.reports import extraction
 
 # Crop kept around a lesion (mm): the host-organ noise and the edge profile are measured in it.
 CROP_MM = 30.0
@@ -179,7 +179,7 @@ def mask_measures(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, float
     # every measure below is local to the mask: trim it to its box (the hull test scans the whole array)
     lo, hi = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
     mask = mask[tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))]
-    solidity = A._shape_metrics(np.pad(mask, 1), spacing)[0]  # one definition of solidity in the package
+    solidity = extraction._shape_metrics(np.pad(mask, 1), spacing)[0]  # one definition of solidity in the package
     return {
         "fill_ratio": fill_ratio(mask),
         "interior_fraction": interior_fraction(mask),

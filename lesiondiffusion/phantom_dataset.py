@@ -18,7 +18,7 @@ with one lesion:
   (:data:`OFFSET_HU`), fluid-like as absolute water-like HU, mixed as blobs around the reference.
 - **Homogeneity.** Heterogeneous lesions get the phantom's smooth brighter/darker blobs.
 
-Each lesion is then measured back (:func:`lesiondiffusion.attributes.measure_lesion`); a draw whose
+Each lesion is then measured back (:func:`lesiondiffusion.reports.extraction.measure_lesion`); a draw whose
 measured density class, homogeneity or cavity differs from the intended one is redrawn (at most
 :data:`MAX_ATTEMPTS` times per case), so the written report (``type.json``, through
 :mod:`lesiondiffusion.report`) is both what was painted and what extraction reads. Shape, surface,
@@ -53,8 +53,6 @@ from lesiondiffusion.attributes import (
     HOLLOW_WALL_MM,
     density_reference_hu,
     is_hollow_name,
-    measure_lesion,
-    report_from_measurements,
 )
 from lesiondiffusion.dataset import Case, write_datalist, write_list_files
 from lesiondiffusion.demo import SOURCE_FILES, find_demo_cases
@@ -63,6 +61,7 @@ from lesiondiffusion.io import atomic_dir, read_nifti_array, save_nifti, write_j
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.phantom import axial_axis_of, make_phantom, organ_hu, read_organ_map
 from lesiondiffusion.report import Report
+from lesiondiffusion.reports.extraction import measure_lesion, report_from_measurements
 from lesiondiffusion.requests import SynthesisRequest, write_requests
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ bundle's ``to_v1``).
   :func:`lesiondiffusion.placement.place_box` ("within the parenchymal organ": the whole box inside
   the organ), so the lesion lies in :func:`~lesiondiffusion.placement.allowed_region`.
 - *CT value* against the organ's parenchyma **measured in that scan**
-  (:func:`lesiondiffusion.attributes.organ_reference_hu`): hypodense = reference - 20..60 HU (kept
+  (:func:`lesiondiffusion.reports.extraction.organ_reference_hu`): hypodense = reference - 20..60 HU (kept
   above 25 HU, else it would read as fluid), cyst (fluid-like) = 0..15 HU, isodense = reference +-5,
   hyperdense = reference + 20..60, mixed = reference with +-30..40 HU blobs. Lung: solid nodule
   ("isodense soft tissue mass") 20..50 HU, ground glass -700..-400 HU. The lesion's exact mean over its
@@ -43,12 +43,12 @@ bundle's ``to_v1``).
 
 The report (``type.json``) states the TRUE attributes (organ, cavity, shape class, density class,
 homogeneity, margin, enhancement from the manifest's contrast phase); size, box, CT value, relationship
-and specific features are measured (:func:`lesiondiffusion.attributes.measure_lesion`). What extraction
+and specific features are measured (:func:`lesiondiffusion.reports.extraction.measure_lesion`). What extraction
 would read from each lesion is recorded beside the truth in ``dataset.json`` (``read``), with agreement
 rates: at 3 mm voxels and real noise the extraction thresholds and the painted truth can differ.
 
 **Real lesions** (a scan's ``lesion`` label): one case per scan with the report extracted from it
-(:func:`lesiondiffusion.attributes.extract_report`; enhancement from the manifest when extraction cannot
+(:func:`lesiondiffusion.reports.extraction.extract_report`; enhancement from the manifest when extraction cannot
 tell). The lesion is added to the organ it lies in (the one most of its surroundings belong to). No
 synthetic lesions are written into such scans (their real lesion would be an unlabelled lesion).
 
@@ -95,15 +95,18 @@ from lesiondiffusion import vocabulary as V
 from lesiondiffusion.attributes import (
     DENSITY_ABSOLUTE_HU,
     ENHANCED,
+    FLUID_LIKE,
     FLUID_MAX_HU,
+    GROUND_GLASS,
+    HYPERDENSE,
+    HYPODENSE,
+    ISODENSE,
+    MIXED_DENSITY,
     NON_CONTRAST,
     PUNCTATE_MAX_MM,
-    extract_report,
+    SOLID_MASS,
     margin_text,
-    measure_lesion,
     organ_group,
-    organ_reference_hu,
-    report_from_measurements,
 )
 from lesiondiffusion.dataset import Case, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
@@ -113,6 +116,12 @@ from lesiondiffusion.phantom import axial_axis_of
 from lesiondiffusion.phantom_dataset import CASE_FILES, blob_shape
 from lesiondiffusion.placement import Box, allowed_region, bounding_box, centre_region
 from lesiondiffusion.report import LesionReport, Report, write_report
+from lesiondiffusion.reports.extraction import (
+    extract_report,
+    measure_lesion,
+    organ_reference_hu,
+    report_from_measurements,
+)
 from lesiondiffusion.requests import SynthesisRequest, write_requests
 
 logger = logging.getLogger(__name__)
@@ -137,30 +146,43 @@ DIAMETER_MM = {"abdomen": (12.0, 40.0), "lung": (6.0, 30.0)}
 SHRINK, MAX_SHRINKS = 0.8, 6
 MAX_ATTEMPTS = 8
 
-HYPO, ISO, HYPER = "hypodense lesion", "isodense lesion", "hyperdense lesion"
-MIXED, FLUID = "mixed-density lesion", "hypoattenuating fluid-like lesion"
-SOLID_MASS, GGO = "isodense soft tissue mass", "low-density ground-glass opacity"
 DENSITY_WEIGHTS = {
-    "abdomen": {FLUID: 0.2, HYPO: 0.35, ISO: 0.1, HYPER: 0.25, MIXED: 0.1},
-    "lung": {SOLID_MASS: 0.6, GGO: 0.4},
+    "abdomen": {FLUID_LIKE: 0.2, HYPODENSE: 0.35, ISODENSE: 0.1, HYPERDENSE: 0.25, MIXED_DENSITY: 0.1},
+    "lung": {SOLID_MASS: 0.6, GROUND_GLASS: 0.4},
 }
-OFFSET_HU = {HYPO: (-60.0, -20.0), ISO: (-5.0, 5.0), HYPER: (20.0, 60.0), MIXED: (-3.0, 3.0)}
+OFFSET_HU = {HYPODENSE: (-60.0, -20.0), ISODENSE: (-5.0, 5.0), HYPERDENSE: (20.0, 60.0), MIXED_DENSITY: (-3.0, 3.0)}
 HYPO_MIN_HU = FLUID_MAX_HU + 5.0  # darker (and homogeneous) would read as fluid-like
-ABSOLUTE_HU = {FLUID: DENSITY_ABSOLUTE_HU[FLUID], SOLID_MASS: (20.0, 50.0), GGO: (-700.0, -400.0)}
-HETEROGENEOUS_P = {FLUID: 0.0, HYPO: 0.4, ISO: 0.3, HYPER: 0.4, MIXED: 1.0, SOLID_MASS: 0.2, GGO: 1.0}
-BLOB_STD_HU = {"default": (15.0, 25.0), MIXED: (30.0, 40.0)}
+ABSOLUTE_HU = {FLUID_LIKE: DENSITY_ABSOLUTE_HU[FLUID_LIKE], SOLID_MASS: (20.0, 50.0), GROUND_GLASS: (-700.0, -400.0)}
+HETEROGENEOUS_P = {
+    FLUID_LIKE: 0.0,
+    HYPODENSE: 0.4,
+    ISODENSE: 0.3,
+    HYPERDENSE: 0.4,
+    MIXED_DENSITY: 1.0,
+    SOLID_MASS: 0.2,
+    GROUND_GLASS: 1.0,
+}
+BLOB_STD_HU = {"default": (15.0, 25.0), MIXED_DENSITY: (30.0, 40.0)}
 # isodense lesions and ground glass have no visible edge: always ill-defined
-WELL_DEFINED_P = {FLUID: 1.0, HYPO: 0.5, ISO: 0.0, HYPER: 0.6, MIXED: 0.3, SOLID_MASS: 0.6, GGO: 0.0}
+WELL_DEFINED_P = {
+    FLUID_LIKE: 1.0,
+    HYPODENSE: 0.5,
+    ISODENSE: 0.0,
+    HYPERDENSE: 0.6,
+    MIXED_DENSITY: 0.3,
+    SOLID_MASS: 0.6,
+    GROUND_GLASS: 0.0,
+}
 PARTIAL_VOLUME = 0.3  # voxel fraction added (in quadrature) to the margin's sigma: the scan's own blur
 HALO_SIGMAS = 2.0  # the margin reaches this many sigmas beyond the label (w < 2.3% further out)
 LESION_TYPE = {
-    FLUID: "cyst",
-    HYPO: "tumor",
-    ISO: "tumor",
-    HYPER: "tumor",
-    MIXED: "tumor",
+    FLUID_LIKE: "cyst",
+    HYPODENSE: "tumor",
+    ISODENSE: "tumor",
+    HYPERDENSE: "tumor",
+    MIXED_DENSITY: "tumor",
     SOLID_MASS: "nodule",
-    GGO: "ground-glass opacity",
+    GROUND_GLASS: "ground-glass opacity",
 }
 
 # ---- texture ---------------------------------------------------------------------------------------------
@@ -181,9 +203,9 @@ THRESHOLD_LUNG_NAMES = {
 }
 
 CASE_CROP_MM = 30.0  # a case is the organ's bounding box grown by this much
-REQUEST_DENSITIES = {"abdomen": (HYPO, ISO, HYPER), "lung": (SOLID_MASS, GGO)}
+REQUEST_DENSITIES = {"abdomen": (HYPODENSE, ISODENSE, HYPERDENSE), "lung": (SOLID_MASS, GROUND_GLASS)}
 REQUEST_DIAMETER_MM = {"abdomen": 20.0, "lung": 12.0}
-REQUEST_SUFFIX = {HYPO: "hypo", ISO: "iso", HYPER: "hyper", SOLID_MASS: "solid", GGO: "ggo"}
+REQUEST_SUFFIX = {HYPODENSE: "hypo", ISODENSE: "iso", HYPERDENSE: "hyper", SOLID_MASS: "solid", GROUND_GLASS: "ggo"}
 # more groups than organs: each further round over the organs asks a smaller or larger size, margins alternating
 REQUEST_SIZE_STEPS = (1.0, 0.6, 1.4, 0.8)
 
@@ -460,11 +482,11 @@ def density_range(density: str, reference_hu: float) -> tuple[float, float] | No
     """The CT values (HU) a density class may take in an organ of ``reference_hu``; None if none fits."""
     if density in ABSOLUTE_HU:
         lo, hi = ABSOLUTE_HU[density]
-        if density == FLUID:
+        if density == FLUID_LIKE:
             hi = min(hi, reference_hu - 20.0)  # a cyst must still read as darker than its organ
         return (lo, hi) if hi >= lo else None
     lo, hi = (reference_hu + d for d in OFFSET_HU[density])
-    if density == HYPO:
+    if density == HYPODENSE:
         lo = max(lo, HYPO_MIN_HU)
     return (lo, hi) if hi >= lo else None
 
@@ -637,11 +659,11 @@ def paint_lesion(
     donor, own = donor_residual(img, region, win, spacing, rng)
     orig = img[win]
     heter = np.zeros_like(orig)
-    if intent.heterogeneous and intent.density != GGO:
+    if intent.heterogeneous and intent.density != GROUND_GLASS:
         amp = float(rng.uniform(*BLOB_STD_HU.get(intent.density, BLOB_STD_HU["default"])))
         field = _blob_field(orig.shape, spacing, intent.diameter_mm, rng)
         heter = amp * (field - float(field[label_w].mean()))
-    if intent.density == GGO:
+    if intent.density == GROUND_GLASS:
         # ground glass over the lung's own texture: only the low-pass level moves towards the fill
         base = orig - w * (orig - own)  # (1 - w) * orig + w * residual ... plus w * fill below
         noise = np.zeros_like(orig)

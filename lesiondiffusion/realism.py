@@ -50,6 +50,7 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, read_nifti_array, user_path
 from lesiondiffusion.labels import label_table, to_v1_map
 from lesiondiffusion.report import read_report
+from lesiondiffusion.reports import extraction
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,11 @@ def load_reference(path: PathLike) -> list[ReferenceLesion]:
                 organ |= seg == report.organ_id
         organ &= ~lesion
         spacing = _spacing(img.affine)
-        measured = None if A.is_hollow_name(organ_name) else A.organ_reference_hu(image, organ, spacing, exclude=lesion)
+        measured = (
+            None
+            if A.is_hollow_name(organ_name)
+            else extraction.organ_reference_hu(image, organ, spacing, exclude=lesion)
+        )
         reference_hu = A.density_reference_hu(organ_name, measured)
         crop = L.crop_around(image, lesion, organ, spacing, reference_hu)
         out.append(ReferenceLesion(

@@ -17,8 +17,13 @@ NAMES = {"vqgan": "VQ-GAN", "lmnet": "LMNet", "linet": "LINet"}
 _ONE_CHANNEL_3D = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1}
 _QUANTISER = {"embedding_dim": 4, "commitment_cost": 0.25}
 # the original's LMNet UNet, kept in both presets: only its grid, crop and conditioning width change
-_LMNET_UNET = {"channels": [16, 32, 64], "attention_levels": [False, False, True], "num_res_blocks": 1,
-               "num_head_channels": 16, "norm_num_groups": 8}
+_LMNET_UNET = {
+    "channels": [16, 32, 64],
+    "attention_levels": [False, False, True],
+    "num_res_blocks": 1,
+    "num_head_channels": 16,
+    "norm_num_groups": 8,
+}
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # VQ-GAN: MONAI VQVAE and PatchDiscriminator keyword arguments, the training crop and schedule

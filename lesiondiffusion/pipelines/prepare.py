@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lesiondiffusion.attributes import measure_lesion, report_from_measurements
 from lesiondiffusion.dataset import Case, datalist_version, load_cases, validate_cases, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.io import atomic_dir, save_nifti, write_json
 from lesiondiffusion.labels import AUTO, choose_version, resolve_version, to_v1_map
 from lesiondiffusion.report import Report, read_report, write_report
+from lesiondiffusion.reports.extraction import measure_lesion, report_from_measurements
 from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)

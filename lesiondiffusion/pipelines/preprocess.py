@@ -36,16 +36,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from lesiondiffusion.attributes import (
-    AORTA,
-    PORTAL_VEIN,
-    ScanContext,
-    complete_report,
-    contrast_phase,
-    measure_scan,
-    organ_reference_hu,
-    vessel_hu,
-)
+from lesiondiffusion.attributes import AORTA, PORTAL_VEIN, ScanContext, contrast_phase
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_geometry
 from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, save_nifti, user_path
@@ -56,6 +47,8 @@ from lesiondiffusion.pipelines.segment import OrganSegmenter
 from lesiondiffusion.pipelines.standard_grid import box_on_grid, resample_region, standard_grid
 from lesiondiffusion.placement import DEFAULT_EROSION, Box, bounding_box, place_box
 from lesiondiffusion.report import Report, write_report
+from lesiondiffusion.reports.extraction import measure_scan, organ_reference_hu, vessel_hu
+from lesiondiffusion.reports.generation import complete_report
 from lesiondiffusion.settings import default, flag
 from lesiondiffusion.vocabulary import CAVITY
 

@@ -1,4 +1,6 @@
-"""Lesion reports: where the missing attributes of a request come from (:mod:`.providers`)."""
+"""Lesion reports: proposed for a request (:mod:`.providers`: the offline and OpenAI-compatible providers;
+:mod:`.generation`: the offline provider and the merge with the request and the scan), or measured from a
+labelled CT (:mod:`.extraction`)."""
 
 from lesiondiffusion.reports.providers import (
     OfflineReportProvider,

@@ -27,7 +27,6 @@ from lesiondiffusion.attributes import (
     LESION_TYPE,
     NON_CONTRAST,
     ORGAN_TYPE,
-    OfflineReportProvider,
     ScanContext,
     allowed_cavities,
     density_reference_hu,
@@ -37,6 +36,7 @@ from lesiondiffusion.attributes import (
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.extras import require as require_extra
 from lesiondiffusion.report import format_ct_value, format_size, to_report_axes
+from lesiondiffusion.reports.generation import OfflineReportProvider
 from lesiondiffusion.text import (
     ANSWER_INSTRUCTIONS,
     TextError,

@@ -18,13 +18,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lesiondiffusion import attributes as A
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.attributes import OfflineReportProvider, complete_report
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.report import parse_ct_value
+from lesiondiffusion.reports import extraction
 from lesiondiffusion.reports import providers as llm
+from lesiondiffusion.reports.generation import OfflineReportProvider, complete_report
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
 KEY = "sk-test-SECRET-0123456789"
@@ -311,7 +311,7 @@ def plain_scan():
     image = nib.load(str(data / "example_ct_sm.nii.gz"))
     seg = np.asanyarray(nib.load(str(data / "example_seg.nii.gz")).dataobj)
     hu = np.asanyarray(image.dataobj).astype(np.float32)
-    return A.measure_scan(hu, seg, label_table("v2").id("liver"), "v2", image.header.get_zooms())
+    return extraction.measure_scan(hu, seg, label_table("v2").id("liver"), "v2", image.header.get_zooms())
 
 
 def propose_on(server: ChatServer, scan, request=REQUEST, **kwargs) -> dict[str, str]:

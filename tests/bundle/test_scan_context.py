@@ -22,6 +22,7 @@ from lesiondiffusion import vocabulary as V
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.report import parse_ct_value, read_report
+from lesiondiffusion.reports import extraction, generation
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
@@ -42,7 +43,7 @@ def ct():
 
 @pytest.fixture(scope="module")
 def plain(ct):
-    return A.measure_scan(ct[0], ct[1], LIVER, "v2", ct[2])
+    return extraction.measure_scan(ct[0], ct[1], LIVER, "v2", ct[2])
 
 
 def enhanced_copy(ct, aorta_hu, portal_hu, liver_add=55.0):
@@ -59,8 +60,10 @@ def enhanced_copy(ct, aorta_hu, portal_hu, liver_add=55.0):
 
 def report_for(request, scan, organ_id=LIVER, seed=0, **kw):
     rng = np.random.default_rng(seed)
-    proposed = A.OfflineReportProvider().propose(request, V2.name(organ_id), rng, organ_box_size=BOX, scan=scan)
-    return A.complete_report(request, organ_id, BOX, proposed, rng, version="v2", scan=scan, **kw).attributes
+    proposed = generation.OfflineReportProvider().propose(
+        request, V2.name(organ_id), rng, organ_box_size=BOX, scan=scan
+    )
+    return generation.complete_report(request, organ_id, BOX, proposed, rng, version="v2", scan=scan, **kw).attributes
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def test_the_measurement_does_not_depend_on_the_grid(ct, plain):
     # the same scan on a 1 mm grid along z (what the preprocess stage measures) gives about the same values
     image, seg, spacing = ct
     fine = np.repeat(image, 3, axis=2), np.repeat(seg, 3, axis=2)
-    scan = A.measure_scan(*fine, LIVER, "v2", (spacing[0], spacing[1], spacing[2] / 3))
+    scan = extraction.measure_scan(*fine, LIVER, "v2", (spacing[0], spacing[1], spacing[2] / 3))
     assert scan.phase == plain.phase and abs(scan.organ_hu - plain.organ_hu) <= 3.0
 
 
@@ -91,7 +94,7 @@ def test_the_measurement_does_not_depend_on_the_grid(ct, plain):
     [(250.0, 160.0, A.PHASE_ARTERIAL), (170.0, 180.0, A.PHASE_PORTAL_VENOUS), (250.0, 180.0, A.PHASE_ARTERIAL)],
 )
 def test_a_contrast_enhanced_scan_is_read_as_enhanced(ct, aorta_hu, portal_hu, phase):
-    scan = A.measure_scan(enhanced_copy(ct, aorta_hu, portal_hu), ct[1], LIVER, "v2", ct[2])
+    scan = extraction.measure_scan(enhanced_copy(ct, aorta_hu, portal_hu), ct[1], LIVER, "v2", ct[2])
     assert scan.phase == phase and scan.contrast is True and scan.enhancement == A.ENHANCED
     assert abs(scan.aorta_hu - aorta_hu) < 10 and abs(scan.portal_vein_hu - portal_hu) < 10
     assert scan.organ_hu > 90.0
@@ -107,14 +110,15 @@ def test_a_contrast_enhanced_scan_is_read_as_enhanced(ct, aorta_hu, portal_hu, p
 def test_vessels_missing_from_the_map_leave_the_phase_unknown(ct, plain):
     image, seg, spacing = ct
     no_vessels = np.where(np.isin(seg, (AORTA, PORTAL)), 0, seg)
-    scan = A.measure_scan(image, no_vessels, LIVER, "v2", spacing)
+    scan = extraction.measure_scan(image, no_vessels, LIVER, "v2", spacing)
     assert scan.phase == A.PHASE_UNKNOWN and scan.contrast is None and scan.enhancement == ""
     assert scan.organ_hu == plain.organ_hu  # the organ's own value still anchors the CT value
     assert "no aorta or portal vein" in scan.describe()
     # an enhanced portal vein alone tells the phase
     portal_only = np.where(seg == AORTA, 0, seg)
     assert (
-        A.measure_scan(enhanced_copy(ct, 60.0, 175.0), portal_only, LIVER, "v2", spacing).phase == A.PHASE_PORTAL_VENOUS
+        extraction.measure_scan(enhanced_copy(ct, 60.0, 175.0), portal_only, LIVER, "v2", spacing).phase
+        == A.PHASE_PORTAL_VENOUS
     )
     # v1 maps have the same vessels
     assert {A.AORTA, A.PORTAL_VEIN} <= {n.replace(" ", "_") for n in label_table("v1").names.values()}
@@ -122,7 +126,7 @@ def test_vessels_missing_from_the_map_leave_the_phase_unknown(ct, plain):
 
 # ---- reports on the measured scan ----------------------------------------------------------------------------------
 def test_a_cyst_is_water_and_the_report_says_plain_scan(plain):
-    proposed = A.OfflineReportProvider().propose(
+    proposed = generation.OfflineReportProvider().propose(
         {"organ type": "liver", "lesion type": "cyst"}, "liver", np.random.default_rng(0), scan=plain
     )
     assert proposed["enhancement status"] == "non-contrast CT,"  # the provider's own proposal, before any merge
@@ -151,7 +155,7 @@ def test_a_hypodense_tumour_is_clearly_below_the_measured_liver(plain):
     "lesion_type, organ_id", [("angiomyolipoma", KIDNEY), ("lipoma", LIVER), ("mature teratoma", LIVER)]
 )
 def test_a_fat_containing_lesion_is_negative(plain, ct, lesion_type, organ_id):
-    scan = A.measure_scan(ct[0], ct[1], organ_id, "v2", ct[2])
+    scan = extraction.measure_scan(ct[0], ct[1], organ_id, "v2", ct[2])
     for seed in range(5):
         attrs = report_for({"organ type": V2.name(organ_id), "lesion type": lesion_type}, scan, organ_id, seed)
         assert A.FAT_HU[0] <= parse_ct_value(attrs["CT value"]) <= A.FAT_HU[1]
@@ -198,11 +202,11 @@ def test_the_users_values_win_and_a_contradiction_is_a_warning(plain, caplog):
 
 def test_a_careless_proposal_is_made_to_agree(plain):
     rng = np.random.default_rng(0)
-    proposed = A.OfflineReportProvider().propose(
+    proposed = generation.OfflineReportProvider().propose(
         {"organ type": "liver", "lesion type": "cyst"}, "liver", rng, scan=plain
     )
     careless = {**proposed, "enhancement status": "enhanced CT,", "density": "hyperdense lesion,"}
-    attrs = A.complete_report(
+    attrs = generation.complete_report(
         {"organ type": "liver", "lesion type": "cyst"}, LIVER, BOX, careless, rng, version="v2", scan=plain
     ).attributes
     assert attrs["enhancement status"] == "non-contrast CT,"

@@ -25,6 +25,7 @@ from lesiondiffusion import attributes as A
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.evaluation import evaluate_outputs, inside_fraction, preservation, read_volume
 from lesiondiffusion.report import LesionReport, Report, format_ct_value, format_size
+from lesiondiffusion.reports import extraction
 from lesiondiffusion.requests import SynthesisRequest, write_requests
 
 LIVER = 5
@@ -78,7 +79,7 @@ def _write_case(folder: Path, src: Path, request: SynthesisRequest, spec, centre
     if defect == "split":  # a slab through the centre cuts the lesion in two
         lesion[centres[where][0]] = False
     liver = seg == LIVER
-    reference = A.organ_reference_hu(before, liver, spacing, exclude=lesion)
+    reference = extraction.organ_reference_hu(before, liver, spacing, exclude=lesion)
     value = reference + offset
     rng = np.random.default_rng(seed + 100)
     after = before.astype(np.float64)

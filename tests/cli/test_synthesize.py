@@ -100,6 +100,7 @@ def test_synthesize_writes_every_output_file(synthesised: dict) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["succeeded"] == 1 and summary["failed"] == 0 and summary["lesions"] == 1
     assert set(summary["timings_s"]) == {"preprocess", "lmnet", "linet", "total"}
+    assert summary["wall_s"] > summary["timings_s"]["total"] > 0  # the command: the stages and the checks and outputs
     # each stage's own process: at least the Python + torch + MONAI it imports
     assert all(summary["peak_rss_mib"][stage] > 100 for stage in ("preprocess", "lmnet", "linet"))
     assert not list(out.parent.glob(".lesiondiffusion-work-*")), "the work folder is removed"
@@ -352,6 +353,7 @@ def test_benchmark_reports_stages_memory_and_network_evaluations(
     stages = results["seconds_per_lesion_by_stage"]
     assert set(stages) == {"preprocess", "lmnet", "linet"} and all(v > 0 for v in stages.values())
     assert results["seconds_per_lesion"] == pytest.approx(sum(stages.values()), abs=0.05)
+    assert results["seconds_per_lesion_end_to_end"] > results["seconds_per_lesion"]  # checks and outputs on top
     assert all(v > 100 for v in results["peak_rss_mib"].values()) and results["startup_s"] > 0
     assert "| **total** |" in (tmp_path / "bench" / "end_to_end.md").read_text()
 

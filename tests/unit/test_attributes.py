@@ -14,6 +14,7 @@ from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import UnknownOrganError, label_table
 from lesiondiffusion.report import Report, parse_ct_value, read_report, write_report
+from lesiondiffusion.reports import extraction, generation
 
 LIVER, KIDNEY, SPLEEN, AORTA, BLADDER = 5, 2, 1, 7, 104  # TotalSegmentator v1
 LUNG = label_table().id("lung upper lobe left")
@@ -82,7 +83,7 @@ def liver_scene(lesion_hu=20.0, radius=7.0, centre=(24.0, 24.0, 24.0), spacing=(
 
 
 def extract(image, label, seg, spacing=(1.0, 1.0, 1.0), **kw):
-    return A.extract_report(image, label, seg, spacing, **kw).attributes
+    return extraction.extract_report(image, label, seg, spacing, **kw).attributes
 
 
 # ---- extraction ----------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_box_size_and_ct_value_in_the_reports_axis_order():
     lesion = ball(c, (20.0, 24.0, 28.0), (6.0, 4.0, 3.0))  # 12 x 8 x 6 voxels along the array axes
     label, seg = maps(organ, lesion)
     image = paint(organ & ~lesion, lesion, lesion_hu=25.0)
-    report = A.extract_report(image, label, seg)
+    report = extraction.extract_report(image, label, seg)
     idx = np.argwhere(lesion)
     size = tuple(int(v) for v in idx.max(0) - idx.min(0) + 1)
     centre = tuple(int(v) for v in idx.min(0) + np.array(size) // 2)
@@ -283,13 +284,13 @@ def test_enhancement_from_the_aorta(aorta_hu, status):
 
 
 def test_same_lesion_on_an_anisotropic_grid():
-    iso = A.measure_lesion(*liver_scene(30.0, radius=(9.0, 7.0, 6.0)))
+    iso = extraction.measure_lesion(*liver_scene(30.0, radius=(9.0, 7.0, 6.0)))
     aniso_scene = liver_scene(30.0, radius=(9.0, 7.0, 6.0), spacing=(0.8, 0.8, 2.5))
-    aniso = A.measure_lesion(*aniso_scene, spacing=(0.8, 0.8, 2.5))
+    aniso = extraction.measure_lesion(*aniso_scene, spacing=(0.8, 0.8, 2.5))
     assert np.all(np.abs(np.array(iso.size_mm) - np.array(aniso.size_mm)) <= 2.6)
     assert abs(iso.volume_mm3 - aniso.volume_mm3) / iso.volume_mm3 < 0.1
-    a = A.report_from_measurements(iso).attributes
-    b = A.report_from_measurements(aniso).attributes
+    a = extraction.report_from_measurements(iso).attributes
+    b = extraction.report_from_measurements(aniso).attributes
     for name in (
         "density",
         "density variations",
@@ -304,7 +305,7 @@ def test_same_lesion_on_an_anisotropic_grid():
 def test_extraction_is_pure_and_writes_a_valid_report(tmp_path):
     image, label, seg = liver_scene(30.0)
     copies = [image.copy(), label.copy(), seg.copy()]
-    report = A.extract_report(image, label, seg)
+    report = extraction.extract_report(image, label, seg)
     for before, after in zip(copies, (image, label, seg)):
         np.testing.assert_array_equal(before, after)
     write_report(tmp_path / "type.json", Report((report,)))
@@ -316,27 +317,27 @@ def test_extraction_is_pure_and_writes_a_valid_report(tmp_path):
 
 def test_organ_id_given_or_inferred():
     image, label, seg = liver_scene(30.0)
-    assert A.extract_report(image, label, seg).organ_id == LIVER
+    assert extraction.extract_report(image, label, seg).organ_id == LIVER
     seg2 = seg.copy()
     seg2[seg2 == LIVER] = KIDNEY
-    assert A.extract_report(image, label, seg2, organ_id=KIDNEY).organ_id == KIDNEY
+    assert extraction.extract_report(image, label, seg2, organ_id=KIDNEY).organ_id == KIDNEY
 
 
 def test_extraction_errors():
     image, label, seg = liver_scene(30.0)
     with pytest.raises(LesionDiffusionError, match=r"no lesion voxels \(label 2\)"):
-        A.extract_report(image, np.minimum(label, 1), seg)
+        extraction.extract_report(image, np.minimum(label, 1), seg)
     with pytest.raises(LesionDiffusionError, match="must be 3D arrays of one shape"):
-        A.extract_report(image[:-1], label, seg)
+        extraction.extract_report(image[:-1], label, seg)
     with pytest.raises(LesionDiffusionError, match="cannot tell the lesion's organ"):
-        A.extract_report(image, label, np.zeros_like(seg))
+        extraction.extract_report(image, label, np.zeros_like(seg))
     with pytest.raises(UnknownOrganError, match="250"):
-        A.extract_report(image, label, seg, organ_id=250)
+        extraction.extract_report(image, label, seg, organ_id=250)
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
 def propose(request, organ, seed=0, **kw):
-    return A.OfflineReportProvider().propose(request, organ, np.random.default_rng(seed), **kw)
+    return generation.OfflineReportProvider().propose(request, organ, np.random.default_rng(seed), **kw)
 
 
 def test_proposals_are_seeded_and_vocabulary_only():
@@ -429,8 +430,8 @@ def complete(request, proposed=None, organ_id=LIVER, box=ORGAN_BOX, seed=0, **kw
     rng = np.random.default_rng(seed)
     organ = label_table().name(organ_id)
     if proposed is None:
-        proposed = A.OfflineReportProvider().propose(request, organ, rng, organ_box_size=box)
-    return A.complete_report(request, organ_id, box, proposed, rng, **kw)
+        proposed = generation.OfflineReportProvider().propose(request, organ, rng, organ_box_size=box)
+    return generation.complete_report(request, organ_id, box, proposed, rng, **kw)
 
 
 def test_user_fields_win(tmp_path):
@@ -561,28 +562,28 @@ def test_organ_reference_is_the_whole_volume_value(spacing):
         extra=[(ball(c, (44.0, 30.0, 34.0), 6.0), 200.0)],
     )
     for exclude in (lesion, np.zeros_like(lesion)):
-        got = A.organ_reference_hu(image, organ & ~exclude, spacing, exclude=exclude)
+        got = extraction.organ_reference_hu(image, organ & ~exclude, spacing, exclude=exclude)
         assert got == whole_volume_reference_hu(image, organ & ~exclude, spacing, exclude)
     # a thin organ falls back to the voxels it has; an empty one has no reference
     sheet = np.zeros(organ.shape, bool)
     sheet[:, :, 10] = True
-    assert A.organ_reference_hu(image, sheet, spacing, exclude=lesion) == whole_volume_reference_hu(
+    assert extraction.organ_reference_hu(image, sheet, spacing, exclude=lesion) == whole_volume_reference_hu(
         image, sheet, spacing, lesion
     )
-    assert A.organ_reference_hu(image, np.zeros_like(organ), spacing, exclude=lesion) is None
+    assert extraction.organ_reference_hu(image, np.zeros_like(organ), spacing, exclude=lesion) is None
 
 
 def test_measurements_do_not_depend_on_the_array_types():
     image, label, seg = liver_scene(30.0, blobs=15.0, extra=())
     seg[:4] = AORTA  # an aorta slab at the volume edge: its core is measured in its own box
     image[:4] = 180.0
-    base = A.measure_lesion(image, label, seg)
+    base = extraction.measure_lesion(image, label, seg)
     assert base.aorta_hu == pytest.approx(180.0, abs=1.0)
     for args in (
         (image.astype(np.float64), label.astype(np.float32), seg.astype(np.float32)),
         (np.rint(image).astype(np.int16), label.astype(np.int64), seg.astype(np.uint8)),
     ):
-        other = A.measure_lesion(*args)
+        other = extraction.measure_lesion(*args)
         assert (other.organ_id, other.centre, other.size) == (base.organ_id, base.centre, base.size)
         assert other.mean_hu == pytest.approx(base.mean_hu, abs=0.5)
         assert other.reference_hu == pytest.approx(base.reference_hu, abs=1.0)
@@ -594,17 +595,17 @@ def test_lesion_organ_falls_back_to_the_lesion_then_its_surroundings():
     label[8:12, 8:12, 8:12] = 2
     seg[8:10, 8:12, 8:12] = KIDNEY  # under the lesion: kidney, though more spleen lies right around it
     seg[4:8, :, :] = SPLEEN
-    assert A.infer_organ_id(label, seg) == KIDNEY
+    assert extraction.infer_organ_id(label, seg) == KIDNEY
     seg[8:10] = 0  # nothing under the lesion: the organ next to it
-    assert A.infer_organ_id(label, seg) == SPLEEN
-    assert A.infer_organ_id(label.astype(np.float32), seg.astype(np.float64)) == SPLEEN
+    assert extraction.infer_organ_id(label, seg) == SPLEEN
+    assert extraction.infer_organ_id(label.astype(np.float32), seg.astype(np.float64)) == SPLEEN
     seg[4:8] = 0
     seg[0] = SPLEEN  # more than 2 voxels away: not the lesion's organ
     with pytest.raises(LesionDiffusionError, match="cannot tell the lesion's organ"):
-        A.infer_organ_id(label, seg)
+        extraction.infer_organ_id(label, seg)
     label[15:18, 15:18, 15:18] = 1  # label 1 names the organ first
     seg[15:18, 15:18, 15:18] = LIVER
-    assert A.infer_organ_id(label, seg) == LIVER
+    assert extraction.infer_organ_id(label, seg) == LIVER
 
 
 def test_voxel_noise_on_a_coarse_grid_is_not_heterogeneity():
@@ -618,9 +619,11 @@ def test_voxel_noise_on_a_coarse_grid_is_not_heterogeneity():
     image[lesion] -= 30.0
     label = organ.astype(np.uint8) + lesion.astype(np.uint8)
     seg = organ * label_table().id("liver")
-    m = A.measure_lesion(image, label, seg, spacing=(3.0, 3.0, 3.0))
+    m = extraction.measure_lesion(image, label, seg, spacing=(3.0, 3.0, 3.0))
     assert m.smoothed_std_hu <= A.HOMOGENEOUS_MAX_STD_HU
     # and real structure still counts: +-40 HU halves of the lesion
     image[lesion & (grid[..., 0] < 20)] += 40.0
     image[lesion & (grid[..., 0] >= 20)] -= 40.0
-    assert A.measure_lesion(image, label, seg, spacing=(3.0, 3.0, 3.0)).smoothed_std_hu > A.HOMOGENEOUS_MAX_STD_HU
+    assert (
+        extraction.measure_lesion(image, label, seg, spacing=(3.0, 3.0, 3.0)).smoothed_std_hu > A.HOMOGENEOUS_MAX_STD_HU
+    )

@@ -16,6 +16,7 @@ from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import placement as P
 from lesiondiffusion.pipelines import mask_postprocess
 from lesiondiffusion.pipelines.linet import lesion_seed
+from lesiondiffusion.reports import extraction, generation
 from lesiondiffusion.transforms import CTIntensityMapd
 
 
@@ -34,7 +35,7 @@ def test_generated_values_fall_in_each_allowed_band_in_proportion_to_its_width()
     """The organ at 50 HU leaves out 35..44 and 56..65 (neither clearly iso nor clearly hypo/hyper) from
     a tissue range of -100..300: three bands 135, 12 and 235 HU wide, drawn in that proportion."""
     rng = np.random.default_rng(0)
-    values = np.array([A._sample_tissue_hu((-100.0, 300.0), 50.0, rng) for _ in range(3000)])
+    values = np.array([generation._sample_tissue_hu((-100.0, 300.0), 50.0, rng) for _ in range(3000)])
     assert not ((values > 35) & (values < 44)).any() and not ((values > 56) & (values < 65)).any()
     shares = [np.mean(values <= 35), np.mean((values >= 44) & (values <= 56)), np.mean(values >= 65)]
     assert np.allclose(shares, np.array([135, 12, 235]) / 382, atol=0.03), shares
@@ -89,13 +90,13 @@ def test_lumen_and_wall_centres_are_their_rule_within_the_image() -> None:
 
 def test_fluid_needs_a_homogeneous_value_within_the_fluid_range_inclusive() -> None:
     for hu in (A.FLUID_MIN_HU, 5.0, A.FLUID_MAX_HU):
-        assert A.density_for_value(hu, 60.0, "liver") == A._FLUID
-        assert A.density_for_value(hu, 60.0, "liver", homogeneous=False) == A._HYPO
-    assert A.density_for_value(A.FLUID_MAX_HU + 0.5, 60.0, "liver") == A._HYPO
+        assert A.density_for_value(hu, 60.0, "liver") == A.FLUID_LIKE
+        assert A.density_for_value(hu, 60.0, "liver", homogeneous=False) == A.HYPODENSE
+    assert A.density_for_value(A.FLUID_MAX_HU + 0.5, 60.0, "liver") == A.HYPODENSE
 
 
 def test_proposals_keep_the_given_variations_and_know_colon_and_lung_nodules() -> None:
-    provider = A.OfflineReportProvider()
+    provider = generation.OfflineReportProvider()
 
     def proposals(request: dict, organ: str, key: str) -> set[str]:
         return {provider.propose(request, organ, np.random.default_rng(s))[key] for s in range(20)}
@@ -127,8 +128,8 @@ def test_edge_width_is_the_distance_between_the_10_and_90_percent_crossings() ->
 
 def test_absolute_density_classes_draw_their_ct_value_in_their_own_range() -> None:
     rng = np.random.default_rng(0)
-    for density, (lo, hi) in ((A._GGO, (-700, -400)), (A._SOLID_MASS, (20, 50))):
-        values = [A._sample_ct_value(density, False, 60.0, rng) for _ in range(50)]
+    for density, (lo, hi) in ((A.GROUND_GLASS, (-700, -400)), (A.SOLID_MASS, (20, 50))):
+        values = [generation._sample_ct_value(density, False, 60.0, rng) for _ in range(50)]
         assert all(lo <= v <= hi and v == int(v) for v in values) and len(set(values)) > 10
 
 
@@ -140,14 +141,14 @@ def test_a_thin_organ_with_an_excluded_comb_falls_back_to_its_voxels_outside_it(
     excluded = np.zeros_like(organ)
     excluded[2:22:4, 2:22, 10] = True
     image = np.where(excluded, 500.0, np.where(organ, 10.0, -100.0))
-    assert A.organ_reference_hu(image, organ, (1.0, 1.0, 1.0), exclude=excluded) == 10.0
-    assert A.organ_reference_hu(image, organ & ~excluded, (1.0, 1.0, 1.0), exclude=excluded) == 10.0
+    assert extraction.organ_reference_hu(image, organ, (1.0, 1.0, 1.0), exclude=excluded) == 10.0
+    assert extraction.organ_reference_hu(image, organ & ~excluded, (1.0, 1.0, 1.0), exclude=excluded) == 10.0
 
 
 def test_shape_of_fewer_than_four_voxels_is_solid_and_round() -> None:
     lesion = np.zeros((5, 5, 5), bool)
     lesion[2, 2, 1:4] = True
-    assert A._shape_metrics(lesion, (1.0, 1.0, 1.0)) == (1.0, 1.0)
+    assert extraction._shape_metrics(lesion, (1.0, 1.0, 1.0)) == (1.0, 1.0)
 
 
 def test_lesion_seed_is_an_integer_from_seed_case_and_index_only() -> None:
@@ -167,9 +168,11 @@ def test_a_protruding_box_that_finds_no_room_fails_at_its_own_size() -> None:
 
 
 def test_a_lesion_of_exactly_the_punctate_diameter_is_punctate() -> None:
-    measured = A.measure_lesion(*liver_scene(30.0, radius=(9.0, 7.0, 6.0)))
+    measured = extraction.measure_lesion(*liver_scene(30.0, radius=(9.0, 7.0, 6.0)))
     shapes = {
-        d: A.report_from_measurements(dataclasses.replace(measured, equivalent_diameter_mm=d)).attributes["shape"]
+        d: extraction.report_from_measurements(dataclasses.replace(measured, equivalent_diameter_mm=d)).attributes[
+            "shape"
+        ]
         for d in (A.PUNCTATE_MAX_MM, A.PUNCTATE_MAX_MM + 0.01)
     }
     assert shapes == {A.PUNCTATE_MAX_MM: "punctate,", A.PUNCTATE_MAX_MM + 0.01: "round-like,"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.attributes import array_box, extract_report
+from lesiondiffusion.attributes import array_box
 from lesiondiffusion.dataset import read_datalist, read_split, validate_cases
 from lesiondiffusion.io import read_json, read_nifti_array
 from lesiondiffusion.labels import HOLLOW_ORGANS, label_table
@@ -27,6 +27,7 @@ from lesiondiffusion.phantom_dataset import (
     make_case,
 )
 from lesiondiffusion.report import read_report
+from lesiondiffusion.reports.extraction import extract_report
 from lesiondiffusion.requests import read_requests
 
 from conftest import snapshot

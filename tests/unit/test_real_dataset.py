@@ -16,11 +16,11 @@ import pytest
 from scipy import ndimage as ndi
 
 from lesiondiffusion import real_dataset as R
-from lesiondiffusion.attributes import organ_reference_hu
 from lesiondiffusion.dataset import load_cases, read_datalist, read_split, validate_cases
 from lesiondiffusion.labels import label_table
 from lesiondiffusion.placement import Box, allowed_region
 from lesiondiffusion.report import read_report
+from lesiondiffusion.reports.extraction import organ_reference_hu
 from lesiondiffusion.requests import read_requests
 
 TS_SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
@@ -122,9 +122,9 @@ def test_lesion_hu_follows_class_and_value_in_this_scan(ts_ctx: R.ScanContext) -
     ref = ts_ctx.reference_hu[label_table("v1").id("liver")]
     assert abs(ref - 46.0) < 3  # the non-contrast liver of this scan, not a typical enhanced value
     for density, hu, lo, hi in (
-        (R.HYPER, ref + 40.0, 20, 60),
-        (R.HYPO, ref - 20.5, -60, -20),
-        (R.FLUID, 8.0, -999, -20),
+        (R.HYPERDENSE, ref + 40.0, 20, 60),
+        (R.HYPODENSE, ref - 20.5, -60, -20),
+        (R.FLUID_LIKE, 8.0, -999, -20),
     ):
         p = _paint(
             ts_ctx, 3, density=density, hu=hu, diameter_mm=25.0, shape="round", heterogeneous=False, well_defined=True
@@ -145,7 +145,7 @@ def test_lesion_keeps_the_scans_noise(ts_ctx: R.ScanContext) -> None:
     ratios = []
     for seed in (5, 6, 7):
         p = _paint(
-            ts_ctx, seed, density=R.HYPER, diameter_mm=30.0, shape="oval", heterogeneous=False, well_defined=True
+            ts_ctx, seed, density=R.HYPERDENSE, diameter_mm=30.0, shape="oval", heterogeneous=False, well_defined=True
         )
         core = ndi.binary_erosion(p.lesion, iterations=1)
         far = interior_organ & ~ndi.binary_dilation(p.lesion, iterations=3)
@@ -158,7 +158,7 @@ def test_ill_defined_margin_is_wider(ts_ctx: R.ScanContext) -> None:
     widths = {}
     for well in (True, False):
         sigma = 0.3 if well else 4.0
-        p = _paint(ts_ctx, 11, density=R.HYPER, hu=110.0, diameter_mm=36.0, shape="round", heterogeneous=False,
+        p = _paint(ts_ctx, 11, density=R.HYPERDENSE, hu=110.0, diameter_mm=36.0, shape="round", heterogeneous=False,
                    well_defined=well, margin_sigma_mm=sigma)  # fmt: skip
         widths[well] = edge_width_mm(p.image, p.lesion, liver, 3.0)
     assert widths[False] > widths[True] + 3.0, widths

@@ -24,6 +24,7 @@ from lesiondiffusion import attributes as A
 from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion.evaluation import evaluate_outputs, summary_line
 from lesiondiffusion.report import LesionReport, Report, format_ct_value, format_size
+from lesiondiffusion.reports import extraction
 from lesiondiffusion.requests import SynthesisRequest, write_requests
 
 LIVER = 5
@@ -215,7 +216,7 @@ def realism_scene(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     seg = np.asarray(nib.load(src / "organ_seg.nii.gz").dataobj)
     liver = seg == LIVER
     points = _deep_points(seg, np.asarray(nib.load(src / "label.nii.gz").dataobj), spacing, 8.0, 3)
-    reference_hu = A.organ_reference_hu(before, liver, spacing)
+    reference_hu = extraction.organ_reference_hu(before, liver, spacing)
 
     # ground truth: three hypodense liver lesions 50 HU below the liver, the liver's own noise kept
     entries = []
