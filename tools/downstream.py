@@ -591,9 +591,8 @@ def run_downstream(
             offline_source = "in-process chain at the bundles' full settings (synthesize made no case)"
 
     pairs = [(arm, seed) for seed in range(p["seeds"]) for arm in arm_list]
-    runs = run_arms(
-        pairs, train, offline, tests, p, organ, distribution, nsd_tolerance_mm, out_dir / "downstream_runs", jobs, threads
-    )
+    saved = out_dir / "downstream_runs"
+    runs = run_arms(pairs, train, offline, tests, p, organ, distribution, nsd_tolerance_mm, saved, jobs, threads)
     summary = summarise(runs, list(tests))
     report = {
         "command": " ".join(["lesiondiffusion downstream", *sys.argv[2:]]),

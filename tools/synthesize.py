@@ -600,6 +600,7 @@ def synthesize(
     across the processes case by case (:mod:`lesiondiffusion.batch`).
     """
     params = dict(locals())
+    started = time.perf_counter()
     if requests and batch.wanted(flag(resume)):
         if not out:
             raise LesionDiffusionError("give the output folder: --out DIR")
@@ -717,6 +718,8 @@ def synthesize(
                 "peak_rss_mib": {k: None if v is None else round(v, 1) for k, v in memory.items()},
                 "parameters": settings.as_dict(),
             }
+            # the whole command: input checks, the stages and writing every output (the timings are the stages')
+            summary["wall_s"] = round(time.perf_counter() - started, 3)
             write_json(staging / "summary.json", summary)
             if keep_work:
                 shutil.copytree(work, staging / "work")
