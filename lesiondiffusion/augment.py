@@ -43,10 +43,10 @@ from lesiondiffusion.attributes import LESION_TYPE, ORGAN_TYPE
 from lesiondiffusion.data_paths import BUNDLES
 from lesiondiffusion.diffusion import load_weights
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.io import user_path
+from lesiondiffusion.io import StoredImage, user_path, voxel_spacing
 from lesiondiffusion.labels import is_hollow, label_table, to_v1_map
 from lesiondiffusion.manifest import LesionEntry
-from lesiondiffusion.paste import StoredImage, paste, voxel_spacing
+from lesiondiffusion.paste import paste
 from lesiondiffusion.pipelines.linet import LesionInpainter, require_weights
 from lesiondiffusion.pipelines.lmnet import LesionMaskSynthesiser
 from lesiondiffusion.pipelines.mask_inputs import working_size

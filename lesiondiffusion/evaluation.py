@@ -55,7 +55,16 @@ from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import realism as R
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import PathLike, atomic_path, load_nifti, read_json, user_path, write_json, write_text
+from lesiondiffusion.io import (
+    PathLike,
+    StoredImage,
+    atomic_path,
+    read_json,
+    read_stored,
+    user_path,
+    write_json,
+    write_text,
+)
 from lesiondiffusion.labels import label_ids, label_table
 from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, before_after, caption_band, request_caption
 from lesiondiffusion.report import LesionReport, Report
@@ -101,49 +110,8 @@ class CaseError(LesionDiffusionError):
 
 
 # ---- reading ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StoredVolume:
-    """A NIfTI volume as stored: raw voxels, their scaling to HU, and the affine."""
-
-    raw: np.ndarray
-    slope: float
-    inter: float
-    affine: np.ndarray
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size (mm) along each array axis."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
-
-    def hu(self, index: Any = ...) -> np.ndarray:
-        """Scaled values (float32), of ``raw[index]``."""
-        return self.raw[index].astype(np.float32) * np.float32(self.slope) + np.float32(self.inter)
-
-    def values(self) -> np.ndarray:
-        """HU for the measurements: the raw array itself when the scaling is the identity (no copy)."""
-        return self.raw if (self.slope, self.inter) == (1.0, 0.0) else self.hu()
-
-
-def read_volume(path: PathLike) -> StoredVolume:
-    """Read a 3D NIfTI keeping its stored values (no scaling applied); problems are an :class:`InputError`.
-
-    nibabel only, on purpose: evaluating needs neither torch nor MONAI.
-    """
-    img = load_nifti(path, ndim=3)
-    proxy = img.dataobj
-    try:
-        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-    except Exception as e:  # corrupt gzip streams and the like
-        raise InputError(path, f"unreadable NIfTI voxels ({type(e).__name__}: {e})") from None
-    raw = raw.reshape(raw.shape[:3])
-    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
-    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
-    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
-    return StoredVolume(raw, slope, inter, np.asarray(img.affine, dtype=np.float64))
-
-
-def _labels(volume: StoredVolume) -> np.ndarray:
-    arr = volume.raw if (volume.slope, volume.inter) == (1.0, 0.0) else volume.hu()
+def _labels(volume: StoredImage) -> np.ndarray:
+    arr = volume.values()
     return label_ids(arr)
 
 
@@ -268,7 +236,7 @@ class Preservation:
         }
 
 
-def preservation(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, margin_mm: float) -> Preservation:
+def preservation(before: StoredImage, after: StoredImage, lesion: np.ndarray, margin_mm: float) -> Preservation:
     """Compare ``after`` with ``before`` (same shape) beyond ``margin_mm`` of ``lesion`` and in the blend zone.
 
     Far: Euclidean distance (mm, voxel centres) to the nearest lesion voxel >= ``margin_mm``, where the
@@ -287,7 +255,7 @@ def preservation(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, 
         zone_voxels = int(np.count_nonzero(zone))
         rmse = psnr = None
         if zone_voxels:
-            diff = after.hu(box)[zone].astype(np.float64) - before.hu(box)[zone].astype(np.float64)
+            diff = after.to_hu(box)[zone] - before.to_hu(box)[zone]
             rmse = float(np.sqrt(np.mean(diff**2)))
             psnr = None if rmse == 0 else float(20.0 * np.log10(PSNR_RANGE_HU / rmse))
         changed[box] &= ~near  # what is left is changed beyond the margin
@@ -305,7 +273,7 @@ def preservation(before: StoredVolume, after: StoredVolume, lesion: np.ndarray, 
 
 
 # ---- one case -----------------------------------------------------------------------------------------
-def _check_grid(path: Path, vol: StoredVolume, ref: StoredVolume, problems: list[str], stored: bool) -> bool:
+def _check_grid(path: Path, vol: StoredImage, ref: StoredImage, problems: list[str], stored: bool) -> bool:
     """Shape must match the input CT's (else the case is invalid); affine, dtype and scaling differences
     are listed in ``problems``. True when there were none."""
     name, before = path.name, len(problems)
@@ -333,7 +301,7 @@ def _margin(provenance: dict[str, Any], override: float | None, problems: list[s
 
 
 def _appearance(
-    volume: StoredVolume,
+    volume: StoredImage,
     label: np.ndarray,
     seg: np.ndarray,
     organ_id: int,
@@ -400,12 +368,12 @@ def evaluate_case(
     if not isinstance(provenance, dict):
         raise CaseError(f"{folder / 'provenance.json'}: not a JSON object")
     reports = _case_file(read_case_reports, folder / "report.json")
-    before = read_volume(request.image)  # the user's own input: a problem here stops the run
-    after = _case_file(read_volume, folder / "image.nii.gz")
+    before = read_stored(request.image)  # the user's own input: a problem here stops the run
+    after = _case_file(read_stored, folder / "image.nii.gz")
     grid_ok = _check_grid(folder / "image.nii.gz", after, before, problems, stored=True)
     label_vol, seg_vol = (
-        _case_file(read_volume, folder / "label.nii.gz"),
-        _case_file(read_volume, folder / "organ_seg.nii.gz"),
+        _case_file(read_stored, folder / "label.nii.gz"),
+        _case_file(read_stored, folder / "organ_seg.nii.gz"),
     )
     _check_grid(folder / "label.nii.gz", label_vol, before, problems, stored=False)
     _check_grid(folder / "organ_seg.nii.gz", seg_vol, before, problems, stored=False)
@@ -793,8 +761,8 @@ def summary_line(report: dict[str, Any]) -> str:
 
 # ---- contact sheet ------------------------------------------------------------------------------------
 def case_tile(
-    before: StoredVolume,
-    after: StoredVolume,
+    before: StoredImage,
+    after: StoredImage,
     lesion: np.ndarray,
     window: Sequence[float],
     size: int = 160,

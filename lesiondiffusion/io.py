@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,68 @@ def read_nifti_array(path: PathLike, dtype: Any = None, ndim: int | None = 3) ->
     if ndim is not None and data.ndim > ndim:
         data = data.reshape(data.shape[:ndim])
     return (data if dtype is None else data.astype(dtype, copy=False)), img
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Physical size of a voxel along each array axis (column norms of the affine), mm."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A NIfTI volume as stored: raw voxels (on-disk dtype), the scaling that turns them into HU, the image."""
+
+    raw: np.ndarray
+    slope: float
+    inter: float
+    image: nib.Nifti1Image
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.image.affine, dtype=np.float64)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along each array axis."""
+        return tuple(float(s) for s in voxel_spacing(self.image.affine))  # type: ignore[return-value]
+
+    def to_hu(self, box: Any = None, dtype: Any = np.float64) -> np.ndarray:
+        """Scaled values (HU) of the whole array or of ``box``, as ``dtype``."""
+        raw = self.raw if box is None else self.raw[box]
+        return raw.astype(dtype) * dtype(self.slope) + dtype(self.inter)
+
+    def values(self) -> np.ndarray:
+        """HU for measurements: the raw array itself when the scaling is the identity (no copy), else float32."""
+        return self.raw if (self.slope, self.inter) == (1.0, 0.0) else self.to_hu(dtype=np.float32)
+
+    def from_hu(self, hu: np.ndarray) -> np.ndarray:
+        """HU -> stored values of the raw dtype (rounded and clipped for integer dtypes)."""
+        stored = (np.asarray(hu, dtype=np.float64) - self.inter) / self.slope
+        dtype = self.raw.dtype
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            return np.clip(np.rint(stored), info.min, info.max).astype(dtype)
+        if dtype == np.bool_:
+            return stored > 0.5
+        return stored.astype(dtype)
+
+
+def read_stored(path: PathLike) -> StoredImage:
+    """Read a 3D NIfTI keeping its stored dtype and scaling (never modified); problems are an :class:`InputError`.
+
+    nibabel only: reading needs neither torch nor MONAI.
+    """
+    img = load_nifti(path, ndim=3)
+    try:
+        proxy = img.dataobj
+        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    except Exception as e:  # corrupt gzip streams and the like
+        raise InputError(path, f"unreadable NIfTI voxels ({type(e).__name__}: {e})") from None
+    raw = raw.reshape(raw.shape[:3])
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    return StoredImage(raw, slope, inter, img)  # type: ignore[arg-type]
 
 
 def save_nifti(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -40,8 +39,7 @@ from monai.transforms import SpatialResample
 from scipy import ndimage
 from scipy.special import ndtr
 
-from lesiondiffusion.errors import InputError
-from lesiondiffusion.io import PathLike, atomic_path, load_nifti
+from lesiondiffusion.io import PathLike, StoredImage, atomic_path, voxel_spacing
 from lesiondiffusion.labels import mask_bounds
 
 logger = logging.getLogger(__name__)
@@ -56,11 +54,6 @@ NOISE_BLOCK = 160
 MIN_NOISE_VOXELS = 500
 # Rounds that move a lesion's level so that its edge keeps the lesion's median (shape_edge).
 EDGE_LEVEL_ROUNDS = 2
-
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Physical size of a voxel along each array axis (column norms of the affine)."""
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
 
 
 def zone_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> Box | None:
@@ -140,45 +133,16 @@ def resample_patch(
     return values, inside.reshape(tuple(dst_shape))
 
 
-@dataclass(frozen=True)
-class StoredImage:
-    """A NIfTI scan as stored: raw voxels (on-disk dtype) and the scaling that turns them into HU."""
-
-    raw: np.ndarray
-    slope: float
-    inter: float
-    image: nib.Nifti1Image
-
-    @property
-    def affine(self) -> np.ndarray:
-        return np.asarray(self.image.affine, dtype=np.float64)
-
-    def to_hu(self, box: Box | None = None) -> np.ndarray:
-        """Scaled values (HU) of the whole array or of ``box``, as float64."""
-        raw = self.raw if box is None else self.raw[box]
-        return raw.astype(np.float64) * self.slope + self.inter
-
-    def noise_hu(self, sigma_vox: float = 1.0) -> float | None:
-        """The scan's noise level (:func:`scan_noise_hu` of its central block), measured once per ``sigma_vox``."""
-        cache = self.__dict__.setdefault("_noise_hu", {})  # frozen dataclass: a cache beside the fields
-        if sigma_vox not in cache:
-            box = tuple(
-                slice(max((n - NOISE_BLOCK) // 2, 0), max((n - NOISE_BLOCK) // 2, 0) + min(n, NOISE_BLOCK))
-                for n in self.raw.shape
-            )
-            cache[sigma_vox] = scan_noise_hu(self.to_hu(box), sigma_vox)  # type: ignore[arg-type]
-        return cache[sigma_vox]
-
-    def from_hu(self, hu: np.ndarray) -> np.ndarray:
-        """HU -> stored values of the raw dtype (rounded and clipped for integer dtypes)."""
-        stored = (np.asarray(hu, dtype=np.float64) - self.inter) / self.slope
-        dtype = self.raw.dtype
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            return np.clip(np.rint(stored), info.min, info.max).astype(dtype)
-        if dtype == np.bool_:
-            return stored > 0.5
-        return stored.astype(dtype)
+def noise_level(image: StoredImage, sigma_vox: float = 1.0) -> float | None:
+    """The scan's noise level (:func:`scan_noise_hu` of its central block), measured once per image and ``sigma_vox``."""
+    cache = image.__dict__.setdefault("_noise_hu", {})  # a frozen dataclass: the cache sits beside its fields
+    if sigma_vox not in cache:
+        box = tuple(
+            slice(max((n - NOISE_BLOCK) // 2, 0), max((n - NOISE_BLOCK) // 2, 0) + min(n, NOISE_BLOCK))
+            for n in image.raw.shape
+        )
+        cache[sigma_vox] = scan_noise_hu(image.to_hu(box), sigma_vox)  # type: ignore[arg-type]
+    return cache[sigma_vox]
 
 
 def high_pass(a: np.ndarray, sigma_vox: float) -> np.ndarray:
@@ -297,22 +261,6 @@ def shape_edge(
     return out
 
 
-def read_stored(path: PathLike) -> StoredImage:
-    """Read a 3D NIfTI scan keeping its stored dtype and scaling (never modified)."""
-    img = load_nifti(path, ndim=3)
-    try:
-        proxy = img.dataobj
-        raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-    except Exception as e:
-        raise InputError(path, f"unreadable NIfTI voxels ({type(e).__name__}: {e})") from None
-    raw = raw.reshape(raw.shape[:3])
-    slope = getattr(proxy, "slope", 1.0)
-    inter = getattr(proxy, "inter", 0.0)
-    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
-    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
-    return StoredImage(raw, slope, inter, img)  # type: ignore[arg-type]
-
-
 def save_like(path: PathLike, data: np.ndarray, reference: StoredImage, scaled: bool = True) -> Path:
     """Write ``data`` atomically with the reference's header: same affine, qform/sform and shape.
 
@@ -379,7 +327,7 @@ def paste(
     write = weights > 0
     current = out[box].astype(np.float64) * original.slope + original.inter
     if noise_sigma_vox > 0:
-        level = original.noise_hu(noise_sigma_vox)
+        level = noise_level(original, noise_sigma_vox)
         values = keep_scan_noise(
             np.where(inside, values, current), current, noise_sigma_vox, where=mask[box] & inside,
             clip_hu=None if level is None else NOISE_CLIP * level, patch_std=patch_noise_std,

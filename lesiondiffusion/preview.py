@@ -28,7 +28,7 @@ from scipy import ndimage as ndi
 from lesiondiffusion import attributes as A
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import PathLike, atomic_path, read_nifti_array
+from lesiondiffusion.io import PathLike, atomic_path, read_nifti_array, read_stored, voxel_spacing
 from lesiondiffusion.labels import label_ids, label_table, mask_bounds, normalize_name
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     sizes along those axes."""
     ornt = nib.orientations.io_orientation(affine)
     ras = nib.orientations.apply_orientation(volume, ornt)
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = voxel_spacing(affine)
     # io_orientation's row i says where input axis i goes; the RAS axis j holds the input axis whose row says j
     order = np.argsort(ornt[:, 0])
     return ras, zooms[order]
@@ -370,8 +370,6 @@ def write_case_preview(
     """The preview of one synthesised case from its files: input CT, synthetic CT, label map (lesion = 2),
     captioned with the request's ``attributes`` (and its ``sentence``, if it was described in words) and
     windowed for its organ."""
-    from lesiondiffusion.paste import read_stored  # imports MONAI: only when a preview is written
-
     original, synthetic = read_stored(before), read_stored(after)
     labels, _ = read_nifti_array(label)
     if labels.shape != original.raw.shape or synthetic.raw.shape != original.raw.shape:

@@ -47,7 +47,7 @@ from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.dataset import datalist_version, load_cases
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import PathLike, read_nifti_array, user_path
+from lesiondiffusion.io import PathLike, read_nifti_array, user_path, voxel_spacing
 from lesiondiffusion.labels import label_table, to_v1_map
 from lesiondiffusion.report import read_report
 from lesiondiffusion.reports import extraction
@@ -98,10 +98,6 @@ class ReferenceLesion:
     measures: dict[str, Any]
 
 
-def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(s) for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
-
-
 def _datalist(path: Path) -> Path:
     if path.is_dir():
         found = path / "datalist.json"
@@ -149,7 +145,7 @@ def load_reference(path: PathLike) -> list[ReferenceLesion]:
             if seg.shape == label.shape:
                 organ |= seg == report.organ_id
         organ &= ~lesion
-        spacing = _spacing(img.affine)
+        spacing = tuple(float(s) for s in voxel_spacing(img.affine))
         measured = (
             None
             if A.is_hollow_name(organ_name)

@@ -296,7 +296,9 @@ def check_organ(
         raise InputError(
             seg_path, f"the {organ} is not in this organ map (TotalSegmentator {version} labels present: {present})"
         )
-    spacing = np.sqrt((np.asarray(seg_img.affine)[:3, :3] ** 2).sum(axis=0))
+    from lesiondiffusion.io import voxel_spacing
+
+    spacing = voxel_spacing(seg_img.affine)
     voxel_mm3 = float(np.prod(spacing))
     volume = float(mask.sum()) * voxel_mm3
     lo, hi = mask_bounds(mask)

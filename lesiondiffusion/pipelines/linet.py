@@ -46,11 +46,20 @@ from lesiondiffusion.conditioning import lesion_attributes
 from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, to_input_grid
-from lesiondiffusion.io import PathLike, file_sha256, load_nifti, read_nifti_array, user_path
+from lesiondiffusion.io import (
+    PathLike,
+    StoredImage,
+    file_sha256,
+    load_nifti,
+    read_nifti_array,
+    read_stored,
+    user_path,
+    voxel_spacing,
+)
 from lesiondiffusion.labels import LESION_LABEL, label_ids, label_table, mask_bounds
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
-from lesiondiffusion.paste import StoredImage, paste, read_stored, save_like, voxel_spacing
+from lesiondiffusion.paste import paste, save_like
 from lesiondiffusion.preview import request_caption, write_preview
 from lesiondiffusion.transforms import CTIntensityMap
 from lesiondiffusion.vocabulary import CT_VALUE, SURFACE

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lesiondiffusion.dataset import Case, datalist_version, load_cases, validate_cases, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
-from lesiondiffusion.io import atomic_dir, save_nifti, write_json
+from lesiondiffusion.io import atomic_dir, save_nifti, voxel_spacing, write_json
 from lesiondiffusion.labels import AUTO, choose_version, resolve_version, to_v1_map
 from lesiondiffusion.report import Report, read_report, write_report
 from lesiondiffusion.reports.extraction import measure_lesion, report_from_measurements
@@ -193,7 +193,7 @@ class TrainingSetWriter:
         version = resolve_version(self.version, data["organ_seg"][0].numpy(), affine, case.organ_seg, image_hu=hu)
         seg = to_v1_map(data["organ_seg"][0].numpy(), version)
         self.versions[str(case.organ_seg)] = version
-        spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        spacing = tuple(float(s) for s in voxel_spacing(affine))
         organ_id = self._organ_id(case)
         try:
             m = measure_lesion(hu, label, seg, spacing, organ_id, version="v1")

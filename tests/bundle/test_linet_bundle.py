@@ -651,7 +651,7 @@ def test_a_lesion_below_the_latent_resolution_is_painted_from_its_prior_without_
 
 def test_a_lesion_painted_from_its_prior_gets_the_scans_noise_in_full(vqgan, tmp_path):
     from lesiondiffusion.diffusion import DiffusionSampler
-    from lesiondiffusion.paste import read_stored
+    from lesiondiffusion.io import read_stored
 
     inpainter = linet_pipeline.LesionInpainter(
         torch.nn.Identity(), ae.load_vqvae(str(vqgan)), DiffusionSampler("ddim", 1, progress=False)

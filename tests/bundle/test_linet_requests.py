@@ -27,8 +27,9 @@ from test_linet_bundle import LINET
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.conditioning import lesion_attributes
 from lesiondiffusion.geometry import record_geometry, standardise, write_geometry
+from lesiondiffusion.io import read_stored
 from lesiondiffusion.manifest import CaseEntry, LesionEntry
-from lesiondiffusion.paste import paste, read_stored
+from lesiondiffusion.paste import paste
 from lesiondiffusion.placement import Box
 from lesiondiffusion.report import format_ct_value
 

@@ -23,7 +23,8 @@ from scipy import ndimage as ndi
 
 from lesiondiffusion import attributes as A
 from lesiondiffusion.errors import InputError
-from lesiondiffusion.evaluation import evaluate_outputs, inside_fraction, preservation, read_volume
+from lesiondiffusion.evaluation import evaluate_outputs, inside_fraction, preservation
+from lesiondiffusion.io import read_stored
 from lesiondiffusion.report import LesionReport, Report, format_ct_value, format_size
 from lesiondiffusion.reports import extraction
 from lesiondiffusion.requests import SynthesisRequest, write_requests
@@ -381,14 +382,14 @@ def test_preservation_uses_mm_and_stored_bits(write_nifti):
     after[8, 8, 10] = 5.0  # 2 voxels away: inside a 3 mm margin at 1 mm, beyond it at 2 mm along axis 2
     after[0, 0, 0] = -0.0  # same value, other bits: a change
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    b = read_volume(write_nifti("b.nii.gz", base, affine))
-    a = read_volume(write_nifti("a.nii.gz", after, affine))
+    b = read_stored(write_nifti("b.nii.gz", base, affine))
+    a = read_stored(write_nifti("a.nii.gz", after, affine))
     kept = preservation(b, a, lesion, 3.0)
     assert kept.far_changed == 1 and kept.examples == [[0, 0, 0]]
     assert kept.zone_rmse_hu == pytest.approx(np.sqrt(25.0 / kept.zone_voxels))
     affine2 = np.diag([1.0, 1.0, 2.0, 1.0])
-    b2 = read_volume(write_nifti("b2.nii.gz", base, affine2))
-    a2 = read_volume(write_nifti("a2.nii.gz", after, affine2))
+    b2 = read_stored(write_nifti("b2.nii.gz", base, affine2))
+    a2 = read_stored(write_nifti("a2.nii.gz", after, affine2))
     kept2 = preservation(b2, a2, lesion, 3.0)
     assert kept2.far_changed == 2 and [8, 8, 10] in kept2.examples
 
@@ -397,7 +398,7 @@ def test_unreadable_input_ct_is_an_input_error(tmp_path):
     bad = tmp_path / "ct.nii.gz"
     bad.write_bytes(b"not a nifti")
     with pytest.raises(InputError, match="ct.nii.gz"):
-        read_volume(bad)
+        read_stored(bad)
 
 
 def test_output_in_another_dtype_is_not_preserved(scene, tmp_path):

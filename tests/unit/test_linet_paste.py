@@ -11,16 +11,8 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from lesiondiffusion.paste import (
-    feather_weights,
-    keep_scan_noise,
-    outside_margin,
-    paste,
-    read_stored,
-    resample_patch,
-    save_like,
-    voxel_spacing,
-)
+from lesiondiffusion.io import read_stored, voxel_spacing
+from lesiondiffusion.paste import feather_weights, keep_scan_noise, outside_margin, paste, resample_patch, save_like
 
 
 def _world(shape, affine):

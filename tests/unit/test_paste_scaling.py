@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lesiondiffusion.paste import paste, read_stored
+from lesiondiffusion.io import read_stored
+from lesiondiffusion.paste import paste
 
 
 def _ball(shape, centre, radius) -> np.ndarray:

@@ -12,17 +12,16 @@ import pytest
 from scipy import ndimage
 
 from lesiondiffusion.errors import InputError
+from lesiondiffusion.io import StoredImage, read_stored, voxel_spacing
 from lesiondiffusion.paste import (
-    StoredImage,
     box_affine,
     keep_scan_noise,
+    noise_level,
     outside_margin,
     paste,
-    read_stored,
     save_like,
     scan_noise_hu,
     signed_distance_mm,
-    voxel_spacing,
     zone_box,
 )
 
@@ -186,7 +185,7 @@ def test_scan_noise_level_is_measured_on_soft_tissue_only() -> None:
     assert level == pytest.approx(expected, rel=0.1)
     assert scan_noise_hu(scan[:, :, 18:]) is None  # no soft tissue: no level
     stored = StoredImage(np.rint(scan * 2).astype(np.int16), 0.5, 0.0, nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4)))
-    assert stored.noise_hu(1.0) == pytest.approx(level, rel=0.05)
+    assert noise_level(stored, 1.0) == pytest.approx(level, rel=0.05)
 
 
 def test_a_lesion_with_a_well_defined_margin_does_not_show_the_vessel_under_it(tmp_path: Path) -> None:
@@ -206,7 +205,7 @@ def test_a_lesion_with_a_well_defined_margin_does_not_show_the_vessel_under_it(t
     for i, hu in enumerate((lung, vessel)):
         nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16), np.eye(4)), str(tmp_path / f"ct{i}.nii.gz"))
         original = read_stored(tmp_path / f"ct{i}.nii.gz")
-        clip = 3.0 * original.noise_hu(1.0)
+        clip = 3.0 * noise_level(original, 1.0)
         outs.append(
             paste(original, lesion, patch, np.eye(4), 3.0, 1.0, noise_sigma_vox=1.0, edge_sigma_mm=0.3).astype(float)
         )

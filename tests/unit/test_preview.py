@@ -10,8 +10,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from lesiondiffusion import preview
-from lesiondiffusion.evaluation import StoredVolume, case_tile, contact_sheet
-from lesiondiffusion.io import save_nifti
+from lesiondiffusion.evaluation import case_tile, contact_sheet
+from lesiondiffusion.io import StoredImage, save_nifti
 
 SIZE = 96
 CUBE_MM = 96.0  # every test scan is this cube of world space, centred on the world origin
@@ -212,7 +212,7 @@ def test_to_ras_voxel_sizes_follow_a_permuted_affine():
 
 def test_contact_sheet_one_row_per_case(tmp_path):
     before, after, label = _case(tmp_path, ("L", "P", "S"))
-    vol = lambda p: StoredVolume(np.asarray(nib.load(p).dataobj), 1.0, 0.0, nib.load(p).affine)  # noqa: E731
+    vol = lambda p: StoredImage(np.asarray(nib.load(p).dataobj), 1.0, 0.0, nib.load(p))  # noqa: E731
     lesion = np.asarray(nib.load(label).dataobj) == 2
     tile = case_tile(
         vol(before), vol(after), lesion, preview.SOFT_TISSUE_WINDOW, SIZE, caption="organ: liver   lesion: cyst"
