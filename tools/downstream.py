@@ -491,10 +491,11 @@ def reading(summary: dict[str, Any], runs: Sequence[dict[str, Any]] = ()) -> lis
         if best < 0.01:
             # an empty prediction scores DSC 1 on a crop without lesion: differences then only say which arm
             # predicted nothing there, not which segments lesions better
+            scored = any(e["dice"][0] > 0.01 for e in arms.values())
             where = (
                 f"; the DSC below comes from the {empty} scan(s) whose crop holds no lesion, where predicting "
                 "nothing scores 1"
-                if empty
+                if empty and scored
                 else ""
             )
             lines.append(
