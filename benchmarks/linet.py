@@ -156,6 +156,8 @@ def part_infer(work: Path, preset: str, steps: int, device: str) -> dict[str, An
     parser["network"] = network  # random weights: speed does not depend on their values
     inpainter = parser.get_parsed_content("inpainter")
     inpainter.sampler.progress = False
+    from lesiondiffusion.io import read_stored
+
     inpaint = importlib.import_module("lesiondiffusion.pipelines.linet")
     case = inpaint.read_manifest(manifest).cases[0]
     times = []
@@ -176,7 +178,7 @@ def part_infer(work: Path, preset: str, steps: int, device: str) -> dict[str, An
         "lesion_s": timing.total,
         "case_s": times[-1],
         "first_case_s": times[0],
-        "ct_shape": list(inpaint.read_stored(case.source_image).raw.shape),
+        "ct_shape": list(read_stored(case.source_image).raw.shape),
         "peak_rss_mib": peak_rss_mib(),
         "cuda_peak_mib": cuda_peak_mib(device),
     }
