@@ -11,6 +11,7 @@ import os
 import socket
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,6 +160,10 @@ class StoredImage:
         return np.asarray(self.image.affine, dtype=np.float64)
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.raw.shape)
+
+    @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) along each array axis."""
         return tuple(float(s) for s in voxel_spacing(self.image.affine))  # type: ignore[return-value]
@@ -184,22 +189,68 @@ class StoredImage:
         return stored.astype(dtype)
 
 
-def read_stored(path: PathLike) -> StoredImage:
+def read_stored(path: PathLike, label: bool = False) -> StoredImage:
     """Read a 3D NIfTI keeping its stored dtype and scaling (never modified); problems are an :class:`InputError`.
 
-    nibabel only: reading needs neither torch nor MONAI.
+    nibabel only: reading a NIfTI needs neither torch nor MONAI (a DICOM series or NRRD file is read by
+    :func:`read_image`, ``label`` as for it). Inside :func:`shared_reads` an unchanged NIfTI file is decoded
+    once and every caller gets the same read-only voxels.
     """
-    img = load_nifti(path, ndim=3)
+    if image_format(path) != "nifti":
+        return stored_image(read_image(path, label=label), path)
+    key = _file_key(path) if _shared is not None else None
+    if key is not None and key in _shared:  # type: ignore[operator]
+        _shared.move_to_end(key)  # type: ignore[union-attr]
+        return _shared[key]  # type: ignore[index]
+    stored = stored_image(load_nifti(path, ndim=3), path)
+    if key is not None:
+        stored.raw.flags.writeable = False  # shared: a caller that edits must copy (they all do)
+        _shared[key] = stored  # type: ignore[index]
+        while len(_shared) > _shared_max:  # type: ignore[arg-type]
+            _shared.popitem(last=False)  # type: ignore[union-attr]
+    return stored
+
+
+def stored_image(img: nib.Nifti1Image, path: PathLike | None = None) -> StoredImage:
+    """The voxels of a loaded 3D image as stored (see :func:`read_stored`); ``path`` names it in errors."""
     try:
         proxy = img.dataobj
         raw = np.asarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
     except Exception as e:  # corrupt gzip streams and the like
-        raise InputError(path, f"unreadable NIfTI voxels ({type(e).__name__}: {e})") from None
+        raise InputError(path, f"unreadable NIfTI voxels ({type(e).__name__}: {' '.join(str(e).split())})") from None
     raw = raw.reshape(raw.shape[:3])
     slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
     slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
     return StoredImage(raw, slope, inter, img)  # type: ignore[arg-type]
+
+
+_shared: OrderedDict[tuple[Any, ...], StoredImage] | None = None
+_shared_max = 0
+
+
+def _file_key(path: PathLike) -> tuple[Any, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # load_nifti names the problem
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@contextmanager
+def shared_reads(max_files: int = 2) -> Iterator[None]:
+    """Within this block :func:`read_stored` keeps the last ``max_files`` files it decoded: the input checks
+    and the stages of one in-process synthesis share one decoding of a CT and of its organ map (a file
+    changed meanwhile is read again; a batch holds no more than ``max_files`` volumes). Nested blocks
+    share the outer one's reads."""
+    global _shared, _shared_max
+    outer, outer_max = _shared, _shared_max
+    if outer is None:
+        _shared, _shared_max = OrderedDict(), int(max_files)
+    try:
+        yield
+    finally:
+        _shared, _shared_max = outer, outer_max
 
 
 def save_nifti(

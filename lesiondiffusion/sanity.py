@@ -180,25 +180,17 @@ def check_device(device: str | None) -> None:
 
 
 # ---- the images ----------------------------------------------------------------------------------------
-def _voxels(img: Any, index: Any, path: Path | None = None) -> np.ndarray:
-    """``img.dataobj[index]`` as float32; a truncated or corrupt file is one error naming it."""
-    try:
-        return np.asarray(img.dataobj[index], dtype=np.float32)
-    except Exception as e:  # gzip, zlib and nibabel raise many types for damaged data
-        where = path if path is not None else getattr(img, "get_filename", lambda: None)()
-        raise InputError(where, f"unreadable voxels ({type(e).__name__}: {' '.join(str(e).split())})") from None
-
-
-def _sample(img: Any) -> np.ndarray:
-    """A strided sample of the image's values (scaled, float32) of at most about :data:`SAMPLE_VOXELS`."""
-    shape = img.shape[:3]
+def _sample(image: Any) -> np.ndarray:
+    """A strided sample of the image's values (HU, float32) of at most about :data:`SAMPLE_VOXELS`."""
+    shape = image.raw.shape
     step = max(1, math.ceil((float(np.prod(shape)) / SAMPLE_VOXELS) ** (1 / 3)))
-    return _voxels(img, np.s_[::step, ::step, ::step]).reshape(-1)
+    return image.to_hu(np.s_[::step, ::step, ::step], np.float32).reshape(-1)
 
 
 def check_image(img: Any, path: Path) -> None:
-    """A CT that cannot be one: constant, or not in Hounsfield units (non-finite voxels: :func:`check_organ`)."""
-    affine = np.asarray(img.affine, dtype=np.float64)
+    """A CT (a :class:`~lesiondiffusion.io.StoredImage`) that cannot be one: constant, or not in Hounsfield
+    units (non-finite voxels: :func:`check_organ`)."""
+    affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "the header gives no valid voxel-to-world matrix (zero or missing voxel spacing?)")
     values = _sample(img)
@@ -221,13 +213,6 @@ def check_image(img: Any, path: Path) -> None:
         )
     if hi < -500:
         raise InputError(path, f"every value is below -500 HU (highest {hi:g}): no tissue in this image")
-
-
-def _label_voxels(img: Any, path: Path) -> np.ndarray:
-    try:
-        return np.asanyarray(img.dataobj)
-    except Exception as e:
-        raise InputError(path, f"unreadable voxels ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def check_labels(seg: np.ndarray, path: Path) -> np.ndarray:
@@ -305,7 +290,7 @@ def check_organ(
     extent = (hi - lo + 1) * spacing
     pad = np.ceil(NEIGHBOURHOOD_MM / spacing).astype(int)
     box = tuple(slice(max(int(a - p), 0), int(b + p + 1)) for a, b, p in zip(lo, hi, pad, strict=True))
-    region = _voxels(image, box, image_path)
+    region = image.to_hu(box, np.float32)
     bad = int((~np.isfinite(region)).sum())
     if bad:
         raise InputError(
@@ -357,20 +342,20 @@ def check_case(
     ``vocabulary``: the attributes whose values the user typed (default: all of ``attributes``; a
     sentence's reading is made of known values already).
     """
-    from lesiondiffusion.io import read_image
+    from lesiondiffusion.io import read_stored
     from lesiondiffusion.labels import resolve_version
 
     warnings = check_attributes(
         attributes if vocabulary is None else vocabulary, where or str(image_path), allow_unknown
     )
-    image = read_image(image_path)
+    image = read_stored(image_path)
     check_image(image, image_path)
     if seg_path is None:
         if not np.all(np.isfinite(_sample(image))):
             raise InputError(image_path, "holds non-finite voxels (NaN or infinite): fix or mask them first")
         return warnings, None
-    seg_img = read_image(seg_path, label=True)
-    seg = check_labels(_label_voxels(seg_img, seg_path), seg_path)
+    seg_img = read_stored(seg_path, label=True)
+    seg = check_labels(seg_img.raw, seg_path)
     if seg.ndim > 3:
         seg = seg.reshape(seg.shape[:3])
     from lesiondiffusion.geometry import same_grid

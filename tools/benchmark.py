@@ -260,7 +260,8 @@ def benchmark(
     report = {
         "command": command,
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores, {device or 'auto'} device, "
-        f"load average {__import__('os').getloadavg()[0]:.1f} at the end (a shared machine inflates every figure)",
+        f"load average {__import__('os').getloadavg()[0]:.1f} at the end (a shared machine inflates every figure), "
+        f"NUMPY_MADVISE_HUGEPAGE={__import__('os').environ.get('NUMPY_MADVISE_HUGEPAGE', 'unset')}",
         "input": described,
         "parameters": {
             "preset": preset, "steps": None if steps is None else int(steps), "sampler": sampler,

@@ -41,7 +41,9 @@ from lesiondiffusion.io import (
     output_lock,
     read_json,
     read_nifti_array,
+    read_stored,
     save_nifti,
+    shared_reads,
     user_path,
     work_dir,
     write_json,
@@ -478,9 +480,9 @@ def _write_organ_map(path: Path, entry: CaseEntry, given: Path | None) -> None:
     geometry = read_geometry(entry.geometry)  # type: ignore[arg-type]
     version = entry.extra.get("organ_seg_version")
     if given is not None and version is not None:
-        seg, img = read_nifti_array(given)
-        if seg.shape == tuple(geometry.shape) and np.allclose(img.affine, geometry.input_affine, atol=1e-4):
-            save_nifti(path, to_v1_map(seg, version), geometry.input_affine, dtype=np.uint8)
+        stored = read_stored(given, label=True)
+        if stored.shape == tuple(geometry.shape) and np.allclose(stored.affine, geometry.input_affine, atol=1e-4):
+            save_nifti(path, to_v1_map(stored.raw, version), geometry.input_affine, dtype=np.uint8)
             return
     seg, _ = read_nifti_array(entry.organ_seg)  # type: ignore[arg-type]
     save_on_input_grid(path, seg, geometry, mode="nearest", dtype="uint8")
@@ -651,78 +653,85 @@ def synthesize(
     check_inputs(cases)
     check_inputs_outside(out_dir, [p for r in cases for p in (r.image, r.organ_seg) if p is not None])
     weight_files = weights_paths(weights)
-    # bad values, CT and organ map are refused before any work
-    cases, refused = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
-    cases = read_texts(cases, settings.report_provider, extra["preprocess"], settings.seed)
-    weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
-    # a batch case the input checks refuse fails in the preprocess stage (they open it); the others run
-    all_states = [
-        CaseState(r, error=refused.get(r.case), stage="preprocess" if r.case in refused else None) for r in cases
-    ]
-    states = [s for s in all_states if s.ok]
+    # one decoding of a case's CT and organ map, from the input checks to the outputs
+    with shared_reads():
+        # bad values, CT and organ map are refused before any work
+        cases, refused = check_requests(cases, organ_seg_version, flag(allow_unknown_values))
+        cases = read_texts(cases, settings.report_provider, extra["preprocess"], settings.seed)
+        weight_record = {n: {"path": str(p.resolve()), "sha256": file_sha256(p)} for n, p in weight_files.items()}
+        # a batch case the input checks refuse fails in the preprocess stage (they open it); the others run
+        all_states = [
+            CaseState(r, error=refused.get(r.case), stage="preprocess" if r.case in refused else None) for r in cases
+        ]
+        states = [s for s in all_states if s.ok]
 
-    timings: dict[str, float] = {}
-    memory: dict[str, float | None] = {}
-    # one writer per output: a second run refuses here; work folders go on every exit path
-    with output_lock(out_dir, overwrite, "synthesize"), work_dir(out_dir) as tmp:
-        work = Path(tmp)
-        lists = _write_inputs(work, states)
-        stages = (
-            ("preprocess", {**_stage_overrides("preprocess", settings, weight_files), **lists, **extra["preprocess"]}),
-            ("lmnet", {**_stage_overrides("lmnet", settings, weight_files), **extra["lmnet"]}),
-            ("linet", {**_stage_overrides("linet", settings, weight_files), **extra["linet"]}),
-        )
-        previous: Path | None = None
-        bundle_runs: dict[str, Any] = {}
-        with tqdm(total=len(stages), desc="synthesis", unit="stage") as bar:
-            for stage, overrides in stages:
-                bar.set_postfix_str(stage)
-                bundle_runs[stage] = _bundle_record(stage, overrides, work)
-                if not any(s.ok for s in states):
-                    timings[stage], memory[stage] = 0.0, None
-                else:
-                    if previous is not None:
-                        overrides = {**overrides, "manifest": str(previous)}
-                    timings[stage], memory[stage] = _run_stage(stage, overrides, work / stage, states, verbose, isolate)
-                    previous = work / stage / MANIFEST_NAME
-                bar.update()
-        timings["total"] = sum(timings.values())
-        n_lesions = sum(len(s.entry.lesions) for s in states if s.ok and s.entry is not None)
-
-        summary_cases = []
-        with atomic_dir(out_dir, overwrite=overwrite) as staging:
-            for s in all_states:
-                if s.ok:
-                    try:
-                        _write_case(
-                            staging / s.request.case, s, settings, weight_record, timings, n_lesions, bundle_runs
+        timings: dict[str, float] = {}
+        memory: dict[str, float | None] = {}
+        # one writer per output: a second run refuses here; work folders go on every exit path
+        with output_lock(out_dir, overwrite, "synthesize"), work_dir(out_dir) as tmp:
+            work = Path(tmp)
+            lists = _write_inputs(work, states)
+            stages = (
+                (
+                    "preprocess",
+                    {**_stage_overrides("preprocess", settings, weight_files), **lists, **extra["preprocess"]},
+                ),
+                ("lmnet", {**_stage_overrides("lmnet", settings, weight_files), **extra["lmnet"]}),
+                ("linet", {**_stage_overrides("linet", settings, weight_files), **extra["linet"]}),
+            )
+            previous: Path | None = None
+            bundle_runs: dict[str, Any] = {}
+            with tqdm(total=len(stages), desc="synthesis", unit="stage") as bar:
+                for stage, overrides in stages:
+                    bar.set_postfix_str(stage)
+                    bundle_runs[stage] = _bundle_record(stage, overrides, work)
+                    if not any(s.ok for s in states):
+                        timings[stage], memory[stage] = 0.0, None
+                    else:
+                        if previous is not None:
+                            overrides = {**overrides, "manifest": str(previous)}
+                        timings[stage], memory[stage] = _run_stage(
+                            stage, overrides, work / stage, states, verbose, isolate
                         )
-                    except (LesionDiffusionError, OSError) as e:
-                        s.error, s.stage = " ".join(str(e).split()), "output"
-                        shutil.rmtree(staging / s.request.case, ignore_errors=True)
-                item = {"case": s.request.case, "status": "ok" if s.ok else "error"}
-                if not s.ok:
-                    item.update(error=" ".join(str(s.error).split()), stage=s.stage)  # one line, whatever the cause
-                summary_cases.append(item)
-            summary = {
-                "cases": summary_cases,
-                "succeeded": sum(s.ok for s in all_states),
-                "failed": sum(not s.ok for s in all_states),
-                "lesions": n_lesions,
-                "network_calls": {
-                    stage: sum(network_calls(s.entry)[stage] for s in states if s.ok and s.entry is not None)
-                    for stage in NETWORKS[1:]
-                },
-                "timings_s": {k: round(v, 3) for k, v in timings.items()},
-                "seconds_per_lesion": round(timings["total"] / n_lesions, 3) if n_lesions else None,
-                "peak_rss_mib": {k: None if v is None else round(v, 1) for k, v in memory.items()},
-                "parameters": settings.as_dict(),
-            }
-            # the whole command: input checks, the stages and writing every output (the timings are the stages')
-            summary["wall_s"] = round(time.perf_counter() - started, 3)
-            write_json(staging / "summary.json", summary)
-            if keep_work:
-                shutil.copytree(work, staging / "work")
+                        previous = work / stage / MANIFEST_NAME
+                    bar.update()
+            timings["total"] = sum(timings.values())
+            n_lesions = sum(len(s.entry.lesions) for s in states if s.ok and s.entry is not None)
+
+            summary_cases = []
+            with atomic_dir(out_dir, overwrite=overwrite) as staging:
+                for s in all_states:
+                    if s.ok:
+                        try:
+                            _write_case(
+                                staging / s.request.case, s, settings, weight_record, timings, n_lesions, bundle_runs
+                            )
+                        except (LesionDiffusionError, OSError) as e:
+                            s.error, s.stage = " ".join(str(e).split()), "output"
+                            shutil.rmtree(staging / s.request.case, ignore_errors=True)
+                    item = {"case": s.request.case, "status": "ok" if s.ok else "error"}
+                    if not s.ok:
+                        item.update(error=" ".join(str(s.error).split()), stage=s.stage)  # one line, whatever the cause
+                    summary_cases.append(item)
+                summary = {
+                    "cases": summary_cases,
+                    "succeeded": sum(s.ok for s in all_states),
+                    "failed": sum(not s.ok for s in all_states),
+                    "lesions": n_lesions,
+                    "network_calls": {
+                        stage: sum(network_calls(s.entry)[stage] for s in states if s.ok and s.entry is not None)
+                        for stage in NETWORKS[1:]
+                    },
+                    "timings_s": {k: round(v, 3) for k, v in timings.items()},
+                    "seconds_per_lesion": round(timings["total"] / n_lesions, 3) if n_lesions else None,
+                    "peak_rss_mib": {k: None if v is None else round(v, 1) for k, v in memory.items()},
+                    "parameters": settings.as_dict(),
+                }
+                # the whole command: input checks, the stages and writing every output (the timings are the stages')
+                summary["wall_s"] = round(time.perf_counter() - started, 3)
+                write_json(staging / "summary.json", summary)
+                if keep_work:
+                    shutil.copytree(work, staging / "work")
     for s in states:  # a report proposed offline after the endpoint failed: a warning line, even from a quiet stage
         for fallback in (s.entry.extra.get("report_provider") or {}).get("fallbacks", []) if s.ok and s.entry else []:
             if not verbose:

@@ -32,15 +32,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 from lesiondiffusion.attributes import AORTA, PORTAL_VEIN, ScanContext, contrast_phase
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_geometry
-from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, save_nifti, user_path
-from lesiondiffusion.labels import is_hollow, label_table
+from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, read_stored, save_nifti, user_path
+from lesiondiffusion.labels import is_hollow, label_table, mask_bounds
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
 from lesiondiffusion.pipelines.preprocess_inputs import CaseRequest, read_requests
 from lesiondiffusion.pipelines.segment import OrganSegmenter
@@ -179,7 +178,7 @@ class PreprocessRunner:
                 raise InputError(request.organ_seg, f"organ map affine differs from the image's ({request.image})")
 
         if seg_path is not None and self.crop_margin_mm is not None and not self.segmenter.prefer_totalseg:
-            hu, affine, seg, seg_source, seg_version, scan = self._standardise_region(request, header, seg_path)
+            hu, affine, seg, seg_source, seg_version, scan = self._standardise_region(request, image_path, seg_path)
         else:
             hu, affine, seg, seg_source, seg_version, scan = self._standardise_scan(request, image_path, seg_path)
         if seg_path is not None and seg_path != request.organ_seg and seg_path.exists():
@@ -245,7 +244,7 @@ class PreprocessRunner:
         return hu, affine, seg, seg_source, seg_version, scan
 
     def _standardise_region(
-        self, request: CaseRequest, header: nib.Nifti1Image, seg_path: Path
+        self, request: CaseRequest, image_path: Path, seg_path: Path
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, str, ScanContext]:
         """The organ's neighbourhood on the standardised grid, its v1 organ map and the scan measured there.
 
@@ -254,35 +253,27 @@ class PreprocessRunner:
         contrast phase) are measured on small standardised boxes of their own. Same voxels, same numbers
         as the whole-scan path.
         """
-        seg_header = load_nifti(seg_path, ndim=3)
-        given = np.asanyarray(seg_header.dataobj)
-        if given.ndim > 3:
-            given = given.reshape(given.shape[:3])
-        proxy = header.dataobj
         try:
-            raw = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
-        except Exception as e:  # truncated gzip and other decoding errors surface only here
-            raise InputError(
-                request.image, f"cannot be read or standardised ({type(e).__name__}: {_one_line(e)})"
-            ) from None
-        raw = raw.reshape(raw.shape[:3])
-        slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
-        scale = (float(slope), float(inter))
-        hu_in = raw if scale == (1.0, 0.0) else raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+            stored = read_stored(image_path)
+        except InputError as e:  # truncated gzip and other decoding errors surface only here
+            raise InputError(request.image, f"cannot be read or standardised: {e.problem}") from None
+        raw, scale = stored.raw, (stored.slope, stored.inter)
+        given = read_stored(seg_path).raw
+        hu_in = stored.values()
         seg_in, seg_source, seg_version = self.segmenter.segment(
-            hu_in, np.asarray(header.affine, dtype=np.float64), given, request.image, request.organ_seg,
+            hu_in, stored.affine, given, request.image, request.organ_seg,
             declared=request.organ_seg_version,
         )  # fmt: skip
         del hu_in, given
         organ_in = seg_in == request.organ_id
         self._check_organ(request, seg_source, seg_in, organ_in)
-        src_affine = np.asarray(header.affine, dtype=np.float64)
+        src_affine = stored.affine
         std_affine, std_shape = standard_grid(src_affine, raw.shape, self.axcodes, self.pixdim)
         margin = self.crop_margin_mm / min(self.pixdim)
 
         def region(mask: np.ndarray, grow: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            lo, hi = _extent(mask)
-            start, stop = box_on_grid(lo, hi, src_affine, std_affine, std_shape, grow)
+            first, last = mask_bounds(mask)
+            start, stop = box_on_grid(first, last + 1, src_affine, std_affine, std_shape, grow)
             hu = resample_region(raw, src_affine, std_affine, start, stop, "bilinear", scale)
             seg = np.rint(resample_region(seg_in, src_affine, std_affine, start, stop, "nearest")).astype(np.uint8)
             return hu, seg, start
@@ -367,13 +358,3 @@ def _moved(entry: CaseEntry, old: Path, new: Path) -> CaseEntry:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
-
-
-def _extent(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index box ``[lo, hi)`` of a non-empty boolean volume (from its projections: no voxel list)."""
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        lo.append(int(hit[0]))
-        hi.append(int(hit[-1]) + 1)
-    return np.array(lo), np.array(hi)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lesiondiffusion_tools.synthesize as S
+from lesiondiffusion import io
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle_in_process
 from lesiondiffusion_tools.synthesize import synthesize
@@ -33,8 +34,14 @@ def test_in_process_chain_gives_the_isolated_chains_outputs(tmp_path: Path, monk
         monkeypatch.setattr(
             S, name, lambda *a, _real=real, _key=key, **k: calls.__setitem__(_key, calls[_key] + 1) or _real(*a, **k)
         )
+    decoded: list[str] = []
+    real_decode = io.stored_image
+    monkeypatch.setattr(io, "stored_image", lambda img, path=None: decoded.append(str(path)) or real_decode(img, path))
     inside = run(tmp_path / "inside", False)
     assert calls == {"in_process": 3, "child": 0}
+    # the input checks, preprocess, LINet and the outputs share one decoding of the CT and of its organ map
+    for given in ("example_ct_sm.nii.gz", "example_seg.nii.gz"):
+        assert [Path(d).name for d in decoded].count(given) == 1, decoded
     isolated = run(tmp_path / "isolated", True)
     assert calls == {"in_process": 3, "child": 3}
     assert inside["succeeded"] == isolated["succeeded"] == 1 and inside["lesions"] == 1

@@ -6,9 +6,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
-from lesiondiffusion.io import atomic_dir, atomic_path, file_sha256, write_json
+from lesiondiffusion.io import atomic_dir, atomic_path, file_sha256, read_stored, shared_reads, write_json
 
 
 def _umask() -> int:
@@ -61,3 +63,26 @@ def test_file_sha256(tmp_path: Path) -> None:
     data = os.urandom(3 << 20)  # more than one read block
     (tmp_path / "w.pt").write_bytes(data)
     assert file_sha256(tmp_path / "w.pt") == hashlib.sha256(data).hexdigest()
+
+
+def _volume(path: Path, value: int) -> Path:
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), value, np.int16), np.eye(4)), str(path))
+    return path
+
+
+def test_shared_reads_decode_an_unchanged_file_once_and_hand_out_read_only_voxels(tmp_path: Path) -> None:
+    a, b, c = (_volume(tmp_path / f"{n}.nii.gz", i) for i, n in enumerate("abc"))
+    assert read_stored(a) is not read_stored(a)  # outside the block every read decodes
+    with shared_reads(max_files=2):
+        first = read_stored(a)
+        assert read_stored(str(a)) is first and not first.raw.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            first.raw[0, 0, 0] = 7
+        with shared_reads(max_files=5):  # nested: the outer block's files and bound
+            assert read_stored(a) is first
+        read_stored(b), read_stored(c)  # a third file: the oldest goes
+        assert read_stored(c) is read_stored(c) and read_stored(a) is not first
+        _volume(c, 9)  # rewritten meanwhile: read again
+        os.utime(c, ns=(1, 1))
+        assert int(read_stored(c).raw[0, 0, 0]) == 9
+    assert read_stored(a).raw.flags.writeable
