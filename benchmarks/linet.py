@@ -79,7 +79,7 @@ def part_train(work: Path, preset: str, iterations: int, device: str) -> dict[st
         "preset": preset, "iter_num": iterations + 1, "max_epochs": 1, "num_workers": 0, "device": device, "log_every": 1000,
     }  # fmt: skip
     parser = parser_for("train.json", overrides)
-    trainer = parser.get_parsed_content("trainer")
+    trainer = parser.get_parsed_content("train#trainer")
     timing = time_iterations(trainer, sync=torch.cuda.synchronize if torch.device(device).type == "cuda" else None)
     return {
         "iterations_timed": timing["iterations"] - 1,

@@ -70,6 +70,24 @@ def test_every_bundle_names_its_last_checkpoint_and_finetune_weights_alike() -> 
         assert "crop_size" in json.loads((BUNDLES / bundle / "configs" / "inference.json").read_text()), bundle
 
 
+def test_the_diffusion_bundles_name_their_training_pieces_as_the_model_zoo_does() -> None:
+    """``train#dataset`` ... ``validate#evaluator``: the ids MONAI's bundle workflows and the zoo use, in both
+    diffusion bundles (a ``--train#trainer#max_epochs`` override means the same thing in each)."""
+    from monai.bundle import ConfigParser
+
+    ids = ("train#dataset", "train#dataloader", "train#handlers", "train#trainer", "train#preprocessing",
+           "train#random_transforms", "validate#dataset", "validate#dataloader", "validate#handlers",
+           "validate#evaluator", "validate#preprocessing", "deterministic_transforms", "checkpoint_objects#trainer")  # fmt: skip
+    for bundle in ("lmnet", "linet"):
+        parser = ConfigParser()
+        parser.read_config(BUNDLES / bundle / "configs" / "train.json")
+        assert all(i in parser for i in ids), [i for i in ids if i not in parser]
+        assert parser["checkpoint_objects#trainer"] == "@train#trainer" and "@train#trainer" in parser["run"][0]
+        assert not {"trainer", "evaluator", "handlers", "train_ds", "val_ds", "train_loader", "val_loader"} & set(
+            parser.config
+        )
+
+
 @pytest.mark.parametrize("preset", ["cpu", "paper"])
 def test_every_bundle_reads_its_network_sizes_from_the_one_presets_table(preset: str) -> None:
     from lesiondiffusion.networks.presets import PRESETS

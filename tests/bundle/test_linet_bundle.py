@@ -141,7 +141,7 @@ def test_the_trainer_carries_its_handlers_from_the_config(tiny_demo, vqgan, tmp_
         parser.read_config(str(LINET / "configs" / "train.json"))
         parser.update({"bundle_root": str(LINET), "datalist": str(tiny_demo / "datalist.json"), "vqgan_weights": str(vqgan),
                        "output_dir": str(tmp_path), "num_workers": 0, "is_rank0": rank0, "crop_size": [32, 32, 32]})  # fmt: skip
-        trainer = parser.get_parsed_content("trainer")
+        trainer = parser.get_parsed_content("train#trainer")
         assert attached(trainer, EMAHandler), "the EMA is updated on every rank"
         assert bool(attached(trainer, ProgressBar)) == rank0
         assert trainer.has_event_handler(parser.get_parsed_content("ema")._update_ema_model, Events.ITERATION_COMPLETED)
@@ -201,7 +201,9 @@ def test_two_process_ddp_on_gloo(tiny_demo, vqgan, tmp_path):
     """Data-parallel training: both ranks end with the same weights, each trained on its own half of the cases."""
     out = tmp_path / "ddp"
     datalist = sharded_datalist(tiny_demo, tmp_path / "data")
-    probe = probe_config(tmp_path / "probe.json", LINET / "configs" / "train.json", "@trainer", {"network": "@network"})
+    probe = probe_config(
+        tmp_path / "probe.json", LINET / "configs" / "train.json", "@train#trainer", {"network": "@network"}
+    )
     run = bundle_run(
         ["configs/train.json", "configs/multi_gpu_train.json", str(probe)],
         "--datalist", str(datalist), "--vqgan_weights", str(vqgan), "--output_dir", str(out),
