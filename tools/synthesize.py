@@ -430,7 +430,8 @@ def _run_stage(
         peak = run.peak_rss_mib
     except BundleRunError as e:
         failure = e
-        logger.error("%s stage: %s", stage, e)
+        if not (out_dir / MANIFEST_NAME).is_file():  # else the failed cases are in it, and in the summary
+            logger.error("%s stage: %s", stage, e)
     _collect(stage, out_dir / MANIFEST_NAME, states, failure)
     return time.perf_counter() - t0, peak
 

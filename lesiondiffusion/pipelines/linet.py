@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,6 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
-from tqdm import tqdm
 
 from lesiondiffusion import autoencoder as ae
 from lesiondiffusion.attributes import margin_sigma_mm
@@ -57,9 +55,10 @@ from lesiondiffusion.io import (
     voxel_spacing,
 )
 from lesiondiffusion.labels import LESION_LABEL, label_ids, label_table, mask_bounds
-from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest, write_manifest
+from lesiondiffusion.manifest import CaseEntry, read_manifest
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
 from lesiondiffusion.paste import paste, save_like
+from lesiondiffusion.pipelines.cases import lesion_seed, run_cases
 from lesiondiffusion.preview import request_caption, write_preview
 from lesiondiffusion.transforms import CTIntensityMap
 from lesiondiffusion.vocabulary import CT_VALUE, SURFACE
@@ -167,11 +166,6 @@ class LesionTiming:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def lesion_seed(seed: int, case: str, index: int) -> int:
-    """A per-lesion seed that depends on the case name, not on its position in the manifest."""
-    return (int(seed) * 1_000_003 + zlib.crc32(f"{case}:{index}".encode())) % (2**63 - 1)
 
 
 @dataclass
@@ -463,11 +457,10 @@ def run_manifest(
     settings: dict[str, Any] | None = None,
     weights: dict[str, PathLike] | None = None,
 ) -> Path:
-    """Inpaint every ``ok`` case of ``manifest``; write the outputs and ``output_dir/manifest.json``.
+    """Inpaint every ``ok`` case of ``manifest``; write the outputs and ``output_dir/manifest.json``
+    (:func:`~lesiondiffusion.pipelines.cases.run_cases`: a failed case is marked and the others go on).
 
     ``output_dir`` defaults to the manifest's folder (the manifest is then extended in place, atomically).
-    A case whose inputs are wrong is marked ``error`` with a one-line message and the others go on;
-    the run then ends with an :class:`InputError` naming the failed cases (non-zero exit).
     ``weights``: ``{setting: path}`` of the weights used, recorded with their SHA-256 in each case.
     Returns the path of the written manifest.
     """
@@ -475,35 +468,22 @@ def run_manifest(
     if not manifest.is_file():
         raise InputError(manifest, "manifest not found; set manifest to the manifest.json written by the LMNet stage")
     entries = read_manifest(manifest)
+    if not entries.ok_cases():
+        raise InputError(manifest, "no case to process (every case failed in an earlier stage)")
     out_dir = Path(output_dir) if output_dir else manifest.parent
     hashes = {k: {"path": str(Path(w).resolve()), "sha256": file_sha256(w)} for k, w in (weights or {}).items()}
     provenance = {"settings": dict(settings or {}), "weights": hashes}
-    failed: list[str] = []
-    result = entries
-    todo = [(i, c) for i, c in enumerate(entries.cases) if c.ok]
-    if not todo:
-        raise InputError(manifest, "no case to process (every case failed in an earlier stage)")
-    for i, case in tqdm(todo, desc="LINet cases", disable=len(todo) < 2):
+
+    def inpaint(case: CaseEntry) -> CaseEntry:
         calls = inpainter.sampler.network_calls
-        try:
-            outputs = inpainter.process_case(case, out_dir)
-        except LesionDiffusionError as e:
-            logger.error("%s: %s", case.case, e)
-            failed.append(f"{case.case} ({e})")
-            result = result.replace_case(i, case.failed(str(e)))
-            continue
+        outputs = inpainter.process_case(case, out_dir)
         linet = {**provenance, "network_calls": inpainter.sampler.network_calls - calls}
         extra = {**case.extra, "preview": _relative(outputs["preview"], out_dir), "linet": linet}
-        result = result.replace_case(
-            i,
-            replace(
-                case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra
-            ),
+        return replace(
+            case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra
         )
-    written = write_manifest(out_dir / MANIFEST_NAME, result)
-    if failed:
-        raise InputError(manifest, f"{len(failed)} case(s) failed: {'; '.join(failed)}")
-    return written
+
+    return run_cases("LINet", entries, inpaint, out_dir)
 
 
 def _relative(path: PathLike, base: Path) -> str:

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 from torch import nn
-from tqdm import tqdm
 
 from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
 from lesiondiffusion.diffusion import DiffusionSampler, load_weights
@@ -32,7 +31,8 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, save_on_input_grid
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti, user_path
 from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL
-from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, read_manifest, write_manifest
+from lesiondiffusion.manifest import CaseEntry, LesionEntry, read_manifest
+from lesiondiffusion.pipelines.cases import lesion_seed, run_cases
 from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
 from lesiondiffusion.pipelines.mask_postprocess import (
     DEFAULT_THRESHOLDS,
@@ -203,7 +203,7 @@ class LesionMaskSynthesiser:
             f"no lesion mask of at least {min_size} voxels after {self.retries + 1} attempts (organ {lesion.organ_id})"
         )
 
-    def label_map(self, case: CaseEntry, case_index: int) -> tuple[np.ndarray, nib.Nifti1Image]:
+    def label_map(self, case: CaseEntry) -> tuple[np.ndarray, nib.Nifti1Image]:
         """The case's label map (uint8: 1 target organs, 2 lesions) on the standardised grid, and its image."""
         organ_seg, img = read_nifti_array(case.organ_seg, dtype=np.int32)
         label = np.zeros(organ_seg.shape, dtype=np.uint8)
@@ -211,7 +211,7 @@ class LesionMaskSynthesiser:
             label[organ_seg == lesion.organ_id] = ORGAN_LABEL
         occupied = np.zeros(organ_seg.shape, dtype=bool)
         for j, lesion in enumerate(case.lesions):
-            mask = self.draw(organ_seg, lesion, occupied, seed=self.seed + 1_000_003 * case_index + 10_007 * j)
+            mask = self.draw(organ_seg, lesion, occupied, seed=lesion_seed(self.seed, case.case, j))
             occupied |= mask
         label[occupied] = LESION_LABEL
         return label, img
@@ -222,7 +222,8 @@ def run_manifest(
     synthesiser: LesionMaskSynthesiser,
     output_dir: PathLike | None = None,
 ) -> Path:
-    """Draw every case's lesions and write labels + the extended manifest into ``output_dir``.
+    """Draw every case's lesions and write labels + the extended manifest into ``output_dir``
+    (:func:`~lesiondiffusion.pipelines.cases.run_cases`: a failed case is marked and the others go on).
 
     ``output_dir`` defaults to the manifest's folder (the manifest is then extended in place, atomically).
     Returns the path of the written manifest.
@@ -230,37 +231,29 @@ def run_manifest(
     if not manifest:
         raise LesionDiffusionError("set manifest to the preprocess bundle's manifest.json (--manifest FILE)")
     manifest = Path(manifest)
-    data = read_manifest(manifest)
     out_dir = Path(output_dir) if output_dir else manifest.parent
-    cases = list(data.cases)
-    for i, case in enumerate(tqdm(cases, desc="LMNet cases", disable=len(cases) < 2)):
-        if not case.ok:
-            continue
+
+    def draw(case: CaseEntry) -> CaseEntry:
         if not case.lesions:
-            cases[i] = case.failed("no lesion box to draw")
-            continue
-        try:
-            calls = synthesiser.sampler.network_calls
-            label, img = synthesiser.label_map(case, i)
-            calls = synthesiser.sampler.network_calls - calls  # retries included
-            geometry = read_geometry(case.geometry)
-            if tuple(geometry.standard_shape) != label.shape:
-                raise InputError(
-                    case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}"
-                )
-            folder = out_dir / case.case
-            std = save_nifti(folder / LABEL_NAME, label, img.affine, dtype=np.uint8)
-            n_lesions = len(case.lesions)
-            original = save_on_input_grid(
-                folder / LABEL_ORIGINAL_NAME, label, geometry, mode="nearest", dtype=np.uint8,
-                postprocess=functools.partial(whole_lesions, n_lesions=n_lesions),
-            )  # fmt: skip
-            extra = {**case.extra, "lmnet": {"network_calls": calls}}
-            cases[i] = replace(case, label=std, label_original=original, synthetic_image=None, extra=extra)
-            logger.info(
-                "%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == LESION_LABEL).sum())
+            raise LesionDiffusionError("no lesion box to draw")
+        calls = synthesiser.sampler.network_calls
+        label, img = synthesiser.label_map(case)
+        calls = synthesiser.sampler.network_calls - calls  # retries included
+        geometry = read_geometry(case.geometry)
+        if tuple(geometry.standard_shape) != label.shape:
+            raise InputError(
+                case.organ_seg, f"shape {label.shape} differs from the geometry record's {geometry.standard_shape}"
             )
-        except LesionDiffusionError as e:
-            logger.error("%s: %s", case.case, e)
-            cases[i] = case.failed(str(e))
-    return write_manifest(out_dir / MANIFEST_NAME, replace(data, cases=tuple(cases)))
+        folder = out_dir / case.case
+        std = save_nifti(folder / LABEL_NAME, label, img.affine, dtype=np.uint8)
+        original = save_on_input_grid(
+            folder / LABEL_ORIGINAL_NAME, label, geometry, mode="nearest", dtype=np.uint8,
+            postprocess=functools.partial(whole_lesions, n_lesions=len(case.lesions)),
+        )  # fmt: skip
+        logger.info(
+            "%s: %d lesion(s) drawn, %d voxels", case.case, len(case.lesions), int((label == LESION_LABEL).sum())
+        )
+        extra = {**case.extra, "lmnet": {"network_calls": calls}}
+        return replace(case, label=std, label_original=original, synthetic_image=None, extra=extra)
+
+    return run_cases("LMNet", read_manifest(manifest), draw, out_dir)

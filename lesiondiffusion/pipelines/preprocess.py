@@ -41,6 +41,7 @@ from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_
 from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, read_stored, save_nifti, user_path
 from lesiondiffusion.labels import is_hollow, label_table, mask_bounds
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
+from lesiondiffusion.pipelines.cases import failed_cases_error
 from lesiondiffusion.pipelines.preprocess_inputs import CaseRequest, read_requests
 from lesiondiffusion.pipelines.segment import OrganSegmenter
 from lesiondiffusion.pipelines.standard_grid import box_on_grid, resample_region, standard_grid
@@ -118,7 +119,7 @@ class PreprocessRunner:
         self._check_output(out, requests)
 
         entries: list[CaseEntry] = []
-        errors: list[str] = []
+        errors: dict[str, str] = {}
         # everything is written into a sibling folder that becomes ``out`` only at the end
         # replaced only when told to, or when it was the empty folder _check_output let through: a folder
         # that appears meanwhile is never deleted without overwrite
@@ -134,19 +135,21 @@ class PreprocessRunner:
                     message = _one_line(e)
                     if not isinstance(e, LesionDiffusionError):
                         logger.debug("%s failed", name, exc_info=True)
-                    errors.append(message)
+                    errors[name] = message
                     if len(requests) > 1:
                         logger.error("%s skipped: %s", name, message)
                     entries.append(CaseEntry(name, source_image=request.image.absolute()).failed(message))
-            if len(errors) == len(requests):
+            if len(errors) == len(requests):  # nothing to pass on: no output at all
+                first = next(iter(errors.values()))
                 raise LesionDiffusionError(
-                    errors[0] if len(errors) == 1 else f"all {len(errors)} cases failed; first: {errors[0]}"
+                    first if len(errors) == 1 else f"all {len(errors)} cases failed; first: {first}"
                 )
             write_manifest(tmp / MANIFEST_NAME, Manifest(tuple(entries)))
         ok = len(requests) - len(errors)
         logger.info("%d of %d case(s) prepared in %s; manifest %s", ok, len(requests), out, out / MANIFEST_NAME)
-        if errors:
-            logger.warning('%d case(s) failed and are marked "error" in the manifest', len(errors))
+        error = failed_cases_error(errors, len(requests), out / MANIFEST_NAME)
+        if error is not None:  # the others are prepared and in the manifest
+            raise error
         return out / MANIFEST_NAME
 
     def _check_output(self, out: Path, requests: list[CaseRequest]) -> None:

@@ -181,7 +181,9 @@ def to_v1(data: np.ndarray, numbering: str | dict[int, int], source: str | Path 
         raise InputError(source, f"organ map labels must be small non-negative integers, got {ids.min()}..{ids.max()}")
     if numbering == "v1":
         known = set(label_table("v1").names) | {0}
-        unknown = sorted(set(present_ids(ids).tolist()) - known)
+        # v1 ids are 0..104 without gaps: a map within that range holds no unknown id (no count of a whole CT)
+        within = known == set(range(max(known) + 1)) and (ids.size == 0 or int(ids.max()) <= max(known))
+        unknown = [] if within else sorted(set(present_ids(ids).tolist()) - known)
         if unknown:
             raise InputError(
                 source,

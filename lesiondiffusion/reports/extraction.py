@@ -172,8 +172,9 @@ def organ_reference_hu(
     organ = np.asarray(organ, dtype=bool)
     if not organ.any():
         return None
-    # distances are only needed around the organ: work in its bounding box (small even for a whole CT)
-    margin = int(np.ceil(LESION_MARGIN_MM / min(float(s) for s in spacing))) + 1
+    # distances are only needed around the organ: work in its bounding box (small even for a whole CT); one
+    # voxel of outside around it gives the organ's own distances exactly, the excluded region's need more
+    margin = 1 if exclude is None else int(np.ceil(LESION_MARGIN_MM / min(float(s) for s in spacing))) + 1
     box = _crop_box(organ, margin, organ.shape)
     organ, image = organ[box], np.asarray(image_hu)[box]
     excluded = np.zeros_like(organ) if exclude is None else np.asarray(exclude, dtype=bool)[box]

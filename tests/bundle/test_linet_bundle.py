@@ -490,7 +490,8 @@ def test_bad_inputs_are_one_line_errors_without_output(inferred, trained, vqgan,
 
 def test_a_case_with_a_changed_source_fails_alone(inferred):
     line = one_error_line(inferred["run_b"])
-    assert "1 case(s) failed: broken" in line and "no longer matches its geometry record" in line
+    assert "1 of 4 case(s) failed (broken: " in line and "no longer matches its geometry record" in line
+    assert line.endswith(f"the others are in {inferred['root'] / 'out_b' / 'manifest.json'}")
     assert [c.status for c in inferred["b"].cases] == ["ok", "ok", "error", "ok"]
     assert all(c.synthetic_image.is_file() for c in inferred["b"].cases if c.ok)
     assert not (inferred["root"] / "out_b" / "broken").exists()

@@ -15,7 +15,7 @@ from lesiondiffusion import attributes as A
 from lesiondiffusion import lesion_metrics as L
 from lesiondiffusion import placement as P
 from lesiondiffusion.pipelines import mask_postprocess
-from lesiondiffusion.pipelines.linet import lesion_seed
+from lesiondiffusion.pipelines.cases import lesion_seed
 from lesiondiffusion.reports import extraction, generation
 from lesiondiffusion.transforms import CTIntensityMapd
 

@@ -19,7 +19,7 @@ from lesiondiffusion.manifest import MANIFEST_NAME, read_manifest
 from lesiondiffusion.phantom_dataset import build_dataset
 from lesiondiffusion.real_dataset import threshold_organ_map
 from lesiondiffusion.requests import read_requests
-from lesiondiffusion_tools.bundle_runner import run_bundle
+from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
 from lesiondiffusion_tools.cli import Commands
 from lesiondiffusion_tools.synthesize import CaseState, SynthesisSettings, _stage_overrides, _write_inputs
 
@@ -115,7 +115,12 @@ def test_declared_v1_lungs_only_map_preprocesses_without_the_flag(tmp_path: Path
             **_stage_overrides("preprocess", SynthesisSettings(organ_seg_version=flag), {}),
             **_write_inputs(work, states),
         }
-        run_bundle("preprocess", {**overrides, "output_dir": str(work / "preprocess")}, capture=True, echo=False)
+        try:
+            run_bundle("preprocess", {**overrides, "output_dir": str(work / "preprocess")}, capture=True, echo=False)
+        except BundleRunError as e:  # a failed case: named in one line, after the manifest of every case
+            cases = read_manifest(work / "preprocess" / MANIFEST_NAME).cases
+            failed = [c.case for c in cases if not c.ok]
+            assert str(e).startswith(f"error: {len(failed)} of 3 case(s) failed ({failed[0]}: ") and failed, e
         return list(read_manifest(work / "preprocess" / MANIFEST_NAME).cases)
 
     declared, undeclared, wrong = preprocess("auto")

@@ -125,3 +125,36 @@ def test_malformed_manifests_name_the_file_and_entry(tmp_path, content, problem)
     with pytest.raises(InputError, match=problem) as err:
         read_manifest(path)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_the_stage_case_loop_marks_a_failed_case_goes_on_and_fails_the_run_after_writing(tmp_path):
+    from dataclasses import replace
+
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.pipelines.cases import run_cases
+
+    def entry(name: str) -> CaseEntry:
+        files = {k: tmp_path / name / f"{k}.nii.gz" for k in ("image", "organ_seg", "geometry")}
+        return CaseEntry(name, source_image=tmp_path / "ct.nii.gz", **files)
+
+    cases = (entry("case_a"), entry("case_b").failed("failed in preprocess"), entry("case_c"), entry("case_d"))
+    seen = []
+
+    def process(case: CaseEntry) -> CaseEntry:
+        seen.append(case.case)
+        if case.case == "case_c":
+            raise InputError(tmp_path / "c.nii.gz", "broken\nvoxels")
+        return replace(case, extra={"done": True})
+
+    with pytest.raises(LesionDiffusionError) as info:
+        run_cases("test", Manifest(cases), process, tmp_path / "out")
+    written = tmp_path / "out" / "manifest.json"
+    assert (
+        str(info.value)
+        == f"1 of 4 case(s) failed (case_c: {tmp_path / 'c.nii.gz'}: broken voxels); the others are in {written}"
+    )
+    assert seen == ["case_a", "case_c", "case_d"]  # the earlier failure is passed on, the later case still runs
+    out = read_manifest(written).cases
+    assert [c.status for c in out] == ["ok", "error", "error", "ok"]
+    assert out[1].error == "failed in preprocess" and out[3].extra == {"done": True}
+    assert run_cases("test", Manifest(cases[:1]), process, tmp_path / "ok") == tmp_path / "ok" / "manifest.json"
