@@ -69,6 +69,8 @@ class LesionMaskSynthesiser:
         gap: voxels kept free around lesions already drawn, so two lesions never touch.
         min_box_working: the narrowest box (network voxels) drawn as it is; narrower ones are drawn enlarged
             and scaled down (see :meth:`draw`).
+        max_box_fraction: the widest box, as a fraction of the network's window along each axis, drawn as
+            it is; wider ones are drawn shrunk and scaled up.
     """
 
     network: nn.Module
@@ -84,6 +86,7 @@ class LesionMaskSynthesiser:
     gap: int = 1
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     min_box_working: float = 5.0
+    max_box_fraction: float = 0.75
     device: torch.device | str = "cpu"
     spec: ConditionSpec = field(init=False)
 
@@ -114,9 +117,8 @@ class LesionMaskSynthesiser:
     def draw(self, organ_seg: np.ndarray, lesion: LesionEntry, occupied: np.ndarray, seed: int) -> np.ndarray:
         """One lesion's boolean mask on the standardised grid (shape of ``organ_seg``).
 
-        A box narrower than :attr:`min_box_working` network voxels is below what the network resolves (a
-        6 mm nodule is 3 voxels at 2 mm): its shape is sampled for a box enlarged to that width about the
-        same centre, and the mask is scaled back to the requested box (:func:`scale_mask`).
+        A box the network cannot draw as it is (:meth:`box_scale`) has its shape sampled for a box rescaled
+        about the same centre, and the mask is scaled back to the requested box (:func:`scale_mask`).
         """
         box: Box = lesion.box
         organ = organ_seg == lesion.organ_id
@@ -131,18 +133,23 @@ class LesionMaskSynthesiser:
             raise LesionDiffusionError(
                 f"the box {box.centre}/{box.size} leaves no room for the lesion (cavity rule, other lesions)"
             )
-        scale = max(1.0, self.min_box_working * self.spacing / min(box.size))
-        if scale > 1.0:
-            big = Box(box.centre, tuple(int(math.ceil(s * scale)) for s in box.size))
+        scale = self.box_scale(box)
+        if scale != 1.0:
+            drawn_box = Box(box.centre, tuple(max(1, int(math.ceil(s * scale))) for s in box.size))
             try:
                 drawn = self._sample(
-                    organ_seg, organ, lesion, big, allowed_region(organ, lesion.cavity, big) & ~blocked, seed
+                    organ_seg,
+                    organ,
+                    lesion,
+                    drawn_box,
+                    allowed_region(organ, lesion.cavity, drawn_box) & ~blocked,
+                    seed,
                 )
             except (PlacementError, LesionDiffusionError) as e:
                 logger.info(
-                    "lesion in organ %d: enlarged box %s not drawn (%s); drawing the box itself",
+                    "lesion in organ %d: rescaled box %s not drawn (%s); drawing the box itself",
                     lesion.organ_id,
-                    big.size,
+                    drawn_box.size,
                     e,
                 )
             else:
@@ -150,6 +157,16 @@ class LesionMaskSynthesiser:
                 if mask.any():
                     return largest_component(mask)[0]
         return self._sample(organ_seg, organ, lesion, box, allowed, seed)
+
+    def box_scale(self, box: Box) -> float:
+        """The factor a box is drawn at: above 1 for a box narrower than :attr:`min_box_working` network voxels
+        (below what the network resolves: a 6 mm nodule is 3 voxels at 2 mm), below 1 for a box wider than
+        :attr:`max_box_fraction` of the network's window along an axis (the window would cut the mask flat:
+        a cuboid), else 1."""
+        fit = min(self.max_box_fraction * w / s for w, s in zip(self.window, box.size))
+        if fit < 1.0:
+            return fit
+        return max(1.0, self.min_box_working * self.spacing / min(box.size))
 
     def _sample(
         self, organ_seg: np.ndarray, organ: np.ndarray, lesion: LesionEntry, box: Box, allowed: np.ndarray, seed: int

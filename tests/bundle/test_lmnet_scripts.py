@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.labels import mask_bounds
 from lesiondiffusion.pipelines import lmnet as inference
 from lesiondiffusion.pipelines import mask_inputs, mask_postprocess
 from lesiondiffusion.training import split_datalist
@@ -214,6 +215,29 @@ def test_a_failed_sample_is_retried_with_a_new_seed(tmp_path):
             organ_seg, liver_lesion(tmp_path, (12, 12, 12)), np.zeros(organ_seg.shape, bool), seed=5
         )
     assert len(never.seeds) == 3
+
+
+def test_a_box_beyond_the_networks_window_is_drawn_shrunk_and_scaled_up_not_cut_flat(tmp_path):
+    organ_seg = np.zeros((40, 40, 40), np.int16)
+    organ_seg[2:38, 2:38, 2:38] = 5
+    given = []
+
+    class BoxSampler(ScriptedSampler):
+        def __call__(self, network, shape, condition=None, extra=None, seed=None, device=None):
+            given.append(int(extra[0, 2].sum()))  # the box channel the network is given
+            return super().__call__(network, shape, condition, extra, seed, device)
+
+    grid = np.indices((24, 24, 24)) - 11.5
+    ellipsoid = np.clip(1.0 - ((grid / np.array([5.0, 5.0, 9.0])[:, None, None, None]) ** 2).sum(axis=0), -1, 1)
+    lesion = liver_lesion(tmp_path, (20, 20, 20), (16, 16, 30))  # 30 voxels along z: beyond the 24-voxel window
+    synth = synthesiser(BoxSampler(ellipsoid))
+    assert synth.box_scale(lesion.box) == pytest.approx(0.75 * 24 / 30)
+    mask = synth.draw(organ_seg, lesion, np.zeros(organ_seg.shape, bool), seed=0)
+    assert given == [10 * 10 * 18]  # drawn for the box shrunk to 3/4 of the window
+    lo, hi = mask_bounds(mask)
+    extent = hi - lo + 1
+    assert extent[2] > 24 and extent[2] <= 30  # scaled back up, beyond the window, within the box
+    assert mask.sum() / np.prod(extent) < 0.6  # round, not a cuboid cut by the window's faces
 
 
 def test_a_new_lesion_keeps_a_gap_to_the_lesions_already_drawn(tmp_path):
