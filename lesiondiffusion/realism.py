@@ -18,7 +18,10 @@ shape depends on its size in voxels, not on the organ). Checks, following the de
   the report's CT value minus the organ reference (a report within +-ISO_HU of the organ accepts either sign);
 - ``delta_in_reference_range``: that delta within the matched real lesions' 10th-90th percentiles,
   widened by ISO_HU;
-- ``noise_ok``: lesion / organ high-pass noise std within :data:`NOISE_RATIO_RANGE`.
+- ``noise_ok``: lesion / organ high-pass noise std within :data:`NOISE_RATIO_RANGE`;
+- ``not_cuboid``: the lesion fills at most :data:`MAX_BOX_FILL` of its bounding box (a box cut flat by the
+  network's window, or saturated, fills 70-100%); lesions under :data:`BOXY_MIN_VOXELS` along an axis are
+  blocky by voxelisation alone and not judged.
 
 The realism distance (:func:`lesiondiffusion.lesion_metrics.frechet_distance`) compares the synthetic
 lesions' features with the matched reference lesions', and so do two baselines built in the same run
@@ -58,6 +61,8 @@ MIN_FILL_RATIO = 0.95
 INTERIOR_TOLERANCE = 0.15
 DELTA_TOLERANCE_HU = 15.0
 NOISE_RATIO_RANGE = (0.7, 1.5)
+MAX_BOX_FILL = 0.65
+BOXY_MIN_VOXELS = 5
 # "Same size" for the interior fraction: equivalent diameters (voxels) within this ratio, else the
 # SAME_SIZE_MIN nearest.
 SAME_SIZE_RATIO = 1.2
@@ -67,6 +72,7 @@ MEASURES = (
     "interior_fraction",
     "solidity",
     "sphericity",
+    "box_fill",
     "median_delta_hu",
     "noise_std_ratio",
     "edge_width_mm",
@@ -208,6 +214,14 @@ def _sign(v: float) -> int:
     return 1 if v > A.ISO_HU else -1 if v < -A.ISO_HU else 0
 
 
+def not_cuboid(measures: Mapping[str, Any]) -> bool | None:
+    """The ``not_cuboid`` check of :func:`lesiondiffusion.lesion_metrics.mask_measures`' output (see the module
+    notes); None for an empty mask or one too small to tell."""
+    if measures.get("box_fill") is None or min(measures["box_voxels"]) < BOXY_MIN_VOXELS:
+        return None
+    return bool(measures["box_fill"] <= MAX_BOX_FILL)
+
+
 def case_measures(crop: L.LesionCrop, report_ct_value: float | None, surface: str | None) -> dict[str, Any]:
     """A synthetic lesion's measures and the checks that need no reference (see the module notes)."""
     m = L.lesion_measures(crop)
@@ -224,6 +238,7 @@ def case_measures(crop: L.LesionCrop, report_ct_value: float | None, surface: st
     ratio = m["noise_std_ratio"]
     m["noise_ok"] = None if ratio is None else NOISE_RATIO_RANGE[0] <= ratio <= NOISE_RATIO_RANGE[1]
     m["solid"] = None if m["fill_ratio"] is None else m["fill_ratio"] >= MIN_FILL_RATIO
+    m["not_cuboid"] = not_cuboid(m)
     m["margin_class"] = A.margin_class(surface)
     flat_value = report_ct_value if report_ct_value is not None else float(crop.image[crop.lesion].mean())
     m["flat_features"] = L.features(flat_crop(crop, flat_value), m)
@@ -330,6 +345,7 @@ def realism_totals(
         "delta_ok_rate": _rate(c.get("delta_ok") for c in cases),
         "delta_in_reference_range_rate": _rate(c.get("delta_in_reference_range") for c in cases),
         "noise_ok_rate": _rate(c.get("noise_ok") for c in cases),
+        "not_cuboid_rate": _rate(c.get("not_cuboid") for c in cases),
     }
     matched: dict[int, ReferenceLesion] = {}
     for c in cases:

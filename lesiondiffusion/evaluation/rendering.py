@@ -117,7 +117,7 @@ def realism_markdown(report: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     checks = (("solid", "fill"), ("interior_ok", "interior"), ("delta_ok", "HU vs report"),
-              ("delta_in_reference_range", "HU vs real"), ("noise_ok", "noise"))  # fmt: skip
+              ("delta_in_reference_range", "HU vs real"), ("noise_ok", "noise"), ("not_cuboid", "cuboid"))  # fmt: skip
     for c in report["cases"]:
         m = c.get("realism")
         if c["status"] != "ok" or not m:
@@ -161,6 +161,7 @@ def realism_markdown(report: dict[str, Any]) -> list[str]:
         f"| lesion - organ HU of the report's sign and within {R.DELTA_TOLERANCE_HU:g} HU of it | {_pct(t['delta_ok_rate'])} |",
         f"| lesion - organ HU within real lesions' 10th-90th percentiles +-{A.ISO_HU:g} HU | {_pct(t['delta_in_reference_range_rate'])} |",
         f"| noise std {R.NOISE_RATIO_RANGE[0]:g}-{R.NOISE_RATIO_RANGE[1]:g}x the host organ's | {_pct(t['noise_ok_rate'])} |",
+        f"| not a cuboid: fills <= {R.MAX_BOX_FILL:.0%} of its bounding box | {_pct(t['not_cuboid_rate'])} |",
     ]  # fmt: skip
     d = t["realism_distance"]
     n = d["cases_with_features"]
@@ -190,7 +191,7 @@ def summary_line(report: dict[str, Any]) -> str:
         f"median size error {_pct(t['median_volume_error'])}, density order {_pct(t['density_ordering'])} of "
         f"{t['density_ordering_pairs']} pair(s); realism: solid {_pct(r['solid_rate'])}, "
         f"fill {_num(r['synthetic']['fill_ratio'], '.2f')}, interior {_num(r['synthetic']['interior_fraction'], '.2f')}, "
-        f"HU vs report {_pct(r['delta_ok_rate'])}, noise ratio {_num(r['synthetic']['noise_std_ratio'], '.2f')}"
+        f"HU vs report {_pct(r['delta_ok_rate'])}, not cuboid {_pct(r['not_cuboid_rate'])}, noise ratio {_num(r['synthetic']['noise_std_ratio'], '.2f')}"
         + (
             "" if d["synthetic"] is None
             else f", distance {d['synthetic']:.2f} (flat {_num(d['flat'], '.2f')}, copy-paste {_num(d['copy_paste'], '.2f')})"

@@ -22,6 +22,7 @@ from scipy import stats
 
 from lesiondiffusion import attributes as A
 from lesiondiffusion import lesion_metrics as L
+from lesiondiffusion import realism as R
 from lesiondiffusion.evaluation import evaluate_outputs, summary_line
 from lesiondiffusion.report import LesionReport, Report, format_ct_value, format_size
 from lesiondiffusion.reports import extraction
@@ -54,6 +55,19 @@ def test_solid_ball_scores_as_a_real_tumour_mask():
     # a plain face count would make the ball's area 1.5 times too large
     faces = sum(np.count_nonzero(np.diff(np.pad(ball, 1).astype(np.int8), axis=a)) for a in range(3))
     assert L.surface_area_mm2(ball, (1, 1, 1)) < 0.75 * faces
+
+
+def test_a_cuboid_lesion_is_told_from_a_ball_by_how_much_of_its_box_it_fills():
+    ball = _ball((32, 32, 32), (15.5, 15.5, 15.5), 8)
+    cuboid = np.zeros((32, 32, 32), bool)
+    cuboid[6:26, 8:24, 10:22] = True
+    cuboid[6, 8, 10] = cuboid[25, 23, 21] = False  # two corners off: still a box
+    tiny = _ball((16, 16, 16), (7.5, 7.5, 7.5), 1.6)  # 4 voxels across: blocky by voxelisation alone
+    ball_m, cuboid_m, tiny_m = (L.mask_measures(m, (1.0, 1.0, 1.0)) for m in (ball, cuboid, tiny))
+    assert 0.4 < ball_m["box_fill"] < 0.55 and cuboid_m["box_fill"] > 0.99
+    assert cuboid_m["sphericity"] > 0.75  # why sphericity alone does not catch it
+    assert R.not_cuboid(ball_m) is True and R.not_cuboid(cuboid_m) is False and R.not_cuboid(tiny_m) is None
+    assert cuboid_m["box_voxels"] == [20, 16, 12]
 
 
 def test_checkerboard_speckle_is_porous_and_many_pieces():
