@@ -143,6 +143,7 @@ def realism_markdown(report: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
     for key, name, fmt in (("fill_ratio", "fill ratio", ".3f"), ("interior_fraction", "interior fraction", ".3f"),
                            ("solidity", "solidity", ".3f"), ("sphericity", "sphericity", ".3f"),
+                           ("box_fill", "share of its bounding box filled", ".3f"),
                            ("median_delta_hu", "lesion - organ median HU", "+.1f"),
                            ("noise_std_ratio", "noise std ratio (lesion / organ)", ".2f"),
                            ("edge_width_mm", "edge width (mm)", ".2f")):  # fmt: skip

@@ -62,11 +62,12 @@ def test_a_cuboid_lesion_is_told_from_a_ball_by_how_much_of_its_box_it_fills():
     cuboid = np.zeros((32, 32, 32), bool)
     cuboid[6:26, 8:24, 10:22] = True
     cuboid[6, 8, 10] = cuboid[25, 23, 21] = False  # two corners off: still a box
-    tiny = _ball((16, 16, 16), (7.5, 7.5, 7.5), 1.6)  # 4 voxels across: blocky by voxelisation alone
-    ball_m, cuboid_m, tiny_m = (L.mask_measures(m, (1.0, 1.0, 1.0)) for m in (ball, cuboid, tiny))
+    small = _ball((16, 16, 16), (7.5, 7.5, 7.5), 3.5)  # 6 voxels across: a round lesion, boxy by voxelisation
+    ball_m, cuboid_m, small_m = (L.mask_measures(m, (1.0, 1.0, 1.0)) for m in (ball, cuboid, small))
     assert 0.4 < ball_m["box_fill"] < 0.55 and cuboid_m["box_fill"] > 0.99
     assert cuboid_m["sphericity"] > 0.75  # why sphericity alone does not catch it
-    assert R.not_cuboid(ball_m) is True and R.not_cuboid(cuboid_m) is False and R.not_cuboid(tiny_m) is None
+    assert R.not_cuboid(ball_m) is True and R.not_cuboid(cuboid_m) is False
+    assert small_m["box_fill"] > R.MAX_BOX_FILL and R.not_cuboid(small_m) is None  # too few voxels to tell
     assert cuboid_m["box_voxels"] == [20, 16, 12]
 
 
