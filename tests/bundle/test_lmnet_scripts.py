@@ -180,6 +180,18 @@ class ScriptedSampler:
         return torch.as_tensor(field, dtype=torch.float32)[None, None]
 
 
+class BoxSampler(ScriptedSampler):
+    """A :class:`ScriptedSampler` that also records the size (voxels) of the box channel the network is given."""
+
+    def __init__(self, *fields: np.ndarray) -> None:
+        super().__init__(*fields)
+        self.boxes: list[int] = []
+
+    def __call__(self, network, shape, condition=None, extra=None, seed=None, device=None):
+        self.boxes.append(int(extra[0, 2].sum()))
+        return super().__call__(network, shape, condition, extra, seed, device)
+
+
 def synthesiser(sampler: ScriptedSampler, retries: int = 2):
     return inference.LesionMaskSynthesiser(
         network=torch.nn.Identity(), sampler=sampler, crop=(24, 24, 24), retries=retries
@@ -220,20 +232,14 @@ def test_a_failed_sample_is_retried_with_a_new_seed(tmp_path):
 def test_a_box_beyond_the_networks_window_is_drawn_shrunk_and_scaled_up_not_cut_flat(tmp_path):
     organ_seg = np.zeros((40, 40, 40), np.int16)
     organ_seg[2:38, 2:38, 2:38] = 5
-    given = []
-
-    class BoxSampler(ScriptedSampler):
-        def __call__(self, network, shape, condition=None, extra=None, seed=None, device=None):
-            given.append(int(extra[0, 2].sum()))  # the box channel the network is given
-            return super().__call__(network, shape, condition, extra, seed, device)
-
     grid = np.indices((24, 24, 24)) - 11.5
     ellipsoid = np.clip(1.0 - ((grid / np.array([5.0, 5.0, 9.0])[:, None, None, None]) ** 2).sum(axis=0), -1, 1)
     lesion = liver_lesion(tmp_path, (20, 20, 20), (16, 16, 30))  # 30 voxels along z: beyond the 24-voxel window
-    synth = synthesiser(BoxSampler(ellipsoid))
+    sampler = BoxSampler(ellipsoid)
+    synth = synthesiser(sampler)
     assert synth.box_scale(lesion.box) == pytest.approx(0.75 * 24 / 30)
     mask = synth.draw(organ_seg, lesion, np.zeros(organ_seg.shape, bool), seed=0)
-    assert given == [10 * 10 * 18]  # drawn for the box shrunk to 3/4 of the window
+    assert sampler.boxes == [10 * 10 * 18]  # drawn for the box shrunk to 3/4 of the window
     lo, hi = mask_bounds(mask)
     extent = hi - lo + 1
     assert extent[2] > 24 and extent[2] <= 30  # scaled back up, beyond the window, within the box
@@ -255,18 +261,11 @@ def test_a_new_lesion_keeps_a_gap_to_the_lesions_already_drawn(tmp_path):
 def test_a_box_below_the_networks_resolution_is_drawn_enlarged_and_scaled_back(tmp_path):
     organ_seg = np.zeros((24, 24, 24), np.int16)
     organ_seg[2:22, 2:22, 2:22] = 5
-    seen = []
-
-    class BoxSampler(ScriptedSampler):
-        def __call__(self, network, shape, condition=None, extra=None, seed=None, device=None):
-            seen.append(int(extra[0, 2].sum()))  # the box channel the network is given
-            return super().__call__(network, shape, condition, extra, seed, device)
-
     # the network answers with a ball filling whatever box it is shown (here the 5^3 enlarged one)
     sampler = BoxSampler(blob((24, 24, 24), (12, 12, 12), 3.5))
     small = liver_lesion(tmp_path, (12, 12, 12), (4, 4, 4))
     mask = synthesiser(sampler).draw(organ_seg, small, np.zeros(organ_seg.shape, bool), seed=0)
-    assert seen == [5**3]  # 4 voxels < 5 network voxels: drawn in a box 5 wide
+    assert sampler.boxes == [5**3]  # 4 voxels < 5 network voxels: drawn in a box 5 wide
     lo, hi = np.argwhere(mask).min(0), np.argwhere(mask).max(0)
     assert (lo >= 10).all() and (hi <= 13).all()  # scaled back inside the 4^3 box asked for
     assert 20 <= mask.sum() <= 64 and ndi.label(mask)[1] == 1
