@@ -19,9 +19,10 @@ Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
 
 and ``<output_dir>/manifest.json`` (:mod:`lesiondiffusion.manifest`) listing every case in input order.
 
-The output folder appears only when the run succeeds (it is built beside it and renamed into place).
-A case that fails in a batch is reported, kept in the manifest with its error, and skipped; the run
-fails (no output) only when no case succeeds or the inputs as a whole are malformed.
+The output folder is built beside its place and renamed into it when at least one case is prepared.
+A case that fails in a batch is reported, kept in the manifest with its error, and skipped; the run then
+ends with one line naming the failed cases (:mod:`lesiondiffusion.pipelines.cases`, exit 1). Nothing is
+written when no case succeeds or the inputs as a whole are malformed.
 """
 
 from __future__ import annotations
