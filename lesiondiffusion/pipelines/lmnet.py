@@ -62,7 +62,8 @@ class LesionMaskSynthesiser:
         sampler: DDIM or rectified-flow sampler (steps, guidance scale).
         crop: the network's input size in working voxels.
         spacing: working voxel size in mm (the standardised grid is 1 mm).
-        seed: base seed; lesion ``j`` of case ``i``, attempt ``k`` uses a seed derived from all four.
+        seed: base seed; a lesion's seed comes from it, its case's name and its index (:func:`lesion_seed`),
+            each retry's from that.
         retries: extra sampling attempts when post-processing finds no acceptable mask.
         min_voxels, min_fraction: a mask needs at least ``max(min_voxels, min_fraction * expected)`` voxels.
         fill: expected lesion volume as a fraction of its box (an inscribed ellipsoid: pi / 6).
