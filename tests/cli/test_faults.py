@@ -53,26 +53,14 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def synthesize_args(crop: Path, out: Path) -> list[str]:
+    """The ``lesiondiffusion`` arguments of the one-step synthesis every fault here interrupts."""
+    return ["synthesize", "--image", str(crop / "ct.nii.gz"), "--organ_seg", str(crop / "seg.nii.gz"),
+            "--attributes", ATTRIBUTES, "--steps", "1", "--verbose", "false", "--out", str(out)]  # fmt: skip
+
+
 def start(crop: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "lesiondiffusion_tools.cli",
-        "synthesize",
-        "--image",
-        str(crop / "ct.nii.gz"),
-        "--organ_seg",
-        str(crop / "seg.nii.gz"),
-        "--attributes",
-        ATTRIBUTES,
-        "--steps",
-        "1",
-        "--verbose",
-        "false",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    cmd = [sys.executable, "-m", "lesiondiffusion_tools.cli", *synthesize_args(crop, out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -213,23 +201,7 @@ def test_full_disk_while_writing_the_output(crop, tmp_path, monkeypatch, capsys)
     out = tmp_path / "out"
     try:
         with pytest.raises(SystemExit) as stop:
-            cli.main(
-                [
-                    "synthesize",
-                    "--image",
-                    str(crop / "ct.nii.gz"),
-                    "--organ_seg",
-                    str(crop / "seg.nii.gz"),
-                    "--attributes",
-                    ATTRIBUTES,
-                    "--steps",
-                    "1",
-                    "--verbose",
-                    "false",
-                    "--out",
-                    str(out),
-                ]
-            )
+            cli.main(synthesize_args(crop, out))
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
