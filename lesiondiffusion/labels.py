@@ -289,9 +289,11 @@ def _density_class(name: str) -> str | None:
 def label_medians(labels: np.ndarray, image_hu: np.ndarray, min_voxels: int = 20) -> dict[int, float]:
     """Median CT value of every label with at least ``min_voxels`` voxels (``image_hu`` on the same grid)."""
     ids, hu = label_ids(labels), np.asarray(image_hu)
-    # both read in one memory order, so that a Fortran-ordered NIfTI volume is not copied
-    order = "F" if ids.flags.f_contiguous and hu.flags.f_contiguous else "C"
-    flat, hu = ids.ravel(order=order), hu.ravel(order=order)
+    # both read in the labels' memory order (a NIfTI volume, or a strided view of one, is Fortran-ordered):
+    # no gather across memory; the medians do not depend on the order
+    if ids.ndim > 1 and abs(ids.strides[0]) < abs(ids.strides[-1]):
+        ids, hu = ids.T, hu.T
+    flat, hu = ids.ravel(), hu.ravel()
     inside = np.flatnonzero(flat > 0)
     lab = flat[inside]
     # one stable (radix) sort by label instead of one pass over the volume per label: same medians
@@ -326,12 +328,19 @@ def density_evidence(
     return VersionEvidence(version, held, failed)
 
 
+SURVEY_STRIDE_ABOVE = 20_000_000  # voxels: a larger map's anatomy is surveyed at every other voxel
+
+
+def _survey_step(labels: np.ndarray) -> int:
+    """Voxel stride for surveying a map's anatomy: every other voxel of a full-body map gives the same
+    centres and tissue medians at an eighth of the reads."""
+    return 2 if np.size(labels) > SURVEY_STRIDE_ABOVE else 1
+
+
 def label_centroids(labels: np.ndarray, affine: np.ndarray) -> dict[int, np.ndarray]:
     """World (RAS mm) centre of every label of ``labels`` whose volume is not a speck."""
-    data = np.asarray(labels)
-    step = 2 if data.size > 20_000_000 else 1  # a full-body map: every other voxel gives the same centres
-    data = data[::step, ::step, ::step]
-    ids = label_ids(data)
+    step = _survey_step(labels)
+    ids = label_ids(np.asarray(labels)[::step, ::step, ::step])
     idx = np.nonzero(ids > 0)
     if idx[0].size == 0:
         return {}
@@ -403,7 +412,9 @@ def detect_version(
     centroids = label_centroids(labels, affine)
     evidence = {v: anatomy_evidence(centroids, v) for v in VERSIONS}
     if image_hu is not None and np.shape(image_hu) == np.shape(labels):
-        medians = label_medians(labels, image_hu)
+        step = _survey_step(labels)
+        survey = (slice(None, None, step),) * 3
+        medians = label_medians(np.asarray(labels)[survey], np.asarray(image_hu)[survey])
         evidence = {v: e + density_evidence(labels, image_hu, v, medians) for v, e in evidence.items()}
     for mine, other in (("v1", "v2"), ("v2", "v1")):
         if evidence[mine].fits and evidence[other].contradicted:

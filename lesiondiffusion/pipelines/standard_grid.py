@@ -75,9 +75,8 @@ def resample_region(
     crop = np.asarray(volume[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], dtype=np.float32)
     if scale != (1.0, 0.0):
         crop = crop * np.float32(scale[0]) + np.float32(scale[1])
-    src = MetaTensor(
-        torch.from_numpy(np.ascontiguousarray(crop))[None], affine=torch.as_tensor(src_affine @ _translate(lo))
-    )
+    # the crop keeps the volume's memory order (a NIfTI's is Fortran): the resampler reads strides, no copy
+    src = MetaTensor(torch.from_numpy(crop)[None], affine=torch.as_tensor(src_affine @ _translate(lo)))
     resampler = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)
     out = resampler(
         src,

@@ -154,3 +154,24 @@ def test_present_ids_counted_in_blocks_finds_every_label(monkeypatch):
     monkeypatch.setattr(labels, "_COUNT_BLOCK", 64)  # many blocks, the last one partial
     assert labels.present_ids(seg).tolist() == [0, 1, 7, 104]
     assert labels.present_ids(seg.astype(np.float32)).tolist() == [0, 1, 7, 104]
+
+
+def test_a_large_map_is_surveyed_at_every_other_voxel_and_still_told_apart(monkeypatch):
+    """Tissue medians and centres of a full-body map come from every other voxel: same verdict, an eighth of the reads."""
+    from lesiondiffusion import labels
+
+    seg, affine = _map(TS_SMALL_SEG)
+    seg = np.where(seg > 104, 0, seg)  # only anatomy and density can tell v2
+    hu = np.asanyarray(nib.load(str(TS_SMALL_SEG.parent / "example_ct_sm.nii.gz")).dataobj)
+    surveyed = []
+    full_medians = labels.label_medians
+
+    def recording(ids, image_hu, *args):
+        surveyed.append((ids.shape, np.shape(image_hu)))
+        return full_medians(ids, image_hu, *args)
+
+    monkeypatch.setattr(labels, "label_medians", recording)
+    monkeypatch.setattr(labels, "SURVEY_STRIDE_ABOVE", seg.size - 1)
+    assert labels.detect_version(seg, affine, image_hu=hu) == "v2"
+    half = tuple(-(-n // 2) for n in seg.shape)
+    assert surveyed == [(half, half)]
