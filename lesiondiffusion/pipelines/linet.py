@@ -21,7 +21,9 @@ its exact stored bits whatever the input's orientation, spacing, dtype or NIfTI 
 Outputs per case (in ``output_dir/<case>/``, default the manifest's folder): ``synthetic.nii.gz`` (input
 grid, dtype and NIfTI scaling) and ``preview.png``; ``label_original.nii.gz`` (0/1/2 on the input grid)
 only when the manifest does not list LMNet's already. ``output_dir/manifest.json`` is the manifest with
-``synthetic_image``, ``label_original``, ``preview`` and ``linet`` (settings and weights hashes) per case.
+``synthetic_image``, ``label_original``, ``preview`` and ``linet`` (settings and weights hashes) per case
+(:meth:`LesionInpainter.extend_case`, the iteration of the bundle's
+:class:`~lesiondiffusion.pipelines.cases.CaseEvaluator`).
 """
 
 from __future__ import annotations
@@ -55,10 +57,10 @@ from lesiondiffusion.io import (
     voxel_spacing,
 )
 from lesiondiffusion.labels import LESION_LABEL, label_ids, label_table, mask_bounds
-from lesiondiffusion.manifest import CaseEntry, read_manifest
+from lesiondiffusion.manifest import CaseEntry
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
 from lesiondiffusion.paste import paste, save_like
-from lesiondiffusion.pipelines.cases import lesion_seed, run_cases
+from lesiondiffusion.pipelines.cases import lesion_seed
 from lesiondiffusion.preview import request_caption, write_preview
 from lesiondiffusion.transforms import CTIntensityMap
 from lesiondiffusion.vocabulary import CT_VALUE, SURFACE
@@ -192,6 +194,7 @@ class LesionInpainter:
             off their fill); it is painted from its intensity prior (:meth:`inpaint_lesion`). 0: always the networks.
         seed: base seed; each lesion draws its noise from its own seeded generator.
         device: where the networks run.
+        provenance: recorded in every case's ``linet`` entry (:func:`provenance`: settings, weights hashes).
     """
 
     network: nn.Module
@@ -209,6 +212,7 @@ class LesionInpainter:
     min_latent_width: int = 2
     seed: int = 0
     device: str | torch.device = "cpu"
+    provenance: dict[str, Any] = field(default_factory=dict)
     timings: list[LesionTiming] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -448,42 +452,24 @@ class LesionInpainter:
                                 organ=organ, caption=request_caption(case.extra.get("request") or {}))  # fmt: skip
         return {"synthetic_image": synthetic, "label_original": label_out, "preview": preview}
 
-
-# ---- the manifest -----------------------------------------------------------------------------------
-def run_manifest(
-    inpainter: LesionInpainter,
-    manifest: PathLike,
-    output_dir: PathLike | None = None,
-    settings: dict[str, Any] | None = None,
-    weights: dict[str, PathLike] | None = None,
-) -> Path:
-    """Inpaint every ``ok`` case of ``manifest``; write the outputs and ``output_dir/manifest.json``
-    (:func:`~lesiondiffusion.pipelines.cases.run_cases`: a failed case is marked and the others go on).
-
-    ``output_dir`` defaults to the manifest's folder (the manifest is then extended in place, atomically).
-    ``weights``: ``{setting: path}`` of the weights used, recorded with their SHA-256 in each case.
-    Returns the path of the written manifest.
-    """
-    manifest = Path(manifest)
-    if not manifest.is_file():
-        raise InputError(manifest, "manifest not found; set manifest to the manifest.json written by the LMNet stage")
-    entries = read_manifest(manifest)
-    if not entries.ok_cases():
-        raise InputError(manifest, "no case to process (every case failed in an earlier stage)")
-    out_dir = Path(output_dir) if output_dir else manifest.parent
-    hashes = {k: {"path": str(Path(w).resolve()), "sha256": file_sha256(w)} for k, w in (weights or {}).items()}
-    provenance = {"settings": dict(settings or {}), "weights": hashes}
-
-    def inpaint(case: CaseEntry) -> CaseEntry:
-        calls = inpainter.sampler.network_calls
-        outputs = inpainter.process_case(case, out_dir)
-        linet = {**provenance, "network_calls": inpainter.sampler.network_calls - calls}
+    def extend_case(self, case: CaseEntry, out_dir: Path) -> CaseEntry:
+        """Inpaint ``case`` into ``out_dir/<case>/``; the entry gains the synthetic image, the label map on the
+        input grid, the preview and the run's :attr:`provenance` with the network calls spent."""
+        calls = self.sampler.network_calls
+        outputs = self.process_case(case, out_dir)
+        linet = {**self.provenance, "network_calls": self.sampler.network_calls - calls}
         extra = {**case.extra, "preview": _relative(outputs["preview"], out_dir), "linet": linet}
         return replace(
             case, synthetic_image=outputs["synthetic_image"], label_original=outputs["label_original"], extra=extra
         )
 
-    return run_cases("LINet", entries, inpaint, out_dir)
+
+# ---- provenance -------------------------------------------------------------------------------------
+def provenance(settings: dict[str, Any], weights: dict[str, PathLike]) -> dict[str, Any]:
+    """What each case records of the run: its ``settings`` and the ``{setting: path}`` weights used, with
+    their SHA-256."""
+    hashes = {k: {"path": str(Path(w).resolve()), "sha256": file_sha256(w)} for k, w in weights.items()}
+    return {"settings": dict(settings), "weights": hashes}
 
 
 def _relative(path: PathLike, base: Path) -> str:

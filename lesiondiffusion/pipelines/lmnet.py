@@ -6,7 +6,9 @@ report; the field is brought back to the 1 mm grid (trilinear) and post-processe
 towards the expected volume, largest component, minimum size, retries with new seeds) inside the
 allowed region of its cavity rule, minus the lesions already drawn (no overlap). The label map is
 written on the standardised grid and on the input's own grid, and the manifest gains ``label`` and
-``label_original`` per case. A case whose lesion cannot be drawn is marked failed; the others go on.
+``label_original`` per case (:meth:`LesionMaskSynthesiser.extend_case`, the iteration of the bundle's
+:class:`~lesiondiffusion.pipelines.cases.CaseEvaluator`). A case whose lesion cannot be drawn is marked
+failed; the others go on.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, save_on_input_grid
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti, user_path
 from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL
-from lesiondiffusion.manifest import CaseEntry, LesionEntry, read_manifest
-from lesiondiffusion.pipelines.cases import lesion_seed, run_cases
+from lesiondiffusion.manifest import CaseEntry, LesionEntry
+from lesiondiffusion.pipelines.cases import lesion_seed
 from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
 from lesiondiffusion.pipelines.mask_postprocess import (
     DEFAULT_THRESHOLDS,
@@ -234,29 +236,14 @@ class LesionMaskSynthesiser:
         label[occupied] = LESION_LABEL
         return label, img
 
-
-def run_manifest(
-    manifest: PathLike,
-    synthesiser: LesionMaskSynthesiser,
-    output_dir: PathLike | None = None,
-) -> Path:
-    """Draw every case's lesions and write labels + the extended manifest into ``output_dir``
-    (:func:`~lesiondiffusion.pipelines.cases.run_cases`: a failed case is marked and the others go on).
-
-    ``output_dir`` defaults to the manifest's folder (the manifest is then extended in place, atomically).
-    Returns the path of the written manifest.
-    """
-    if not manifest:
-        raise LesionDiffusionError("set manifest to the preprocess bundle's manifest.json (--manifest FILE)")
-    manifest = Path(manifest)
-    out_dir = Path(output_dir) if output_dir else manifest.parent
-
-    def draw(case: CaseEntry) -> CaseEntry:
+    def extend_case(self, case: CaseEntry, out_dir: Path) -> CaseEntry:
+        """Draw ``case``'s lesions and write its label maps into ``out_dir/<case>/`` (standardised and input
+        grids); the entry gains ``label``, ``label_original`` and the network calls spent."""
         if not case.lesions:
             raise LesionDiffusionError("no lesion box to draw")
-        calls = synthesiser.sampler.network_calls
-        label, img = synthesiser.label_map(case)
-        calls = synthesiser.sampler.network_calls - calls  # retries included
+        calls = self.sampler.network_calls
+        label, img = self.label_map(case)
+        calls = self.sampler.network_calls - calls  # retries included
         geometry = read_geometry(case.geometry)
         if tuple(geometry.standard_shape) != label.shape:
             raise InputError(
@@ -273,5 +260,3 @@ def run_manifest(
         )
         extra = {**case.extra, "lmnet": {"network_calls": calls}}
         return replace(case, label=std, label_original=original, synthetic_image=None, extra=extra)
-
-    return run_cases("LMNet", read_manifest(manifest), draw, out_dir)

@@ -88,6 +88,27 @@ def test_the_diffusion_bundles_name_their_training_pieces_as_the_model_zoo_does(
         )
 
 
+@pytest.mark.parametrize("bundle", ["lmnet", "linet"])
+def test_inference_is_a_monai_evaluator_over_a_dataset_of_the_manifests_cases(bundle: str) -> None:
+    """Inference reads like the zoo's: ``dataset`` -> ``dataloader`` -> ``evaluator`` with ``handlers``, the
+    manifest written by a handler, and ``run`` is the evaluator's run."""
+    from pydoc import locate
+
+    from monai.engines import Evaluator
+
+    from lesiondiffusion.pipelines.cases import CaseEvaluator, ManifestWriter
+
+    parser = ConfigParser()
+    parser.read_config(BUNDLES / bundle / "configs" / "inference.json")
+    assert parser["run"] == ["$@evaluator.run()"]
+    assert parser["dataset"]["_target_"] == "Dataset" and parser["dataloader"]["dataset"] == "@dataset"
+    evaluator = parser["evaluator"]
+    assert evaluator["val_data_loader"] == "@dataloader" and evaluator["val_handlers"] == "@handlers"
+    target = locate(evaluator["_target_"])
+    assert target is CaseEvaluator and issubclass(target, Evaluator)
+    assert [h["_target_"] for h in parser["handlers"]][-1].endswith(ManifestWriter.__name__)
+
+
 @pytest.mark.parametrize("preset", ["cpu", "paper"])
 def test_every_bundle_reads_its_network_sizes_from_the_one_presets_table(preset: str) -> None:
     from lesiondiffusion.networks.presets import PRESETS

@@ -60,6 +60,9 @@ def test_in_process_chain_gives_the_isolated_chains_outputs(tmp_path: Path, monk
 
 
 def test_in_process_user_error_is_one_line_and_the_process_goes_on(tmp_path: Path) -> None:
-    with pytest.raises(BundleRunError, match=r"^error: .*missing.json: file not found$") as info:
+    with pytest.raises(
+        BundleRunError,
+        match=r"^error: .*missing.json: manifest not found; set manifest to the manifest.json written by the preprocess stage \(--manifest FILE\)$",
+    ) as info:
         run_bundle_in_process("lmnet", {"manifest": str(tmp_path / "missing.json"), "output_dir": str(tmp_path / "o")})
     assert isinstance(info.value, LesionDiffusionError) and "\n" not in str(info.value)

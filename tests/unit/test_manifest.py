@@ -128,10 +128,13 @@ def test_malformed_manifests_name_the_file_and_entry(tmp_path, content, problem)
 
 
 def test_the_stage_case_loop_marks_a_failed_case_goes_on_and_fails_the_run_after_writing(tmp_path):
+    """The LMNet and LINet bundles' loop: a MONAI evaluator over a dataset of the manifest's cases."""
     from dataclasses import replace
 
+    from monai.data import DataLoader, Dataset
+
     from lesiondiffusion.errors import LesionDiffusionError
-    from lesiondiffusion.pipelines.cases import run_cases
+    from lesiondiffusion.pipelines.cases import CaseEvaluator, ManifestWriter, case_items, one_case
 
     def entry(name: str) -> CaseEntry:
         files = {k: tmp_path / name / f"{k}.nii.gz" for k in ("image", "organ_seg", "geometry")}
@@ -140,21 +143,28 @@ def test_the_stage_case_loop_marks_a_failed_case_goes_on_and_fails_the_run_after
     cases = (entry("case_a"), entry("case_b").failed("failed in preprocess"), entry("case_c"), entry("case_d"))
     seen = []
 
-    def process(case: CaseEntry) -> CaseEntry:
-        seen.append(case.case)
+    def process(case: CaseEntry, out_dir) -> CaseEntry:
+        seen.append((case.case, out_dir))
         if case.case == "case_c":
             raise InputError(tmp_path / "c.nii.gz", "broken\nvoxels")
         return replace(case, extra={"done": True})
 
+    def run(manifest: Manifest, out_dir):
+        loader = DataLoader(Dataset(case_items(manifest)), batch_size=1, collate_fn=one_case)
+        writer = ManifestWriter(manifest, out_dir)
+        CaseEvaluator("cpu", loader, process, out_dir, val_handlers=[writer]).run()
+        return writer.written
+
     with pytest.raises(LesionDiffusionError) as info:
-        run_cases("test", Manifest(cases), process, tmp_path / "out")
+        run(Manifest(cases), tmp_path / "out")
     written = tmp_path / "out" / "manifest.json"
     assert (
         str(info.value)
         == f"1 of 4 case(s) failed (case_c: {tmp_path / 'c.nii.gz'}: broken voxels); the others are in {written}"
     )
-    assert seen == ["case_a", "case_c", "case_d"]  # the earlier failure is passed on, the later case still runs
+    # the earlier failure is passed on, the later case still runs
+    assert seen == [(c, tmp_path / "out") for c in ("case_a", "case_c", "case_d")]
     out = read_manifest(written).cases
     assert [c.status for c in out] == ["ok", "error", "error", "ok"]
     assert out[1].error == "failed in preprocess" and out[3].extra == {"done": True}
-    assert run_cases("test", Manifest(cases[:1]), process, tmp_path / "ok") == tmp_path / "ok" / "manifest.json"
+    assert run(Manifest(cases[:1]), tmp_path / "ok") == tmp_path / "ok" / "manifest.json"
