@@ -34,7 +34,7 @@ from lesiondiffusion.text import TextError, TextReading, read_description
 
 REQUIRED_ATTRIBUTES = ("organ type", "lesion type")
 VERSION_KEY = "organ_seg_version"
-_CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name on every system
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _read_entry(path: Path, base: Path, index: int, entry: Any, shared_version: 
     if not isinstance(entry, dict):
         raise bad("not a JSON object")
     case = entry.get("case")
-    if not isinstance(case, str) or not _CASE_NAME.match(case):
+    if not isinstance(case, str) or not CASE_NAME.match(case):
         raise bad(f"'case' must be a folder-safe name (letters, digits, '.', '_', '-'), got {case!r}")
     paths: dict[str, Path | None] = {}
     for key, required in (("image", True), ("organ_seg", False)):

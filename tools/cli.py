@@ -191,7 +191,8 @@ class Commands:
         """Prepare CTs for synthesis (standardised CT, organ map, report, lesion boxes, manifest in --out).
 
         One CT: --image CT --attributes '{"organ type": "liver", "lesion type": "cyst"}' [--organ_seg SEG].
-        Batch: --image_list FILE --attributes_list FILE [--organ_seg_list FILE]. Any other key of the
+        Batch: --image_list FILE --attributes_list FILE [--organ_seg_list FILE] [--case_list FILE: case names,
+        which seed each case]. Any other key of the
         preprocess bundle's inference.json can be set too (e.g. --totalseg_fast true). Prints the manifest.
         """
         from lesiondiffusion_tools.preprocess import run_preprocess

@@ -23,6 +23,7 @@ PATH_KEYS = (
     "organ_seg",
     "organ_seg_list",
     "organ_seg_version_list",
+    "case_list",
     "output_dir",
 )
 

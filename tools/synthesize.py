@@ -98,7 +98,7 @@ def weights_paths(weights: str | Path | None = None) -> dict[str, Path]:
 
 def case_names(images: Sequence[Path]) -> list[str]:
     """One folder-safe, unique name per image: the file name without .nii/.nii.gz, numbered on clashes."""
-    stems = [re.sub(r"[^A-Za-z0-9._-]", "_", image_stem(p)) or "case" for p in images]
+    stems = [re.sub(r"[^A-Za-z0-9._-]", "_", image_stem(p)).lstrip("._-") or "case" for p in images]
     if len(set(stems)) == len(stems):
         return stems
     return [f"{i:04d}_{s}" for i, s in enumerate(stems)]
@@ -381,7 +381,9 @@ def _write_inputs(work: Path, states: Sequence[CaseState]) -> dict[str, str]:
     attributes = work / "attributes.txt"
     images.write_text("".join(f"{s.request.image.absolute()}\n" for s in states), encoding="utf-8")
     attributes.write_text("".join(json.dumps(s.request.attributes) + "\n" for s in states), encoding="utf-8")
-    lists = {"image_list": str(images), "attributes_list": str(attributes)}
+    names = work / "cases.txt"  # the case's name, not its place in the batch, seeds its boxes and lesions
+    names.write_text("".join(f"{s.request.case}\n" for s in states), encoding="utf-8")
+    lists = {"image_list": str(images), "attributes_list": str(attributes), "case_list": str(names)}
     if states[0].request.organ_seg is not None:
         segs = work / "organ_segs.txt"
         segs.write_text("".join(f"{s.request.organ_seg.absolute()}\n" for s in states), encoding="utf-8")  # type: ignore[union-attr]

@@ -1,6 +1,6 @@
 """Prepare new scans for synthesis (design 4.1, inference side): the loop behind ``configs/inference.json``.
 
-Per case, in ``<output_dir>/case_<i>/`` (inputs are only read):
+Per case, in ``<output_dir>/<case>/`` (``case_list`` names the cases, else ``case_<i>``; inputs are only read):
 
 - ``image.nii.gz``: the CT on the standardised grid (RAS, 1 mm; HU) from the config's MONAI
   ``standardise`` chain, and ``geometry.json``: the input's grid, to write results back onto it. With a
@@ -42,7 +42,7 @@ from lesiondiffusion.geometry import cast_to, record_geometry, same_grid, write_
 from lesiondiffusion.io import as_nifti, atomic_dir, load_nifti, read_stored, save_nifti, user_path
 from lesiondiffusion.labels import is_hollow, label_table, mask_bounds
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, LesionEntry, Manifest, write_manifest
-from lesiondiffusion.pipelines.cases import failed_cases_error
+from lesiondiffusion.pipelines.cases import case_seed, failed_cases_error
 from lesiondiffusion.pipelines.preprocess_inputs import CaseRequest, read_requests
 from lesiondiffusion.pipelines.segment import OrganSegmenter
 from lesiondiffusion.pipelines.standard_grid import box_on_grid, resample_region, standard_grid
@@ -80,6 +80,7 @@ class PreprocessRunner:
         organ_seg: str | None = None,
         organ_seg_list: str | None = None,
         organ_seg_version_list: str | None = None,
+        case_list: str | None = None,
         seed: int = 0,
         num_lesions: int = 1,
         erosion: float = DEFAULT_EROSION,
@@ -99,6 +100,7 @@ class PreprocessRunner:
             organ_seg=organ_seg,
             organ_seg_list=organ_seg_list,
             organ_seg_version_list=organ_seg_version_list,
+            case_list=case_list,
         )
         self.seed, self.num_lesions, self.erosion = int(seed), int(num_lesions), float(erosion)
         self.axcodes, self.pixdim = axcodes, tuple(float(p) for p in pixdim)
@@ -126,7 +128,7 @@ class PreprocessRunner:
         # that appears meanwhile is never deleted without overwrite
         with atomic_dir(out, overwrite=bool(self.overwrite) or out.exists()) as tmp:
             for request in tqdm(requests, desc="preprocess", unit="case", disable=None):
-                name = f"case_{request.index:03d}"
+                name = request.name
                 try:
                     with atomic_dir(tmp / name) as folder:
                         entry = self._prepare(request, name, folder, out / name)
@@ -309,9 +311,10 @@ class PreprocessRunner:
             )
 
     def _lesions(self, request: CaseRequest, organ: np.ndarray, folder: Path, scan: ScanContext) -> list[LesionEntry]:
-        """Report + box for each lesion, seeded per case (same seed and inputs, same boxes); the reports
-        agree with what ``scan`` measured (organ HU, contrast phase)."""
-        rng = np.random.default_rng([self.seed, request.index])
+        """Report + box for each lesion, seeded per case by its name (same seed, name and inputs, same boxes,
+        wherever the case stands in the batch); the reports agree with what ``scan`` measured (organ HU,
+        contrast phase)."""
+        rng = np.random.default_rng(case_seed(self.seed, request.name))
         organ_box = bounding_box(organ).size
         hollow = is_hollow(request.organ_id)
         boxes: list[Box] = []

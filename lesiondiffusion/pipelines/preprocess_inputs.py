@@ -6,6 +6,8 @@ optional ``organ_seg``. Batch form (the original's): ``image_list`` (one path pe
 ``attributes`` may stand for every line. Relative paths in a list file are relative to that file.
 ``organ_seg_version_list`` (optional, aligned by line) gives each organ map's numbering, ``v1``, ``v2``
 or ``auto``, as a requests file declares it; a ``organ_seg_version`` other than auto wins over it.
+``case_list`` (optional, aligned by line) names each case: its output folder and its seed (so a case's
+boxes and reports do not depend on its position in the batch); without it cases are ``case_<line>``.
 
 Everything is checked before any case is processed, so a typo never costs a long run: lists of
 different lengths, a line that is not a JSON object, a missing ``organ type`` / ``lesion type``, an
@@ -25,6 +27,7 @@ from lesiondiffusion.dataset import read_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import user_path
 from lesiondiffusion.labels import AUTO, VERSION_CHOICES, UnknownOrganError, label_table
+from lesiondiffusion.requests import CASE_NAME
 from lesiondiffusion.vocabulary import OPTIONAL_FIELDS, REPORT_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,11 @@ class CaseRequest:
     organ_seg: Path | None = None
     source: str = field(default="", compare=False)  # where it was listed, for messages
     organ_seg_version: str | None = None  # the numbering declared for this case's organ map (None: not declared)
+    name: str = ""  # the case's name: its output folder and its seed (``case_<index>`` when not given)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", f"case_{self.index:03d}")
 
 
 def parse_attributes(value: Any, where: str | Path, line: int | None = None) -> dict[str, str]:
@@ -140,6 +148,7 @@ def read_requests(
     organ_seg: str | None = None,
     organ_seg_list: str | None = None,
     organ_seg_version_list: str | None = None,
+    case_list: str | None = None,
 ) -> list[CaseRequest]:
     """Every case's request, in input order, fully checked (see the module docstring)."""
     if (image is None) == (image_list is None):
@@ -177,18 +186,39 @@ def read_requests(
     versions: list[str | None] = [None] * len(images)
     if organ_seg_version_list is not None:
         versions = read_version_lines(organ_seg_version_list, len(images))
+    names = [""] * len(images) if case_list is None else read_name_lines(case_list, len(images))
     requests = []
-    for i, ((img, seg, source), attrs, (w, line), version) in enumerate(zip(images, per_line, where, versions)):
+    for i, ((img, seg, source), attrs, (w, line), version, name) in enumerate(
+        zip(images, per_line, where, versions, names)
+    ):
         organ_id, organ_name = _organ(attrs, w, line)
-        requests.append(CaseRequest(i, img, attrs, organ_id, organ_name, seg, source, version))
+        requests.append(CaseRequest(i, img, attrs, organ_id, organ_name, seg, source, version, name))
     return requests
 
 
-def read_version_lines(path: str | Path, n: int) -> list[str | None]:
-    """An organ-map numbering list: ``v1``, ``v2`` or ``auto`` (None: nothing declared) per line, ``n`` lines."""
+def read_name_lines(path: str | Path, n: int) -> list[str]:
+    """A case-name list: ``n`` distinct folder names (letters, digits, ``._-``), one per line."""
+    lines = _aligned_lines(path, n, "case list")
+    seen: dict[str, int] = {}
+    for i, line in enumerate(lines, 1):
+        name = line.strip()
+        if not CASE_NAME.match(name):
+            raise InputError(
+                path,
+                f"{name!r} is not a case name: use letters, digits, '.', '_' and '-', starting with a letter or digit",
+                i,
+            )
+        if name in seen:
+            raise InputError(path, f"case name {name!r} repeats line {seen[name]}; each case needs its own", i)
+        seen[name] = i
+    return [line.strip() for line in lines]
+
+
+def _aligned_lines(path: str | Path, n: int, what: str) -> list[str]:
+    """The ``n`` lines of a list aligned with the images (trailing blank lines ignored)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "organ_seg_version list file not found")
+        raise InputError(path, f"{what} file not found")
     lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -196,6 +226,12 @@ def read_version_lines(path: str | Path, n: int) -> list[str | None]:
         raise InputError(
             path, f"has {len(lines)} lines but there are {n} images; the lists must be aligned line by line"
         )
+    return lines
+
+
+def read_version_lines(path: str | Path, n: int) -> list[str | None]:
+    """An organ-map numbering list: ``v1``, ``v2`` or ``auto`` (None: nothing declared) per line, ``n`` lines."""
+    lines = _aligned_lines(path, n, "organ_seg_version list")
     out: list[str | None] = []
     for i, line in enumerate(lines, 1):
         value = line.strip().lower()

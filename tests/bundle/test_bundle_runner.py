@@ -84,6 +84,11 @@ def test_preprocess_options_become_bundle_overrides(tmp_path, monkeypatch):
         "output_dir": str(tmp_path / "out"), "image": str(tmp_path / "ct.nii.gz"), "attributes": str(tmp_path / "attrs.json"),
         "seed": 3, "overwrite": True, "totalseg_fast": True,
     }  # fmt: skip
+    # every list file is found from where the command ran, though the bundle runs in its own folder
+    lists = bundle_overrides(out="o", image_list="i.txt", organ_seg_version_list="v.txt", case_list="names.txt")
+    assert [lists[k] for k in ("image_list", "organ_seg_version_list", "case_list")] == [
+        str(tmp_path / n) for n in ("i.txt", "v.txt", "names.txt")
+    ]
     text = '{"organ type": "bladder", "lesion type": "polyp"}'
     assert bundle_overrides(out="o", attributes=text)["attributes"] == text  # JSON text passes as written
     # flags typed on the command line arrive as words

@@ -450,3 +450,51 @@ def test_list_problems_name_the_file_and_line(tmp_path):
     segs = write_lines(tmp_path / "segs.txt", ["s.nii.gz"])
     with pytest.raises(InputError, match="segs.txt: has 1 lines but .*images.txt has 2"):
         read_requests(image_list=str(images), organ_seg_list=str(segs), attributes=json.dumps(LIVER))
+
+
+def test_a_case_list_names_the_cases_and_rejects_bad_names(tmp_path):
+    images = write_lines(tmp_path / "images.txt", ["a.nii.gz", "b.nii.gz"])
+    names = write_lines(tmp_path / "names.txt", ["liver_1", "bladder.2"])
+    requests = read_requests(image_list=str(images), attributes=json.dumps(LIVER), case_list=str(names))
+    assert [r.name for r in requests] == ["liver_1", "bladder.2"]
+    assert [r.name for r in read_requests(image_list=str(images), attributes=json.dumps(LIVER))] == [
+        "case_000",
+        "case_001",
+    ]
+    for lines, error in (
+        (["liver_1", "liver_1"], "names.txt:2: case name 'liver_1' repeats line 1"),
+        (["liver_1", "../up"], "names.txt:2: '../up' is not a case name"),
+        (["_hidden", "b"], "names.txt:1: '_hidden' is not a case name"),
+        (["only_one"], "names.txt: has 1 lines but there are 2 images"),
+    ):
+        write_lines(names, lines)
+        with pytest.raises(InputError, match=error):
+            read_requests(image_list=str(images), attributes=json.dumps(LIVER), case_list=str(names))
+
+
+def test_a_cases_boxes_and_reports_follow_its_name_not_its_place_in_the_batch(inputs, tmp_path):
+    """The same case, second in a batch or alone, gets the same boxes and reports for one seed."""
+    from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
+
+    liver, bladder = inputs / "Liver_cancer", inputs / "Bladder_cancer"
+
+    def prepare(out: str, cases: list[tuple[str, Path, dict]]) -> dict:
+        lists = {
+            "image_list": write_lines(tmp_path / f"{out}_images.txt", [c[1] / "image.nii.gz" for c in cases]),
+            "organ_seg_list": write_lines(tmp_path / f"{out}_segs.txt", [c[1] / "organ_seg.nii.gz" for c in cases]),
+            "attributes_list": write_lines(tmp_path / f"{out}_attrs.txt", [json.dumps(c[2]) for c in cases]),
+            "case_list": write_lines(tmp_path / f"{out}_names.txt", [c[0] for c in cases]),
+        }
+        args = {k: str(v) for k, v in lists.items()}
+        run_bundle_in_process(
+            "preprocess", {**args, "output_dir": str(tmp_path / out), "seed": 3, "organ_seg_version": "v1"}
+        )
+        entries = read_manifest(tmp_path / out / "manifest.json").cases
+        return {e.case: [(les.box, les.report.read_text()) for les in e.lesions] for e in entries}
+
+    batch = prepare("batch", [("liver_a", liver, LIVER), ("bladder_b", bladder, BLADDER_WALL)])
+    alone = prepare("alone", [("bladder_b", bladder, BLADDER_WALL)])
+    assert list(batch) == ["liver_a", "bladder_b"] and (tmp_path / "batch" / "bladder_b" / "image.nii.gz").is_file()
+    assert alone["bladder_b"] == batch["bladder_b"]
+    other = prepare("renamed", [("bladder_c", bladder, BLADDER_WALL)])
+    assert other["bladder_c"] != alone["bladder_b"]  # another name, another draw

@@ -356,3 +356,12 @@ def test_the_input_checks_tell_the_numbering_once_for_the_later_stages(inputs, t
     assert checked[0].organ_seg_numbering == "v2" and checked[1].organ_seg_numbering is None  # ts_small is v2
     lists = _write_inputs(tmp_path, [CaseState(checked[0])])
     assert Path(lists["organ_seg_version_list"]).read_text() == "v2\n"
+    assert Path(lists["case_list"]).read_text() == "good\n"  # the case's name, which seeds it, goes along
+
+
+def test_case_names_from_image_files_are_names_every_stage_accepts():
+    from lesiondiffusion.requests import CASE_NAME
+    from lesiondiffusion_tools.synthesize import case_names
+
+    names = case_names([Path("/a/_scan 1.nii.gz"), Path("/b/.x.nii"), Path("/c/___.nii.gz")])
+    assert names == ["scan_1", "x", "case"] and all(CASE_NAME.match(n) for n in names)
