@@ -161,6 +161,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], tuple[str, ...]]] = [
     ("device_unknown", lambda d: [*ok_base(d), "--device", "gpu7"], ("--device",)),
     ("device_cuda_absent", lambda d: [*ok_base(d), "--device", "cuda:3"], ("--device", "CUDA")),
     ("unknown_command", lambda d: ["synthesise", "--out", "x"], ("unknown command",)),
+    (
+        "evaluate_without_pred",
+        lambda d: ["evaluate", "--out", str(d / "report")],
+        ("evaluate: give --pred ... --requests ...",),
+    ),
     # files
     ("image_missing", with_image("nope.nii.gz"), ("nope.nii.gz", "not found")),
     ("organ_seg_missing", with_image("ct.nii.gz", "nope_seg.nii.gz"), ("nope_seg.nii.gz",)),
