@@ -170,19 +170,19 @@ def scenarios(root: Path, outs: Path) -> dict[str, Run]:
             attributes=json.dumps(LIVER_WITHIN), num_lesions=2, seed=1, **v1,
         ),
         "cli_a": cli_cmd(outs / "cli_a", **cli_lumen),
-        "cli_b": cli_cmd(outs / "cli_b", **cli_lumen),
-        "cli_seed6": cli_cmd(outs / "cli_seed6", **{**cli_lumen, "seed": "6"}),
+        "bundle_b": bundle_cmd(outs / "bundle_b", **cli_lumen),
+        "bundle_seed6": bundle_cmd(outs / "bundle_seed6", **{**cli_lumen, "seed": "6"}),
         "batch": cli_cmd(
             outs / "batch", image_list=str(root / "batch_images.txt"), attributes_list=str(root / "batch_attrs.txt"),
             organ_seg_list=str(root / "batch_segs.txt"), **v1,
         ),
-        # bad inputs: each one line on stderr, exit 1, no output
+        # bad inputs: each one line on stderr, exit 1, no output (through the command line and the bundle alike)
         "unreadable": cli_cmd(outs / "unreadable", image=str(bad / "unreadable.nii.gz"), organ_seg=str(liver / "organ_seg.nii.gz"), attributes=json.dumps(LIVER)),
         "four_d": bundle_cmd(outs / "four_d", image=str(bad / "four_d.nii.gz"), attributes=json.dumps(LIVER)),
         "organ_absent": cli_cmd(outs / "organ_absent", image=str(liver / "image.nii.gz"), organ_seg=str(bad / "seg_without_liver.nii.gz"), attributes=json.dumps(LIVER), **v1),
-        "unknown_organ": cli_cmd(outs / "unknown_organ", image=str(liver / "image.nii.gz"), organ_seg=str(liver / "organ_seg.nii.gz"), attributes='{"organ type": "livr", "lesion type": "cyst"}', **v1),
-        "not_json": cli_cmd(outs / "not_json", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "not_json_attrs.txt")),
-        "lengths": cli_cmd(outs / "lengths", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "three_attrs.txt")),
+        "unknown_organ": bundle_cmd(outs / "unknown_organ", image=str(liver / "image.nii.gz"), organ_seg=str(liver / "organ_seg.nii.gz"), attributes='{"organ type": "livr", "lesion type": "cyst"}', **v1),
+        "not_json": bundle_cmd(outs / "not_json", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "not_json_attrs.txt")),
+        "lengths": bundle_cmd(outs / "lengths", image_list=str(root / "demo_images.txt"), attributes_list=str(root / "three_attrs.txt")),
     }  # fmt: skip
     return {name: Run(cmd, outs / name) for name, cmd in runs.items()}
 
@@ -313,8 +313,8 @@ def test_anisotropic_reoriented_scan(runs, inputs):
 
 
 @pytest.mark.slow
-def test_cli_single_case_is_reproducible_and_seeded(runs, inputs):
-    a, b = ok(runs["cli_a"]), ok(runs["cli_b"])
+def test_cli_and_bundle_prepare_one_case_alike_for_a_seed(runs, inputs):
+    a, b = ok(runs["cli_a"]), ok(runs["bundle_b"])
     assert a.stdout.strip().splitlines()[-1] == str(a.out / "manifest.json")  # the command prints the manifest
     ma, mb = read_manifest(a.out / "manifest.json"), read_manifest(b.out / "manifest.json")
     check_case(ma.cases[0], BLADDER_LUMEN, 104, num_lesions=1)
@@ -324,7 +324,7 @@ def test_cli_single_case_is_reproducible_and_seeded(runs, inputs):
         load(a.out / "case_000" / "image.nii.gz")[0].tobytes() == load(b.out / "case_000" / "image.nii.gz")[0].tobytes()
     )
     # the same request with another seed puts the box elsewhere
-    other = read_manifest(ok(runs["cli_seed6"]).out / "manifest.json")
+    other = read_manifest(ok(runs["bundle_seed6"]).out / "manifest.json")
     check_case(other.cases[0], BLADDER_LUMEN, 104, num_lesions=1)
     assert other.cases[0].lesions[0].box.centre != ma.cases[0].lesions[0].box.centre
 
