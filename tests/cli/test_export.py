@@ -26,6 +26,7 @@ from packaging.requirements import Requirement
 
 from lesiondiffusion.data_paths import BUNDLES, REPO_ROOT
 from lesiondiffusion.export import STAGES, bundle_name, export_bundles
+from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
 TS_SMALL = REPO_ROOT / "tests" / "data" / "ts_small"
 ATTRIBUTES = {"organ type": "liver", "lesion type": "cyst", "density": "hypodense", "size": "15 mm"}
@@ -66,15 +67,13 @@ def only_required_env(dest: Path, metadata: dict) -> Path:
     return venv / "bin" / "python"
 
 
-def bundle_run(python: Path, root: Path, args: dict, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+def bundle_run(python: Path, root: Path, args: dict) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run --config_file configs/inference.json`` from the bundle's root."""
     args_file = Path(args["output_dir"]).parent / f"{root.name}_args.json"  # beside the outputs, never in the bundle
     args_file.parent.mkdir(parents=True, exist_ok=True)
     args_file.write_text(json.dumps(args), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PYTHONWARNINGS"] = "ignore"
-    if pythonpath:
-        env["PYTHONPATH"] = str(pythonpath)
     cmd = [
         str(python),
         "-m",
@@ -88,8 +87,10 @@ def bundle_run(python: Path, root: Path, args: dict, pythonpath: Path | None = N
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
-def chain(python: Path, roots: dict[str, Path], out: Path, in_repo: bool) -> Path:
-    """preprocess -> LMNet -> LINet on the small real CT; returns LINet's manifest."""
+def chain(out: Path, python: Path | None = None, roots: dict[str, Path] | None = None) -> Path:
+    """preprocess -> LMNet -> LINet on the small real CT; returns LINet's manifest. With ``python`` and
+    ``roots`` each stage is ``python -m monai.bundle run`` in its unzipped bundle; else the repository's
+    bundles run in this process (the same configs: ``tests/bundle/test_chain_in_process.py``)."""
     steps = [
         ("preprocess", {"image": str(TS_SMALL / "example_ct_sm.nii.gz"), "organ_seg": str(TS_SMALL / "example_seg.nii.gz"),
                         "attributes": ATTRIBUTES, "output_dir": str(out / "pre")}),
@@ -97,7 +98,10 @@ def chain(python: Path, roots: dict[str, Path], out: Path, in_repo: bool) -> Pat
         ("linet", {"manifest": str(out / "lm" / "manifest.json"), "output_dir": str(out / "li"), "steps": 2}),
     ]  # fmt: skip
     for stage, args in steps:
-        run = bundle_run(python, roots[stage], args, roots[stage] if in_repo else None)
+        if python is None or roots is None:
+            run_bundle_in_process(stage, args)
+            continue
+        run = bundle_run(python, roots[stage], args)
         assert run.returncode == 0, f"{stage}: {run.stderr[-3000:]}"
     return out / "li" / "manifest.json"
 
@@ -158,8 +162,8 @@ def test_unzipped_bundles_run_alone_and_match_the_repository(exported: dict) -> 
         [str(python), "-c", "import lesiondiffusion"], capture_output=True, text=True, cwd=exported["tmp"]
     )
     assert alone.returncode != 0 and "No module named 'lesiondiffusion'" in alone.stderr  # the environment is bare
-    zoo = chain(python, roots, exported["tmp"] / "zoo_run", in_repo=False)
-    repo = chain(Path(sys.executable), {s: BUNDLES / s for s in STAGES}, exported["tmp"] / "repo_run", in_repo=True)
+    zoo = chain(exported["tmp"] / "zoo_run", python, roots)
+    repo = chain(exported["tmp"] / "repo_run")
     (a,), (b,) = json.loads(zoo.read_text())["testing"], json.loads(repo.read_text())["testing"]
     assert a["status"] == b["status"] == "ok", (a, b)
     for key in ("synthetic_image", "label_original"):
