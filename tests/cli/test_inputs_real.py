@@ -156,14 +156,15 @@ def test_synthesize_dicom_series_and_v2_ct_without_flags(tmp_path):
     assert (
         case["status"] == "ok" and case["organ_seg_version"] == "v2" and case["input_image"] == str(SERIES.absolute())
     )
-    assert case["source_image"].endswith("preprocess/case_000/source_image.nii.gz")
-    converted, series = nib.load(str(prep / "case_000" / "source_image.nii.gz")), read_image(SERIES)
+    assert case["case"] == "series"  # preprocessing names each case as the request does
+    assert case["source_image"].endswith("preprocess/series/source_image.nii.gz")
+    converted, series = nib.load(str(prep / "series" / "source_image.nii.gz")), read_image(SERIES)
     assert np.array_equal(converted.affine, series.affine) and np.array_equal(
         np.asanyarray(converted.dataobj), np.asanyarray(series.dataobj)
     )
-    geometry = json.loads((prep / "case_000" / "geometry.json").read_text())
+    geometry = json.loads((prep / "series" / "geometry.json").read_text())
     assert geometry["path"] == case["source_image"] and geometry["shape"] == [512, 512, 8]
-    organ = np.asanyarray(nib.load(str(prep / "case_000" / "organ_seg.nii.gz")).dataobj)
+    organ = np.asanyarray(nib.load(str(prep / "series" / "organ_seg.nii.gz")).dataobj)
     assert (organ == 5).sum() > 1000 and not (organ > 104).any()  # converted to v1
 
     for name, reference in (("series", read_image(SERIES)), ("ts_small", nib.load(str(TS_CT)))):
