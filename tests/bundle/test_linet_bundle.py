@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from in_process import error_line, overrides_of
 from monai.data import MetaTensor
 from PIL import Image
 
@@ -474,17 +475,22 @@ def test_the_text_reaches_the_network(inferred):
 
 def test_bad_inputs_are_one_line_errors_without_output(inferred, trained, vqgan, tmp_path):
     manifest = inferred["root"] / "a" / "manifest.json"
-    line = one_error_line(infer(manifest, tmp_path / "missing.pt", vqgan, tmp_path / "o1"))
+    line = one_error_line(infer(manifest, tmp_path / "missing.pt", vqgan, tmp_path / "o1"))  # a real process
     assert "missing.pt: LINet weights not found; pass --weights" in line
+
+    def error(weights, vqgan_weights, out, manifest=manifest, **extra) -> str:
+        given = {"weights": weights and str(weights), "vqgan_weights": vqgan_weights and str(vqgan_weights)}
+        args = {"manifest": str(manifest), **given, "output_dir": str(out), "steps": 3, "margin_mm": MARGIN_MM}
+        return error_line("linet", {**args, **overrides_of(TINY), **extra})
+
     # the default: the shipped weights under models/ (cpu preset), which do not fit the tiny network
-    line = one_error_line(infer(manifest, None, vqgan, tmp_path / "o5"))
-    assert "models/model.pt: weights do not fit this network" in line
-    line = one_error_line(infer(manifest, trained["out"] / "model.pt", tmp_path / "none.pt", tmp_path / "o2"))
-    assert "none.pt: VQ-GAN weights not found; pass --vqgan_weights" in line
-    line = one_error_line(infer(tmp_path / "nothing.json", trained["out"] / "model.pt", vqgan, tmp_path / "o3"))
+    assert "models/model.pt: weights do not fit this network" in error(None, vqgan, tmp_path / "o5")
+    assert "none.pt: VQ-GAN weights not found; pass --vqgan_weights" in error(
+        trained["out"] / "model.pt", tmp_path / "none.pt", tmp_path / "o2"
+    )
+    line = error(trained["out"] / "model.pt", vqgan, tmp_path / "o3", manifest=tmp_path / "nothing.json")
     assert "nothing.json: manifest not found" in line
-    line = one_error_line(infer(manifest, trained["out"] / "model.pt", vqgan, tmp_path / "o4", "--sampler", "euler"))
-    assert "sampler must be one of" in line
+    assert "sampler must be one of" in error(trained["out"] / "model.pt", vqgan, tmp_path / "o4", sampler="euler")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
 
 

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from in_process import error_line, overrides_of
 from scipy import ndimage as ndi
 
 from lesiondiffusion import vocabulary as V
@@ -283,10 +284,9 @@ def test_bad_inputs_are_one_line_errors_without_output(manifest, trained, tmp_pa
     assert len(errors) == 1 and "missing.pt: LMNet weights not found; pass --weights" in errors[0]
     assert not (tmp_path / "out").exists()
     # the default: the shipped weights under models/ (cpu preset), which do not fit the tiny network
-    run = infer(manifest, None, tmp_path / "out")
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "models/model.pt: weights do not fit this network" in errors[0]
+    args = {"manifest": str(manifest), "output_dir": str(tmp_path / "out"), "steps": int(INFER_STEPS)}
+    line = error_line("lmnet", {**args, **overrides_of(TINY)})
+    assert "models/model.pt: weights do not fit this network" in line
     assert not (tmp_path / "out").exists()
     run = bundle_run(
         LMNET, "configs/train.json", "--datalist", str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "t")
