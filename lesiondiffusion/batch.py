@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
@@ -68,12 +66,17 @@ def wanted(resume: bool) -> bool:
 
 def device_for(ranks: Ranks) -> str | None:
     """``cuda:<local rank>`` when GPUs are present, else None (the stages' own default, the CPU)."""
+    import torch  # here, not at the top: the command line starts without torch
+
     return f"cuda:{ranks.local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else None
 
 
 @contextmanager
 def process_group(ranks: Ranks) -> Iterator[None]:
     """The batch's process group (gloo on CPU, NCCL on GPUs) for the block; nothing for one process."""
+    import torch
+    import torch.distributed as dist
+
     if ranks.world_size == 1 or dist.is_initialized():
         yield
         return
@@ -88,6 +91,8 @@ def process_group(ranks: Ranks) -> Iterator[None]:
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
 

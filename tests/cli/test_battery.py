@@ -370,3 +370,14 @@ def test_case_names_from_image_files_are_names_every_stage_accepts():
 
     names = case_names([Path("/a/_scan 1.nii.gz"), Path("/b/.x.nii"), Path("/c/___.nii.gz")])
     assert names == ["scan_1", "x", "case"] and all(CASE_NAME.match(n) for n in names)
+
+
+def test_the_command_line_starts_without_torch():
+    """Help, and a mistake in the options, answer in well under a second: torch is imported by the commands that
+    need it, not by the command line itself."""
+    import subprocess
+    import sys
+
+    code = "import sys, lesiondiffusion_tools.cli; print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
