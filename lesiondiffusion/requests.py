@@ -35,6 +35,9 @@ from lesiondiffusion.text import TextError, TextReading, read_description
 REQUIRED_ATTRIBUTES = ("organ type", "lesion type")
 VERSION_KEY = "organ_seg_version"
 CASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name on every system
+# names an output folder already holds beside its case folders (the stages' manifest, synthesize's summary
+# and its kept work folder)
+RESERVED_CASE_NAMES = frozenset({"manifest.json", "summary.json", "work"})
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ def _read_entry(path: Path, base: Path, index: int, entry: Any, shared_version: 
     case = entry.get("case")
     if not isinstance(case, str) or not CASE_NAME.match(case):
         raise bad(f"'case' must be a folder-safe name (letters, digits, '.', '_', '-'), got {case!r}")
+    if case in RESERVED_CASE_NAMES:
+        raise bad(f"'case' {case!r} is the name of a file or folder the output already holds; choose another")
     paths: dict[str, Path | None] = {}
     for key, required in (("image", True), ("organ_seg", False)):
         value = entry.get(key)

@@ -51,7 +51,7 @@ from lesiondiffusion.io import (
 from lesiondiffusion.labels import VERSION_CHOICES
 from lesiondiffusion.manifest import MANIFEST_NAME, CaseEntry, read_manifest
 from lesiondiffusion.reports import providers as llm
-from lesiondiffusion.requests import SynthesisRequest, describe, read_requests, with_reading
+from lesiondiffusion.requests import RESERVED_CASE_NAMES, SynthesisRequest, describe, read_requests, with_reading
 from lesiondiffusion.sanity import check_device, check_requests
 from lesiondiffusion.settings import default, flag
 from lesiondiffusion.text import TextError, TextReading
@@ -99,6 +99,7 @@ def weights_paths(weights: str | Path | None = None) -> dict[str, Path]:
 def case_names(images: Sequence[Path]) -> list[str]:
     """One folder-safe, unique name per image: the file name without .nii/.nii.gz, numbered on clashes."""
     stems = [re.sub(r"[^A-Za-z0-9._-]", "_", image_stem(p)).lstrip("._-") or "case" for p in images]
+    stems = [f"case_{s}" if s in RESERVED_CASE_NAMES else s for s in stems]
     if len(set(stems)) == len(stems):
         return stems
     return [f"{i:04d}_{s}" for i, s in enumerate(stems)]

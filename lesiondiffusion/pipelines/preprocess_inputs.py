@@ -27,7 +27,7 @@ from lesiondiffusion.dataset import read_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import user_path
 from lesiondiffusion.labels import AUTO, VERSION_CHOICES, UnknownOrganError, label_table
-from lesiondiffusion.requests import CASE_NAME
+from lesiondiffusion.requests import CASE_NAME, RESERVED_CASE_NAMES
 from lesiondiffusion.vocabulary import OPTIONAL_FIELDS, REPORT_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -208,6 +208,8 @@ def read_name_lines(path: str | Path, n: int) -> list[str]:
                 f"{name!r} is not a case name: use letters, digits, '.', '_' and '-', starting with a letter or digit",
                 i,
             )
+        if name in RESERVED_CASE_NAMES:
+            raise InputError(path, f"case name {name!r} is a file or folder the output already holds", i)
         if name in seen:
             raise InputError(path, f"case name {name!r} repeats line {seen[name]}; each case needs its own", i)
         seen[name] = i

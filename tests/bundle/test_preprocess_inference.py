@@ -488,6 +488,7 @@ def test_a_case_list_names_the_cases_and_rejects_bad_names(tmp_path):
         (["liver_1", "liver_1"], "names.txt:2: case name 'liver_1' repeats line 1"),
         (["liver_1", "../up"], "names.txt:2: '../up' is not a case name"),
         (["_hidden", "b"], "names.txt:1: '_hidden' is not a case name"),
+        (["a", "manifest.json"], "names.txt:2: case name 'manifest.json' is a file or folder the output already holds"),
         (["only_one"], "names.txt: has 1 lines but there are 2 images"),
     ):
         write_lines(names, lines)

@@ -365,11 +365,12 @@ def test_the_input_checks_tell_the_numbering_once_for_the_later_stages(inputs, t
 
 
 def test_case_names_from_image_files_are_names_every_stage_accepts():
-    from lesiondiffusion.requests import CASE_NAME
+    from lesiondiffusion.requests import CASE_NAME, RESERVED_CASE_NAMES
     from lesiondiffusion_tools.synthesize import case_names
 
-    names = case_names([Path("/a/_scan 1.nii.gz"), Path("/b/.x.nii"), Path("/c/___.nii.gz")])
-    assert names == ["scan_1", "x", "case"] and all(CASE_NAME.match(n) for n in names)
+    names = case_names([Path("/a/_scan 1.nii.gz"), Path("/b/.x.nii"), Path("/c/___.nii.gz"), Path("/d/work.nii.gz")])
+    assert names == ["scan_1", "x", "case", "case_work"]
+    assert all(CASE_NAME.match(n) and n not in RESERVED_CASE_NAMES for n in names)
 
 
 def test_the_command_line_starts_without_torch():

@@ -38,6 +38,10 @@ def test_round_trip_keeps_paths_relative_to_the_file(tmp_path: Path) -> None:
             {"case": "../x", "image": "a.nii.gz", "attributes": {"organ type": "liver", "lesion type": "cyst"}},
             "'case' must be",
         ),
+        (
+            {"case": "summary.json", "image": "a.nii.gz", "attributes": {"organ type": "liver", "lesion type": "cyst"}},
+            "the output already holds",
+        ),
         ({"case": "a", "attributes": {"organ type": "liver", "lesion type": "cyst"}}, "'image' must be a path"),
         ({"case": "a", "image": "a.nii.gz", "attributes": {"organ type": "liver"}}, "attributes need 'lesion type'"),
         (
