@@ -14,16 +14,21 @@ prove the source is never written. ``write_nifti`` is a factory writing small NI
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Callable
-from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import pytest
+# numpy reads this once, when first imported: without transparent-huge-page advice a fresh large array does
+# not fault through memory compaction on hosts short of huge pages (the command line does the same)
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 
-from lesiondiffusion.data_paths import DEMO_DATA
+import hashlib  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lesiondiffusion.data_paths import DEMO_DATA  # noqa: E402
 
 # The suite runs on two pytest workers (`make test`), each starting bundle processes: one thread per
 # process keeps the cores busy without oversubscription, which slows small convolutions many times over.
