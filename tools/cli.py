@@ -409,14 +409,13 @@ def run_command(argv: Sequence[str]) -> None:
         return
     method = getattr(Commands(), names[command])
     positional, kwargs = parse_options(method, args)
-    required = [
-        p.name
+    missing = [
+        f"--{p.name} ..."
         for p in inspect.signature(method).parameters.values()
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs
-    ][len(positional) :]
-    if required:
-        missing = " ".join(f"--{name} ..." for name in required)
-        raise LesionDiffusionError(f"{command}: give {missing} (lesiondiffusion {command} --help)")
+    ]  # a value left out: one line naming it, not Python's TypeError
+    if missing:
+        raise LesionDiffusionError(f"{command}: give {' '.join(missing)} (lesiondiffusion {command} --help)")
     result = method(*positional, **kwargs)
     if result is not None:
         print(result)
