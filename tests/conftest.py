@@ -87,11 +87,3 @@ def write_nifti(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules marked ``slow`` run first. ``make test`` gives each worker whole files (``--dist loadfile``) in
-    this order: the long files start early and the short ones fill in at the end, so no worker finishes the
-    run alone on a long file."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable: each group keeps its order

@@ -16,8 +16,6 @@ from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle_in_process
 from lesiondiffusion_tools.synthesize import synthesize
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 REQUEST = {"organ type": "liver", "lesion type": "cyst", "density": "hypodense", "size": "14 mm"}
 

@@ -21,8 +21,6 @@ import pytest
 from lesiondiffusion.batch import Ranks, case_files
 from lesiondiffusion.data_paths import REPO_ROOT
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 TS_SMALL = REPO_ROOT / "tests" / "data" / "ts_small"
 COMPARED = ("image.nii.gz", "label.nii.gz", "organ_seg.nii.gz", "report.json")  # provenance holds timings
 

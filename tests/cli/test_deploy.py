@@ -21,8 +21,6 @@ import pytest
 
 from lesiondiffusion.data_paths import REPO_ROOT
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 PYTHON = REPO_ROOT / ".deployvenv" / "bin" / "python"
 APP = REPO_ROOT / "deploy" / "app.py"
 ATTRIBUTES = {"organ type": "liver", "lesion type": "cyst", "size": "10 mm"}

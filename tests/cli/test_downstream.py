@@ -12,8 +12,6 @@ import pytest
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion_tools.downstream import lesion_scores, reading, run_downstream, summarise
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 DATA = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 
 

@@ -28,8 +28,6 @@ from lesiondiffusion.data_paths import BUNDLES, REPO_ROOT
 from lesiondiffusion.export import STAGES, bundle_name, export_bundles
 from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 TS_SMALL = REPO_ROOT / "tests" / "data" / "ts_small"
 ATTRIBUTES = {"organ type": "liver", "lesion type": "cyst", "density": "hypodense", "size": "15 mm"}
 

@@ -29,8 +29,6 @@ from scipy import ndimage
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.io import OutputLock, atomic_dir, lock_file, output_lock, save_nifti, work_prefix, write_json
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 SMALL = Path(__file__).resolve().parents[1] / "data" / "ts_small"
 ATTRIBUTES = json.dumps({"organ type": "liver", "lesion type": "cyst", "size": "12 mm"})
 RNG = random.Random(int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000)))

@@ -24,8 +24,6 @@ from lesiondiffusion.geometry import same_grid
 from lesiondiffusion.io import as_nifti, image_stem, read_image
 from lesiondiffusion.paste import outside_margin
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 DATA = Path(__file__).resolve().parents[1] / "data"
 SERIES = DATA / "dicom_series" / "ct"
 SERIES_SEG = DATA / "dicom_series" / "organ_seg.nii.gz"

@@ -23,8 +23,6 @@ from lesiondiffusion.labels import label_table
 from lesiondiffusion.requests import SynthesisRequest, write_requests
 from lesiondiffusion_tools.synthesize import OUTPUT_FILES, gather_requests, weights_paths
 
-pytestmark = pytest.mark.slow  # whole bundles or commands run: scheduled first (conftest)
-
 # the cpu VQ-GAN (LINet loads it by preset) on small crops; LMNet and LINet shrunk to a few channels
 TINY = {
     "vqgan": {"crop_size": [24, 24, 24], "spacing": [2, 2, 2], "num_workers": 0},
