@@ -37,15 +37,15 @@ CASE = "case"  # the key of a case's entry in a dataset item and in the evaluato
 ERROR = "error"  # the key of the case's failure (None when it succeeded or was passed on)
 
 
-def lesion_seed(seed: int, case: str, index: int) -> int:
-    """A per-lesion seed that depends on the case name, not on its position in the manifest."""
-    return (int(seed) * 1_000_003 + zlib.crc32(f"{case}:{index}".encode())) % (2**63 - 1)
-
-
 def case_seed(seed: int, case: str) -> int:
     """A per-case seed (the preprocess stage draws a case's reports and boxes from it): the case's name, not
     its position in the batch."""
     return (int(seed) * 1_000_003 + zlib.crc32(case.encode())) % (2**63 - 1)
+
+
+def lesion_seed(seed: int, case: str, index: int) -> int:
+    """A per-lesion seed that depends on the case name, not on its position in the manifest."""
+    return case_seed(seed, f"{case}:{index}")
 
 
 def failed_cases_error(failures: dict[str, str], total: int, manifest: Path) -> LesionDiffusionError | None:
