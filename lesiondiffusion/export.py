@@ -21,7 +21,6 @@ import ast
 import importlib.metadata
 import json
 import logging
-import re
 import shutil
 import subprocess
 import sys
@@ -117,31 +116,93 @@ def _large_files(models: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def torchscript(root: Path, stage: str) -> str:
-    """``ckpt_export`` the bundle's network to ``models/model.ts``: scripted, else traced where the network
-    takes one image (the VQ-GAN); says which, or why neither worked."""
-    net_id = NETWORKS[stage][2]
-    tries = [("scripted", "")]
-    if not NETWORKS[stage][1]:  # one image in: tracing on a crop of the training size is faithful
-        tries.append(("traced", ", use_trace=True, input_shape=[1, 1, 64, 64, 64]"))
-    reasons = []
-    for how, extra in tries:
-        code = (
-            "from monai.bundle import ckpt_export;"
-            f"ckpt_export(net_id={net_id!r}, filepath='models/model.ts', ckpt_file='models/model.pt',"
-            f"meta_file='configs/metadata.json', config_file='configs/inference.json', bundle_root='.'{extra})"
-        )
-        run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=_child_env())
-        if run.returncode == 0 and (root / "models" / "model.ts").is_file():
-            return f"models/model.ts ({how})"
-        (root / "models" / "model.ts").unlink(missing_ok=True)
-        lines = [line.strip() for line in run.stderr.splitlines() if line.strip() and not line.startswith(" ")]
-        at = max(
-            (i for i, line in enumerate(lines) if re.match(r"^\w+(\.\w+)*(Error|Exception)\b", line)), default=None
-        )
-        reason = " ".join(lines[at : at + 2]) if at is not None else f"exit status {run.returncode}"
-        reasons.append(f"not {how}: {reason[:200]}")
-    return "; ".join(reasons)
+#: the program :func:`check_bundle` runs in the bundle's folder, in a child process (the bundle's ``scripts``
+#: package must not meet another bundle's): TorchScript tries in order, then MONAI's verifications; it prints
+#: ``TORCHSCRIPT <how>``, ``NOT <how>: <reason>`` and ``VERIFIED <check>`` lines, or ``FAILED <check>: <reason>``
+#: and exits 1
+_CHECK_PROGRAM = """
+import json, sys
+from pathlib import Path
+import torch
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+task = json.loads(sys.argv[1])
+
+
+def reason(e):
+    where = getattr(e.__cause__, "json_path", "")  # a schema violation: the field at fault
+    text = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}" + (f" (at {where})" if where else "")
+    return text[:300]
+
+
+def verify_net(net):
+    import scripts
+    from lesiondiffusion.conditioning import ConditionSpec
+    args = {}
+    if net[1]:
+        parser = ConfigParser(); parser.read_config("configs/inference.json")
+        fields = parser.get_parsed_content(net[2])
+        args = {"timesteps": torch.zeros(1, dtype=torch.long), "context": torch.zeros(1, *ConditionSpec(fields).shape)}
+    verify_net_in_out(net_id=net[0], meta_file="configs/metadata.json", config_file="configs/inference.json",
+                      device="cpu", n=16, extra_forward_args=args)
+
+
+for how, extra in task["torchscript"]:
+    try:
+        ckpt_export(net_id=task["net_id"], filepath="models/model.ts", ckpt_file="models/model.pt",
+                    meta_file="configs/metadata.json", config_file="configs/inference.json", bundle_root=".", **extra)
+        print("TORCHSCRIPT", how, flush=True)
+        break
+    except Exception as e:
+        Path("models/model.ts").unlink(missing_ok=True)
+        print("NOT", how + ":", reason(e), flush=True)
+checks = [("verify_metadata", lambda: verify_metadata(meta_file="configs/metadata.json", filepath=task["schema"]))]
+if task["net"]:
+    checks.append(("verify_net_in_out", lambda: verify_net(task["net"])))
+for name, check in checks if task["verify"] else []:
+    try:
+        check()
+    except Exception as e:
+        print("FAILED", name + ":", reason(e), flush=True)
+        sys.exit(1)
+    print("VERIFIED", name, flush=True)
+"""
+
+
+def check_bundle(root: Path, stage: str, script: bool = True, verify: bool = True) -> dict[str, Any]:
+    """In one child process run in ``root``: ``ckpt_export`` the network to ``models/model.ts`` (scripted, else
+    traced where it takes one image, the VQ-GAN), then MONAI's ``verify_metadata`` and ``verify_net_in_out``.
+    Returns ``torchscript`` (which way worked, or why none did) and ``verified`` (the checks that passed);
+    raises when a verification fails."""
+    tries: list[tuple[str, dict[str, Any]]] = []
+    if stage in NETWORKS and script:
+        tries.append(("scripted", {}))
+        if not NETWORKS[stage][1]:  # one image in: tracing on a crop of the training size is faithful
+            tries.append(("traced", {"use_trace": True, "input_shape": [1, 1, 64, 64, 64]}))
+    net = [*NETWORKS[stage][:2], CONTEXT_FIELDS.get(stage)] if stage in NETWORKS else None
+    task = {"torchscript": tries, "net_id": NETWORKS.get(stage, ("", False, ""))[2], "verify": verify,
+            "schema": str(SCHEMA), "net": net}  # fmt: skip
+    if not tries and not verify:
+        return {}
+    run = subprocess.run(
+        [sys.executable, "-c", _CHECK_PROGRAM, json.dumps(task)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=_child_env(),
+    )
+    lines = run.stdout.splitlines()
+    result: dict[str, Any] = {}
+    if tries:
+        done = [line.split(maxsplit=1)[1] for line in lines if line.startswith("TORCHSCRIPT ")]
+        failed = [f"not {line.split(maxsplit=1)[1]}" for line in lines if line.startswith("NOT ")]
+        result["torchscript"] = f"models/model.ts ({done[0]})" if done else "; ".join(failed) or "not run"
+    if run.returncode != 0:
+        failed = [line.split(maxsplit=1)[1] for line in lines if line.startswith("FAILED ")]
+        last = failed or run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}"]
+        raise LesionDiffusionError(f"{stage}: bundle verification failed: {last[0]}")
+    if verify:
+        result["verified"] = [line.split()[1] for line in lines if line.startswith("VERIFIED ")]
+    return result
 
 
 def _child_env() -> dict[str, str]:
@@ -149,11 +210,15 @@ def _child_env() -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("PYTHONWARNINGS", "ignore")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the check imports the bundle's scripts: no __pycache__ in the bundle
     return env
 
 
-def export_bundle(stage: str, out: Path, weights: Path | None = None, script: bool = True) -> dict[str, Any]:
-    """Write ``out/lesiondiffusion_<stage>/`` and its zip; return what was written (weights hashes, TorchScript)."""
+def export_bundle(
+    stage: str, out: Path, weights: Path | None = None, script: bool = True, verify: bool = True
+) -> dict[str, Any]:
+    """Write ``out/lesiondiffusion_<stage>/`` and its zip, checked (:func:`check_bundle`) before either appears;
+    return what was written (weights hashes, TorchScript, verifications)."""
     if stage not in STAGES:
         raise LesionDiffusionError(f"unknown bundle {stage!r}; use one of {', '.join(STAGES)}")
     src = BUNDLES / stage
@@ -183,8 +248,7 @@ def export_bundle(stage: str, out: Path, weights: Path | None = None, script: bo
         meta["required_packages_version"] = required_packages()
         meta.pop("optional_packages_version", None)  # MONAI reads it as a deprecated alias of the above
         write_json(meta_path, meta)
-        if stage in NETWORKS and script:
-            result["torchscript"] = torchscript(root, stage)
+        result.update(check_bundle(root, stage, script, verify))
         (root / "models" / "large_files.yml").write_text(_large_files(root / "models"), encoding="utf-8")
         result["weights"] = {f.name: file_sha256(f) for f in sorted((root / "models").glob("*.pt"))}
     with atomic_path(out / f"{name}.zip") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
@@ -193,35 +257,6 @@ def export_bundle(stage: str, out: Path, weights: Path | None = None, script: bo
                 z.write(f, f.relative_to(out).as_posix())
     result["zip"] = str(out / f"{name}.zip")
     return result
-
-
-def verify_bundle(root: Path) -> list[str]:
-    """Run MONAI's ``verify_metadata`` and ``verify_net_in_out`` on an exported bundle in a child process
-    (its ``scripts`` package must not meet another bundle's). Returns what passed; raises on failure."""
-    code = f"""
-import json, sys, torch
-from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
-verify_metadata(meta_file="configs/metadata.json", filepath={str(SCHEMA)!r})
-print("VERIFIED verify_metadata")
-net = json.loads(sys.argv[1])
-if net:
-    import scripts
-    from lesiondiffusion.conditioning import ConditionSpec
-    args = {{}}
-    if net[1]:
-        parser = ConfigParser(); parser.read_config("configs/inference.json")
-        fields = parser.get_parsed_content(net[2])
-        args = {{"timesteps": torch.zeros(1, dtype=torch.long), "context": torch.zeros(1, *ConditionSpec(fields).shape)}}
-    verify_net_in_out(net_id=net[0], meta_file="configs/metadata.json", config_file="configs/inference.json",
-                      device="cpu", n=16, extra_forward_args=args)
-    print("VERIFIED verify_net_in_out")
-"""
-    stage = root.name.removeprefix("lesiondiffusion_")
-    net = json.dumps([*NETWORKS[stage][:2], CONTEXT_FIELDS.get(stage)] if stage in NETWORKS else None)
-    run = subprocess.run([sys.executable, "-c", code, net], cwd=root, capture_output=True, text=True, env=_child_env())
-    if run.returncode != 0:
-        raise LesionDiffusionError(f"{root}: bundle verification failed: {run.stderr.strip().splitlines()[-1:]}")
-    return [line.split()[1] for line in run.stdout.splitlines() if line.startswith("VERIFIED ")]
 
 
 def export_bundles(
@@ -234,9 +269,7 @@ def export_bundles(
         raise LesionDiffusionError(f"{taken[0]}: already exists (choose an empty --out)")
     results = []
     for stage in stages:
-        result = export_bundle(stage, out, weights)
-        if verify:
-            result["verified"] = verify_bundle(out / bundle_name(stage))
+        result = export_bundle(stage, out, weights, verify=verify)
         logger.info("%s: %s", stage, result)
         results.append(result)
     write_json(out / "export.json", {"bundles": results})

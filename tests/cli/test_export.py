@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 from packaging.requirements import Requirement
 
+from lesiondiffusion import export
 from lesiondiffusion.data_paths import BUNDLES, REPO_ROOT
+from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.export import STAGES, bundle_name, export_bundles
 from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
@@ -141,8 +143,12 @@ def test_every_bundle_has_the_zoo_layout_and_verifies(exported: dict) -> None:
     config = json.loads((linet / "configs" / "inference.json").read_text())
     assert config["vqgan_weights"] == "$os.path.join(@bundle_root, 'models', 'vqgan.pt')"
     assert (linet / "models" / "vqgan.pt").read_bytes() == (BUNDLES / "vqgan" / "models" / "model.pt").read_bytes()
-    # TorchScript where the network allows it: the VQ-GAN traces and loads back
-    assert by_stage["vqgan"]["torchscript"].startswith("models/model.ts")
+    # TorchScript where the network allows it: the VQ-GAN traces and loads back; the diffusion UNets say why not
+    assert by_stage["vqgan"]["torchscript"] == "models/model.ts (traced)"
+    for stage in ("lmnet", "linet"):
+        assert by_stage[stage]["torchscript"].startswith("not scripted: RuntimeError: "), by_stage[stage]
+        assert not (exported["roots"][stage] / "models" / "model.ts").exists()
+    assert list((exported["tmp"] / "zoo").rglob("__pycache__")) == []  # the checks import scripts, writing none
     import torch
 
     ts = torch.jit.load(str(exported["roots"]["vqgan"] / "models" / "model.ts"))
@@ -171,3 +177,16 @@ def test_unzipped_bundles_run_alone_and_match_the_repository(exported: dict) -> 
         assert np.array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj)) and np.array_equal(x.affine, y.affine), key
     lesion = np.asarray(nib.load(zoo.parent / a["label_original"]).dataobj) == 2
     assert lesion.sum() > 0
+
+
+def test_a_bundle_failing_verification_is_one_line_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(export, "required_packages", lambda: ["not", "a", "mapping"])  # the schema wants an object
+    with pytest.raises(LesionDiffusionError) as err:
+        export_bundles(tmp_path, stages=("preprocess",))
+    message = str(err.value)
+    assert message.startswith("preprocess: bundle verification failed: ") and "\n" not in message, message
+    assert message.endswith(
+        "verify_metadata: ValueError: ['not', 'a', 'mapping'] is not of type 'object' "
+        "(at $.required_packages_version)"
+    ), message
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its zip nor export.json
