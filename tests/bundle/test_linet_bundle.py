@@ -4,7 +4,8 @@ A tiny configuration (32^3 crops, 16/16/32 channels, a randomly initialised ``cp
 trains on the demo phantom, is killed and resumed, trains with two gloo processes, and inpaints lesions
 through a manifest built directly from demo case files: the demo case as it is (LPS, 2 mm, int16), a case
 in another orientation with anisotropic spacing stored as scaled uint16, and a float32 volume smaller
-than the crop.
+than the crop. Runs whose process is not what is checked (one of the two inference runs, error messages
+after the first) go through the same configs in this process (``tests/in_process.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lesiondiffusion.paste import outside_margin
 from lesiondiffusion.pipelines import linet as linet_pipeline
 from lesiondiffusion.placement import Box
 from lesiondiffusion.transforms import CTIntensityMap
+from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
 from ddp_probe import check_ranks, probe_config, sharded_datalist
 
@@ -222,16 +224,9 @@ def test_two_process_ddp_on_gloo(tiny_demo, vqgan, tmp_path):
 
 
 def test_bad_training_inputs_are_one_line_errors(vqgan, tmp_path):
-    run = bundle_run(
-        "configs/train.json",
-        "--datalist",
-        str(tmp_path / "none.json"),
-        "--vqgan_weights",
-        str(vqgan),
-        "--output_dir",
-        str(tmp_path / "t"),
-    )
-    assert "none.json" in one_error_line(run) and "datalist" in run.stderr
+    args = {"datalist": str(tmp_path / "none.json"), "vqgan_weights": str(vqgan), "output_dir": str(tmp_path / "t")}
+    line = error_line("linet", args, ("train.json",))
+    assert "none.json" in line and "datalist" in line, line
     assert not (tmp_path / "t").exists()
 
 
@@ -384,8 +379,16 @@ def inferred(tiny_demo: Path, trained: dict, vqgan: Path, tmp_path_factory: pyte
     other = _save(root / "other.nii.gz", np.zeros((5, 5, 5), np.int16), np.eye(4))
     write_manifest(b, Manifest((*cases[:2], replace(cases[2], case="broken", source_image=other), cases[2])))
     sources = {p: digest(p) for p in (root / "a" / "inputs").iterdir()}
-    run_a = infer(a, trained["out"] / "model.pt", vqgan, root / "out_a")
-    assert run_a.returncode == 0, run_a.stderr[-3000:]
+    # a in this process (the same config and overrides), b as its own process
+    given = {
+        "weights": str(trained["out"] / "model.pt"),
+        "vqgan_weights": str(vqgan),
+        "steps": 3,
+        "margin_mm": MARGIN_MM,
+    }
+    run_bundle_in_process(
+        "linet", {"manifest": str(a), "output_dir": str(root / "out_a"), **given, **overrides_of(TINY)}
+    )
     run_b = infer(b, trained["out"] / "model.pt", vqgan, root / "out_b")
     runs = {name: read_manifest(root / f"out_{name}" / "manifest.json") for name in "ab"}
     return {
@@ -504,11 +507,9 @@ def test_a_case_with_a_changed_source_fails_alone(inferred):
 
 
 def test_metadata_verifies():
-    run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)],
-        cwd=LINET, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(LINET / "configs" / "metadata.json"), filepath=str(SCHEMA))  # raises on any error
 
 
 # ---- pieces --------------------------------------------------------------------------------------

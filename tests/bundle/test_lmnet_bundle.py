@@ -1,7 +1,9 @@
 """The LMNet bundle run as users run it: ``python -m monai.bundle run`` (and torchrun) in subprocesses.
 
 A tiny configuration (32x32x16 crops, 8/16/16 channels) trains on the 2 mm demo cases, resumes, runs
-two-process DDP on gloo, and draws lesions for a preprocess manifest of the demo phantom.
+two-process DDP on gloo, and draws lesions for a preprocess manifest of the demo phantom. Runs whose
+process is not what is checked (the preprocess manifest, repeated inference, error messages after the
+first) go through the same configs in this process (``tests/in_process.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from lesiondiffusion.data_paths import DEMO_DATA
 from lesiondiffusion.diffusion import DiffusionSampler, load_weights
 from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.placement import allowed_region
+from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
 from ddp_probe import check_ranks, probe_config, sharded_datalist
 
 ROOT = Path(__file__).resolve().parents[2]
 LMNET = ROOT / "bundles" / "lmnet"
-PREPROCESS = ROOT / "bundles" / "preprocess"
 TINY = [
     "--crop_size", "[32,32,16]",
     "--channels", "[8,16,16]",
@@ -122,19 +124,9 @@ def test_finetune_starts_from_given_weights(trained, tiny_demo, tmp_path):
     before, after = torch.load(source, weights_only=True), torch.load(out / "model.pt", weights_only=True)
     # lr 0: the fine-tuned network is the source (up to the EMA update's rounding, (1 - m) x + m x)
     assert all(torch.allclose(before[k], after[k], rtol=1e-5, atol=1e-7) for k in before)
-    bad = bundle_run(
-        LMNET,
-        "configs/train.json",
-        "--datalist",
-        str(tiny_demo / "datalist.json"),
-        "--output_dir",
-        str(tmp_path / "x"),
-        *TINY,
-        "--finetune_from",
-        str(tmp_path / "none.pt"),
-    )
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert f"{tmp_path / 'none.pt'}: weights file not found; set finetune_from" in bad.stderr
+    args = {"datalist": str(tiny_demo / "datalist.json"), "output_dir": str(tmp_path / "x"), **overrides_of(TINY)}
+    line = error_line("lmnet", {**args, "finetune_from": str(tmp_path / "none.pt")}, ("train.json",))
+    assert f"{tmp_path / 'none.pt'}: weights file not found; set finetune_from" in line
     assert not (tmp_path / "x").exists()
 
 
@@ -162,11 +154,10 @@ def test_two_process_ddp_on_gloo(tiny_demo, tmp_path):
 def manifest(tiny_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     case = tiny_demo / "cases" / "Liver_cancer"
     out = tmp_path_factory.mktemp("pre") / "prepared"
-    run = bundle_run(
-        PREPROCESS, "configs/inference.json", "--image", str(case / "image.nii.gz"), "--organ_seg", str(case / "organ_seg.nii.gz"),
-        "--attributes", json.dumps({"organ type": "liver", "lesion type": "cyst"}), "--num_lesions", "2", "--output_dir", str(out),
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_bundle_in_process("preprocess", {
+        "image": str(case / "image.nii.gz"), "organ_seg": str(case / "organ_seg.nii.gz"),
+        "attributes": json.dumps({"organ type": "liver", "lesion type": "cyst"}), "num_lesions": 2, "output_dir": str(out),
+    })  # fmt: skip
     return out / "manifest.json"
 
 
@@ -179,6 +170,12 @@ def infer(manifest: Path, weights: Path | None, out: Path, *extra: str) -> subpr
         LMNET, "configs/inference.json", "--manifest", str(manifest), *given, "--output_dir", str(out),
         "--steps", INFER_STEPS, *TINY, *extra,
     )  # fmt: skip
+
+
+def infer_here(manifest: Path, weights: Path, out: Path, **extra) -> None:
+    """:func:`infer` in this process (the same config and overrides)."""
+    args = {"manifest": str(manifest), "weights": str(weights), "output_dir": str(out), "steps": int(INFER_STEPS)}
+    run_bundle_in_process("lmnet", {**args, **overrides_of(TINY), **extra})
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +226,14 @@ def test_inference_label_has_the_input_geometry(manifest, inferred):
 
 
 def test_inference_is_deterministic_for_a_seed(manifest, trained, inferred, tmp_path):
-    again = infer(manifest, trained["out"] / "model.pt", tmp_path / "b")
-    assert again.returncode == 0, again.stderr[-3000:]
+    infer_here(manifest, trained["out"] / "model.pt", tmp_path / "b")  # in this process, the first in its own
     a = np.asarray(nib.load(inferred / "case_000" / "label.nii.gz").dataobj)
     b = np.asarray(nib.load(tmp_path / "b" / "case_000" / "label.nii.gz").dataobj)
     assert np.array_equal(a, b)
 
 
 def test_rectified_flow_sampler_with_guidance(manifest, trained, inferred, tmp_path):
-    run = infer(manifest, trained["out"] / "model.pt", tmp_path / "rf", "--sampler", "rflow", "--guidance_scale", "2.0")
-    assert run.returncode == 0, run.stderr[-3000:]
+    infer_here(manifest, trained["out"] / "model.pt", tmp_path / "rf", sampler="rflow", guidance_scale=2.0)
     case = read_manifest(tmp_path / "rf" / "manifest.json").cases[0]
     assert case.ok
     label = np.asarray(nib.load(case.label).dataobj)
@@ -288,21 +283,18 @@ def test_bad_inputs_are_one_line_errors_without_output(manifest, trained, tmp_pa
     line = error_line("lmnet", {**args, **overrides_of(TINY)})
     assert "models/model.pt: weights do not fit this network" in line
     assert not (tmp_path / "out").exists()
-    run = bundle_run(
-        LMNET, "configs/train.json", "--datalist", str(tmp_path / "none.json"), "--output_dir", str(tmp_path / "t")
+    line = error_line(
+        "lmnet", {"datalist": str(tmp_path / "none.json"), "output_dir": str(tmp_path / "t")}, ("train.json",)
     )
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert "none.json: file not found" in run.stderr
+    assert "none.json: file not found" in line
     assert not (tmp_path / "t").exists()
 
 
 def test_metadata_verifies():
-    run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-         "--filepath", str(ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json")],
-        cwd=LMNET, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr
+    from monai.bundle import verify_metadata
+
+    schema = ROOT / "lesiondiffusion" / "resources" / "meta_schema_20240725.json"
+    verify_metadata(meta_file=str(LMNET / "configs" / "metadata.json"), filepath=str(schema))  # raises on any error
 
 
 def parsed(config: str, **overrides):

@@ -31,6 +31,7 @@ from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import save_nifti
 from lesiondiffusion.pipelines import prepare
 from lesiondiffusion.report import read_report
+from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
 from conftest import snapshot
 
@@ -176,19 +177,12 @@ def test_list_files_and_an_anisotropic_reoriented_case(small_demo, tmp_path):
         lists[name].write_text(f"{liver / (key + '.nii.gz')}\n{other / (key + '.nii.gz')}\n")
     before = snapshot(other)
     out = tmp_path / "prepared"
-    result = run_train(
-        "--image_list",
-        str(lists["img"]),
-        "--label_list",
-        str(lists["label"]),
-        "--seg_list",
-        str(lists["seg"]),
-        "--output_dir",
-        str(out),
-        "--val_fraction",
-        "0",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_bundle_in_process(  # the same train.json in this process; the other runs here are processes
+        "preprocess",
+        {"image_list": str(lists["img"]), "label_list": str(lists["label"]), "seg_list": str(lists["seg"]),
+         "output_dir": str(out), "val_fraction": 0},
+        ("train.json",),
+    )  # fmt: skip
     assert snapshot(other) == before
     cases = read_datalist(out / "datalist.json")["training"]
     assert [c.image.parent.name for c in cases] == ["Liver_cancer", "other"]  # folder names, input order

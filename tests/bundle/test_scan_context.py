@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -23,9 +20,9 @@ from lesiondiffusion.labels import label_table
 from lesiondiffusion.manifest import read_manifest
 from lesiondiffusion.report import parse_ct_value, read_report
 from lesiondiffusion.reports import extraction, generation
+from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ts_small"
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "preprocess"
 V2 = label_table("v2")
 LIVER, KIDNEY = V2.id("liver"), V2.id("kidney left")
 AORTA, PORTAL = V2.id(A.AORTA), V2.id(A.PORTAL_VEIN)
@@ -229,14 +226,10 @@ def test_conflicts_are_named():
 @pytest.mark.slow
 def test_preprocess_records_the_scan_and_writes_a_plain_scan_cyst(tmp_path):
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--output_dir", str(out),
-        "--image", str(DATA / "example_ct_sm.nii.gz"), "--organ_seg", str(DATA / "example_seg.nii.gz"),
-        "--organ_seg_version", "v2", "--attributes", json.dumps({"organ type": "liver", "lesion type": "cyst", "size": "25 mm"}),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_bundle_in_process("preprocess", {
+        "output_dir": str(out), "image": str(DATA / "example_ct_sm.nii.gz"), "organ_seg": str(DATA / "example_seg.nii.gz"),
+        "organ_seg_version": "v2", "attributes": json.dumps({"organ type": "liver", "lesion type": "cyst", "size": "25 mm"}),
+    })  # fmt: skip
     (case,) = read_manifest(out / "manifest.json").cases
     scan = case.extra["scan"]
     assert scan["organ"] == "liver" and scan["phase"] == "non-contrast" and scan["contrast"] is False

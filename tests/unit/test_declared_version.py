@@ -19,7 +19,7 @@ from lesiondiffusion.manifest import MANIFEST_NAME, read_manifest
 from lesiondiffusion.phantom_dataset import build_dataset
 from lesiondiffusion.real_dataset import threshold_organ_map
 from lesiondiffusion.requests import read_requests
-from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle
+from lesiondiffusion_tools.bundle_runner import BundleRunError, run_bundle_in_process
 from lesiondiffusion_tools.cli import Commands
 from lesiondiffusion_tools.synthesize import CaseState, SynthesisSettings, _stage_overrides, _write_inputs
 
@@ -93,7 +93,7 @@ def test_requests_file_version_is_per_entry_over_top_level(tmp_path: Path) -> No
 
 def test_declared_v1_lungs_only_map_preprocesses_without_the_flag(tmp_path: Path) -> None:
     """A synthetic chest with its lungs-only threshold map (v1), which anatomy cannot place, run through the
-    preprocess stage exactly as ``synthesize --requests`` hands it over."""
+    preprocess stage exactly as ``synthesize --requests`` hands it over (in this process, as its chain runs)."""
     image, affine, *_ = synthetic_chest()
     seg = threshold_organ_map(image, affine, "v1")
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "ct.nii.gz")
@@ -116,7 +116,7 @@ def test_declared_v1_lungs_only_map_preprocesses_without_the_flag(tmp_path: Path
             **_write_inputs(work, states),
         }
         try:
-            run_bundle("preprocess", {**overrides, "output_dir": str(work / "preprocess")}, capture=True, echo=False)
+            run_bundle_in_process("preprocess", {**overrides, "output_dir": str(work / "preprocess")})
         except BundleRunError as e:  # a failed case: named in one line, after the manifest of every case
             cases = read_manifest(work / "preprocess" / MANIFEST_NAME).cases
             failed = [c.case for c in cases if not c.ok]

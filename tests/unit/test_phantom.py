@@ -355,13 +355,7 @@ def _cropped_demo_source(demo_src: Path, out: Path, size: int = 64) -> Path:
 
 
 def test_cli_phantom_and_demo_cases(demo_src, tmp_path):
-    import subprocess
-    import sys
-
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=300
-        )
+    from in_process import run_cli as cli
 
     src = _cropped_demo_source(demo_src, tmp_path / "src")
     seg_path = src / "Liver_cancer" / "totalseg_health.nii.gz"

@@ -3,13 +3,12 @@ reads back, lesions inside their organs, determinism, held-out density-group req
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from in_process import run_cli as cli
 
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.attributes import array_box
@@ -33,12 +32,6 @@ from lesiondiffusion.requests import read_requests
 from conftest import snapshot
 
 N_CASES = 5
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lesiondiffusion_tools.cli", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from in_process import run_cli
 from scipy import ndimage as ndi
 
 from lesiondiffusion import real_dataset as R
@@ -237,17 +236,21 @@ def test_real_lesion_case_and_requests(built: Path) -> None:
 
 def test_command_line(tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "corpus")
-    exe = [sys.executable, "-m", "lesiondiffusion_tools.cli", "make-dataset"]
-    run = subprocess.run(exe + ["--source", "real", "--corpus", str(corpus), "--out", str(tmp_path / "out"),
-                                "--val_scans", "ts_small", "--lesions_per_scan", "1"],
-                         capture_output=True, text=True)  # fmt: skip
+    run = run_cli("make-dataset", "--source", "real", "--corpus", str(corpus), "--out", str(tmp_path / "out"),
+                  "--val_scans", "ts_small", "--lesions_per_scan", "1")  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith("datalist.json")
     assert validate_cases(load_cases(datalist=run.stdout.strip()), "v1") == []
-    bad = subprocess.run(
-        exe + ["--source", "real", "--corpus", str(corpus), "--out", str(tmp_path / "o2"), "--val_scans", "nope"],
-        capture_output=True,
-        text=True,
+    bad = run_cli(
+        "make-dataset",
+        "--source",
+        "real",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(tmp_path / "o2"),
+        "--val_scans",
+        "nope",
     )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nope" in bad.stderr
 
