@@ -17,8 +17,7 @@ Training (one MONAI ``SupervisedTrainer`` iteration):
   (:mod:`lesiondiffusion.conditioning`): ``model(x, timesteps, context=condition, extra=channels)``.
 - EMA weights: ignite's ``EMAHandler`` (stock; it unwraps DDP and its ``ema_model`` is a plain copy of
   the network, so its state dict loads into the network for inference).
-- :class:`LastCheckpointSaver` writes ``checkpoint_last.pt`` atomically for resuming; MONAI's
-  ``CheckpointLoader`` reads it back.
+- Checkpoints: :class:`lesiondiffusion.training.LastCheckpointSaver` (every network's trainer).
 
 Sampling: :class:`DiffusionSampler` runs DDIM (``DDIMScheduler``) or rectified flow (``RFlowScheduler``)
 with a ``steps`` parameter on a network trained with any of the four objectives (the sampler's state is
@@ -32,11 +31,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
 from monai.engines.utils import DiffusionPrepareBatch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
@@ -44,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import atomic_path, user_path
+from lesiondiffusion.io import user_path
 
 logger = logging.getLogger(__name__)
 
@@ -243,48 +240,6 @@ class WeightedLoss(nn.Module):
         if weight is None:
             return err.mean()
         return (err * weight).sum() / (weight.sum() * err.shape[1]).clamp_min(1e-8)
-
-
-class LastCheckpointSaver:
-    """Save ``save_dict`` (objects with ``state_dict``) to ``save_dir/filename`` atomically, every ``interval``.
-
-    The file is replaced only once fully written, so a run killed at any moment leaves the previous
-    checkpoint intact; ``CheckpointLoader(load_path=..., load_dict=same keys)`` resumes from it.
-    A single module instead of a dict is saved as its plain state dict (a ``model.pt`` weights file).
-    Training-loop helper (not diffusion-specific): kept tiny on purpose.
-    """
-
-    def __init__(
-        self,
-        save_dir: str | os.PathLike[str],
-        save_dict: Mapping[str, Any] | nn.Module,
-        interval: int = 1,
-        epoch_level: bool = True,
-        filename: str = "checkpoint_last.pt",
-    ) -> None:
-        self.path = Path(save_dir) / filename
-        self.module = save_dict if isinstance(save_dict, nn.Module) else None
-        self.save_dict = {} if self.module is not None else dict(save_dict)
-        self.interval = interval
-        self.epoch_level = epoch_level
-
-    def attach(self, engine: Engine) -> None:
-        """Save every ``interval`` epochs (or iterations) and when the run completes."""
-        event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
-        engine.add_event_handler(event(every=self.interval), self)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        def unwrap(v: Any) -> Any:
-            return v.module if isinstance(v, nn.parallel.DistributedDataParallel) else v
-
-        if self.module is not None:
-            state = unwrap(self.module).state_dict()
-        else:
-            state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()}
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
-        logger.debug("saved %s at iteration %d", self.path, engine.state.iteration)
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:

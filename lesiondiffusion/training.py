@@ -1,20 +1,25 @@
-"""Training glue every network's ``train.json`` calls: the datalist split, the epoch sampler, input checks
-and fine-tuning (design 5). One behaviour for every bundle."""
+"""Training glue every network's ``train.json`` calls: the datalist split, the epoch sampler, input checks,
+fine-tuning, and the last checkpoint, written atomically and found for resuming (design 5). One behaviour
+for every bundle."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from monai.data import DistributedWeightedRandomSampler
 from torch import nn
 from torch.utils.data import Dataset, RandomSampler, Sampler
 
 from lesiondiffusion.dataset import read_datalist
 from lesiondiffusion.errors import InputError
-from lesiondiffusion.io import PathLike
+from lesiondiffusion.io import PathLike, atomic_path
+from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ def epoch_sampler(
 
 
 def existing(path: PathLike | None) -> bool:
-    """True when ``path`` names an existing file (for ``_disabled_`` switches of loaders)."""
+    """True when ``path`` names an existing file."""
     return bool(path) and Path(str(path)).is_file()
 
 
@@ -109,3 +114,61 @@ def finetune(network: nn.Module, ema_network: nn.Module | None, weights: PathLik
     if ema_network is not None:
         ema_network.load_state_dict(target.state_dict())
     logger.info("fine-tuning from %s", weights)
+
+
+class LastCheckpointSaver:
+    """Save ``save_dict`` (objects with ``state_dict``) to ``save_dir/filename`` atomically, every ``interval``
+    epochs (``epoch_level``) or iterations, then at each epoch's end and when the run completes.
+
+    The file is replaced only once fully written, so a run killed at any moment leaves the previous
+    checkpoint intact (MONAI's ``CheckpointSaver`` deletes the old file before writing the new one);
+    ``CheckpointLoader(load_path=..., load_dict=same keys)`` resumes from it. A single module instead of
+    a dict is saved as its plain state dict (a ``model.pt`` weights file). Networks wrapped in
+    ``DistributedDataParallel`` are saved bare.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str],
+        save_dict: Mapping[str, Any] | nn.Module,
+        interval: int = 1,
+        epoch_level: bool = True,
+        filename: str = "checkpoint_last.pt",
+    ) -> None:
+        self.path = Path(save_dir) / filename
+        self.module = save_dict if isinstance(save_dict, nn.Module) else None
+        self.save_dict = {} if self.module is not None else dict(save_dict)
+        self.interval = interval
+        self.epoch_level = epoch_level
+        self._saved_at = -1
+
+    def attach(self, engine: Engine) -> None:
+        event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
+        engine.add_event_handler(event(every=self.interval), self)
+        if not self.epoch_level:  # an epoch's length need not be a multiple of the interval
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration == self._saved_at:  # an interval save that also ended an epoch or the run
+            return
+
+        def unwrap(v: Any) -> Any:
+            return v.module if isinstance(v, nn.parallel.DistributedDataParallel) else v
+
+        if self.module is not None:
+            state = unwrap(self.module).state_dict()
+        else:
+            state = {k: unwrap(v).state_dict() for k, v in self.save_dict.items()}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        self._saved_at = engine.state.iteration
+        logger.info("saved %s at iteration %d", self.path, engine.state.iteration)
+
+
+def resume_path(path: PathLike, resume: bool | str) -> str | None:
+    """``path`` when resuming is asked for and the checkpoint exists (logged), else ``None``: a fresh start."""
+    if flag(resume) and existing(path):
+        logger.info("resuming from %s", path)
+        return str(path)
+    return None

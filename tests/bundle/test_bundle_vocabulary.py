@@ -54,11 +54,37 @@ def test_synthesize_leaves_each_networks_steps_and_guidance_to_its_bundle() -> N
     }
 
 
-def test_resume_false_from_the_command_line_does_not_resume_lmnet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bundle", ["vqgan", "lmnet", "linet"])
+def test_resume_false_from_the_command_line_does_not_resume(bundle: str, tmp_path: Path) -> None:
     (tmp_path / "checkpoint_last.pt").write_bytes(b"")
     for value, disabled in (("false", True), ("true", False), (False, True)):
         over = {"output_dir": str(tmp_path), "resume": value}
-        assert parsed("lmnet", "train.json", "checkpoint_handlers#0#_disabled_", **over) is disabled, value
+        assert parsed(bundle, "train.json", "checkpoint_handlers#0#_disabled_", **over) is disabled, value
+
+
+def test_every_network_bundle_checkpoints_resumes_and_gates_ranks_alike() -> None:
+    """``checkpoint_objects`` saved atomically by ``LastCheckpointSaver`` and read back by ``CheckpointLoader``
+    through ``resume_from``, attached by ``run``; rank-0 handlers switched off by ``_disabled_`` in the
+    handler lists themselves, so ``multi_gpu_train.json`` never rewrites them."""
+    for bundle in ("vqgan", "lmnet", "linet"):
+        config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text())
+        multi = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
+        assert config["resume_from"] == "$lesiondiffusion.training.resume_path(@checkpoint_last, @resume)", bundle
+        loader, *savers = config["checkpoint_handlers"]
+        assert loader["_target_"] == "CheckpointLoader" and loader["_disabled_"] == "$@resume_from is None", bundle
+        assert loader["load_path"] == "@resume_from" and loader["load_dict"] == "@checkpoint_objects", bundle
+        assert [s["_target_"] for s in savers] == ["lesiondiffusion.training.LastCheckpointSaver"] * 2, bundle
+        assert savers[0]["save_dict"] == "@checkpoint_objects" and savers[1]["filename"] == "model.pt", bundle
+        assert all(s["_disabled_"] == "$not @is_rank0" for s in savers), bundle
+        assert "trainer" in config["checkpoint_objects"], bundle
+        assert config["run"][0] == "$[h.attach(@train#trainer) for h in @checkpoint_handlers]", bundle
+        assert config["is_rank0"] == "$@rank == 0" and "rank" not in multi, bundle
+        assert not {"train#handlers", "validate#handlers"} & set(multi), bundle
+        assert "$idist.sync()" in multi["initialize"], bundle  # ignite's context made by every rank at once
+        for stage in ("train", "validate"):
+            for handler in (h for h in config[stage]["handlers"] if isinstance(h, dict)):  # not "@ema"
+                gated = "@is_rank0" in str(handler.get("_disabled_", ""))
+                assert gated == (handler["_target_"] != "ValidationHandler"), (bundle, stage, handler["_target_"])
 
 
 def test_every_bundle_names_its_last_checkpoint_and_finetune_weights_alike() -> None:

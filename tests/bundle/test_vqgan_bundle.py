@@ -457,20 +457,3 @@ def test_inference_cases_name_outputs_uniquely(tiny_demo: Path) -> None:
         scripts.data.inference_cases()
     with pytest.raises(InputError, match="no cases under 'testing'"):
         scripts.data.inference_cases(datalist=datalist)
-
-
-def test_last_checkpoint_is_written_atomically_and_found_for_resume(tmp_path: Path) -> None:
-    scripts = load_scripts()
-    from ignite.engine import Engine
-
-    net = torch.nn.Linear(2, 2)
-    path = tmp_path / "checkpoint_last.pt"
-    engine = Engine(lambda e, b: None)
-    scripts.checkpoint.SaveLastCheckpoint(path, {"autoencoder": net}, every=2).attach(engine)
-    assert scripts.checkpoint.resume_path(path, True) is None
-    engine.run([0] * 5, max_epochs=1)
-    saved = torch.load(path, weights_only=True)
-    assert saved["trainer"]["iteration"] == 5 and torch.equal(saved["autoencoder"]["weight"], net.weight)
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]  # no temporary files left
-    assert scripts.checkpoint.resume_path(path, True) == str(path)
-    assert scripts.checkpoint.resume_path(path, False) is None

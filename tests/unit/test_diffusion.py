@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
 from ignite.handlers import EMAHandler
 from monai.engines import SupervisedTrainer
 from monai.networks.nets import DiffusionModelUNet
@@ -21,12 +20,12 @@ from lesiondiffusion.diffusion import (
     ConditionedDiffusionModel,
     ConditionedDiffusionPrepareBatch,
     DiffusionSampler,
-    LastCheckpointSaver,
     WeightedLoss,
     load_weights,
     training_scheduler,
 )
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.training import LastCheckpointSaver
 
 T = 1000
 
@@ -370,20 +369,3 @@ def test_load_weights_errors(tmp_path):
     with pytest.raises(InputError, match="do not fit this network") as err:
         load_weights(tiny_model(), tmp_path / "other.pt")
     assert 'Missing key(s) in state_dict: "' in str(err.value) and "\n" not in str(err.value)  # which keys, on one line
-
-
-def test_last_checkpoint_is_replaced_atomically(tmp_path):
-    model = nn.Linear(2, 2)
-    engine = Engine(lambda e, b: None)
-    saver = LastCheckpointSaver(tmp_path, {"network": model}, epoch_level=False)
-    saver.attach(engine)
-    engine.run([0, 1, 2], max_epochs=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt"]
-    assert torch.equal(
-        torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["network"]["weight"], model.weight
-    )
-    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
-    nn.Module.__init__(ddp)
-    ddp.module = model  # a wrapped network is saved as the bare network's state dict
-    LastCheckpointSaver(tmp_path, ddp, filename="model.pt")(engine)
-    assert list(torch.load(tmp_path / "model.pt", weights_only=True)) == ["weight", "bias"]
