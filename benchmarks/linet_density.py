@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lesiondiffusion import autoencoder as ae
     from lesiondiffusion import vocabulary as V
     from lesiondiffusion.dataset import read_datalist
-    from lesiondiffusion.diffusion import DiffusionSampler, load_weights
+    from lesiondiffusion.diffusion import DiffusionSampler
     from lesiondiffusion.labels import label_table
+    from lesiondiffusion.networks.weights import load_weights
     from lesiondiffusion.report import format_ct_value, read_report
     from lesiondiffusion.reports import extraction
 

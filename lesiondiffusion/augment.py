@@ -41,13 +41,13 @@ from lesiondiffusion import autoencoder as ae
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.attributes import LESION_TYPE, ORGAN_TYPE
 from lesiondiffusion.data_paths import BUNDLES
-from lesiondiffusion.diffusion import load_weights
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.io import StoredImage, user_path, voxel_spacing
 from lesiondiffusion.labels import is_hollow, label_table, to_v1_map
 from lesiondiffusion.manifest import LesionEntry
+from lesiondiffusion.networks.weights import load_weights, require_weights
 from lesiondiffusion.paste import paste
-from lesiondiffusion.pipelines.linet import LesionInpainter, require_weights
+from lesiondiffusion.pipelines.linet import LesionInpainter
 from lesiondiffusion.pipelines.lmnet import LesionMaskSynthesiser
 from lesiondiffusion.pipelines.mask_inputs import working_size
 from lesiondiffusion.placement import PlacementError, bounding_box, place_box

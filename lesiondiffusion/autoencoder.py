@@ -21,7 +21,7 @@ latent decodes exactly like an encoded one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from math import ceil, prod
 from pathlib import Path
@@ -33,12 +33,11 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import VQVAE, PatchDiscriminator
 from torch import nn
 
-from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.networks import presets
+from lesiondiffusion.networks.weights import load_weights
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_KEY = "autoencoder"  # the autoencoder's entry in a training checkpoint
 
 
 def preset_config(preset: str) -> dict[str, Any]:
@@ -227,39 +226,6 @@ def reconstruct_tiled(
     return torch.as_tensor(out)
 
 
-def load_weights(net: nn.Module, weights: str | Path, key: str = "autoencoder_weights") -> nn.Module:
-    """Load local weights into ``net`` (``torch.load(weights_only=True)``).
-
-    Accepts a plain state dict or a training checkpoint holding it under ``"autoencoder"``. A missing
-    file or a mismatch with the network's architecture is one :class:`InputError` naming the file and
-    the setting ``key`` to fix.
-    """
-    path = Path(weights) if weights else None
-    if path is None or not path.is_file():
-        raise InputError(weights or None, f"VQ-GAN weights not found; set {key} to a trained autoencoder's model.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or not a weights-only pickle
-        raise InputError(path, f"unreadable weights ({type(e).__name__}: {e})") from None
-    if isinstance(state, Mapping) and isinstance(state.get(WEIGHTS_KEY), Mapping):
-        state = state[WEIGHTS_KEY]
-    if not isinstance(state, Mapping):
-        raise InputError(path, "not a state dict")
-    target = _unwrap(net)
-    own = target.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        raise InputError(
-            path,
-            f"weights do not fit this network ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(mismatched)} differently shaped tensors); check {key} and the preset it was trained with",
-        )
-    target.load_state_dict(state)
-    return net
-
-
 def load_vqvae(
     weights: str | Path,
     preset: str = "cpu",
@@ -269,5 +235,5 @@ def load_vqvae(
 ) -> VQVAE:
     """Build the preset's VQVAE, load ``weights`` (local file only) and return it in eval mode on ``device``."""
     net = build_vqvae(preset, **overrides)
-    load_weights(net, weights, key)
+    load_weights(net, weights, key, "VQ-GAN")
     return net.to(device).eval()

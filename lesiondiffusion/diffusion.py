@@ -23,13 +23,12 @@ Sampling: :class:`DiffusionSampler` runs DDIM (``DDIMScheduler``) or rectified f
 with a ``steps`` parameter on a network trained with any of the four objectives (the sampler's state is
 mapped to the network's parametrisation at equal signal-to-noise ratio), with classifier-free guidance,
 an optional known region reset at every step (LINet), a seeded generator and a tqdm bar. Same seed and
-inputs, same output. :func:`load_weights` loads trained weights (``weights_only=True``).
+inputs, same output. Trained weights load through :func:`lesiondiffusion.networks.weights.load_weights`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,8 +39,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from torch import nn
 from tqdm import tqdm
 
-from lesiondiffusion.errors import InputError, LesionDiffusionError
-from lesiondiffusion.io import user_path
+from lesiondiffusion.errors import LesionDiffusionError
 
 logger = logging.getLogger(__name__)
 
@@ -240,50 +238,6 @@ class WeightedLoss(nn.Module):
         if weight is None:
             return err.mean()
         return (err * weight).sum() / (weight.sum() * err.shape[1]).clamp_min(1e-8)
-
-
-def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def load_weights(
-    network: nn.Module,
-    path: str | os.PathLike[str],
-    key: str | Sequence[str] = ("ema", "network"),
-    setting: str = "weights",
-) -> nn.Module:
-    """Load trained weights from a local file (``weights_only=True``) into ``network`` and return it.
-
-    ``path`` is a checkpoint dict (the first of ``key`` present is used: by default the EMA weights, then
-    the raw network) or a bare state dict. A missing or unreadable file is an :class:`InputError`
-    naming the file and the config key (``setting``) to set.
-    """
-    p = user_path(path)
-    if not p.is_file():
-        raise InputError(
-            p,
-            f"weights file not found; set {setting} to a trained model.pt (each training run writes <output_dir>/model.pt)",
-        )
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise InputError(p, f"not a loadable weights file ({type(e).__name__}: {e})") from None
-    keys = (key,) if isinstance(key, str) else tuple(key)
-    if isinstance(state, Mapping):
-        for k in keys:
-            if k in state and isinstance(state[k], Mapping):
-                state = state[k]
-                break
-    try:
-        network.load_state_dict(_strip_prefix(state))
-    except (RuntimeError, TypeError, AttributeError) as e:
-        # PyTorch lists every mismatch on its own line: keep the first few, on one line
-        lines = [line.strip() for line in str(e).strip().splitlines()[1:] if line.strip()]
-        detail = "; ".join(lines)[:300] if lines else (str(e).strip() or type(e).__name__)
-        raise InputError(p, f"weights do not fit this network (different preset or architecture? {detail})") from None
-    return network
 
 
 # ---- sampling -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, RandomSampler, Sampler
 from lesiondiffusion.dataset import read_datalist
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.io import PathLike, atomic_path
+from lesiondiffusion.networks.weights import load_weights
 from lesiondiffusion.settings import flag
 
 logger = logging.getLogger(__name__)
@@ -107,10 +108,8 @@ def finetune(network: nn.Module, ema_network: nn.Module | None, weights: PathLik
     """
     if not weights:
         return
-    from lesiondiffusion.diffusion import load_weights
-
     target = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
-    load_weights(target, weights, setting="finetune_from")
+    load_weights(target, weights, "finetune_from")
     if ema_network is not None:
         ema_network.load_state_dict(target.state_dict())
     logger.info("fine-tuning from %s", weights)

@@ -53,12 +53,12 @@ from lesiondiffusion.io import (
     load_nifti,
     read_nifti_array,
     read_stored,
-    user_path,
     voxel_spacing,
 )
 from lesiondiffusion.labels import LESION_LABEL, label_ids, label_table, mask_bounds
 from lesiondiffusion.manifest import CaseEntry
 from lesiondiffusion.networks.linet import NoiseOnly, intensity_prior, latent_mask
+from lesiondiffusion.networks.weights import load_weights, require_weights
 from lesiondiffusion.paste import paste, save_like
 from lesiondiffusion.pipelines.cases import lesion_seed
 from lesiondiffusion.preview import request_caption, write_preview
@@ -480,20 +480,9 @@ def _relative(path: PathLike, base: Path) -> str:
 
 def load_network(network: nn.Module, weights: PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Trained LINet weights (a training run's ``model.pt``; a checkpoint's EMA weights also do) on ``device``, in eval mode."""
-    from lesiondiffusion.diffusion import load_weights
-
     require_weights(weights, "weights", "LINet")
-    load_weights(network, weights, setting="weights")
+    load_weights(network, weights, "weights", "LINet")
     return network.to(device).eval()
-
-
-def require_weights(path: PathLike | None, setting: str, what: str) -> None:
-    """A one-line error naming the file and the setting to pass when a weights file is missing."""
-    if not path or not user_path(path).is_file():
-        raise InputError(
-            path or None,
-            f"{what} weights not found; pass --{setting} FILE (a {what} training run writes <output_dir>/model.pt)",
-        )
 
 
 def check_settings(

@@ -28,12 +28,13 @@ from scipy import ndimage as ndi
 from torch import nn
 
 from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
-from lesiondiffusion.diffusion import DiffusionSampler, load_weights
+from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.geometry import read_geometry, save_on_input_grid
-from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti, user_path
+from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
 from lesiondiffusion.labels import LESION_LABEL, ORGAN_LABEL
 from lesiondiffusion.manifest import CaseEntry, LesionEntry
+from lesiondiffusion.networks.weights import load_weights, require_weights
 from lesiondiffusion.pipelines.cases import lesion_seed
 from lesiondiffusion.pipelines.mask_inputs import ORGAN_SCALE, crop_window, working_size
 from lesiondiffusion.pipelines.mask_postprocess import (
@@ -95,13 +96,8 @@ class LesionMaskSynthesiser:
 
     def __post_init__(self) -> None:
         if self.weights is not None:
-            if not user_path(self.weights).is_file():
-                raise InputError(
-                    self.weights,
-                    "LMNet weights not found; pass --weights <training output_dir>/model.pt "
-                    "(or put trained weights at bundles/lmnet/models/model.pt)",
-                )
-            load_weights(self.network, self.weights, setting="weights")
+            require_weights(self.weights, "weights", "LMNet")
+            load_weights(self.network, self.weights, "weights", "LMNet")
         self.network.eval()
         encoder = getattr(self.network, "encoder", None)
         self.spec = encoder.spec if encoder is not None else ConditionSpec()

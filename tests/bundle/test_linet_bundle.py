@@ -487,7 +487,7 @@ def test_bad_inputs_are_one_line_errors_without_output(inferred, trained, vqgan,
         return error_line("linet", {**args, **overrides_of(TINY), **extra})
 
     # the default: the shipped weights under models/ (cpu preset), which do not fit the tiny network
-    assert "models/model.pt: weights do not fit this network" in error(None, vqgan, tmp_path / "o5")
+    assert "models/model.pt: LINet weights do not fit this network" in error(None, vqgan, tmp_path / "o5")
     assert "none.pt: VQ-GAN weights not found; pass --vqgan_weights" in error(
         trained["out"] / "model.pt", tmp_path / "none.pt", tmp_path / "o2"
     )

@@ -25,8 +25,9 @@ from scipy import ndimage as ndi
 from lesiondiffusion import vocabulary as V
 from lesiondiffusion.conditioning import ConditionSpec, lesion_attributes
 from lesiondiffusion.data_paths import DEMO_DATA
-from lesiondiffusion.diffusion import DiffusionSampler, load_weights
+from lesiondiffusion.diffusion import DiffusionSampler
 from lesiondiffusion.manifest import read_manifest
+from lesiondiffusion.networks.weights import load_weights
 from lesiondiffusion.placement import allowed_region
 from lesiondiffusion_tools.bundle_runner import run_bundle_in_process
 
@@ -126,7 +127,7 @@ def test_finetune_starts_from_given_weights(trained, tiny_demo, tmp_path):
     assert all(torch.allclose(before[k], after[k], rtol=1e-5, atol=1e-7) for k in before)
     args = {"datalist": str(tiny_demo / "datalist.json"), "output_dir": str(tmp_path / "x"), **overrides_of(TINY)}
     line = error_line("lmnet", {**args, "finetune_from": str(tmp_path / "none.pt")}, ("train.json",))
-    assert f"{tmp_path / 'none.pt'}: weights file not found; set finetune_from" in line
+    assert f"{tmp_path / 'none.pt'}: LMNet weights file not found; set finetune_from" in line
     assert not (tmp_path / "x").exists()
 
 
@@ -281,7 +282,7 @@ def test_bad_inputs_are_one_line_errors_without_output(manifest, trained, tmp_pa
     # the default: the shipped weights under models/ (cpu preset), which do not fit the tiny network
     args = {"manifest": str(manifest), "output_dir": str(tmp_path / "out"), "steps": int(INFER_STEPS)}
     line = error_line("lmnet", {**args, **overrides_of(TINY)})
-    assert "models/model.pt: weights do not fit this network" in line
+    assert "models/model.pt: LMNet weights do not fit this network" in line
     assert not (tmp_path / "out").exists()
     line = error_line(
         "lmnet", {"datalist": str(tmp_path / "none.json"), "output_dir": str(tmp_path / "t")}, ("train.json",)

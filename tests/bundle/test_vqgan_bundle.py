@@ -290,7 +290,8 @@ def test_bad_inputs_are_one_line_errors_without_output(tmp_path: Path) -> None:
     assert missing_weights.returncode == 1
     assert (
         missing_weights.stderr.strip().splitlines()[-1]
-        == f"error: {tmp_path / 'none.pt'}: VQ-GAN weights not found; set weights to a trained autoencoder's model.pt"
+        == f"error: {tmp_path / 'none.pt'}: VQ-GAN weights file not found; set weights to a trained model.pt "
+        "(each training run writes <output_dir>/model.pt)"
     )
     assert "Traceback" not in missing_weights.stderr and not out.exists()
 

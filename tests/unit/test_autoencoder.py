@@ -171,11 +171,14 @@ def test_load_vqvae_round_trip_and_errors(net: VQVAE, tmp_path) -> None:
         saved, got = net.state_dict(), loaded.state_dict()
         assert set(got) == set(saved) and all(torch.equal(got[k], saved[k]) for k in saved)  # every tensor, as saved
         assert torch.equal(ae.encode(loaded, x), ae.encode(net, x))
-    with pytest.raises(InputError, match=r"missing\.pt: VQ-GAN weights not found; set vqgan_weights"):
+    with pytest.raises(InputError, match=r"missing\.pt: VQ-GAN weights file not found; set vqgan_weights"):
         ae.load_vqvae(tmp_path / "missing.pt", key="vqgan_weights")
-    with pytest.raises(InputError, match=r"model\.pt: weights do not fit this network.*preset"):
+    with pytest.raises(
+        InputError,
+        match=r"model\.pt: VQ-GAN weights do not fit this network \(different preset.*check autoencoder_weights",
+    ):
         ae.load_vqvae(plain, "paper")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match=r"bad\.pt: unreadable weights"):
+    with pytest.raises(InputError, match=r"bad\.pt: not a loadable VQ-GAN weights file"):
         ae.load_vqvae(bad)

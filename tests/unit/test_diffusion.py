@@ -21,10 +21,10 @@ from lesiondiffusion.diffusion import (
     ConditionedDiffusionPrepareBatch,
     DiffusionSampler,
     WeightedLoss,
-    load_weights,
     training_scheduler,
 )
 from lesiondiffusion.errors import InputError, LesionDiffusionError
+from lesiondiffusion.networks.weights import load_weights
 from lesiondiffusion.training import LastCheckpointSaver
 
 T = 1000
@@ -355,7 +355,7 @@ def test_trainer_ema_checkpoint_and_load_weights(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ema.ema_model.state_dict().values()))
     ddp_style = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"network": ddp_style}, tmp_path / "ddp.pt")
-    load_weights(fresh, tmp_path / "ddp.pt", key="network")
+    load_weights(fresh, tmp_path / "ddp.pt", checkpoint_keys=("network",))
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
 
