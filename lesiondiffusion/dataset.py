@@ -107,6 +107,22 @@ def read_list_files(
     return cases
 
 
+def holdout_indices(n: int, val_fraction: float, seed: int | Sequence[int]) -> tuple[list[int], list[int]]:
+    """``(training, validation)`` indices of ``n`` cases: ``round(val_fraction * n)`` drawn at random with
+    ``seed`` for validation; with a positive fraction and two or more cases, at least one case in each.
+
+    The one hold-out rule of every dataset builder and training split.
+    """
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise LesionDiffusionError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(float(val_fraction) * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    val = sorted(order[:n_val])
+    return [i for i in range(n) if i not in val], val
+
+
 def list_file_names(split: str) -> dict[str, str]:
     """``{"image": "train_img_list.txt", ...}`` for a split prefix such as ``train`` or ``val``."""
     return {k: f"{split}_{suffix}.txt" for k, suffix in LIST_SUFFIXES.items()}

@@ -54,7 +54,7 @@ from lesiondiffusion.attributes import (
     density_reference_hu,
     is_hollow_name,
 )
-from lesiondiffusion.dataset import Case, write_datalist, write_list_files
+from lesiondiffusion.dataset import Case, holdout_indices, write_datalist, write_list_files
 from lesiondiffusion.demo import SOURCE_FILES, find_demo_cases
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_nifti_array, save_nifti, write_json
@@ -452,18 +452,13 @@ def build_dataset(
 ) -> Path:
     """Write ``n`` ground-truth cases into ``out`` (atomically): cases, list files, datalist, summary.
 
-    The last ``round(n * val_fraction)`` cases (at least one when ``n >= 2`` and the fraction is > 0)
+    ``val_fraction`` of the cases, drawn with ``seed`` (:func:`lesiondiffusion.dataset.holdout_indices`),
     form the validation split.
     """
     src, out = Path(src), Path(out)
     _check_out(src, out, n)
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise LesionDiffusionError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    kept, held = holdout_indices(n, val_fraction, seed)
     sources = load_sources(src)
-    n_val = int(round(n * float(val_fraction)))
-    if n >= 2 and val_fraction > 0:
-        n_val = max(1, n_val)
-    n_val = min(n_val, n - 1)
     final_out = out.resolve()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         built, final, truths = [], [], []
@@ -484,16 +479,19 @@ def build_dataset(
                 t["lesion_hu"],
                 t["lesion_voxels"],
             )
-        n_train = n - n_val
-        write_datalist(tmp / "datalist.json", {"training": built[:n_train], "validation": built[n_train:]}, VERSION)
-        write_list_files(tmp, "train", final[:n_train])
-        if n_val:
-            write_list_files(tmp, "val", final[n_train:])
+        write_datalist(
+            tmp / "datalist.json",
+            {"training": [built[i] for i in kept], "validation": [built[i] for i in held]},
+            VERSION,
+        )
+        write_list_files(tmp, "train", [final[i] for i in kept])
+        if held:
+            write_list_files(tmp, "val", [final[i] for i in held])
         write_json(tmp / "dataset.json", {
             "generator": "lesiondiffusion.phantom_dataset", "mode": "training", "n": n, "seed": seed,
             "val_fraction": val_fraction, "source": [s.name for s in sources], "cases": truths,
         })  # fmt: skip
-    logger.info("%d cases (%d validation) written to %s", n, n_val, out)
+    logger.info("%d cases (%d validation) written to %s", n, len(held), out)
     return out
 
 

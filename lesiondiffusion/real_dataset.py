@@ -108,7 +108,7 @@ from lesiondiffusion.attributes import (
     margin_text,
     organ_group,
 )
-from lesiondiffusion.dataset import Case, write_datalist, write_list_files
+from lesiondiffusion.dataset import Case, holdout_indices, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_json, read_nifti_array, save_nifti, write_json, write_text
 from lesiondiffusion.labels import VERSIONS, label_table
@@ -878,14 +878,7 @@ def split_scans(ids: Sequence[str], val_scans: Sequence[str] | None, val_fractio
         if len(set(val_scans)) == len(ids):
             raise LesionDiffusionError("val_scans holds every scan: no training scan is left")
         return list(dict.fromkeys(val_scans))
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise LesionDiffusionError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = int(round(len(ids) * float(val_fraction)))
-    if len(ids) >= 2 and val_fraction > 0:
-        n_val = max(1, n_val)
-    n_val = min(n_val, len(ids) - 1)
-    order = np.random.default_rng([int(seed), 7]).permutation(len(ids))
-    return sorted(ids[i] for i in order[:n_val])
+    return sorted(ids[i] for i in holdout_indices(len(ids), val_fraction, [int(seed), 7])[1])
 
 
 def scan_requests(

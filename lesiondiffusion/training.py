@@ -16,7 +16,7 @@ from monai.data import DistributedWeightedRandomSampler
 from torch import nn
 from torch.utils.data import Dataset, RandomSampler, Sampler
 
-from lesiondiffusion.dataset import read_datalist
+from lesiondiffusion.dataset import holdout_indices, read_datalist
 from lesiondiffusion.errors import InputError
 from lesiondiffusion.io import PathLike, atomic_path
 from lesiondiffusion.networks.weights import load_weights
@@ -32,12 +32,13 @@ def split_datalist(
     val_fraction: float = 0.0,
     train_key: str = "training",
     val_key: str = "validation",
+    seed: int = 0,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """``(training, validation)`` cases of a datalist, as dicts of absolute paths.
 
     Every case needs the ``needed`` keys, each an existing file. When the datalist has no ``val_key``
-    split, the last ``val_fraction`` of the training cases (at least one, when the fraction is positive
-    and two or more cases exist) become the validation split.
+    split, ``val_fraction`` of the training cases are held out for validation
+    (:func:`lesiondiffusion.dataset.holdout_indices` with ``seed``).
     """
     if not datalist:
         raise InputError(None, "no datalist given; set datalist to a datalist JSON (--datalist FILE)")
@@ -56,9 +57,9 @@ def split_datalist(
             for key in needed:
                 if not existing(case[key]):
                     raise InputError(case[key], f"{key} file not found (listed in {datalist})")
-    if not val and float(val_fraction) > 0 and len(train) > 1:
-        n = min(len(train) - 1, max(1, round(float(val_fraction) * len(train))))
-        train, val = train[:-n], train[-n:]
+    if not val:
+        kept, held = holdout_indices(len(train), val_fraction, seed)
+        train, val = [train[i] for i in kept], [train[i] for i in held]
     logger.info("%s data: %d training case(s), %d validation case(s)", network, len(train), len(val))
     return train, val
 

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lesiondiffusion.dataset import Case, datalist_version, load_cases, validate_cases, write_datalist, write_list_files
+from lesiondiffusion.dataset import (
+    Case,
+    datalist_version,
+    holdout_indices,
+    load_cases,
+    validate_cases,
+    write_datalist,
+    write_list_files,
+)
 from lesiondiffusion.errors import InputError, LesionDiffusionError, exit_on_user_error
 from lesiondiffusion.io import atomic_dir, save_nifti, voxel_spacing, write_json
 from lesiondiffusion.labels import AUTO, choose_version, resolve_version, to_v1_map
@@ -87,22 +95,6 @@ def _stem(path: Path) -> str:
     return Path(name).stem
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) case indices: a seeded shuffle, ``round(val_fraction * n)`` for validation.
-
-    With a positive fraction and at least two cases, validation gets at least one case and training
-    keeps at least one.
-    """
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise LesionDiffusionError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_val = int(round(float(val_fraction) * n))
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    order = np.random.default_rng(int(seed)).permutation(n).tolist()
-    val = sorted(order[:n_val])
-    return [i for i in range(n) if i not in val], val
-
-
 class TrainingSetWriter:
     """Standardises every case, extracts its report and writes the training set (module docstring)."""
 
@@ -147,7 +139,7 @@ class TrainingSetWriter:
         inputs = {Path(p).resolve() for c in self.cases for p in c.files().values()}
         if any(out.resolve() == p or out.resolve() in p.parents for p in inputs):
             raise InputError(out, "output folder holds input files; inputs are never written")
-        train_idx, val_idx = split_indices(len(self.cases), self.val_fraction, self.split_seed)
+        train_idx, val_idx = holdout_indices(len(self.cases), self.val_fraction, self.split_seed)
         problems = validate_cases(self.cases, self.version)
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""

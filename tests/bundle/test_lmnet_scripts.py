@@ -13,6 +13,7 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
+from lesiondiffusion.dataset import holdout_indices
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.labels import mask_bounds
 from lesiondiffusion.pipelines import lmnet as inference
@@ -155,8 +156,10 @@ def test_split_datalist(tmp_path):
         for i in range(4)
     ]
     (tmp_path / "dl.json").write_text(json.dumps({"training": cases}))
-    train, val = split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet", val_fraction=0.25)
-    assert len(train) == 3 and len(val) == 1 and val[0]["label"] == str(tmp_path / "label3.nii.gz")
+    train, val = split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet", val_fraction=0.25, seed=5)
+    (held,) = holdout_indices(4, 0.25, 5)[1]  # the one hold-out rule, with the training seed
+    assert len(train) == 3 and len(val) == 1 and val[0]["label"] == str(tmp_path / f"label{held}.nii.gz")
+    assert split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet", val_fraction=0.25, seed=5) == (train, val)
     assert split_datalist(tmp_path / "dl.json", LMNET_NEEDS, "LMNet")[1] == []
     (tmp_path / "bad.json").write_text(json.dumps({"training": [{"image": "label0.nii.gz"}]}))
     with pytest.raises(

@@ -26,7 +26,7 @@ from monai.transforms import (
 )
 
 from lesiondiffusion import vocabulary as V
-from lesiondiffusion.dataset import read_datalist, read_split
+from lesiondiffusion.dataset import holdout_indices, read_datalist, read_split
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import save_nifti
 from lesiondiffusion.pipelines import prepare
@@ -335,12 +335,12 @@ def test_settings_errors(tmp_path):
 
 
 def test_split_and_names():
-    train, val = prepare.split_indices(10, 0.2, seed=3)
+    train, val = holdout_indices(10, 0.2, seed=3)
     assert len(val) == 2 and sorted(train + val) == list(range(10))
-    assert prepare.split_indices(10, 0.2, seed=3) == (train, val)  # seeded
-    assert prepare.split_indices(2, 0.2, seed=0)[1] != []  # a positive fraction keeps one case for validation
-    assert prepare.split_indices(1, 0.5, seed=0) == ([0], [])
-    assert prepare.split_indices(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+    assert holdout_indices(10, 0.2, seed=3) == (train, val)  # seeded
+    assert holdout_indices(2, 0.2, seed=0)[1] != []  # a positive fraction keeps one case for validation
+    assert holdout_indices(1, 0.5, seed=0) == ([0], [])
+    assert holdout_indices(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
     from lesiondiffusion.dataset import Case
 
     same = [Case(Path(f"/d/{n}/ct.nii.gz")) for n in ("a", "b")]

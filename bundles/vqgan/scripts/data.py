@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
-from lesiondiffusion.dataset import Case, read_datalist, read_split
+from lesiondiffusion.dataset import Case, holdout_indices, read_datalist, read_split
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, load_nifti
 
@@ -47,8 +46,8 @@ def training_cases(
     """(training, validation) data dicts with ``image`` and ``label`` paths, every file checked first.
 
     Validation cases come from the datalist's ``validation`` list (or ``val_*`` list files); without
-    one, a seeded ``val_fraction`` of the training cases is held out (at least one case when there are
-    two or more). A single case is used for both, with a warning.
+    one, ``val_fraction`` of the training cases are held out (:func:`lesiondiffusion.dataset.holdout_indices`
+    with ``seed``). A single case, or a fraction of 0, validates on the training cases, with a warning.
     """
     splits = _read(datalist)
     train = splits.get("training", [])
@@ -56,16 +55,10 @@ def training_cases(
         raise InputError(datalist, "no training cases (expected a non-empty 'training' list)")
     val = splits.get("validation", [])
     if not val:
-        if not 0.0 <= val_fraction < 1.0:
-            raise LesionDiffusionError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(len(train) * val_fraction)) if len(train) > 1 else 0
-        held = set(order[:n_val])
-        val = [c for i, c in enumerate(train) if i in held]
-        train = [c for i, c in enumerate(train) if i not in held]
+        kept, held = holdout_indices(len(train), val_fraction, seed)
+        train, val = [train[i] for i in kept], [train[i] for i in held]
         if not val:
-            logger.warning("%s: one case only: validating on the training case", datalist)
+            logger.warning("%s: no case held out for validation: validating on the training cases", datalist)
             val = train
     logger.info("VQ-GAN data: %d training and %d validation cases", len(train), len(val))
     return [_check(c, True) for c in train], [_check(c, True) for c in val]
