@@ -31,6 +31,7 @@ from tqdm import tqdm
 from lesiondiffusion.dataset import Case, write_datalist, write_list_files
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_nifti_array, save_nifti
+from lesiondiffusion.labels import LESION_LABEL
 from lesiondiffusion.phantom import axial_axis_of, check_label_map, make_phantom, read_organ_map
 from lesiondiffusion.report import (
     REPORT_BOX_AXES,
@@ -141,7 +142,7 @@ def build_case(
     if not report.lesions:
         raise InputError(report_path, "the report has no lesion entry")
     label = np.rint(label).astype(np.uint8)
-    lesion = label == 2
+    lesion = label == LESION_LABEL
     if not lesion.any():
         raise InputError(label_path, "no lesion voxels (label 2)")
 
@@ -170,7 +171,7 @@ def build_case(
     save_nifti(files["label"], out_label, affine, header=label_img.header, dtype=np.uint8)
     save_nifti(files["organ_seg"], out_seg, affine, header=seg_img.header)
     write_report(files["report"], transform_report(report, region, step, image.shape))
-    in_lesion = out_label == 2
+    in_lesion = out_label == LESION_LABEL
     mean_hu = float(image[in_lesion].mean()) if in_lesion.any() else float("nan")
     logger.info("%s: grid %s, lesion %d voxels at %.1f HU", folder.name, image.shape, int(in_lesion.sum()), mean_hu)
     return files

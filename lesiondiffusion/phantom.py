@@ -57,7 +57,7 @@ from scipy import ndimage as ndi
 
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, read_nifti_array, save_nifti
-from lesiondiffusion.labels import DEFAULT_VERSION, label_table
+from lesiondiffusion.labels import DEFAULT_VERSION, LESION_LABEL, label_table
 from lesiondiffusion.report import read_report
 
 logger = logging.getLogger(__name__)
@@ -459,7 +459,7 @@ def make_phantom_file(
     if label_path is not None:
         label, label_img = read_nifti_array(label_path)
         check_label_map(img, label_img, label_path)
-        lesion_mask = np.rint(label) == 2
+        lesion_mask = np.rint(label) == LESION_LABEL
         if not lesion_mask.any():
             logger.warning("%s: no lesion voxels (label 2); the phantom has no lesion", label_path)
     if report_path is not None:

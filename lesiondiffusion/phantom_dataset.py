@@ -58,7 +58,7 @@ from lesiondiffusion.dataset import Case, holdout_indices, write_datalist, write
 from lesiondiffusion.demo import SOURCE_FILES, find_demo_cases
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import atomic_dir, read_nifti_array, save_nifti, write_json
-from lesiondiffusion.labels import label_table
+from lesiondiffusion.labels import LESION_LABEL, label_table
 from lesiondiffusion.phantom import axial_axis_of, make_phantom, organ_hu, read_organ_map
 from lesiondiffusion.report import Report
 from lesiondiffusion.reports.extraction import measure_lesion, report_from_measurements
@@ -134,7 +134,7 @@ def load_sources(src: Path) -> list[SourceMap]:
             raise InputError(
                 folder / SOURCE_FILES["label"], f"shape {label.shape} differs from the organ map's {seg.shape}"
             )
-        lesion = np.rint(label) == 2
+        lesion = np.rint(label) == LESION_LABEL
         if not lesion.any():
             raise InputError(folder / SOURCE_FILES["label"], "no lesion voxels (label 2)")
         box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(lesion))

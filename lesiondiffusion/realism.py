@@ -52,7 +52,7 @@ from lesiondiffusion import vocabulary as V
 from lesiondiffusion.dataset import datalist_version, load_cases
 from lesiondiffusion.errors import InputError, LesionDiffusionError
 from lesiondiffusion.io import PathLike, read_nifti_array, user_path, voxel_spacing
-from lesiondiffusion.labels import label_table, to_v1_map
+from lesiondiffusion.labels import LESION_LABEL, label_table, to_v1_map
 from lesiondiffusion.report import read_report
 from lesiondiffusion.reports import extraction
 
@@ -135,7 +135,7 @@ def load_reference(path: PathLike) -> list[ReferenceLesion]:
         label = np.rint(read_nifti_array(case.label)[0]).astype(np.int16)
         if label.shape != image.shape:
             raise InputError(case.label, f"shape {label.shape} differs from the image's {image.shape}")
-        lesion = label == 2
+        lesion = label == LESION_LABEL
         if not lesion.any():
             logger.info("%s: no lesion voxels; not a reference lesion", where)
             continue

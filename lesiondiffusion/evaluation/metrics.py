@@ -24,7 +24,7 @@ from lesiondiffusion.io import (
     read_json,
     read_stored,
 )
-from lesiondiffusion.labels import label_ids, label_table
+from lesiondiffusion.labels import LESION_LABEL, label_ids, label_table
 from lesiondiffusion.preview import LUNG_WINDOW, SOFT_TISSUE_WINDOW, request_caption
 from lesiondiffusion.report import LesionReport, Report
 from lesiondiffusion.reports import extraction
@@ -343,7 +343,7 @@ def evaluate_case(
         )
         organ_id = organ_ids[0]
 
-    lesion = label == 2
+    lesion = label == LESION_LABEL
     n_lesion = int(np.count_nonzero(lesion))
     cavities = [A.parse_cavity(r.attributes.get(V.CAVITY, "")) for r in reports]
     sizes = [requested_size_mm(r) for r in reports]

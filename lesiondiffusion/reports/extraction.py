@@ -62,6 +62,7 @@ from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.labels import (
     DEFAULT_VERSION,
     HOLLOW_ORGANS,
+    LESION_LABEL,
     label_ids,
     label_table,
     mask_bounds,
@@ -147,7 +148,7 @@ def infer_organ_id(label: np.ndarray, organ_seg: np.ndarray) -> int:
         return int(np.bincount(ids).argmax()) if ids.size else None
 
     found = most_common(seg[lab == 1])
-    lesion = lab == 2
+    lesion = lab == LESION_LABEL
     if found is None and lesion.any():
         # the lesion and its 2-voxel dilation both lie inside this box: no whole-volume dilation
         box = _crop_box(lesion, 3, lesion.shape)
@@ -303,7 +304,7 @@ def measure_lesion(
             f"image {image.shape}, label {lab.shape} and organ map {seg.shape} must be 3D arrays of one shape"
         )
     spacing = tuple(float(s) for s in spacing)
-    lesion_full = lab == 2
+    lesion_full = lab == LESION_LABEL
     if not lesion_full.any():
         raise LesionDiffusionError("the label map has no lesion voxels (label 2)")
     if organ_id is None:
