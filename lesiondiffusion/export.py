@@ -178,11 +178,11 @@ def check_bundle(root: Path, stage: str, script: bool = True, verify: bool = Tru
         tries.append(("scripted", {}))
         if not NETWORKS[stage][1]:  # one image in: tracing on a crop of the training size is faithful
             tries.append(("traced", {"use_trace": True, "input_shape": [1, 1, 64, 64, 64]}))
+    if not tries and not verify:
+        return {}
     net = [*NETWORKS[stage][:2], CONTEXT_FIELDS.get(stage)] if stage in NETWORKS else None
     task = {"torchscript": tries, "net_id": NETWORKS.get(stage, ("", False, ""))[2], "verify": verify,
             "schema": str(SCHEMA), "net": net}  # fmt: skip
-    if not tries and not verify:
-        return {}
     run = subprocess.run(
         [sys.executable, "-c", _CHECK_PROGRAM, json.dumps(task)],
         cwd=root,

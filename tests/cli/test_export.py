@@ -190,3 +190,10 @@ def test_a_bundle_failing_verification_is_one_line_and_leaves_nothing(tmp_path, 
         "(at $.required_packages_version)"
     ), message
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its zip nor export.json
+
+
+def test_without_verification_the_bundle_is_written_unchecked(tmp_path) -> None:
+    (result,) = export_bundles(tmp_path, stages=("preprocess",), verify=False)
+    assert "verified" not in result and Path(result["zip"]).is_file()
+    assert json.loads((tmp_path / "export.json").read_text())["bundles"][0]["bundle"] == "lesiondiffusion_preprocess"
+    assert (tmp_path / "lesiondiffusion_preprocess" / "configs" / "metadata.json").is_file()
